@@ -1,0 +1,106 @@
+"""A small typed async client over the generated framewise.v1 stubs.
+
+    async with FramewiseClient("localhost:50051") as client:
+        response = await client.detect(Path("bus.jpg").read_bytes())
+        for d in response.detections:
+            print(d.label, d.score, d.box.x1, d.box.y1, d.box.x2, d.box.y2)
+
+The raw stubs stay available (client.vision, client.info, ...) for anything not wrapped here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from framewise.v1 import (
+    common_pb2,
+    info_service_pb2,
+    info_service_pb2_grpc,
+    jobs_service_pb2_grpc,
+    tracking_service_pb2_grpc,
+    vision_service_pb2,
+    vision_service_pb2_grpc,
+)
+
+DEFAULT_ADDRESS = "localhost:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class FramewiseClient:
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        timeout_s: float = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        channel: grpc.aio.Channel | None = None,
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = channel or grpc.aio.insecure_channel(
+            address,
+            options=[
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.max_receive_message_length", max_message_bytes),
+            ],
+        )
+        self.vision = vision_service_pb2_grpc.VisionServiceStub(self._channel)
+        self.tracking = tracking_service_pb2_grpc.TrackingServiceStub(self._channel)
+        self.jobs = jobs_service_pb2_grpc.JobServiceStub(self._channel)
+        self.info = info_service_pb2_grpc.InfoServiceStub(self._channel)
+        self.health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> FramewiseClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def detect(
+        self,
+        image: bytes | common_pb2.RawFrame,
+        *,
+        confidence: float | None = None,
+        iou: float | None = None,
+        class_names: Iterable[str] = (),
+        class_ids: Iterable[int] = (),
+        all_classes: bool = False,
+        max_detections: int = 0,
+        timeout_s: float | None = None,
+    ) -> vision_service_pb2.DetectResponse:
+        """Detect objects in encoded image bytes (JPEG/PNG/WebP) or a raw frame."""
+        request = vision_service_pb2.DetectRequest(
+            image=_image(image),
+            class_names=list(class_names),
+            class_ids=list(class_ids),
+            all_classes=all_classes,
+            max_detections=max_detections,
+        )
+        if confidence is not None:
+            request.confidence_threshold = confidence
+        if iou is not None:
+            request.iou_threshold = iou
+        return await self.vision.Detect(request, timeout=timeout_s or self.timeout_s)
+
+    async def server_info(self, *, timeout_s: float | None = None) -> info_service_pb2.GetServerInfoResponse:
+        return await self.info.GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=timeout_s or self.timeout_s)
+
+    async def health_status(self, service: str = "", *, timeout_s: float = 5.0) -> str:
+        """"SERVING", "NOT_SERVING", ...; raises grpc.aio.AioRpcError when unreachable."""
+        response = await self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def _image(image: bytes | common_pb2.RawFrame) -> common_pb2.Image:
+    if isinstance(image, common_pb2.RawFrame):
+        return common_pb2.Image(raw=image)
+    return common_pb2.Image(encoded=bytes(image))

@@ -1,0 +1,1 @@
+"""Model repository builders for Framewise (CPU: Triton python backend + ONNX Runtime)."""

@@ -1,0 +1,293 @@
+"""Build the CPU Triton model repository (python backend running ONNX Runtime).
+
+Layout written at ``output``::
+
+    MANIFEST.json             builder version, source sha256, parameters (idempotence)
+    yolov8/config.pbtxt
+    yolov8/1/model.onnx       the real YOLOv8n int8 weights behind a uint8 NHWC input
+    yolov8/1/model.py         copy of engines/python_backend/onnx_model.py
+
+Same model names and tensor contracts as the GPU repository (DESIGN.md sections 3 and 4).
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+import onnx
+
+from engines.onnx_wrap import prepend_uint8_nhwc_preprocessing
+
+log = logging.getLogger(__name__)
+
+BUILDER_VERSION = 1
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_YOLO_ONNX = REPO_ROOT.parent / "shared" / "assets" / "models" / "yolov8n_int8.onnx"
+YOLO_ONNX_ENV = "FRAMEWISE_YOLO_ONNX"
+PYTHON_MODEL_TEMPLATE = Path(__file__).resolve().parent / "python_backend" / "onnx_model.py"
+MANIFEST = "MANIFEST.json"
+ONNX_FILE = "model.onnx"
+LETTERBOX_PAD_VALUE = 114
+INPUT_LAYOUT = "NHWC_RGB_UINT8"
+
+_ONNX_TO_TRITON = {
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+    onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.UINT8: "TYPE_UINT8",
+    onnx.TensorProto.INT32: "TYPE_INT32",
+    onnx.TensorProto.INT64: "TYPE_INT64",
+}
+
+
+class MissingWeightsError(FileNotFoundError):
+    """The ONNX weights the repository is built from are not where we looked."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        super().__init__(
+            f"YOLOv8 ONNX weights not found at {self.path}. Provide the file with "
+            f"--yolo-onnx PATH or the {YOLO_ONNX_ENV} environment variable "
+            f"(default: ../shared/assets/models/yolov8n_int8.onnx relative to the repo root, "
+            f"i.e. {DEFAULT_YOLO_ONNX})."
+        )
+
+
+def default_yolo_onnx() -> Path:
+    """``$FRAMEWISE_YOLO_ONNX`` when set, else the shared asset next to the repo."""
+    env = os.environ.get(YOLO_ONNX_ENV)
+    return Path(env).expanduser() if env else DEFAULT_YOLO_ONNX
+
+
+def read_manifest(output: Path) -> dict | None:
+    try:
+        return json.loads((Path(output) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_cpu_repository(
+    output: Path,
+    yolo_onnx: Path,
+    *,
+    instances: int = 2,
+    intra_op_threads: int = 1,
+    max_batch_size: int = 8,
+    max_queue_delay_us: int = 2000,
+    force: bool = False,
+) -> Path:
+    """Write the CPU model repository at ``output`` and return its path.
+
+    A no-op when ``output/MANIFEST.json`` already records the same builder version, source
+    weights (sha256), python model and parameters, unless ``force``. The repository is written
+    into a temporary sibling directory and renamed into place.
+    """
+    output = Path(output).expanduser().absolute()
+    yolo_onnx = Path(yolo_onnx).expanduser().absolute()
+    for name, value, low in (("instances", instances, 1), ("intra_op_threads", intra_op_threads, 1),
+                             ("max_batch_size", max_batch_size, 1),
+                             ("max_queue_delay_us", max_queue_delay_us, 0)):
+        if not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not yolo_onnx.is_file():
+        raise MissingWeightsError(yolo_onnx)
+
+    fingerprint = {
+        "builder_version": BUILDER_VERSION,
+        "python_model_sha256": _sha256(PYTHON_MODEL_TEMPLATE),
+        "models": {"yolov8": {"source": yolo_onnx.name, "source_sha256": _sha256(yolo_onnx)}},
+        "parameters": {
+            "instances": instances,
+            "intra_op_threads": intra_op_threads,
+            "max_batch_size": max_batch_size,
+            "max_queue_delay_us": max_queue_delay_us,
+        },
+    }
+    existing = read_manifest(output)
+    if existing is not None and not force and existing.get("fingerprint") == fingerprint \
+            and _complete(output):
+        log.info("CPU model repository %s is up to date", output)
+        return output
+    if output.exists() and existing is None and (not output.is_dir() or any(output.iterdir())):
+        # Never replace a directory this builder did not write.
+        raise FileExistsError(f"{output} exists and is not a repository this builder wrote (no {MANIFEST}); "
+                              f"remove it or choose another --output")
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it 0700; Triton may run as another user
+        _write_yolov8(staging / "yolov8", yolo_onnx, fingerprint)
+        manifest = {
+            "fingerprint": fingerprint,
+            "build_id": uuid.uuid4().hex,
+            "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source_paths": {"yolov8": str(yolo_onnx)},
+            "models": ["yolov8"],
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _swap_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log.info("wrote CPU model repository %s", output)
+    return output
+
+
+def _write_yolov8(model_dir: Path, source: Path, fingerprint: dict) -> None:
+    params = fingerprint["parameters"]
+    model = onnx.load(str(source))
+    class_names = _class_names(model)
+    wrapped = prepend_uint8_nhwc_preprocessing(model)
+    onnx.checker.check_model(wrapped, full_check=True)
+
+    (in_name, in_type, in_dims), = _tensors(wrapped.graph.input, wrapped.graph.initializer)
+    outputs = _tensors(wrapped.graph.output)
+    if len(outputs) != 1 or outputs[0][2][0] - 4 != len(class_names):
+        raise ValueError(f"{source}: expected one output [N, 4 + {len(class_names)}, anchors], "
+                         f"got {outputs}")
+    out_name, out_type, out_dims = outputs[0]
+
+    version_dir = model_dir / "1"
+    version_dir.mkdir(parents=True)
+    onnx.save(wrapped, str(version_dir / ONNX_FILE))
+    shutil.copyfile(PYTHON_MODEL_TEMPLATE, version_dir / "model.py")
+
+    sha = fingerprint["models"]["yolov8"]["source_sha256"]
+    parameters = {
+        "onnx_file": ONNX_FILE,
+        "intra_op_threads": str(params["intra_op_threads"]),
+        "stand_in": "false",
+        "source": f"{source.name} sha256:{sha}",
+        "class_names": json.dumps(class_names),
+        "letterbox_pad_value": str(LETTERBOX_PAD_VALUE),
+        "input_layout": INPUT_LAYOUT,
+    }
+    text = _config_pbtxt(
+        name="yolov8",
+        max_batch_size=params["max_batch_size"],
+        inputs=[(in_name, in_type, in_dims)],
+        outputs=[(out_name, out_type, out_dims)],
+        instances=params["instances"],
+        max_queue_delay_us=params["max_queue_delay_us"],
+        parameters=parameters,
+    )
+    _check_config(text, parameters)
+    (model_dir / "config.pbtxt").write_text(text)
+
+
+def _class_names(model: onnx.ModelProto) -> list[str]:
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "names" not in meta:
+        raise ValueError("the ONNX model has no 'names' metadata_props entry (class names)")
+    names = ast.literal_eval(meta["names"])
+    if sorted(names) != list(range(len(names))):
+        raise ValueError(f"class ids in 'names' metadata are not 0..N-1: {sorted(names)}")
+    return [str(names[i]) for i in range(len(names))]
+
+
+def _tensors(values, initializers=()) -> list[tuple[str, str, list[int]]]:
+    """(name, Triton type, dims without the batch dimension) for graph inputs or outputs."""
+    skip = {i.name for i in initializers}
+    result = []
+    for v in values:
+        if v.name in skip:
+            continue
+        t = v.type.tensor_type
+        if t.elem_type not in _ONNX_TO_TRITON:
+            raise ValueError(f"tensor {v.name!r} has unsupported type "
+                             f"{onnx.TensorProto.DataType.Name(t.elem_type)}")
+        dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
+        result.append((v.name, _ONNX_TO_TRITON[t.elem_type], dims[1:]))
+    return result
+
+
+def _pbtxt_str(value: str) -> str:
+    """A protobuf text-format string literal (C escapes; UTF-8 kept as is)."""
+    out = []
+    for ch in value:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\{ord(ch):03o}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _config_pbtxt(*, name, max_batch_size, inputs, outputs, instances, max_queue_delay_us,
+                  parameters) -> str:
+    def tensor_list(tensors):
+        return ",\n".join(
+            f"  {{\n    name: {_pbtxt_str(n)}\n    data_type: {t}\n"
+            f"    dims: [ {', '.join(str(d) for d in dims)} ]\n  }}"
+            for n, t, dims in tensors
+        )
+
+    lines = [
+        "# Generated by build_engines.py --target cpu (engines/cpu_repository.py). Do not edit:",
+        "# rebuild instead. Triton python backend running ONNX Runtime on CPU.",
+        f"name: {_pbtxt_str(name)}",
+        'backend: "python"',
+        f"max_batch_size: {max_batch_size}",
+        "input [\n" + tensor_list(inputs) + "\n]",
+        "output [\n" + tensor_list(outputs) + "\n]",
+        f"instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]",
+        f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}",
+    ]
+    lines += [
+        f"parameters {{ key: {_pbtxt_str(k)} value {{ string_value: {_pbtxt_str(v)} }} }}"
+        for k, v in parameters.items()
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _check_config(text: str, parameters: dict[str, str]) -> None:
+    """Parse the generated text as Triton's ModelConfig; every parameter must round-trip."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    parsed = {k: v.string_value for k, v in config.parameters.items()}
+    if parsed != parameters:
+        raise AssertionError(f"config.pbtxt parameters do not round-trip: {parsed} != {parameters}")
+
+
+def _complete(output: Path) -> bool:
+    version_dir = output / "yolov8" / "1"
+    return all(p.is_file() for p in (output / "yolov8" / "config.pbtxt",
+                                     version_dir / ONNX_FILE, version_dir / "model.py"))
+
+
+def _swap_into_place(staging: Path, output: Path) -> None:
+    if not output.exists():
+        staging.rename(output)
+        return
+    old = output.with_name(f".{output.name}.old-{uuid.uuid4().hex[:8]}")
+    output.rename(old)
+    try:
+        staging.rename(output)
+    except BaseException:
+        old.rename(output)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,104 @@
+"""Triton python-backend model: one ONNX file run by ONNX Runtime on CPU.
+
+Generic: the ONNX file, the thread count and the tensor names all come from the model's
+config.pbtxt (parameters ``onnx_file`` and ``intra_op_threads``; input and output lists).
+The CPU model repository builder (engines/cpu_repository.py) copies this file to
+``<model>/<version>/model.py``.
+"""
+
+import os
+import sys
+
+# Must run before numpy is imported (triton_python_backend_utils imports numpy too): the
+# python backend stub embeds the system libpython with an isolated configuration that
+# ignores PYTHONPATH, so it cannot see the virtualenv that holds numpy and onnxruntime.
+# The Triton launcher passes that environment's site-packages in FRAMEWISE_TRITON_PYTHONPATH.
+for _entry in reversed(os.environ.get("FRAMEWISE_TRITON_PYTHONPATH", "").split(os.pathsep)):
+    if _entry and _entry not in sys.path:
+        sys.path.insert(0, _entry)
+
+import json  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
+        self.model_name = config["name"]
+        self.batched = int(config.get("max_batch_size", 0)) > 0
+        self.input_names = [i["name"] for i in config["input"]]
+        self.outputs = [
+            (o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]
+        ]
+
+        onnx_path = os.path.join(args["model_repository"], args["model_version"], params["onnx_file"])
+        threads = int(params.get("intra_op_threads", "1"))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+
+        have_in = {i.name for i in self.session.get_inputs()}
+        have_out = {o.name for o in self.session.get_outputs()}
+        missing = [n for n in self.input_names if n not in have_in]
+        missing += [n for n, _ in self.outputs if n not in have_out]
+        if missing:
+            raise ValueError(f"{onnx_path} has no tensors named {missing}")
+        pb_utils.Logger.log_info(
+            f"{self.model_name} instance {args['model_instance_name']}: {onnx_path} on "
+            f"onnxruntime {ort.__version__} CPU, intra_op_threads={threads}, "
+            f"stand_in={params.get('stand_in', 'unknown')}"
+        )
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._infer(request))
+            except Exception as exc:  # one bad request must not fail the rest of the batch
+                responses.append(pb_utils.InferenceResponse(
+                    output_tensors=[],
+                    error=pb_utils.TritonError(f"{self.model_name}: {type(exc).__name__}: {exc}"),
+                ))
+        return responses
+
+    def _infer(self, request):
+        feeds = {}
+        for name in self.input_names:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise ValueError(f"missing input {name!r}")
+            feeds[name] = tensor.as_numpy()
+        output_names = [name for name, _ in self.outputs]
+
+        if not self.batched:
+            results = self.session.run(output_names, feeds)
+        else:
+            sizes = {a.shape[0] for a in feeds.values()}
+            if len(sizes) != 1:
+                raise ValueError(f"inputs disagree on the batch size: {sorted(sizes)}")
+            (batch,) = sizes
+            if batch < 1:
+                raise ValueError("empty batch")
+            # One image at a time, on purpose: the int8 weights are dynamically quantised
+            # per tensor (DynamicQuantizeLinear picks the activation scale and zero point from
+            # the min/max of the whole tensor), so running several images as one batch would
+            # make each image's result depend on the other images in the batch.
+            per_image = [
+                self.session.run(output_names, {n: a[i:i + 1] for n, a in feeds.items()})
+                for i in range(batch)
+            ]
+            results = [np.concatenate([r[k] for r in per_image], axis=0) for k in range(len(output_names))]
+
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=dtype))
+            for (name, dtype), value in zip(self.outputs, results)
+        ])
+
+    def finalize(self):
+        self.session = None

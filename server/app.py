@@ -1,0 +1,182 @@
+"""Wires the orchestrator together and runs it until SIGTERM/SIGINT, then drains and stops."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from prometheus_client import CollectorRegistry, start_http_server
+
+from framewise.v1 import (
+    info_service_pb2,
+    info_service_pb2_grpc,
+    jobs_service_pb2,
+    jobs_service_pb2_grpc,
+    tracking_service_pb2,
+    tracking_service_pb2_grpc,
+    vision_service_pb2,
+    vision_service_pb2_grpc,
+)
+from server import __version__
+from server.config import ServerConfig
+from server.health import TritonMonitor
+from server.interceptors import ObservabilityInterceptor
+from server.metrics import Metrics
+from server.pipelines.detection import DetectionPipeline
+from server.reflection import enable_reflection
+from server.servicers.info import InfoServicer
+from server.servicers.unimplemented import unimplemented_servicer
+from server.servicers.vision import VisionServicer
+from server.triton.client import TritonClient
+from server.triton.launcher import ManagedTriton, TritonStartError
+
+log = logging.getLogger("server")
+
+SERVICES = {
+    "vision": vision_service_pb2.DESCRIPTOR.services_by_name["VisionService"],
+    "tracking": tracking_service_pb2.DESCRIPTOR.services_by_name["TrackingService"],
+    "jobs": jobs_service_pb2.DESCRIPTOR.services_by_name["JobService"],
+    "info": info_service_pb2.DESCRIPTOR.services_by_name["InfoService"],
+}
+# Models an implemented RPC needs: health is SERVING only while all of them are ready.
+REQUIRED_MODELS = ("yolov8",)
+
+
+@dataclass
+class RunningServer:
+    """Handles to a started orchestrator, for `serve()` and for tests that embed it."""
+
+    config: ServerConfig
+    grpc_server: grpc.aio.Server
+    port: int
+    monitor: TritonMonitor
+    triton_client: TritonClient
+    managed_triton: ManagedTriton | None
+    metrics_port: int | None
+
+    async def stop(self) -> None:
+        """Graceful shutdown: NOT_SERVING, refuse new RPCs, drain in-flight ones, stop Triton."""
+        log.info("shutting down", extra={"grace_s": self.config.shutdown_grace_s})
+        await self.monitor.stop()
+        await self.grpc_server.stop(self.config.shutdown_grace_s)
+        await self.triton_client.close()
+        if self.managed_triton is not None:
+            await self.managed_triton.stop()
+        log.info("stopped")
+
+
+async def start(config: ServerConfig) -> RunningServer:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+
+    managed: ManagedTriton | None = None
+    if config.triton_url is None:
+        if not (config.model_repository / "yolov8" / "config.pbtxt").exists():
+            raise TritonStartError(
+                f"no model repository at {config.model_repository}; build it with "
+                "`python build_engines.py --target cpu` (what `make serve` does), "
+                "or pass --triton-url for an external Triton"
+            )
+        managed = ManagedTriton(
+            config.model_repository,
+            config.triton_work_dir,
+            config.triton_ports,
+            startup_timeout_s=config.triton_startup_timeout_s,
+        )
+    triton_url = config.triton_url or managed.url  # type: ignore[union-attr]
+    client = TritonClient(triton_url, metrics=metrics, default_timeout_s=config.triton_timeout_s)
+
+    health = health_aio.HealthServicer()
+    service_names = tuple(d.full_name for d in SERVICES.values())
+    monitor = TritonMonitor(client, REQUIRED_MODELS, health, service_names, metrics, interval_s=config.health_interval_s)
+
+    server = grpc.aio.server(
+        interceptors=[ObservabilityInterceptor(metrics)],
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    detection = DetectionPipeline(client, monitor, metrics, max_pixels=config.max_image_pixels)
+    vision_service_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(detection), server)
+    info_service_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(monitor, managed=managed is not None), server)
+    tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(
+        unimplemented_servicer(
+            tracking_service_pb2_grpc.TrackingServiceServicer, SERVICES["tracking"], "SAMURAI tracking arrives with the SAM 2 models"
+        ),
+        server,
+    )
+    jobs_service_pb2_grpc.add_JobServiceServicer_to_server(
+        unimplemented_servicer(
+            jobs_service_pb2_grpc.JobServiceServicer, SERVICES["jobs"], "long-running jobs arrive in a later release"
+        ),
+        server,
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    enable_reflection((*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {config.listen} (address in use or invalid)")
+    # Listen before Triton is up, so health checks answer NOT_SERVING during startup.
+    await server.start()
+    await monitor.refresh()
+
+    metrics_port = _start_metrics(config.metrics_listen, registry)
+
+    if managed is not None:
+        try:
+            await managed.start()
+        except BaseException:
+            await server.stop(0)
+            await client.close()
+            raise
+    await monitor.start()
+    _log_models(monitor)
+    log.info(
+        "framewise serving",
+        extra={
+            "version": __version__,
+            "listen": config.listen,
+            "port": port,
+            "triton_url": triton_url,
+            "triton_managed": managed is not None,
+            "metrics_port": metrics_port,
+            "serving": monitor.serving,
+        },
+    )
+    return RunningServer(config, server, port, monitor, client, managed, metrics_port)
+
+
+def _start_metrics(listen: str, registry: CollectorRegistry) -> int | None:
+    if not listen:
+        return None
+    host, _, port_text = listen.rpartition(":")
+    http_server, _thread = start_http_server(int(port_text), addr=host or "0.0.0.0", registry=registry)
+    return http_server.server_port
+
+
+def _log_models(monitor: TritonMonitor) -> None:
+    for name, spec in monitor.specs().items():
+        if spec.stand_in:
+            log.warning(
+                "model is a STAND-IN contract model, not the real network: outputs have the right shapes but no learned meaning",
+                extra={"model": name, "version": spec.version},
+            )
+        else:
+            log.info("model loaded", extra={"model": name, "version": spec.version, "source": spec.source, "backend": spec.backend})
+
+
+async def serve(config: ServerConfig) -> None:
+    running = await start(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await running.stop()

@@ -1,0 +1,132 @@
+"""Watches Triton and the required models; drives grpc.health.v1 and the server-info answer.
+
+SERVING only while Triton is ready and every required model is ready; NOT_SERVING otherwise.
+RPCs ask `require_ready()` first, so they fail fast with UNAVAILABLE and a reason instead of
+waiting on a dead endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health import aio as health_aio
+
+from server.errors import Unavailable
+from server.metrics import Metrics
+from server.triton.client import TritonClient
+from server.triton.model_spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TritonState:
+    live: bool = False
+    ready: bool = False
+    server_version: str = ""
+    last_error: str = "not checked yet"
+    model_ready: dict[str, bool] = field(default_factory=dict)
+
+
+class TritonMonitor:
+    def __init__(
+        self,
+        client: TritonClient,
+        required_models: tuple[str, ...],
+        health: health_aio.HealthServicer,
+        service_names: tuple[str, ...],
+        metrics: Metrics,
+        *,
+        interval_s: float = 1.0,
+    ) -> None:
+        self.client = client
+        self.required_models = required_models
+        self.health = health
+        self.service_names = service_names
+        self.metrics = metrics
+        self.interval_s = interval_s
+        self.state = TritonState()
+        self._specs: dict[str, ModelSpec] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._shutting_down = False
+
+    @property
+    def serving(self) -> bool:
+        return self.state.ready and all(self.state.model_ready.get(m, False) for m in self.required_models)
+
+    def spec(self, model: str) -> ModelSpec:
+        """The model's spec as Triton last reported it; Unavailable when it is not loaded."""
+        spec = self._specs.get(model)
+        if spec is None or not self.state.model_ready.get(model, False):
+            raise Unavailable(f"model {model!r} is not ready on Triton ({self.state.last_error or 'not loaded'})")
+        return spec
+
+    def specs(self) -> dict[str, ModelSpec]:
+        return dict(self._specs)
+
+    def require_ready(self, model: str) -> ModelSpec:
+        if not self.state.ready:
+            raise Unavailable(f"Triton at {self.client.url} is not ready: {self.state.last_error}")
+        return self.spec(model)
+
+    async def refresh(self) -> None:
+        state = TritonState()
+        try:
+            state.live = await self.client.is_server_live()
+            state.ready = await self.client.is_server_ready()
+            state.server_version = await self.client.server_version()
+            for model in self.required_models:
+                ready = await self.client.is_model_ready(model)
+                state.model_ready[model] = ready
+                # Re-read the spec whenever a model (re)appears: a restarted Triton may serve a
+                # different configuration.
+                if ready and (model not in self._specs or not self.state.model_ready.get(model)):
+                    self._specs[model] = await self.client.model_spec(model)
+            state.last_error = "" if state.ready else "server not ready"
+            missing = [m for m in self.required_models if not state.model_ready.get(m)]
+            if state.ready and missing:
+                state.last_error = f"models not ready: {', '.join(missing)}"
+        except Exception as exc:  # any failure talking to Triton means "not ready"
+            state.ready = False
+            state.last_error = _short(exc)
+        changed = (state.ready, state.model_ready) != (self.state.ready, self.state.model_ready)
+        self.state = state
+        await self._publish(changed)
+
+    async def _publish(self, changed: bool) -> None:
+        serving = self.serving and not self._shutting_down
+        self.metrics.triton_ready.set(1 if serving else 0)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+        if changed:
+            level = logging.INFO if serving else logging.WARNING
+            log.log(level, "serving state changed", extra={"serving": serving, "reason": self.state.last_error})
+
+    async def start(self) -> None:
+        await self.refresh()
+        self._task = asyncio.create_task(self._run(), name="triton-monitor")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            await self.refresh()
+
+    async def stop(self) -> None:
+        """Report NOT_SERVING from now on (graceful shutdown) and stop polling."""
+        self._shutting_down = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._publish(changed=False)
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

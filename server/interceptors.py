@@ -1,0 +1,129 @@
+"""One place for what every RPC needs: metrics, error mapping (AIP-193) and access logs.
+
+Servicers raise server.errors.ServiceError subclasses; this interceptor turns them into a
+gRPC status with google.rpc details. Anything else is logged with its traceback and answered
+INTERNAL with an incident id, never with the traceback itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from grpc_status import rpc_status
+
+from server.errors import ServiceError
+from server.metrics import Metrics
+
+log = logging.getLogger("server.rpc")
+
+
+class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary(method, handler.stream_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_stream(method, handler.stream_stream),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_unary(self, method: str, behavior):  # noqa: ANN001, ANN202 - grpc handler types
+        async def wrapped(request, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN202
+            started = self._begin(method)
+            try:
+                return await behavior(request, context)
+            except Exception as exc:  # noqa: BLE001 - mapped to a status below
+                await self._abort(method, exc, context)
+            finally:
+                self._end(method, started, context)
+
+        return wrapped
+
+    def _wrap_stream(self, method: str, behavior):  # noqa: ANN001, ANN202
+        async def wrapped(request, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:  # noqa: ANN001
+            started = self._begin(method)
+            try:
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for message in result:
+                        yield message
+                else:
+                    await result
+            except Exception as exc:  # noqa: BLE001
+                await self._abort(method, exc, context)
+            finally:
+                self._end(method, started, context)
+
+        return wrapped
+
+    def _begin(self, method: str) -> float:
+        self.metrics.rpc_in_flight.labels(method).inc()
+        return time.perf_counter()
+
+    def _end(self, method: str, started: float, context: grpc.aio.ServicerContext) -> None:
+        elapsed = time.perf_counter() - started
+        code = _code_name(context)
+        self.metrics.rpc_in_flight.labels(method).dec()
+        self.metrics.rpc_latency.labels(method, code).observe(elapsed)
+        if code != "OK":
+            self.metrics.rpc_errors.labels(method, code).inc()
+            log.warning(
+                "rpc failed",
+                extra={"method": method, "code": code, "details": context.details(), "duration_ms": round(elapsed * 1e3, 2), "peer": context.peer()},
+            )
+        else:
+            log.debug("rpc ok", extra={"method": method, "duration_ms": round(elapsed * 1e3, 2), "peer": context.peer()})
+
+    async def _abort(self, method: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc  # already a status
+        if isinstance(exc, ServiceError):
+            await context.abort_with_status(rpc_status.to_status(exc.to_status()))
+        incident = uuid.uuid4().hex[:12]
+        log.exception("unhandled error", extra={"method": method, "incident": incident})
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server logs hold the details")
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    # grpc.aio may report the raw integer code.
+    for status in grpc.StatusCode:
+        if status.value[0] == code:
+            return status.name
+    return str(code)

@@ -1,0 +1,44 @@
+"""Prometheus metrics of the orchestrator, registered on a registry that is passed in."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Milliseconds to tens of seconds: detection is ~10-100 ms on CPU, jobs' RPCs return at once.
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.rpc_latency = Histogram(
+            "framewise_rpc_latency_seconds",
+            "Wall time of each RPC handled by the orchestrator.",
+            ["method", "code"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.rpc_in_flight = Gauge(
+            "framewise_rpc_in_flight", "RPCs being handled right now.", ["method"], registry=registry
+        )
+        self.rpc_errors = Counter(
+            "framewise_rpc_errors_total", "RPCs that ended with a status other than OK.", ["method", "code"],
+            registry=registry,
+        )
+        self.triton_latency = Histogram(
+            "framewise_triton_request_latency_seconds",
+            "Round trip of each inference request to Triton.",
+            ["model", "outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.triton_ready = Gauge(
+            "framewise_triton_ready", "1 while Triton and every required model are ready.", registry=registry
+        )
+        self.stage_latency = Histogram(
+            "framewise_stage_latency_seconds",
+            "Time spent per pipeline stage (decode, preprocess, triton, postprocess).",
+            ["pipeline", "stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )

@@ -1,0 +1,191 @@
+"""Object detection: image -> letterbox -> Triton `yolov8` -> boxes in original pixels.
+
+Sizes, tensor names, class names and the letterbox pad value come from the model's Triton
+metadata and config parameters, so the CPU and GPU repositories (or a retrained model with
+other classes) need no code change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from framewise.v1 import common_pb2
+from server.errors import InvalidInput
+from server.health import TritonMonitor
+from server.metrics import Metrics
+from server.triton.client import TritonClient
+from server.triton.model_spec import ModelSpec
+from server.vision.image_decode import DecodedImage, decode_image
+from server.vision.letterbox import Letterbox, letterbox
+from server.vision.yolo import decode_yolov8
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    confidence: float = 0.25
+    iou: float = 0.45
+    max_detections: int = 100
+    # Class ids to keep; None keeps every class.
+    class_ids: frozenset[int] | None = frozenset({0})
+
+
+@dataclass(frozen=True)
+class Detection:
+    class_id: int
+    label: str
+    score: float
+    box: tuple[float, float, float, float]  # x1, y1, x2, y2 in original pixels
+
+
+@dataclass(frozen=True)
+class DetectionResult:
+    detections: list[Detection]
+    width: int
+    height: int
+    model: ModelSpec
+    timings_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class _YoloContract:
+    """The parts of the model spec the pipeline needs, derived once per spec."""
+
+    input_name: str
+    output_name: str
+    size: tuple[int, int]  # (height, width) of the model input
+    class_names: tuple[str, ...]
+    pad_value: int
+
+    @classmethod
+    def from_spec(cls, spec: ModelSpec) -> _YoloContract:
+        image = spec.inputs[0]
+        output = spec.outputs[0]
+        # Input is [batch, H, W, 3] (uint8 NHWC, preprocessing inside the graph).
+        height, width = image.shape[-3], image.shape[-2]
+        names = spec.json_parameter("class_names")
+        assert isinstance(names, list)
+        return cls(image.name, output.name, (height, width), tuple(names), int(spec.parameters.get("letterbox_pad_value", "114")))
+
+
+class DetectionPipeline:
+    def __init__(
+        self,
+        triton: TritonClient,
+        monitor: TritonMonitor,
+        metrics: Metrics,
+        *,
+        model_name: str = "yolov8",
+        max_pixels: int = 50_000_000,
+    ) -> None:
+        self.triton = triton
+        self.monitor = monitor
+        self.metrics = metrics
+        self.model_name = model_name
+        self.max_pixels = max_pixels
+        self._cached: tuple[ModelSpec, _YoloContract] | None = None
+
+    def _contract(self, spec: ModelSpec) -> _YoloContract:
+        # The monitor hands out a new spec object whenever Triton reloads the model.
+        if self._cached is None or self._cached[0] is not spec:
+            self._cached = (spec, _YoloContract.from_spec(spec))
+        return self._cached[1]
+
+    def class_names(self) -> tuple[str, ...]:
+        return self._contract(self.monitor.require_ready(self.model_name)).class_names
+
+    async def detect(
+        self, image: common_pb2.Image, options: DetectOptions, *, timeout_s: float | None = None
+    ) -> DetectionResult:
+        started = time.perf_counter()
+        spec = self.monitor.require_ready(self.model_name)
+        contract = self._contract(spec)
+
+        decoded, canvas, mapping, decode_s, preprocess_s = await asyncio.to_thread(self._prepare, image, contract)
+
+        triton_started = time.perf_counter()
+        remaining = None if timeout_s is None else timeout_s - (triton_started - started)
+        outputs = await self.triton.infer(
+            self.model_name, {contract.input_name: canvas[None]}, [contract.output_name], timeout_s=remaining
+        )
+        triton_s = time.perf_counter() - triton_started
+
+        post_started = time.perf_counter()
+        detections = await asyncio.to_thread(
+            self._postprocess, outputs[contract.output_name][0], decoded, mapping, options, contract
+        )
+        post_s = time.perf_counter() - post_started
+
+        timings = {"decode": decode_s, "preprocess": preprocess_s, "triton": triton_s, "postprocess": post_s}
+        for stage, seconds in timings.items():
+            self.metrics.stage_latency.labels("detect", stage).observe(seconds)
+        timings_ms = {k: v * 1e3 for k, v in timings.items()}
+        timings_ms["total"] = (time.perf_counter() - started) * 1e3
+        return DetectionResult(detections, decoded.width, decoded.height, spec, timings_ms)
+
+    def _prepare(
+        self, image: common_pb2.Image, contract: _YoloContract
+    ) -> tuple[DecodedImage, np.ndarray, Letterbox, float, float]:
+        t0 = time.perf_counter()
+        decoded = decode_image(image, max_pixels=self.max_pixels, min_decoded_size=contract.size)
+        t1 = time.perf_counter()
+        canvas, mapping = letterbox(decoded.rgb, contract.size, contract.pad_value)
+        return decoded, canvas, mapping, t1 - t0, time.perf_counter() - t1
+
+    def _postprocess(
+        self,
+        output: np.ndarray,
+        decoded: DecodedImage,
+        mapping: Letterbox,
+        options: DetectOptions,
+        contract: _YoloContract,
+    ) -> list[Detection]:
+        num_classes = output.shape[0] - 4
+        class_mask = None
+        if options.class_ids is not None:
+            class_mask = np.zeros(num_classes, dtype=bool)
+            class_mask[[c for c in options.class_ids if c < num_classes]] = True
+        raw = decode_yolov8(
+            output, confidence=options.confidence, iou=options.iou, max_detections=options.max_detections, class_mask=class_mask
+        )
+        # Model pixels -> decoded pixels -> original pixels (a reduced JPEG decode has scale > 1).
+        boxes = mapping.to_source(raw.boxes, (decoded.rgb.shape[1], decoded.rgb.shape[0])) * decoded.scale
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, decoded.width)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, decoded.height)
+        return [
+            Detection(int(c), _label(contract.class_names, int(c)), float(s), tuple(float(v) for v in b))  # type: ignore[arg-type]
+            for b, s, c in zip(boxes, raw.scores, raw.class_ids)
+        ]
+
+    def resolve_classes(self, ids: list[int], names: list[str], all_classes: bool) -> frozenset[int] | None:
+        """Validate a class filter against the model's class list."""
+        class_names = self.class_names()
+        if all_classes:
+            if ids or names:
+                raise InvalidInput("all_classes cannot be combined with class_ids or class_names", "all_classes")
+            return None
+        chosen: set[int] = set()
+        for class_id in ids:
+            if not 0 <= class_id < len(class_names):
+                raise InvalidInput(
+                    f"class id {class_id} does not exist; the model has ids 0..{len(class_names) - 1}", "class_ids"
+                )
+            chosen.add(class_id)
+        lookup = {name.lower(): i for i, name in enumerate(class_names)}
+        for name in names:
+            class_id = lookup.get(name.strip().lower())
+            if class_id is None:
+                raise InvalidInput(
+                    f"unknown class name {name!r}; known names include {', '.join(class_names[:10])}, ... "
+                    f"({len(class_names)} in all, see GetServerInfo)",
+                    "class_names",
+                )
+            chosen.add(class_id)
+        return frozenset(chosen) if chosen else frozenset({lookup.get("person", 0)})
+
+
+def _label(names: tuple[str, ...], class_id: int) -> str:
+    return names[class_id] if class_id < len(names) else str(class_id)

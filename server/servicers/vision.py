@@ -1,0 +1,85 @@
+"""VisionService: Detect (YOLOv8). RemoveBackground and Segment arrive with their models."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+
+from framewise.v1 import common_pb2, vision_service_pb2, vision_service_pb2_grpc
+from server.errors import InvalidInput
+from server.pipelines.detection import DetectionPipeline, DetectOptions
+
+MAX_DETECTIONS_LIMIT = 1000
+_DEFAULTS = DetectOptions()
+
+
+class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
+    def __init__(self, detection: DetectionPipeline) -> None:
+        self.detection = detection
+
+    async def Detect(
+        self, request: vision_service_pb2.DetectRequest, context: grpc.aio.ServicerContext
+    ) -> vision_service_pb2.DetectResponse:
+        options = self._options(request)
+        result = await self.detection.detect(request.image, options, timeout_s=context.time_remaining())
+        response = vision_service_pb2.DetectResponse(
+            image_width=result.width,
+            image_height=result.height,
+            model=common_pb2.ModelRef(name=result.model.name, version=result.model.version, stand_in=result.model.stand_in),
+            timings=common_pb2.Timings(
+                decode_ms=result.timings_ms["decode"],
+                preprocess_ms=result.timings_ms["preprocess"],
+                triton_ms=result.timings_ms["triton"],
+                postprocess_ms=result.timings_ms["postprocess"],
+                total_ms=result.timings_ms["total"],
+            ),
+        )
+        for detection in result.detections:
+            x1, y1, x2, y2 = detection.box
+            response.detections.add(
+                class_id=detection.class_id,
+                label=detection.label,
+                score=detection.score,
+                box=common_pb2.BoundingBox(x1=x1, y1=y1, x2=x2, y2=y2),
+            )
+        return response
+
+    async def RemoveBackground(
+        self, request: vision_service_pb2.RemoveBackgroundRequest, context: grpc.aio.ServicerContext
+    ) -> vision_service_pb2.RemoveBackgroundResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "framewise.v1.VisionService/RemoveBackground is not implemented in this version: "
+            "it arrives with the BiRefNet model (talking-video release)",
+        )
+
+    async def Segment(
+        self, request: vision_service_pb2.SegmentRequest, context: grpc.aio.ServicerContext
+    ) -> vision_service_pb2.SegmentResponse:
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "framewise.v1.VisionService/Segment is not implemented in this version: "
+            "it arrives with the SAM 2 models (tracking release)",
+        )
+
+    def _options(self, request: vision_service_pb2.DetectRequest) -> DetectOptions:
+        confidence = _fraction(request, "confidence_threshold", _DEFAULTS.confidence)
+        iou = _fraction(request, "iou_threshold", _DEFAULTS.iou)
+        if request.max_detections < 0 or request.max_detections > MAX_DETECTIONS_LIMIT:
+            raise InvalidInput(
+                f"max_detections must be between 1 and {MAX_DETECTIONS_LIMIT} (0 for the default {_DEFAULTS.max_detections}), "
+                f"got {request.max_detections}",
+                "max_detections",
+            )
+        classes = self.detection.resolve_classes(list(request.class_ids), list(request.class_names), request.all_classes)
+        return DetectOptions(confidence, iou, request.max_detections or _DEFAULTS.max_detections, classes)
+
+
+def _fraction(request: vision_service_pb2.DetectRequest, field: str, default: float) -> float:
+    if not request.HasField(field):
+        return default
+    value = getattr(request, field)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise InvalidInput(f"{field} must be within [0, 1], got {value}", field)
+    return value

@@ -1,0 +1,256 @@
+"""Run the `tritonserver` binary shipped in the nvidia-pytriton wheel as a supervised child.
+
+The embedded CPU default: the orchestrator starts Triton with the generated CPU model
+repository, waits until it is ready, restarts it if it dies, and stops it on shutdown. In
+production the orchestrator connects to an external Triton instead and none of this runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tritonclient.grpc.aio as triton_aio
+
+log = logging.getLogger(__name__)
+
+
+class TritonStartError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TritonPorts:
+    grpc: int = 8001
+    http: int = 8000
+    metrics: int = 8002
+
+
+@dataclass(frozen=True)
+class TritonDistribution:
+    """Where the wheel keeps the server binary, the python backend and its shared libraries."""
+
+    binary: Path
+    python_backend: Path
+    stub: Path
+    libs: Path
+
+    @classmethod
+    def from_pytriton(cls) -> TritonDistribution:
+        spec = importlib.util.find_spec("pytriton")
+        if spec is None or not spec.submodule_search_locations:
+            raise TritonStartError(
+                "the nvidia-pytriton wheel is not installed, so there is no tritonserver binary to start; "
+                "run `make install`, or pass --triton-url to use an external Triton"
+            )
+        root = Path(list(spec.submodule_search_locations)[0]) / "tritonserver"
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        dist = cls(
+            binary=root / "bin" / "tritonserver",
+            python_backend=root / "backends" / "python",
+            stub=root / "python_backend_stubs" / version / "triton_python_backend_stub",
+            libs=root.parent.parent / "nvidia_pytriton.libs",
+        )
+        for path in (dist.binary, dist.python_backend, dist.stub):
+            if not path.exists():
+                raise TritonStartError(f"nvidia-pytriton is incomplete: {path} is missing (Python {version})")
+        return dist
+
+
+def prepare_backend_directory(dist: TritonDistribution, target: Path) -> Path:
+    """A backend directory holding the python backend with the stub for this Python.
+
+    The wheel keeps one stub per Python version apart from the backend; Triton looks for the
+    stub next to libtriton_python.so, so the two are put together here.
+    """
+    python_dir = target / "python"
+    python_dir.mkdir(parents=True, exist_ok=True)
+    for source in (dist.python_backend / "libtriton_python.so", dist.python_backend / "triton_python_backend_utils.py", dist.stub):
+        destination = python_dir / source.name
+        if not destination.exists() or destination.stat().st_size != source.stat().st_size:
+            shutil.copy2(source, destination)
+    return target
+
+
+def child_environment(dist: TritonDistribution) -> dict[str, str]:
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(dist.libs), env.get("LD_LIBRARY_PATH", "")) if p)
+    # The python backend stub embeds the system libpython in isolated mode (PYTHONPATH is
+    # ignored); the generated model.py files add these folders to sys.path themselves.
+    paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
+    env["FRAMEWISE_TRITON_PYTHONPATH"] = os.pathsep.join(paths)
+    return env
+
+
+def _die_with_parent() -> None:
+    # If the orchestrator is killed (even with SIGKILL), the kernel sends Triton SIGTERM, so no
+    # orphaned server keeps the ports.
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class ManagedTriton:
+    """A tritonserver child process: start, wait for readiness, supervise, stop."""
+
+    def __init__(
+        self,
+        model_repository: Path,
+        work_dir: Path,
+        ports: TritonPorts = TritonPorts(),
+        *,
+        startup_timeout_s: float = 180.0,
+        stop_timeout_s: float = 30.0,
+        restart_on_exit: bool = True,
+        extra_args: tuple[str, ...] = (),
+        distribution: TritonDistribution | None = None,
+    ) -> None:
+        self.model_repository = model_repository
+        self.work_dir = work_dir
+        self.ports = ports
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.restart_on_exit = restart_on_exit
+        self.extra_args = extra_args
+        self._dist = distribution or TritonDistribution.from_pytriton()
+        self._process: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.restarts = 0
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "tritonserver.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process and self._process.returncode is None else None
+
+    def command(self) -> list[str]:
+        backends = prepare_backend_directory(self._dist, self.work_dir / "backends")
+        return [
+            str(self._dist.binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backends}",
+            f"--grpc-port={self.ports.grpc}",
+            f"--http-port={self.ports.http}",
+            f"--metrics-port={self.ports.metrics}",
+            # config.pbtxt files are complete; skipping auto-complete saves a stub start per model.
+            "--disable-auto-complete-config",
+            "--strict-readiness=true",
+            f"--exit-timeout-secs={int(self.stop_timeout_s)}",
+            # Room for a full batch of 640x640x3 frames without growing the shared memory.
+            "--backend-config=python,shm-default-byte-size=16777216",
+            "--backend-config=python,shm-growth-byte-size=16777216",
+            *self.extra_args,
+        ]
+
+    async def start(self) -> None:
+        """Start Triton and return once it reports ready; TritonStartError otherwise."""
+        self._stopping = False
+        await self._spawn()
+        await self._wait_ready()
+        if self.restart_on_exit and self._supervisor is None:
+            self._supervisor = asyncio.create_task(self._supervise(), name="triton-supervisor")
+
+    async def _spawn(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        command = self.command()
+        log.info("starting triton", extra={"command": " ".join(command), "log_file": str(self.log_path)})
+        with open(self.log_path, "ab") as log_file:
+            self._process = await asyncio.create_subprocess_exec(
+                *command,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                stdin=asyncio.subprocess.DEVNULL,
+                env=child_environment(self._dist),
+                preexec_fn=_die_with_parent,
+            )
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout_s
+        client = triton_aio.InferenceServerClient(self.url)
+        try:
+            while time.monotonic() < deadline:
+                assert self._process is not None
+                if self._process.returncode is not None:
+                    raise TritonStartError(
+                        f"tritonserver exited with code {self._process.returncode} during startup; "
+                        f"last lines of {self.log_path}:\n{self.log_tail()}"
+                    )
+                try:
+                    if await client.is_server_ready(client_timeout=2.0):
+                        log.info("triton ready", extra={"url": self.url, "pid": self._process.pid})
+                        return
+                except Exception:  # not listening yet
+                    pass
+                await asyncio.sleep(0.25)
+        finally:
+            await client.close()
+        await self._terminate()
+        raise TritonStartError(
+            f"tritonserver was not ready within {self.startup_timeout_s:.0f} s; "
+            f"last lines of {self.log_path}:\n{self.log_tail()}"
+        )
+
+    async def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            assert self._process is not None
+            code = await self._process.wait()
+            if self._stopping:
+                return
+            log.error("triton exited unexpectedly; restarting", extra={"exit_code": code, "backoff_s": backoff})
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
+            try:
+                await self._spawn()
+                await self._wait_ready()
+                self.restarts += 1
+                backoff = 1.0
+            except TritonStartError as exc:
+                log.error("triton restart failed", extra={"error": str(exc)})
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            try:
+                await self._supervisor
+            except asyncio.CancelledError:
+                pass
+            self._supervisor = None
+        await self._terminate()
+
+    async def _terminate(self) -> None:
+        process = self._process
+        if process is None or process.returncode is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), timeout=self.stop_timeout_s + 5)
+        except asyncio.TimeoutError:
+            log.warning("triton did not stop in time; killing it", extra={"pid": process.pid})
+            process.kill()
+            await process.wait()
+        log.info("triton stopped", extra={"exit_code": process.returncode})
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])

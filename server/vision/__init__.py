@@ -1,0 +1,1 @@
+"""Pure image maths: decoding, letterboxing, detector output decoding. No gRPC, no Triton."""

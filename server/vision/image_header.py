@@ -1,0 +1,102 @@
+"""Read an encoded image's format and size from its header, without decoding it.
+
+Why: the pixel limit must be enforced before the decoder allocates the full image (a small
+PNG can declare 100k x 100k pixels), and an error message is more useful when it can say what
+the bytes are ("PNG, 2 bytes long" vs "not an image").
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    format: str  # "jpeg", "png", "webp", "bmp", "tiff"
+    width: int | None  # None when the header does not say (or is cut short)
+    height: int | None
+
+
+def sniff_format(data: bytes) -> str | None:
+    if data.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data.startswith(b"BM"):
+        return "bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "tiff"
+    return None
+
+
+def read_header(data: bytes) -> ImageHeader | None:
+    """Format and dimensions, or None when the bytes are not a supported image format."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        return None
+    reader = _SIZE_READERS.get(fmt)
+    size = reader(data) if reader else None
+    width, height = size if size else (None, None)
+    return ImageHeader(fmt, width, height)
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    # IHDR is always the first chunk: 8-byte signature, length, "IHDR", width, height.
+    if len(data) < 24 or data[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    # Walk the marker segments up to the first start-of-frame, which holds height and width.
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+            continue
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker in _JPEG_SOF:
+            if pos + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
+            return width, height
+        pos += 2 + length
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X" and len(data) >= 30:
+        width = 1 + int.from_bytes(data[24:27], "little")
+        height = 1 + int.from_bytes(data[27:30], "little")
+        return width, height
+    if chunk == b"VP8 " and len(data) >= 30:
+        width, height = struct.unpack("<HH", data[26:30])
+        return width & 0x3FFF, height & 0x3FFF
+    if chunk == b"VP8L" and len(data) >= 25:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    return None
+
+
+def _bmp_size(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 26:
+        return None
+    width, height = struct.unpack("<ii", data[18:26])
+    return abs(width), abs(height)
+
+
+_SIZE_READERS = {"png": _png_size, "jpeg": _jpeg_size, "webp": _webp_size, "bmp": _bmp_size}

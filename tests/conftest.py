@@ -1,0 +1,183 @@
+"""Session fixtures: a real Triton process and the real orchestrator, over real sockets.
+
+Triton is started here (not by the orchestrator) so that tests can stop and restart it and
+watch the orchestrator react; the orchestrator's own managed-Triton mode is tested separately
+in test_lifecycle.py.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engines.cpu_repository import build_cpu_repository
+from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO.parent / "shared" / "assets"
+YOLO_ONNX = ASSETS / "models" / "yolov8n_int8.onnx"
+
+# Limits the test orchestrator runs with, so the limit tests stay small and fast.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_IMAGE_PIXELS = 3_000_000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def health_status(channel: grpc.Channel, service: str = "") -> int | None:
+    try:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+    except grpc.RpcError:
+        return None
+
+
+@dataclass
+class TritonProcess:
+    """tritonserver started by the tests with the launcher's own command line."""
+
+    repository: Path
+    work_dir: Path
+    ports: TritonPorts
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    def start(self) -> None:
+        launcher = ManagedTriton(self.repository, self.work_dir, self.ports, restart_on_exit=False)
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.work_dir / "tritonserver.log", "ab")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            launcher.command(), stdout=log, stderr=subprocess.STDOUT, env=child_environment(TritonDistribution.from_pytriton())
+        )
+        wait_until(self.ready, 120, "Triton to become ready")
+
+    def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"tritonserver exited with {self.process.returncode}; see {self.work_dir}")
+        try:
+            return httpx.get(f"http://127.0.0.1:{self.ports.http}/v2/health/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+@dataclass
+class Orchestrator:
+    address: str
+    metrics_url: str
+    process: subprocess.Popen
+    log_path: Path
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_orchestrator(tmp: Path, extra_args: list[str], name: str = "orchestrator") -> Orchestrator:
+    port, metrics_port = free_port(), free_port()
+    log_path = tmp / f"{name}.log"
+    command = [
+        sys.executable, "-m", "server",
+        "--listen", f"127.0.0.1:{port}",
+        "--metrics-listen", f"127.0.0.1:{metrics_port}",
+        "--health-interval", "0.2",
+        "--max-message-bytes", str(MAX_MESSAGE_BYTES),
+        "--max-image-pixels", str(MAX_IMAGE_PIXELS),
+        "--shutdown-grace", "20",
+        "--log-level", "DEBUG",
+        *extra_args,
+    ]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return Orchestrator(f"127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics", process, log_path)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 60) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+@pytest.fixture(scope="session")
+def assets() -> Path:
+    if not YOLO_ONNX.exists():
+        pytest.fail(f"shared assets missing: {YOLO_ONNX} (the tests need ../shared beside the checkout)")
+    return ASSETS
+
+
+@pytest.fixture(scope="session")
+def cpu_repository(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
+    return build_cpu_repository(tmp_path_factory.mktemp("repo") / "model_repository_cpu", YOLO_ONNX)
+
+
+@pytest.fixture(scope="session")
+def triton(tmp_path_factory: pytest.TempPathFactory, cpu_repository: Path) -> Iterator[TritonProcess]:
+    ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
+    process = TritonProcess(cpu_repository, tmp_path_factory.mktemp("triton"), ports)
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="session")
+def orchestrator(tmp_path_factory: pytest.TempPathFactory, triton: TritonProcess) -> Iterator[Orchestrator]:
+    orch = start_orchestrator(tmp_path_factory.mktemp("orchestrator"), ["--triton-url", triton.url])
+    channel = grpc.insecure_channel(orch.address)
+    try:
+        wait_until(lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING, 60, "the orchestrator to serve")
+    except AssertionError:
+        stop_process(orch.process)
+        raise AssertionError(f"orchestrator never served; log:\n{orch.log_text()[-4000:]}") from None
+    finally:
+        channel.close()
+    yield orch
+    stop_process(orch.process)
+
+
+@pytest.fixture(scope="session")
+def channel(orchestrator: Orchestrator) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(
+        orchestrator.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
+    ) as ch:
+        yield ch

@@ -1,0 +1,187 @@
+"""CPU model repository builder: config, wrapped ONNX numerics, idempotence (no Triton needed)."""
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # tests/ is not a package; make `engines` importable
+    sys.path.insert(0, str(REPO_ROOT))
+
+from engines.cpu_repository import MissingWeightsError, build_cpu_repository  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+YOLO_ONNX = ASSETS / "models" / "yolov8n_int8.onnx"
+BUS = ASSETS / "images" / "bus.jpg"
+
+needs_assets = pytest.mark.skipif(not (YOLO_ONNX.is_file() and BUS.is_file()),
+                                  reason=f"shared assets not found under {ASSETS}")
+
+
+def letterbox_rgb(path: Path, size: int = 640, pad: int = 114) -> np.ndarray:
+    """uint8 [size,size,3] RGB: aspect-preserving resize, centred, padded with ``pad``."""
+    cv2 = pytest.importorskip("cv2")
+    bgr = cv2.imread(str(path))
+    h, w = bgr.shape[:2]
+    r = min(size / h, size / w)
+    nw, nh = round(w * r), round(h * r)
+    resized = cv2.resize(bgr, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    out = np.full((size, size, 3), pad, np.uint8)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    out[top:top + nh, left:left + nw] = resized
+    return np.ascontiguousarray(out[..., ::-1])
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def parse_config(repo: Path) -> model_config_pb2.ModelConfig:
+    text = (repo / "yolov8" / "config.pbtxt").read_text()
+    return text_format.Parse(text, model_config_pb2.ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    if not YOLO_ONNX.is_file():
+        pytest.skip(f"no weights at {YOLO_ONNX}")
+    out = tmp_path_factory.mktemp("build") / "repo"
+    return build_cpu_repository(out, YOLO_ONNX, instances=3, intra_op_threads=1,
+                                max_batch_size=4, max_queue_delay_us=1500)
+
+
+@needs_assets
+def test_config_parses_with_contract_and_parameters(repo):
+    config = parse_config(repo)
+    assert config.name == "yolov8" and config.backend == "python"
+    assert config.max_batch_size == 4
+    (inp,) = config.input
+    assert (inp.name, inp.data_type, list(inp.dims)) == ("images", model_config_pb2.TYPE_UINT8, [640, 640, 3])
+    (out,) = config.output
+    assert (out.name, out.data_type, list(out.dims)) == ("output0", model_config_pb2.TYPE_FP32, [84, 8400])
+    (group,) = config.instance_group
+    assert group.count == 3 and group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
+    assert config.dynamic_batching.max_queue_delay_microseconds == 1500
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["onnx_file"] == "model.onnx"
+    assert params["intra_op_threads"] == "1"
+    assert params["stand_in"] == "false"
+    assert params["source"].startswith("yolov8n_int8.onnx sha256:")
+    assert params["letterbox_pad_value"] == "114"
+    assert params["input_layout"] == "NHWC_RGB_UINT8"
+    names = json.loads(params["class_names"])
+    assert len(names) == 80 and names[0] == "person" and names[79] == "toothbrush"
+    assert (repo / "yolov8" / "1" / "model.py").read_text() == \
+        (REPO_ROOT / "engines" / "python_backend" / "onnx_model.py").read_text()
+
+
+@needs_assets
+def test_wrapped_model_matches_original_on_letterboxed_image(repo):
+    image = letterbox_rgb(BUS)
+    wrapped = session(repo / "yolov8" / "1" / "model.onnx")
+    original = session(YOLO_ONNX)
+    assert wrapped.get_inputs()[0].name == "images" and wrapped.get_inputs()[0].type == "tensor(uint8)"
+    (got,) = wrapped.run(["output0"], {"images": image[None]})
+    nchw = (image.astype(np.float32) * np.float32(1.0 / 255.0)).transpose(2, 0, 1)[None]
+    (want,) = original.run(["output0"], {"images": np.ascontiguousarray(nchw)})
+    assert got.shape == (1, 84, 8400)
+    assert np.abs(got - want).max() < 1e-4
+
+
+@needs_assets
+def test_python_model_runs_batch_image_by_image_and_isolates_errors(repo, monkeypatch):
+    """Drive model.py with a stand-in for triton_python_backend_utils."""
+    class Error:
+        def __init__(self, message):
+            self._message = message
+
+        def message(self):
+            return self._message
+
+    class Response:
+        def __init__(self, output_tensors, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    class Tensor:
+        def __init__(self, name, array):
+            self._name, self._array = name, array
+
+        def name(self):
+            return self._name
+
+        def as_numpy(self):
+            return self._array
+
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor, fake.InferenceResponse, fake.TritonError = Tensor, Response, Error
+    fake.get_input_tensor_by_name = lambda request, name: request.get(name)
+    fake.triton_string_to_numpy = {"TYPE_UINT8": np.uint8, "TYPE_FP32": np.float32}.__getitem__
+    fake.Logger = types.SimpleNamespace(log_info=lambda message: None)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+
+    spec = importlib.util.spec_from_file_location("framewise_onnx_model", repo / "yolov8" / "1" / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = module.TritonPythonModel()
+    config = json_format.MessageToDict(parse_config(repo), preserving_proto_field_name=True)
+    model.initialize({"model_config": json.dumps(config), "model_repository": str(repo / "yolov8"),
+                      "model_version": "1", "model_instance_name": "yolov8_0"})
+
+    image = letterbox_rgb(BUS)
+    pair = np.stack([image, image[:, ::-1]])
+    responses = model.execute([
+        {"images": Tensor("images", pair)},
+        {"images": Tensor("images", np.zeros((1, 32, 32, 3), np.uint8))},
+        {"images": Tensor("images", image[None])},
+    ])
+    assert len(responses) == 3
+    assert responses[0].error is None and responses[2].error is None
+    assert responses[1].error is not None and responses[1].output_tensors == []
+    (batched,) = [t.as_numpy() for t in responses[0].output_tensors]
+    (single,) = [t.as_numpy() for t in responses[2].output_tensors]
+    assert batched.shape == (2, 84, 8400) and batched.dtype == np.float32
+    np.testing.assert_array_equal(batched[:1], single)
+    model.finalize()
+
+
+@needs_assets
+def test_second_build_is_a_noop_and_force_rebuilds(tmp_path):
+    out = tmp_path / "repo"
+    build_cpu_repository(out, YOLO_ONNX)
+    manifest, weights = out / "MANIFEST.json", out / "yolov8" / "1" / "model.onnx"
+    first = json.loads(manifest.read_text())["build_id"]
+    stamps = (manifest.stat().st_mtime_ns, weights.stat().st_mtime_ns)
+
+    assert build_cpu_repository(out, YOLO_ONNX) == out
+    assert (manifest.stat().st_mtime_ns, weights.stat().st_mtime_ns) == stamps
+    assert json.loads(manifest.read_text())["build_id"] == first
+
+    build_cpu_repository(out, YOLO_ONNX, force=True)
+    assert json.loads(manifest.read_text())["build_id"] != first
+    parse_config(out)
+
+    build_cpu_repository(out, YOLO_ONNX, instances=4)  # a parameter change rebuilds too
+    assert parse_config(out).instance_group[0].count == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging dirs left
+
+
+def test_missing_weights_raise_with_the_path(tmp_path):
+    missing = tmp_path / "nowhere" / "yolo.onnx"
+    with pytest.raises(MissingWeightsError) as info:
+        build_cpu_repository(tmp_path / "repo", missing)
+    assert isinstance(info.value, FileNotFoundError)
+    message = str(info.value)
+    assert str(missing) in message
+    assert "--yolo-onnx" in message and "FRAMEWISE_YOLO_ONNX" in message
+    assert not (tmp_path / "repo").exists()

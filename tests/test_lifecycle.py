@@ -1,0 +1,113 @@
+"""The embedded default: the orchestrator starts its own Triton child, serves, drains in-flight
+calls on SIGTERM and stops the child. And a clear refusal to start without a repository."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2
+
+from framewise.v1 import common_pb2, info_service_pb2, info_service_pb2_grpc, vision_service_pb2, vision_service_pb2_grpc
+from tests.conftest import REPO, free_port, health_status, start_orchestrator, stop_process, wait_until
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its parent has not reaped it yet.
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_managed_triton_serves_drains_and_stops(tmp_path: Path, cpu_repository: Path, assets: Path) -> None:
+    triton_ports = [free_port(), free_port(), free_port()]
+    orch = start_orchestrator(
+        tmp_path,
+        [
+            "--model-repository", str(cpu_repository),
+            "--triton-work-dir", str(tmp_path / "triton"),
+            "--triton-grpc-port", str(triton_ports[0]),
+            "--triton-http-port", str(triton_ports[1]),
+            "--triton-metrics-port", str(triton_ports[2]),
+        ],
+        name="managed",
+    )  # fmt: skip
+    try:
+        with grpc.insecure_channel(orch.address) as channel:
+            wait_until(lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING, 120, "managed mode to serve")
+            info = info_service_pb2_grpc.InfoServiceStub(channel).GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=5)
+            assert info.triton.managed and info.triton.ready and info.triton.url.endswith(f":{triton_ports[0]}")
+            match = re.search(r'"msg": "triton ready".*?"pid": (\d+)', orch.log_text())
+            assert match, "the launcher logs Triton's pid"
+            triton_pid = int(match.group(1))
+            assert _alive(triton_pid)
+
+            vision = vision_service_pb2_grpc.VisionServiceStub(channel)
+            request = vision_service_pb2.DetectRequest(image=common_pb2.Image(encoded=(assets / "images" / "bus.jpg").read_bytes()))
+            assert len(vision.Detect(request, timeout=60).detections) == 4
+
+            # Graceful shutdown: calls in flight when SIGTERM arrives still complete.
+            calls = 6
+            with ThreadPoolExecutor(calls) as pool:
+                futures = [pool.submit(vision.Detect, request, timeout=60) for _ in range(calls)]
+                wait_until(lambda: _in_flight(orch.metrics_url) >= 3, 30, "calls to be in flight", interval_s=0.005)
+                orch.process.send_signal(15)
+                results = [f.result() for f in futures]
+            assert all(len(r.detections) == 4 for r in results)
+            assert orch.process.wait(timeout=60) == 0
+            # No new calls once stopped.
+            with pytest.raises(grpc.RpcError) as refused:
+                vision.Detect(request, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        wait_until(lambda: not _alive(triton_pid), 10, "the Triton child to exit")
+        log = orch.log_text()
+        assert '"msg": "triton stopped"' in log and '"msg": "stopped"' in log
+    finally:
+        stop_process(orch.process)
+
+
+def _in_flight(metrics_url: str) -> float:
+    try:
+        text = httpx.get(metrics_url, timeout=1).text
+    except httpx.HTTPError:
+        return 0
+    match = re.search(r'framewise_rpc_in_flight\{method="/framewise.v1.VisionService/Detect"\} (\S+)', text)
+    return float(match.group(1)) if match else 0
+
+
+def test_missing_repository_is_a_clear_startup_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--model-repository", str(missing), "--listen", f"127.0.0.1:{free_port()}",
+         "--metrics-listen", "", "--log-format", "text"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert str(missing) in result.stderr and "build_engines.py --target cpu" in result.stderr
+
+
+def test_triton_startup_failure_reports_the_log(tmp_path: Path) -> None:
+    broken = tmp_path / "repo"
+    (broken / "yolov8" / "1").mkdir(parents=True)
+    # No model.py: the python backend cannot start the model and Triton 2.51 never becomes ready.
+    (broken / "yolov8" / "config.pbtxt").write_text('name: "yolov8"\nbackend: "python"\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "server", "--model-repository", str(broken), "--listen", f"127.0.0.1:{free_port()}",
+         "--metrics-listen", "", "--triton-work-dir", str(tmp_path / "work"), "--triton-grpc-port", str(free_port()),
+         "--triton-http-port", str(free_port()), "--triton-metrics-port", str(free_port()), "--log-format", "text",
+         "--triton-startup-timeout", "15"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    # The error says what happened and quotes Triton's own log, which names the missing file.
+    assert "was not ready within 15 s" in result.stderr
+    assert "model.py" in result.stderr

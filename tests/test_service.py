@@ -1,0 +1,104 @@
+"""Service hygiene on the shared orchestrator: reflection, health per service, metrics, server
+info, and clear UNIMPLEMENTED answers for the parts of the API later versions fill in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from framewise.v1 import (
+    common_pb2,
+    info_service_pb2,
+    info_service_pb2_grpc,
+    jobs_service_pb2,
+    jobs_service_pb2_grpc,
+    tracking_service_pb2,
+    tracking_service_pb2_grpc,
+    vision_service_pb2,
+    vision_service_pb2_grpc,
+)
+from tests.conftest import Orchestrator
+
+API_SERVICES = {
+    "framewise.v1.VisionService",
+    "framewise.v1.TrackingService",
+    "framewise.v1.JobService",
+    "framewise.v1.InfoService",
+}
+
+
+def test_reflection_lists_every_service(channel: grpc.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    assert API_SERVICES | {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
+
+
+def test_server_info_reports_models_and_triton(channel: grpc.Channel, triton) -> None:  # noqa: ANN001
+    info = info_service_pb2_grpc.InfoServiceStub(channel).GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=5)
+    assert info.serving and info.server_version
+    assert info.triton.url == triton.url and info.triton.ready and not info.triton.managed
+    assert info.triton.server_version == "2.51.0"
+    (yolo,) = info.models
+    assert yolo.name == "yolov8" and yolo.ready and yolo.required and not yolo.stand_in
+    assert yolo.backend == "python" and "sha256:" in yolo.source and yolo.max_batch_size == 8
+    assert [(t.name, t.datatype, list(t.shape)) for t in yolo.inputs] == [("images", "UINT8", [-1, 640, 640, 3])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in yolo.outputs] == [("output0", "FP32", [-1, 84, 8400])]
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda ch: vision_service_pb2_grpc.VisionServiceStub(ch).Segment(vision_service_pb2.SegmentRequest(), timeout=5), "SAM 2"),
+        (
+            lambda ch: vision_service_pb2_grpc.VisionServiceStub(ch).RemoveBackground(vision_service_pb2.RemoveBackgroundRequest(), timeout=5),
+            "BiRefNet",
+        ),
+        (
+            lambda ch: list(tracking_service_pb2_grpc.TrackingServiceStub(ch).Track(iter([tracking_service_pb2.TrackRequest()]), timeout=5)),
+            "Track",
+        ),
+        (
+            lambda ch: jobs_service_pb2_grpc.JobServiceStub(ch).SegmentVideo(jobs_service_pb2.SegmentVideoRequest(), timeout=5),
+            "SegmentVideo",
+        ),
+        (
+            lambda ch: list(jobs_service_pb2_grpc.JobServiceStub(ch).WatchOperation(jobs_service_pb2.WatchOperationRequest(), timeout=5)),
+            "WatchOperation",
+        ),
+    ],
+    ids=["Segment", "RemoveBackground", "Track", "SegmentVideo", "WatchOperation"],
+)
+def test_later_parts_answer_unimplemented(channel: grpc.Channel, call, words: str) -> None:  # noqa: ANN001
+    with pytest.raises(grpc.RpcError) as info:
+        call(channel)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "not implemented in this version" in info.value.details() and words in info.value.details()
+
+
+def test_metrics_endpoint(channel: grpc.Channel, orchestrator: Orchestrator, assets: Path) -> None:
+    vision = vision_service_pb2_grpc.VisionServiceStub(channel)
+    vision.Detect(vision_service_pb2.DetectRequest(image=common_pb2.Image(encoded=(assets / "images" / "zidane.jpg").read_bytes())), timeout=60)
+    with pytest.raises(grpc.RpcError):
+        vision.Detect(vision_service_pb2.DetectRequest(image=common_pb2.Image(encoded=b"nope")), timeout=10)
+    text = httpx.get(orchestrator.metrics_url, timeout=5).text
+    detect = 'method="/framewise.v1.VisionService/Detect"'
+    assert f'framewise_rpc_latency_seconds_count{{code="OK",{detect}}}' in text
+    assert f'framewise_rpc_errors_total{{code="INVALID_ARGUMENT",{detect}}}' in text
+    assert f"framewise_rpc_in_flight{{{detect}}}" in text
+    assert 'framewise_triton_request_latency_seconds_count{model="yolov8",outcome="ok"}' in text
+    assert 'framewise_stage_latency_seconds_count{pipeline="detect",stage="decode"}' in text
+    assert "framewise_triton_ready 1.0" in text
+
+
+def test_logs_are_structured(orchestrator: Orchestrator) -> None:
+    import json
+
+    lines = [line for line in orchestrator.log_text().splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    assert any(r["msg"] == "framewise serving" and r["triton_url"] for r in records)
+    assert any(r["msg"] == "rpc failed" and r["code"] == "INVALID_ARGUMENT" for r in records)

@@ -1,0 +1,137 @@
+"""Pure image maths, no server: letterbox, YOLOv8 decoding + NMS, header sniffing, decoding."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from framewise.v1 import common_pb2
+from server.errors import InvalidInput, TooLarge
+from server.vision.image_decode import decode_image
+from server.vision.image_header import read_header
+from server.vision.letterbox import letterbox
+from server.vision.yolo import decode_yolov8
+
+
+@pytest.mark.parametrize(("height", "width"), [(1080, 810), (720, 1280), (640, 640), (3, 10), (2000, 500)])
+def test_letterbox_keeps_aspect_and_maps_back(height: int, width: int) -> None:
+    image = np.zeros((height, width, 3), np.uint8)
+    canvas, mapping = letterbox(image, (640, 640), 114)
+    assert canvas.shape == (640, 640, 3)
+    scale = min(640 / height, 640 / width)
+    assert mapping.scale == pytest.approx(scale)
+    # Padding is split evenly (the odd pixel on the right/bottom), so the content is centred.
+    new_w, new_h = round(width * scale), round(height * scale)
+    assert mapping.pad_left == (640 - new_w) // 2 and mapping.pad_top == (640 - new_h) // 2
+    if mapping.pad_left:
+        assert (canvas[:, : mapping.pad_left] == 114).all()
+    # A box drawn in source pixels, pushed into model space and back, lands where it started.
+    source = np.array([[0.1 * width, 0.2 * height, 0.7 * width, 0.9 * height]], np.float32)
+    model = source * scale + np.array([mapping.pad_left, mapping.pad_top] * 2, np.float32)
+    np.testing.assert_allclose(mapping.to_source(model, (width, height)), source, atol=1e-3 * max(width, height))
+
+
+def test_letterbox_mapping_clips_to_the_image() -> None:
+    _, mapping = letterbox(np.zeros((100, 200, 3), np.uint8), (640, 640), 114)
+    boxes = mapping.to_source(np.array([[-50, -50, 700, 700]], np.float32), (200, 100))
+    np.testing.assert_allclose(boxes, [[0, 0, 200, 100]])
+
+
+def _head(boxes: list[tuple[float, float, float, float, int, float]], num_classes: int = 3, anchors: int = 20) -> np.ndarray:
+    """A raw YOLOv8 head: rows cx, cy, w, h, then one score row per class."""
+    out = np.zeros((4 + num_classes, anchors), np.float32)
+    for i, (cx, cy, w, h, cls, score) in enumerate(boxes):
+        out[:4, i] = (cx, cy, w, h)
+        out[4 + cls, i] = score
+    return out
+
+
+def test_nms_suppresses_overlap_within_a_class_only() -> None:
+    head = _head([
+        (100, 100, 50, 80, 0, 0.9),   # person
+        (102, 101, 50, 80, 0, 0.8),   # same person, lower score: suppressed
+        (101, 100, 52, 78, 1, 0.7),   # another class at the same place: kept
+        (300, 300, 40, 40, 0, 0.6),   # another person: kept
+        (500, 500, 40, 40, 0, 0.2),   # below the confidence threshold
+    ])  # fmt: skip
+    result = decode_yolov8(head, confidence=0.25, iou=0.45, max_detections=100, class_mask=None)
+    assert result.scores.tolist() == pytest.approx([0.9, 0.7, 0.6])
+    assert result.class_ids.tolist() == [0, 1, 0]
+    np.testing.assert_allclose(result.boxes[0], [75, 60, 125, 140])
+
+
+def test_class_mask_and_max_detections() -> None:
+    head = _head([(100, 100, 50, 80, 0, 0.9), (101, 100, 52, 78, 1, 0.95), (300, 300, 40, 40, 0, 0.6)])
+    only_class_0 = np.array([True, False, False])
+    result = decode_yolov8(head, confidence=0.25, iou=0.45, max_detections=100, class_mask=only_class_0)
+    assert result.class_ids.tolist() == [0, 0]
+    top1 = decode_yolov8(head, confidence=0.25, iou=0.45, max_detections=1, class_mask=None)
+    assert top1.scores.tolist() == pytest.approx([0.95])
+
+
+def test_no_detection_above_threshold() -> None:
+    result = decode_yolov8(_head([(10, 10, 5, 5, 0, 0.1)]), confidence=0.25, iou=0.45, max_detections=10, class_mask=None)
+    assert result.boxes.shape == (0, 4)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".webp", ".bmp"])
+def test_header_reads_size_without_decoding(ext: str) -> None:
+    ok, encoded = cv2.imencode(ext, np.zeros((37, 53, 3), np.uint8))
+    assert ok
+    header = read_header(encoded.tobytes())
+    assert header is not None
+    assert (header.width, header.height) == (53, 37)
+
+
+def test_header_rejects_non_images() -> None:
+    assert read_header(b"GIF89a....") is None
+    assert read_header(b"hello world") is None
+
+
+def _encoded(data: bytes) -> common_pb2.Image:
+    return common_pb2.Image(encoded=data)
+
+
+def test_truncated_jpeg_is_rejected() -> None:
+    ok, encoded = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8))
+    with pytest.raises(InvalidInput, match="truncated"):
+        decode_image(_encoded(encoded.tobytes()[:3000]), max_pixels=10**7)
+
+
+def test_pixel_limit_is_checked_from_the_header() -> None:
+    ok, encoded = cv2.imencode(".png", np.zeros((1000, 1000), np.uint8))
+    with pytest.raises(TooLarge, match="1000x1000"):
+        decode_image(_encoded(encoded.tobytes()), max_pixels=999_999)
+
+
+def test_large_jpeg_is_decoded_reduced_but_reports_original_size() -> None:
+    image = np.zeros((3000, 4000, 3), np.uint8)
+    ok, encoded = cv2.imencode(".jpg", image)
+    decoded = decode_image(_encoded(encoded.tobytes()), max_pixels=10**8, min_decoded_size=(640, 640))
+    assert (decoded.width, decoded.height) == (4000, 3000)
+    assert decoded.rgb.shape == (750, 1000, 3)  # 1/4 scale still covers 640x640
+    assert decoded.scale == pytest.approx(4.0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (common_pb2.RawFrame(width=0, height=10, pixel_format=common_pb2.PIXEL_FORMAT_RGB8), "positive"),
+        (common_pb2.RawFrame(width=-4, height=10, pixel_format=common_pb2.PIXEL_FORMAT_RGB8), "positive"),
+        (common_pb2.RawFrame(width=4, height=4, data=b"\0" * 48), "pixel_format"),
+        (common_pb2.RawFrame(width=4, height=4, pixel_format=common_pb2.PIXEL_FORMAT_RGB8, data=b"\0" * 47), "needs 48"),
+    ],
+)
+def test_raw_frame_validation(raw: common_pb2.RawFrame, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        decode_image(common_pb2.Image(raw=raw), max_pixels=10**7)
+
+
+def test_raw_frame_formats_convert_to_rgb() -> None:
+    bgra = np.zeros((2, 3, 4), np.uint8)
+    bgra[..., 0] = 255  # blue
+    raw = common_pb2.RawFrame(width=3, height=2, pixel_format=common_pb2.PIXEL_FORMAT_BGRA8, data=bgra.tobytes())
+    decoded = decode_image(common_pb2.Image(raw=raw), max_pixels=100)
+    assert decoded.rgb.shape == (2, 3, 3)
+    assert (decoded.rgb[..., 2] == 255).all() and (decoded.rgb[..., 0] == 0).all()
