@@ -34,6 +34,7 @@ from server.servicers.unimplemented import unimplemented_servicer
 from server.servicers.vision import VisionServicer
 from server.triton.client import TritonClient
 from server.triton.launcher import ManagedTriton, TritonStartError
+from server.triton.runner import InferenceRunner
 
 log = logging.getLogger("server")
 
@@ -55,6 +56,7 @@ class RunningServer:
     grpc_server: grpc.aio.Server
     port: int
     monitor: TritonMonitor
+    runner: InferenceRunner
     triton_client: TritonClient
     managed_triton: ManagedTriton | None
     metrics_port: int | None
@@ -64,6 +66,7 @@ class RunningServer:
         log.info("shutting down", extra={"grace_s": self.config.shutdown_grace_s})
         await self.monitor.stop()
         await self.grpc_server.stop(self.config.shutdown_grace_s)
+        await self.runner.close()
         await self.triton_client.close()
         if self.managed_triton is not None:
             await self.managed_triton.stop()
@@ -103,7 +106,9 @@ async def start(config: ServerConfig) -> RunningServer:
             ("grpc.so_reuseport", 0),
         ],
     )
-    detection = DetectionPipeline(client, monitor, metrics, max_pixels=config.max_image_pixels)
+    use_shm = config.triton_shm == "on" or (config.triton_shm == "auto" and managed is not None)
+    runner = InferenceRunner(client, metrics, shm_slots_per_model=config.triton_shm_slots if use_shm else 0)
+    detection = DetectionPipeline(runner, monitor, metrics, max_pixels=config.max_image_pixels)
     vision_service_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(detection), server)
     info_service_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(monitor, managed=managed is not None), server)
     tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(
@@ -134,6 +139,7 @@ async def start(config: ServerConfig) -> RunningServer:
             await managed.start()
         except BaseException:
             await server.stop(0)
+            await runner.close()
             await client.close()
             raise
     await monitor.start()
@@ -148,9 +154,10 @@ async def start(config: ServerConfig) -> RunningServer:
             "triton_managed": managed is not None,
             "metrics_port": metrics_port,
             "serving": monitor.serving,
+            "triton_shared_memory": use_shm,
         },
     )
-    return RunningServer(config, server, port, monitor, client, managed, metrics_port)
+    return RunningServer(config, server, port, monitor, runner, client, managed, metrics_port)
 
 
 def _start_metrics(listen: str, registry: CollectorRegistry) -> int | None:

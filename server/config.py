@@ -23,6 +23,9 @@ class ServerConfig:
     triton_ports: TritonPorts = TritonPorts()
     triton_startup_timeout_s: float = 180.0
     triton_timeout_s: float = 30.0
+    # Tensors through POSIX shared memory: "auto" = when the orchestrator runs Triton itself.
+    triton_shm: str = "auto"
+    triton_shm_slots: int = 16
     max_message_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     shutdown_grace_s: float = 10.0
@@ -53,6 +56,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--triton-startup-timeout", type=float, default=_env("TRITON_STARTUP_TIMEOUT", d.triton_startup_timeout_s))
     p.add_argument("--triton-timeout", type=float, default=_env("TRITON_TIMEOUT", d.triton_timeout_s),
                    help="seconds per Triton inference unless the RPC's deadline is sooner")
+    p.add_argument("--triton-shm", choices=("auto", "on", "off"), default=_env("TRITON_SHM", d.triton_shm),
+                   help="pass tensors to Triton through system shared memory (auto: only for the managed child)")
+    p.add_argument("--triton-shm-slots", type=int, default=_env("TRITON_SHM_SLOTS", d.triton_shm_slots),
+                   help="concurrent requests per model that use shared memory; more fall back to gRPC")
     p.add_argument("--max-message-bytes", type=int, default=_env("MAX_MESSAGE_BYTES", d.max_message_bytes))
     p.add_argument("--max-image-pixels", type=int, default=_env("MAX_IMAGE_PIXELS", d.max_image_pixels))
     p.add_argument("--shutdown-grace", type=float, default=_env("SHUTDOWN_GRACE", d.shutdown_grace_s),
@@ -70,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         triton_ports=TritonPorts(grpc=a.triton_grpc_port, http=a.triton_http_port, metrics=a.triton_metrics_port),
         triton_startup_timeout_s=a.triton_startup_timeout,
         triton_timeout_s=a.triton_timeout,
+        triton_shm=a.triton_shm,
+        triton_shm_slots=a.triton_shm_slots,
         max_message_bytes=a.max_message_bytes,
         max_image_pixels=a.max_image_pixels,
         shutdown_grace_s=a.shutdown_grace,

@@ -32,6 +32,12 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.triton_transfers = Counter(
+            "framewise_triton_transfers_total",
+            "Inference requests by how their tensors travelled: shared memory or inside gRPC messages.",
+            ["model", "path"],
+            registry=registry,
+        )
         self.triton_ready = Gauge(
             "framewise_triton_ready", "1 while Triton and every required model are ready.", registry=registry
         )

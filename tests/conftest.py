@@ -32,6 +32,9 @@ YOLO_ONNX = ASSETS / "models" / "yolov8n_int8.onnx"
 # Limits the test orchestrator runs with, so the limit tests stay small and fast.
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_IMAGE_PIXELS = 3_000_000
+# The test Triton runs on this host, so the shared orchestrator passes tensors through shared
+# memory; with only 4 slots, concurrent tests also exercise the gRPC fallback.
+SHARED_MEMORY_ARGS = ["--triton-shm", "on", "--triton-shm-slots", "4"]
 
 
 def free_port() -> int:
@@ -162,7 +165,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory, cpu_repository: Path) -> It
 
 @pytest.fixture(scope="session")
 def orchestrator(tmp_path_factory: pytest.TempPathFactory, triton: TritonProcess) -> Iterator[Orchestrator]:
-    orch = start_orchestrator(tmp_path_factory.mktemp("orchestrator"), ["--triton-url", triton.url])
+    orch = start_orchestrator(tmp_path_factory.mktemp("orchestrator"), ["--triton-url", triton.url, *SHARED_MEMORY_ARGS])
     channel = grpc.insecure_channel(orch.address)
     try:
         wait_until(lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING, 60, "the orchestrator to serve")

@@ -5,8 +5,11 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import re
+
 import cv2
 import grpc
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
@@ -126,7 +129,7 @@ def test_class_filter_and_limits(vision, assets: Path) -> None:  # noqa: ANN001
     assert len(strict.detections) == 3 and all(d.score > 0.85 for d in strict.detections)
 
 
-def test_concurrent_requests_batch_inside_triton(vision, assets: Path, triton) -> None:  # noqa: ANN001
+def test_concurrent_requests_batch_inside_triton(vision, assets: Path, triton, orchestrator) -> None:  # noqa: ANN001
     image = common_pb2.Image(encoded=(assets / "images" / "zidane.jpg").read_bytes())
     stats_client = triton_grpc.InferenceServerClient(triton.url)
 
@@ -141,6 +144,10 @@ def test_concurrent_requests_batch_inside_triton(vision, assets: Path, triton) -
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert all(len(r.detections) == 2 for r in results)
     assert inferences == 48
+    transfers = httpx.get(orchestrator.metrics_url, timeout=5).text
+    # 16 concurrent calls, 4 shared-memory slots: both transfer paths were used.
+    for path in ("shm", "grpc"):
+        assert re.search(rf'framewise_triton_transfers_total{{model="yolov8",path="{path}"}} [1-9]', transfers), path
     # Dynamic batching merged requests: fewer model executions than inferences.
     assert executions < inferences, f"no batching: {inferences} inferences in {executions} executions"
     print(f"average batch size {inferences / executions:.2f}")

@@ -93,6 +93,7 @@ def test_metrics_endpoint(channel: grpc.Channel, orchestrator: Orchestrator, ass
     assert 'framewise_triton_request_latency_seconds_count{model="yolov8",outcome="ok"}' in text
     assert 'framewise_stage_latency_seconds_count{pipeline="detect",stage="decode"}' in text
     assert "framewise_triton_ready 1.0" in text
+    assert 'framewise_triton_transfers_total{model="yolov8",path="shm"}' in text
 
 
 def test_logs_are_structured(orchestrator: Orchestrator) -> None:

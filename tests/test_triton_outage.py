@@ -26,6 +26,7 @@ def test_triton_outage_and_recovery(
     request = vision_service_pb2.DetectRequest(image=common_pb2.Image(encoded=(assets / "images" / "bus.jpg").read_bytes()))
     assert health_status(channel) == SERVING
     assert health_status(channel, "framewise.v1.VisionService") == SERVING
+    assert len(vision.Detect(request, timeout=60).detections) == 4
 
     triton.stop()
     try:
@@ -52,3 +53,6 @@ def test_triton_outage_and_recovery(
     assert len(vision.Detect(request, timeout=60).detections) == 4
     state = info.GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=5)
     assert state.serving and state.triton.ready and state.triton.last_error == ""
+    # The restarted Triton had forgotten the orchestrator's shared-memory region; it was
+    # registered again instead of failing requests.
+    assert orchestrator.log_text().count('"msg": "shared memory registered with Triton"') >= 2

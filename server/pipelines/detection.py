@@ -17,8 +17,8 @@ from framewise.v1 import common_pb2
 from server.errors import InvalidInput
 from server.health import TritonMonitor
 from server.metrics import Metrics
-from server.triton.client import TritonClient
 from server.triton.model_spec import ModelSpec
+from server.triton.runner import InferenceRunner
 from server.vision.image_decode import DecodedImage, decode_image
 from server.vision.letterbox import Letterbox, letterbox
 from server.vision.yolo import decode_yolov8
@@ -74,14 +74,14 @@ class _YoloContract:
 class DetectionPipeline:
     def __init__(
         self,
-        triton: TritonClient,
+        runner: InferenceRunner,
         monitor: TritonMonitor,
         metrics: Metrics,
         *,
         model_name: str = "yolov8",
         max_pixels: int = 50_000_000,
     ) -> None:
-        self.triton = triton
+        self.runner = runner
         self.monitor = monitor
         self.metrics = metrics
         self.model_name = model_name
@@ -106,20 +106,17 @@ class DetectionPipeline:
 
         decoded, canvas, mapping, decode_s, preprocess_s = await asyncio.to_thread(self._prepare, image, contract)
 
-        triton_started = time.perf_counter()
-        remaining = None if timeout_s is None else timeout_s - (triton_started - started)
-        outputs = await self.triton.infer(
-            self.model_name, {contract.input_name: canvas[None]}, [contract.output_name], timeout_s=remaining
+        remaining = None if timeout_s is None else timeout_s - (time.perf_counter() - started)
+        run = await self.runner.run(
+            spec,
+            {contract.input_name: canvas[None]},
+            [contract.output_name],
+            lambda outputs: self._postprocess(outputs[contract.output_name][0], decoded, mapping, options, contract),
+            timeout_s=remaining,
         )
-        triton_s = time.perf_counter() - triton_started
+        detections = run.value
 
-        post_started = time.perf_counter()
-        detections = await asyncio.to_thread(
-            self._postprocess, outputs[contract.output_name][0], decoded, mapping, options, contract
-        )
-        post_s = time.perf_counter() - post_started
-
-        timings = {"decode": decode_s, "preprocess": preprocess_s, "triton": triton_s, "postprocess": post_s}
+        timings = {"decode": decode_s, "preprocess": preprocess_s, "triton": run.triton_s, "postprocess": run.consume_s}
         for stage, seconds in timings.items():
             self.metrics.stage_latency.labels("detect", stage).observe(seconds)
         timings_ms = {k: v * 1e3 for k, v in timings.items()}

@@ -14,6 +14,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from server.errors import DeadlineExceeded, ServiceError, Unavailable
 from server.metrics import Metrics
 from server.triton.model_spec import ModelSpec
+from server.triton.shm import ShmSlot, ShmSlotPool
 
 # Reconnect quickly after Triton comes back: gRPC's default backoff grows to two minutes,
 # which would keep the service unavailable long after Triton is ready again.
@@ -68,21 +69,50 @@ class TritonClient:
         *,
         timeout_s: float | None = None,
     ) -> dict[str, np.ndarray]:
-        """One inference request; raises Unavailable / DeadlineExceeded / ServiceError."""
+        """One inference request with the tensors in the message; raises ServiceError subclasses."""
         infer_inputs = []
         for name, array in inputs.items():
             tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             infer_inputs.append(tensor)
-        requested = [InferRequestedOutput(name) for name in outputs]
+        result = await self._call(model, infer_inputs, [InferRequestedOutput(name) for name in outputs], timeout_s)
+        return {name: result.as_numpy(name) for name in outputs}
+
+    async def infer_in_shared_memory(self, model: str, slot: ShmSlot, *, timeout_s: float | None = None) -> None:
+        """One inference whose inputs and outputs live in a registered shared-memory slot.
+
+        The caller has written slot.inputs; on return slot.outputs hold the results.
+        """
+        infer_inputs = []
+        for tensor in slot.inputs.values():
+            infer_input = InferInput(tensor.name, list(tensor.shape), tensor.datatype)
+            infer_input.set_shared_memory(slot.region, tensor.nbytes, tensor.offset)
+            infer_inputs.append(infer_input)
+        requested = []
+        for tensor in slot.outputs.values():
+            output = InferRequestedOutput(tensor.name)
+            output.set_shared_memory(slot.region, tensor.nbytes, tensor.offset)
+            requested.append(output)
+        await self._call(model, infer_inputs, requested, timeout_s)
+
+    async def register_shared_memory(self, pool: ShmSlotPool) -> None:
+        await self._client.register_system_shared_memory(
+            pool.region, pool.key, pool.byte_size, client_timeout=self.control_timeout_s
+        )
+
+    async def unregister_shared_memory(self, region: str) -> None:
+        await self._client.unregister_system_shared_memory(region, client_timeout=self.control_timeout_s)
+
+    async def _call(
+        self, model: str, inputs: list[InferInput], outputs: list[InferRequestedOutput], timeout_s: float | None
+    ):  # noqa: ANN202 - tritonclient's InferResult
         timeout = self.default_timeout_s if timeout_s is None else timeout_s
         if timeout <= 0:
             raise DeadlineExceeded(f"no time left for the {model} inference before the call's deadline")
         started = time.perf_counter()
         outcome = "ok"
         try:
-            result = await self._client.infer(model, infer_inputs, outputs=requested, client_timeout=timeout)
-            return {name: result.as_numpy(name) for name in outputs}
+            return await self._client.infer(model, inputs, outputs=outputs, client_timeout=timeout)
         except InferenceServerException as exc:
             outcome = _status_name(exc)
             raise _to_service_error(model, exc, timeout) from exc

@@ -1,0 +1,120 @@
+"""Request slots in POSIX shared memory for a co-located Triton.
+
+A detection request moves a 1.2 MB input and a 2.8 MB output; through gRPC both are copied and
+serialised on each side, on the same CPU the model needs. With a shared region, the orchestrator
+writes the letterboxed frame straight into shared memory and reads the head from it: Triton
+gets offsets instead of bytes. Only possible when Triton runs on the same host and sees the same
+/dev/shm (the managed child does), so it is optional and falls back to plain gRPC per request
+when every slot is busy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from dataclasses import dataclass
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+
+from server.triton.model_spec import TensorSpec
+
+log = logging.getLogger(__name__)
+
+_ALIGN = 64
+_NUMPY = {"UINT8": np.uint8, "FP32": np.float32, "FP16": np.float16, "INT32": np.int32, "INT64": np.int64}
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclass(frozen=True)
+class ShmTensor:
+    """One tensor of one slot: where it lives in the region, and a numpy view onto it."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # with the batch dimension (1)
+    offset: int
+    nbytes: int
+    view: np.ndarray
+
+
+@dataclass(frozen=True)
+class ShmSlot:
+    index: int
+    region: str
+    inputs: dict[str, ShmTensor]
+    outputs: dict[str, ShmTensor]
+
+
+class ShmSlotPool:
+    """`slots` request slots for one model, in one shared-memory region registered with Triton."""
+
+    def __init__(self, model: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], slots: int) -> None:
+        self.model = model
+        self.region = f"framewise-{model}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        layout, slot_bytes = self._layout(inputs + outputs)
+        self.byte_size = slot_bytes * slots
+        self._shm = shared_memory.SharedMemory(name=self.region, create=True, size=self.byte_size)
+        # The orchestrator owns the region's lifetime (close() unlinks it); keep the
+        # multiprocessing resource tracker from unlinking it a second time at exit.
+        resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
+        input_names = {t.name for t in inputs}
+        self._slots = []
+        for index in range(slots):
+            tensors = {
+                spec.name: ShmTensor(
+                    spec.name, spec.datatype, shape, index * slot_bytes + offset, nbytes,
+                    np.ndarray(shape, _NUMPY[spec.datatype], buffer=self._shm.buf, offset=index * slot_bytes + offset),
+                )  # fmt: skip
+                for spec, shape, offset, nbytes in layout
+            }
+            self._slots.append(
+                ShmSlot(
+                    index,
+                    self.region,
+                    {k: v for k, v in tensors.items() if k in input_names},
+                    {k: v for k, v in tensors.items() if k not in input_names},
+                )
+            )
+        self._free = list(reversed(self._slots))
+
+    @property
+    def key(self) -> str:
+        """The shm_open key Triton maps."""
+        return f"/{self.region}"
+
+    @staticmethod
+    def _layout(tensors: tuple[TensorSpec, ...]) -> tuple[list[tuple[TensorSpec, tuple[int, ...], int, int]], int]:
+        layout, offset = [], 0
+        for spec in tensors:
+            shape = (1, *spec.shape[1:])
+            if any(d < 0 for d in shape) or spec.datatype not in _NUMPY:
+                raise ValueError(f"{spec.name}: shared memory needs fixed shapes and a numeric type, got {spec}")
+            nbytes = int(np.prod(shape)) * np.dtype(_NUMPY[spec.datatype]).itemsize
+            layout.append((spec, shape, offset, nbytes))
+            offset += _aligned(nbytes)
+        return layout, offset
+
+    def acquire(self) -> ShmSlot | None:
+        """A free slot, or None when all are in use (the caller then sends bytes over gRPC)."""
+        return self._free.pop() if self._free else None
+
+    def release(self, slot: ShmSlot) -> None:
+        self._free.append(slot)
+
+    def close(self) -> None:
+        self._slots.clear()
+        self._free.clear()
+        try:
+            self._shm.close()
+        except BufferError:
+            # A numpy view still references the mapping; the unlink below still frees the name.
+            log.debug("shared memory views still alive at close", extra={"region": self.region})
+        try:
+            self._shm.unlink()
+        except FileNotFoundError:
+            pass
