@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from grpc_health.v1 import health_pb2
 from grpc_health.v1.health import aio as health_aio
 
+from server.aio import cancel_and_wait
 from server.errors import Unavailable
 from server.metrics import Metrics
 from server.triton.client import TritonClient
@@ -118,12 +119,8 @@ class TritonMonitor:
     async def stop(self) -> None:
         """Report NOT_SERVING from now on (graceful shutdown) and stop polling."""
         self._shutting_down = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(self._task)
+        self._task = None
         await self._publish(changed=False)
 
 

@@ -10,14 +10,16 @@ import grpc
 from google.protobuf.descriptor import ServiceDescriptor
 
 
+async def abort_unimplemented(context: grpc.aio.ServicerContext, method: str, reason: str) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented in this version: {reason}")
+
+
 def unimplemented_servicer(base: type, service: ServiceDescriptor, reason: str) -> object:
     """An instance of the generated servicer `base` whose every RPC aborts UNIMPLEMENTED."""
 
     def make(method_name: str):  # noqa: ANN202
         async def method(self, request, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN202
-            await context.abort(
-                grpc.StatusCode.UNIMPLEMENTED, f"{service.full_name}/{method_name} is not implemented in this version: {reason}"
-            )
+            await abort_unimplemented(context, f"{service.full_name}/{method_name}", reason)
 
         return method
 

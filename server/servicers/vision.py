@@ -9,6 +9,7 @@ import grpc
 from framewise.v1 import common_pb2, vision_service_pb2, vision_service_pb2_grpc
 from server.errors import InvalidInput
 from server.pipelines.detection import DetectionPipeline, DetectOptions
+from server.servicers.unimplemented import abort_unimplemented
 
 MAX_DETECTIONS_LIMIT = 1000
 _DEFAULTS = DetectOptions()
@@ -48,19 +49,15 @@ class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
     async def RemoveBackground(
         self, request: vision_service_pb2.RemoveBackgroundRequest, context: grpc.aio.ServicerContext
     ) -> vision_service_pb2.RemoveBackgroundResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "framewise.v1.VisionService/RemoveBackground is not implemented in this version: "
-            "it arrives with the BiRefNet model (talking-video release)",
+        await abort_unimplemented(
+            context, "framewise.v1.VisionService/RemoveBackground", "it arrives with the BiRefNet model (talking-video release)"
         )
 
     async def Segment(
         self, request: vision_service_pb2.SegmentRequest, context: grpc.aio.ServicerContext
     ) -> vision_service_pb2.SegmentResponse:
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "framewise.v1.VisionService/Segment is not implemented in this version: "
-            "it arrives with the SAM 2 models (tracking release)",
+        await abort_unimplemented(
+            context, "framewise.v1.VisionService/Segment", "it arrives with the SAM 2 models (tracking release)"
         )
 
     def _options(self, request: vision_service_pb2.DetectRequest) -> DetectOptions:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import tritonclient.grpc.aio as triton_aio
 
+from server.aio import cancel_and_wait
+
 log = logging.getLogger(__name__)
 
 
@@ -226,13 +228,8 @@ class ManagedTriton:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            try:
-                await self._supervisor
-            except asyncio.CancelledError:
-                pass
-            self._supervisor = None
+        await cancel_and_wait(self._supervisor)
+        self._supervisor = None
         await self._terminate()
 
     async def _terminate(self) -> None:
