@@ -135,3 +135,40 @@ def test_raw_frame_formats_convert_to_rgb() -> None:
     decoded = decode_image(common_pb2.Image(raw=raw), max_pixels=100)
     assert decoded.rgb.shape == (2, 3, 3)
     assert (decoded.rgb[..., 2] == 255).all() and (decoded.rgb[..., 0] == 0).all()
+
+
+def _jpeg_with_orientation(orientation: int) -> bytes:
+    import struct
+
+    image = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8), (7, 7), 3)
+    jpeg = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 100])[1].tobytes()
+    # A minimal little-endian EXIF block: IFD0 with one entry, Orientation (0x0112, SHORT).
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    app1 = b"\xff\xe1" + struct.pack(">H", 8 + len(tiff)) + b"Exif\x00\x00" + tiff
+    return jpeg[:2] + app1 + jpeg[2:]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_matches_opencv(orientation: int) -> None:
+    # Pixels come upright (EXIF applied) and the reported size is the upright one.
+    data = _jpeg_with_orientation(orientation)
+    assert read_header(data).orientation == orientation
+    expected = cv2.cvtColor(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    decoded = decode_image(_encoded(data), max_pixels=10**6)
+    np.testing.assert_array_equal(decoded.rgb, expected)
+    assert (decoded.width, decoded.height) == (expected.shape[1], expected.shape[0])
+
+
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_reduced_decode_reports_the_upright_size(orientation: int) -> None:
+    # A large JPEG decoded at reduced scale takes its size from the header; a 90-degree EXIF
+    # rotation swaps the axes.
+    import struct
+
+    jpeg = cv2.imencode(".jpg", np.zeros((1600, 2400, 3), np.uint8))[1].tobytes()
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 1) + struct.pack("<HHIHH", 0x0112, 3, 1, orientation, 0) + struct.pack("<I", 0)
+    data = jpeg[:2] + b"\xff\xe1" + struct.pack(">H", 8 + len(tiff)) + b"Exif\x00\x00" + tiff + jpeg[2:]
+    decoded = decode_image(_encoded(data), max_pixels=10**8, min_decoded_size=(640, 640))
+    assert decoded.scale == pytest.approx(2.0)
+    assert (decoded.width, decoded.height) == ((2400, 1600) if orientation == 1 else (1600, 2400))
+    assert decoded.rgb.shape[:2] == ((800, 1200) if orientation == 1 else (1200, 800))

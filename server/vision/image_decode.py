@@ -99,9 +99,8 @@ def _decode_encoded(
     if factor == 1:
         height, width = bgr.shape[:2]
     else:
-        # EXIF rotation may swap the axes relative to the header's size.
         width, height = (header.width, header.height)
-        if (bgr.shape[1] > bgr.shape[0]) != (width > height) and width != height:
+        if header.orientation >= 5:  # OpenCV applied an EXIF 90-degree rotation: axes swap
             width, height = height, width
     _check_pixels(width, height, max_pixels, field)
     return DecodedImage(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), width, height)

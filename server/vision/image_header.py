@@ -14,8 +14,10 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class ImageHeader:
     format: str  # "jpeg", "png", "webp", "bmp", "tiff"
-    width: int | None  # None when the header does not say (or is cut short)
+    width: int | None  # as stored, before EXIF orientation; None when the header does not say
     height: int | None
+    # EXIF orientation of a JPEG (1 = as stored; 5..8 swap width and height).
+    orientation: int = 1
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -40,7 +42,8 @@ def read_header(data: bytes) -> ImageHeader | None:
     reader = _SIZE_READERS.get(fmt)
     size = reader(data) if reader else None
     width, height = size if size else (None, None)
-    return ImageHeader(fmt, width, height)
+    orientation = _jpeg_orientation(data) if fmt == "jpeg" else 1
+    return ImageHeader(fmt, width, height, orientation)
 
 
 def _png_size(data: bytes) -> tuple[int, int] | None:
@@ -75,6 +78,39 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             return width, height
         pos += 2 + length
     return None
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    """EXIF orientation tag (0x0112) from the APP1 segment, 1 when absent or unreadable."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\0\0":
+            return _tiff_orientation(data[pos + 10 : pos + 2 + length])
+        if marker in _JPEG_SOF or marker == 0xDA:  # EXIF comes before the image data
+            return 1
+        pos += 2 + length
+    return 1
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    if len(tiff) < 8 or tiff[:2] not in (b"II", b"MM"):
+        return 1
+    endian = "<" if tiff[:2] == b"II" else ">"
+    (ifd,) = struct.unpack(endian + "I", tiff[4:8])
+    if ifd + 2 > len(tiff):
+        return 1
+    (entries,) = struct.unpack(endian + "H", tiff[ifd : ifd + 2])
+    for i in range(entries):
+        entry = ifd + 2 + 12 * i
+        if entry + 12 > len(tiff):
+            return 1
+        tag, kind, _count = struct.unpack(endian + "HHI", tiff[entry : entry + 8])
+        if tag == 0x0112 and kind == 3:  # SHORT
+            (value,) = struct.unpack(endian + "H", tiff[entry + 8 : entry + 10])
+            return value if 1 <= value <= 8 else 1
+    return 1
 
 
 def _webp_size(data: bytes) -> tuple[int, int] | None:
