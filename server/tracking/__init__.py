@@ -1,0 +1,42 @@
+"""SAMURAI tracking core, pure numpy: no torch, no gRPC, no Triton.
+
+Per object and per frame, the orchestrator
+1. asks ``MemoryBank.select_for(t)`` which memories / object pointers the memory attention reads,
+2. runs the mask decoder and hands all candidates to ``CandidateSelector.select`` (Kalman filter on
+   the candidates' boxes: ``kalman.py``, ``boxes.py``),
+3. encodes the chosen mask and stores it with ``MemoryBank.add_frame`` (prompt frames:
+   ``add_conditioning``).
+
+Reference: yangchris11/samurai (sam2/sam2/modeling/sam2_base.py, sam2/sam2/utils/kalman_filter.py).
+"""
+
+from server.tracking.boxes import (
+    EMPTY_BOX,
+    box_from_mask,
+    box_from_mask_upsampled,
+    box_iou,
+    box_ious,
+    upsample_bilinear,
+    xyah_to_xyxy,
+    xyxy_to_xyah,
+)
+from server.tracking.kalman import KalmanFilter
+from server.tracking.memory_bank import MemoryBank, MemorySelection
+from server.tracking.selection import CandidateSelector, SamuraiConfig, Selection
+
+__all__ = [
+    "EMPTY_BOX",
+    "CandidateSelector",
+    "KalmanFilter",
+    "MemoryBank",
+    "MemorySelection",
+    "SamuraiConfig",
+    "Selection",
+    "box_from_mask",
+    "box_from_mask_upsampled",
+    "box_iou",
+    "box_ious",
+    "upsample_bilinear",
+    "xyah_to_xyxy",
+    "xyxy_to_xyah",
+]
