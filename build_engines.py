@@ -3,6 +3,10 @@
 
     python build_engines.py --target cpu      # python backend + ONNX Runtime (this version)
 
+The CPU repository holds yolov8 (the real int8 weights) and the four SAM 2 parts as STAND-IN
+contract models (exact tensor contracts, no learned meaning: no SAM 2 weights on these
+machines), sized by --sam2-image-size.
+
 The onnx and tensorrt targets (real exports, TensorRT plans for the GPU) are not implemented
 in this version.
 """
@@ -31,6 +35,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _sam2_image_size(text: str) -> int:
+    value = int(text)
+    if value < 64 or value % 16:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 16, >= 64; got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=["cpu", "onnx", "tensorrt"], default="cpu")
@@ -39,12 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--yolo-onnx", type=Path,
                         help="YOLOv8 ONNX weights (default: $FRAMEWISE_YOLO_ONNX, else "
                              "../shared/assets/models/yolov8n_int8.onnx next to the repo)")
-    parser.add_argument("--instances", type=_positive_int, default=2, help="Triton instances per model")
+    parser.add_argument("--instances", type=_positive_int, default=2,
+                        help="Triton instances of yolov8 (the SAM 2 parts have fixed counts for 2 cores)")
     parser.add_argument("--intra-op-threads", type=_positive_int, default=1,
                         help="ONNX Runtime intra-op threads per instance")
-    parser.add_argument("--max-batch-size", type=_positive_int, default=8)
+    parser.add_argument("--max-batch-size", type=_positive_int, default=8, help="yolov8 max batch size")
     parser.add_argument("--max-queue-delay-us", type=_non_negative_int, default=2000,
                         help="dynamic batching max queue delay (microseconds)")
+    parser.add_argument("--sam2-image-size", type=_sam2_image_size, default=1024,
+                        help="SAM 2 model size S: image S x S, features S/16, masks S/4 (default 1024)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)
 
@@ -63,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             output, args.yolo_onnx or default_yolo_onnx(),
             instances=args.instances, intra_op_threads=args.intra_op_threads,
             max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-            force=args.force,
+            sam2_image_size=args.sam2_image_size, force=args.force,
         )
     except (MissingWeightsError, FileExistsError) as exc:
         print(f"build_engines.py: {exc}", file=sys.stderr)

@@ -2,6 +2,8 @@
 
     framewise info                      service, Triton and model state (exit 1 unless serving)
     framewise detect IMAGE [--json]     people (or other classes) in a photo
+    framewise track SOURCE --box x,y,w,h [--json] [--overlay OUT.mp4]
+                                        one object through a video or a folder of frames
 
 The server address comes from --server, else FRAMEWISE_SERVER, else localhost:50051.
 Exit codes: 0 ok, 1 service unreachable / not serving / failed, 2 bad input or usage.
@@ -20,6 +22,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from clients import track_cli
 from clients.sdk import DEFAULT_ADDRESS, FramewiseClient
 from framewise.v1 import info_service_pb2, vision_service_pb2
 
@@ -63,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--all-classes", action="store_true", help="keep every class")
     detect.add_argument("--max-detections", type=int, default=0, help="at most this many (default 100)")
     detect.set_defaults(run=_detect)
+
+    track_cli.add_parser(commands)
     return parser
 
 

@@ -6,8 +6,14 @@ Layout written at ``output``::
     yolov8/config.pbtxt
     yolov8/1/model.onnx       the real YOLOv8n int8 weights behind a uint8 NHWC input
     yolov8/1/model.py         copy of engines/python_backend/onnx_model.py
+    sam2_image_encoder/...    SAM 2 parts: STAND-IN contract models (engines/sam2_standin),
+    sam2_mask_decoder/...     the same three files each; no SAM 2 weights exist on these
+    sam2_memory_attention/... machines, so the graphs are deterministic arithmetic with the
+    sam2_memory_encoder/...   real tensor names, ranks and dtypes, reported as stand-ins
 
 Same model names and tensor contracts as the GPU repository (DESIGN.md sections 3 and 4).
+Every SAM 2 size follows from the model size S (``sam2_image_size``): features S/16, high-res
+features S/4 and S/8, masks S/4.
 """
 
 from __future__ import annotations
@@ -25,11 +31,12 @@ from pathlib import Path
 
 import onnx
 
+from engines import sam2_standin
 from engines.onnx_wrap import prepend_uint8_nhwc_preprocessing
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_YOLO_ONNX = REPO_ROOT.parent / "shared" / "assets" / "models" / "yolov8n_int8.onnx"
 YOLO_ONNX_ENV = "FRAMEWISE_YOLO_ONNX"
@@ -38,6 +45,17 @@ MANIFEST = "MANIFEST.json"
 ONNX_FILE = "model.onnx"
 LETTERBOX_PAD_VALUE = 114
 INPUT_LAYOUT = "NHWC_RGB_UINT8"
+DEFAULT_SAM2_IMAGE_SIZE = 1024
+SAM2_STAND_IN_SOURCE = "stand-in contract model (no SAM 2 weights on this machine)"
+# Instances per SAM 2 part, sized for 2 CPU cores (one ORT thread each): the parts a tracked
+# frame spends its time in get one instance per core; the memory encoder takes ~0.1 ms.
+SAM2_INSTANCES = {
+    "sam2_image_encoder": 2,
+    "sam2_mask_decoder": 2,
+    "sam2_memory_attention": 2,
+    "sam2_memory_encoder": 1,
+}
+MODEL_NAMES = ("yolov8", *(part.name for part in sam2_standin.PARTS))
 
 _ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
@@ -82,13 +100,16 @@ def build_cpu_repository(
     intra_op_threads: int = 1,
     max_batch_size: int = 8,
     max_queue_delay_us: int = 2000,
+    sam2_image_size: int = DEFAULT_SAM2_IMAGE_SIZE,
     force: bool = False,
 ) -> Path:
     """Write the CPU model repository at ``output`` and return its path.
 
-    A no-op when ``output/MANIFEST.json`` already records the same builder version, source
-    weights (sha256), python model and parameters, unless ``force``. The repository is written
-    into a temporary sibling directory and renamed into place.
+    ``instances`` and ``max_batch_size`` apply to yolov8; the SAM 2 parts have fixed batch limits
+    (their contract) and ``SAM2_INSTANCES``. ``sam2_image_size`` is the SAM 2 model size S (a
+    multiple of 16). A no-op when ``output/MANIFEST.json`` already records the same builder
+    version, source weights (sha256), stand-in graph code, python model and parameters, unless
+    ``force``. The repository is written into a temporary sibling directory and renamed into place.
     """
     output = Path(output).expanduser().absolute()
     yolo_onnx = Path(yolo_onnx).expanduser().absolute()
@@ -97,18 +118,26 @@ def build_cpu_repository(
                              ("max_queue_delay_us", max_queue_delay_us, 0)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    sam2_standin.check_image_size(sam2_image_size)
     if not yolo_onnx.is_file():
         raise MissingWeightsError(yolo_onnx)
 
+    standin_sha = _sha256_files(sam2_standin.SOURCE_FILES)
     fingerprint = {
         "builder_version": BUILDER_VERSION,
         "python_model_sha256": _sha256(PYTHON_MODEL_TEMPLATE),
-        "models": {"yolov8": {"source": yolo_onnx.name, "source_sha256": _sha256(yolo_onnx)}},
+        "models": {
+            "yolov8": {"source": yolo_onnx.name, "source_sha256": _sha256(yolo_onnx)},
+            **{part.name: {"source": "stand-in", "code_sha256": standin_sha}
+               for part in sam2_standin.PARTS},
+        },
         "parameters": {
             "instances": instances,
             "intra_op_threads": intra_op_threads,
             "max_batch_size": max_batch_size,
             "max_queue_delay_us": max_queue_delay_us,
+            "sam2_image_size": sam2_image_size,
+            "sam2_instances": dict(SAM2_INSTANCES),
         },
     }
     existing = read_manifest(output)
@@ -126,12 +155,15 @@ def build_cpu_repository(
     try:
         staging.chmod(0o755)  # mkdtemp makes it 0700; Triton may run as another user
         _write_yolov8(staging / "yolov8", yolo_onnx, fingerprint)
+        for part in sam2_standin.PARTS:
+            _write_sam2_part(staging / part.name, part, fingerprint)
         manifest = {
             "fingerprint": fingerprint,
             "build_id": uuid.uuid4().hex,
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source_paths": {"yolov8": str(yolo_onnx)},
-            "models": ["yolov8"],
+            "models": list(MODEL_NAMES),
+            "stand_in_models": [part.name for part in sam2_standin.PARTS],
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(staging, output)
@@ -167,6 +199,8 @@ def _write_yolov8(model_dir: Path, source: Path, fingerprint: dict) -> None:
         "intra_op_threads": str(params["intra_op_threads"]),
         "stand_in": "false",
         "source": f"{source.name} sha256:{sha}",
+        # One image per ORT call: see engines/python_backend/onnx_model.py.
+        "per_item_execution": "true",
         "class_names": json.dumps(class_names),
         "letterbox_pad_value": str(LETTERBOX_PAD_VALUE),
         "input_layout": INPUT_LAYOUT,
@@ -184,6 +218,40 @@ def _write_yolov8(model_dir: Path, source: Path, fingerprint: dict) -> None:
     (model_dir / "config.pbtxt").write_text(text)
 
 
+def _write_sam2_part(model_dir: Path, part: sam2_standin.StandInPart, fingerprint: dict) -> None:
+    params = fingerprint["parameters"]
+    size = params["sam2_image_size"]
+    model = part.build(size)  # checked by onnx.checker (full_check) while building
+    batched = part.max_batch_size > 0
+
+    version_dir = model_dir / "1"
+    version_dir.mkdir(parents=True)
+    onnx.save(model, str(version_dir / ONNX_FILE))
+    shutil.copyfile(PYTHON_MODEL_TEMPLATE, version_dir / "model.py")
+
+    parameters = {
+        "onnx_file": ONNX_FILE,
+        "intra_op_threads": str(params["intra_op_threads"]),
+        "stand_in": "true",
+        "source": SAM2_STAND_IN_SOURCE,
+        "image_size": str(size),
+        # The stand-ins treat every batch item on its own, so a whole batch is one ORT call.
+        "per_item_execution": "false",
+        **part.extra_parameters,
+    }
+    text = _config_pbtxt(
+        name=part.name,
+        max_batch_size=part.max_batch_size,
+        inputs=_tensors(model.graph.input, model.graph.initializer, batched=batched),
+        outputs=_tensors(model.graph.output, batched=batched),
+        instances=params["sam2_instances"][part.name],
+        max_queue_delay_us=params["max_queue_delay_us"] if batched else None,
+        parameters=parameters,
+    )
+    _check_config(text, parameters)
+    (model_dir / "config.pbtxt").write_text(text)
+
+
 def _class_names(model: onnx.ModelProto) -> list[str]:
     meta = {p.key: p.value for p in model.metadata_props}
     if "names" not in meta:
@@ -194,8 +262,11 @@ def _class_names(model: onnx.ModelProto) -> list[str]:
     return [str(names[i]) for i in range(len(names))]
 
 
-def _tensors(values, initializers=()) -> list[tuple[str, str, list[int]]]:
-    """(name, Triton type, dims without the batch dimension) for graph inputs or outputs."""
+def _tensors(values, initializers=(), *, batched: bool = True) -> list[tuple[str, str, list[int]]]:
+    """(name, Triton type, dims) for graph inputs or outputs; -1 for a dynamic dimension.
+
+    ``batched``: the model has max_batch_size > 0, so the first (batch) dimension is left out.
+    """
     skip = {i.name for i in initializers}
     result = []
     for v in values:
@@ -206,7 +277,7 @@ def _tensors(values, initializers=()) -> list[tuple[str, str, list[int]]]:
             raise ValueError(f"tensor {v.name!r} has unsupported type "
                              f"{onnx.TensorProto.DataType.Name(t.elem_type)}")
         dims = [d.dim_value if d.HasField("dim_value") else -1 for d in t.shape.dim]
-        result.append((v.name, _ONNX_TO_TRITON[t.elem_type], dims[1:]))
+        result.append((v.name, _ONNX_TO_TRITON[t.elem_type], dims[1:] if batched else dims))
     return result
 
 
@@ -229,6 +300,8 @@ def _pbtxt_str(value: str) -> str:
 
 def _config_pbtxt(*, name, max_batch_size, inputs, outputs, instances, max_queue_delay_us,
                   parameters) -> str:
+    """``max_queue_delay_us`` None: no dynamic_batching (required when max_batch_size is 0)."""
+
     def tensor_list(tensors):
         return ",\n".join(
             f"  {{\n    name: {_pbtxt_str(n)}\n    data_type: {t}\n"
@@ -245,8 +318,9 @@ def _config_pbtxt(*, name, max_batch_size, inputs, outputs, instances, max_queue
         "input [\n" + tensor_list(inputs) + "\n]",
         "output [\n" + tensor_list(outputs) + "\n]",
         f"instance_group [ {{ count: {instances}, kind: KIND_CPU }} ]",
-        f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}",
     ]
+    if max_queue_delay_us is not None:
+        lines.append(f"dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}")
     lines += [
         f"parameters {{ key: {_pbtxt_str(k)} value {{ string_value: {_pbtxt_str(v)} }} }}"
         for k, v in parameters.items()
@@ -266,9 +340,9 @@ def _check_config(text: str, parameters: dict[str, str]) -> None:
 
 
 def _complete(output: Path) -> bool:
-    version_dir = output / "yolov8" / "1"
-    return all(p.is_file() for p in (output / "yolov8" / "config.pbtxt",
-                                     version_dir / ONNX_FILE, version_dir / "model.py"))
+    return all(p.is_file() for name in MODEL_NAMES
+               for p in (output / name / "config.pbtxt", output / name / "1" / ONNX_FILE,
+                         output / name / "1" / "model.py"))
 
 
 def _swap_into_place(staging: Path, output: Path) -> None:
@@ -283,6 +357,14 @@ def _swap_into_place(staging: Path, output: Path) -> None:
         old.rename(output)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256_files(paths) -> str:
+    """One digest over several files (names and contents), in the given order."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode() + b"\0" + _sha256(path).encode() + b"\0")
+    return digest.hexdigest()
 
 
 def _sha256(path: Path) -> str:

@@ -27,9 +27,13 @@ from server.config import ServerConfig
 from server.health import TritonMonitor
 from server.interceptors import ObservabilityInterceptor
 from server.metrics import Metrics
+from server.pipelines import sam2_contract as sam2
 from server.pipelines.detection import DetectionPipeline
+from server.pipelines.sessions import SessionRegistry
+from server.pipelines.tracking import TrackingEngine
 from server.reflection import enable_reflection
 from server.servicers.info import InfoServicer
+from server.servicers.tracking import TrackingServicer
 from server.servicers.unimplemented import unimplemented_servicer
 from server.servicers.vision import VisionServicer
 from server.triton.client import TritonClient
@@ -44,8 +48,14 @@ SERVICES = {
     "jobs": jobs_service_pb2.DESCRIPTOR.services_by_name["JobService"],
     "info": info_service_pb2.DESCRIPTOR.services_by_name["InfoService"],
 }
-# Models an implemented RPC needs: health is SERVING only while all of them are ready.
-REQUIRED_MODELS = ("yolov8",)
+# Models each service's implemented RPCs need: a service is SERVING only while its models are
+# ready, the server as a whole ("") only while all of them are.
+SERVICE_MODELS = {
+    SERVICES["vision"].full_name: ("yolov8",),
+    SERVICES["tracking"].full_name: sam2.MODELS,
+    SERVICES["jobs"].full_name: (),
+    SERVICES["info"].full_name: (),
+}
 
 
 @dataclass
@@ -56,6 +66,7 @@ class RunningServer:
     grpc_server: grpc.aio.Server
     port: int
     monitor: TritonMonitor
+    sessions: SessionRegistry
     runner: InferenceRunner
     triton_client: TritonClient
     managed_triton: ManagedTriton | None
@@ -66,6 +77,7 @@ class RunningServer:
         log.info("shutting down", extra={"grace_s": self.config.shutdown_grace_s})
         await self.monitor.stop()
         await self.grpc_server.stop(self.config.shutdown_grace_s)
+        await self.sessions.stop()
         await self.runner.close()
         await self.triton_client.close()
         if self.managed_triton is not None:
@@ -79,7 +91,7 @@ async def start(config: ServerConfig) -> RunningServer:
 
     managed: ManagedTriton | None = None
     if config.triton_url is None:
-        if not (config.model_repository / "yolov8" / "config.pbtxt").exists():
+        if not all((config.model_repository / m / "config.pbtxt").exists() for m in monitor_models()):
             raise TritonStartError(
                 f"no model repository at {config.model_repository}; build it with "
                 "`python build_engines.py --target cpu` (what `make serve` does), "
@@ -96,7 +108,7 @@ async def start(config: ServerConfig) -> RunningServer:
 
     health = health_aio.HealthServicer()
     service_names = tuple(d.full_name for d in SERVICES.values())
-    monitor = TritonMonitor(client, REQUIRED_MODELS, health, service_names, metrics, interval_s=config.health_interval_s)
+    monitor = TritonMonitor(client, SERVICE_MODELS, health, metrics, interval_s=config.health_interval_s)
 
     server = grpc.aio.server(
         interceptors=[ObservabilityInterceptor(metrics)],
@@ -111,11 +123,10 @@ async def start(config: ServerConfig) -> RunningServer:
     detection = DetectionPipeline(runner, monitor, metrics, max_pixels=config.max_image_pixels)
     vision_service_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(detection), server)
     info_service_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(monitor, managed=managed is not None), server)
+    sessions = SessionRegistry(metrics, max_sessions=config.max_tracking_sessions, idle_ttl_s=config.session_idle_ttl_s)
+    tracking = TrackingEngine(runner, monitor, max_pixels=config.max_image_pixels, max_objects=config.max_objects_per_session)
     tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(
-        unimplemented_servicer(
-            tracking_service_pb2_grpc.TrackingServiceServicer, SERVICES["tracking"], "SAMURAI tracking arrives with the SAM 2 models"
-        ),
-        server,
+        TrackingServicer(tracking, sessions, metrics, frame_timeout_s=config.triton_timeout_s), server
     )
     jobs_service_pb2_grpc.add_JobServiceServicer_to_server(
         unimplemented_servicer(
@@ -143,6 +154,7 @@ async def start(config: ServerConfig) -> RunningServer:
             await client.close()
             raise
     await monitor.start()
+    await sessions.start()
     _log_models(monitor)
     log.info(
         "framewise serving",
@@ -157,7 +169,11 @@ async def start(config: ServerConfig) -> RunningServer:
             "triton_shared_memory": use_shm,
         },
     )
-    return RunningServer(config, server, port, monitor, runner, client, managed, metrics_port)
+    return RunningServer(config, server, port, monitor, sessions, runner, client, managed, metrics_port)
+
+
+def monitor_models() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m for models in SERVICE_MODELS.values() for m in models))
 
 
 def _start_metrics(listen: str, registry: CollectorRegistry) -> int | None:

@@ -29,6 +29,9 @@ class ServerConfig:
     max_message_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     shutdown_grace_s: float = 10.0
+    max_tracking_sessions: int = 16
+    max_objects_per_session: int = 8
+    session_idle_ttl_s: float = 300.0
     health_interval_s: float = 1.0
     log_level: str = "INFO"
     log_format: str = "json"  # or "text"
@@ -64,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--max-image-pixels", type=int, default=_env("MAX_IMAGE_PIXELS", d.max_image_pixels))
     p.add_argument("--shutdown-grace", type=float, default=_env("SHUTDOWN_GRACE", d.shutdown_grace_s),
                    help="seconds in-flight RPCs get to finish on shutdown")
+    p.add_argument("--max-tracking-sessions", type=int, default=_env("MAX_TRACKING_SESSIONS", d.max_tracking_sessions))
+    p.add_argument("--max-objects-per-session", type=int, default=_env("MAX_OBJECTS_PER_SESSION", d.max_objects_per_session))
+    p.add_argument("--session-idle-ttl", type=float, default=_env("SESSION_IDLE_TTL", d.session_idle_ttl_s),
+                   help="seconds a tracking session without a stream is kept for resume")
     p.add_argument("--health-interval", type=float, default=_env("HEALTH_INTERVAL", d.health_interval_s))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
     p.add_argument("--log-format", choices=("json", "text"), default=_env("LOG_FORMAT", d.log_format))
@@ -83,6 +90,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         max_image_pixels=a.max_image_pixels,
         shutdown_grace_s=a.shutdown_grace,
         health_interval_s=a.health_interval,
+        max_tracking_sessions=a.max_tracking_sessions,
+        max_objects_per_session=a.max_objects_per_session,
+        session_idle_ttl_s=a.session_idle_ttl,
         log_level=a.log_level.upper(),
         log_format=a.log_format,
     )

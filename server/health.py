@@ -36,17 +36,17 @@ class TritonMonitor:
     def __init__(
         self,
         client: TritonClient,
-        required_models: tuple[str, ...],
+        service_models: dict[str, tuple[str, ...]],
         health: health_aio.HealthServicer,
-        service_names: tuple[str, ...],
         metrics: Metrics,
         *,
         interval_s: float = 1.0,
     ) -> None:
         self.client = client
-        self.required_models = required_models
+        # Service full name -> the models its implemented RPCs need (empty: needs Triton only).
+        self.service_models = service_models
+        self.required_models = tuple(dict.fromkeys(m for models in service_models.values() for m in models))
         self.health = health
-        self.service_names = service_names
         self.metrics = metrics
         self.interval_s = interval_s
         self.state = TritonState()
@@ -56,7 +56,10 @@ class TritonMonitor:
 
     @property
     def serving(self) -> bool:
-        return self.state.ready and all(self.state.model_ready.get(m, False) for m in self.required_models)
+        return self._ready(self.required_models)
+
+    def _ready(self, models: tuple[str, ...]) -> bool:
+        return self.state.ready and all(self.state.model_ready.get(m, False) for m in models)
 
     def spec(self, model: str) -> ModelSpec:
         """The model's spec as Triton last reported it; Unavailable when it is not loaded."""
@@ -100,9 +103,13 @@ class TritonMonitor:
     async def _publish(self, changed: bool) -> None:
         serving = self.serving and not self._shutting_down
         self.metrics.triton_ready.set(1 if serving else 0)
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in ("", *self.service_names):
-            await self.health.set(name, status)
+        statuses = {"": serving} | {
+            name: self._ready(models) and not self._shutting_down for name, models in self.service_models.items()
+        }
+        for name, ok in statuses.items():
+            await self.health.set(
+                name, health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
         if changed:
             level = logging.INFO if serving else logging.WARNING
             log.log(level, "serving state changed", extra={"serving": serving, "reason": self.state.last_error})

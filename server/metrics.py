@@ -41,6 +41,21 @@ class Metrics:
         self.triton_ready = Gauge(
             "framewise_triton_ready", "1 while Triton and every required model are ready.", registry=registry
         )
+        self.tracking_sessions = Gauge(
+            "framewise_tracking_sessions", "Tracking sessions held (attached to a stream or waiting for resume).", registry=registry
+        )
+        self.tracking_session_bytes = Gauge(
+            "framewise_tracking_session_bytes",
+            "Memory bank bytes held per tracking session (memories, object pointers).",
+            ["session"],
+            registry=registry,
+        )
+        self.tracking_frame_bytes = Histogram(
+            "framewise_tracking_triton_bytes_per_frame",
+            "Bytes moved between the orchestrator and Triton per tracked frame (all objects).",
+            buckets=(1e5, 1e6, 4e6, 1.6e7, 6.4e7, 2.56e8),
+            registry=registry,
+        )
         self.stage_latency = Histogram(
             "framewise_stage_latency_seconds",
             "Time spent per pipeline stage (decode, preprocess, triton, postprocess).",

@@ -35,6 +35,9 @@ MAX_IMAGE_PIXELS = 3_000_000
 # The test Triton runs on this host, so the shared orchestrator passes tensors through shared
 # memory; with only 4 slots, concurrent tests also exercise the gRPC fallback.
 SHARED_MEMORY_ARGS = ["--triton-shm", "on", "--triton-shm-slots", "4"]
+# SAM 2 stand-ins at a small model size keep the tracking tests fast; the benchmark uses 1024.
+SAM2_TEST_IMAGE_SIZE = 256
+SESSION_IDLE_TTL_S = 3.0
 
 
 def free_port() -> int:
@@ -151,7 +154,9 @@ def assets() -> Path:
 
 @pytest.fixture(scope="session")
 def cpu_repository(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
-    return build_cpu_repository(tmp_path_factory.mktemp("repo") / "model_repository_cpu", YOLO_ONNX)
+    return build_cpu_repository(
+        tmp_path_factory.mktemp("repo") / "model_repository_cpu", YOLO_ONNX, sam2_image_size=SAM2_TEST_IMAGE_SIZE
+    )
 
 
 @pytest.fixture(scope="session")
@@ -165,7 +170,10 @@ def triton(tmp_path_factory: pytest.TempPathFactory, cpu_repository: Path) -> It
 
 @pytest.fixture(scope="session")
 def orchestrator(tmp_path_factory: pytest.TempPathFactory, triton: TritonProcess) -> Iterator[Orchestrator]:
-    orch = start_orchestrator(tmp_path_factory.mktemp("orchestrator"), ["--triton-url", triton.url, *SHARED_MEMORY_ARGS])
+    orch = start_orchestrator(
+        tmp_path_factory.mktemp("orchestrator"),
+        ["--triton-url", triton.url, *SHARED_MEMORY_ARGS, "--session-idle-ttl", str(SESSION_IDLE_TTL_S)],
+    )
     channel = grpc.insecure_channel(orch.address)
     try:
         wait_until(lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING, 60, "the orchestrator to serve")

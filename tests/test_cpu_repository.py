@@ -47,8 +47,11 @@ def session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def parse_config(repo: Path) -> model_config_pb2.ModelConfig:
-    text = (repo / "yolov8" / "config.pbtxt").read_text()
+SAM2_PARTS = ("sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention", "sam2_memory_encoder")
+
+
+def parse_config(repo: Path, name: str = "yolov8") -> model_config_pb2.ModelConfig:
+    text = (repo / name / "config.pbtxt").read_text()
     return text_format.Parse(text, model_config_pb2.ModelConfig())
 
 
@@ -80,6 +83,7 @@ def test_config_parses_with_contract_and_parameters(repo):
     assert params["source"].startswith("yolov8n_int8.onnx sha256:")
     assert params["letterbox_pad_value"] == "114"
     assert params["input_layout"] == "NHWC_RGB_UINT8"
+    assert params["per_item_execution"] == "true"
     names = json.loads(params["class_names"])
     assert len(names) == 80 and names[0] == "person" and names[79] == "toothbrush"
     assert (repo / "yolov8" / "1" / "model.py").read_text() == \
@@ -99,9 +103,9 @@ def test_wrapped_model_matches_original_on_letterboxed_image(repo):
     assert np.abs(got - want).max() < 1e-4
 
 
-@needs_assets
-def test_python_model_runs_batch_image_by_image_and_isolates_errors(repo, monkeypatch):
-    """Drive model.py with a stand-in for triton_python_backend_utils."""
+class FakeTritonUtils:
+    """Just enough of triton_python_backend_utils to drive model.py outside Triton."""
+
     class Error:
         def __init__(self, message):
             self._message = message
@@ -123,20 +127,35 @@ def test_python_model_runs_batch_image_by_image_and_isolates_errors(repo, monkey
         def as_numpy(self):
             return self._array
 
-    fake = types.ModuleType("triton_python_backend_utils")
-    fake.Tensor, fake.InferenceResponse, fake.TritonError = Tensor, Response, Error
-    fake.get_input_tensor_by_name = lambda request, name: request.get(name)
-    fake.triton_string_to_numpy = {"TYPE_UINT8": np.uint8, "TYPE_FP32": np.float32}.__getitem__
-    fake.Logger = types.SimpleNamespace(log_info=lambda message: None)
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    def __init__(self, monkeypatch):
+        self.logged: list[tuple[str, str]] = []
+        fake = types.ModuleType("triton_python_backend_utils")
+        fake.Tensor, fake.InferenceResponse, fake.TritonError = self.Tensor, self.Response, self.Error
+        fake.get_input_tensor_by_name = lambda request, name: request.get(name)
+        fake.triton_string_to_numpy = {"TYPE_UINT8": np.uint8, "TYPE_FP32": np.float32, "TYPE_FP16": np.float16,
+                                       "TYPE_INT32": np.int32}.__getitem__
+        fake.Logger = types.SimpleNamespace(log_info=lambda message: self.logged.append(("info", message)),
+                                            log_warn=lambda message: self.logged.append(("warn", message)))
+        monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
 
-    spec = importlib.util.spec_from_file_location("framewise_onnx_model", repo / "yolov8" / "1" / "model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    model = module.TritonPythonModel()
-    config = json_format.MessageToDict(parse_config(repo), preserving_proto_field_name=True)
-    model.initialize({"model_config": json.dumps(config), "model_repository": str(repo / "yolov8"),
-                      "model_version": "1", "model_instance_name": "yolov8_0"})
+    def load(self, repo: Path, name: str):
+        spec = importlib.util.spec_from_file_location(f"framewise_onnx_model_{name}", repo / name / "1" / "model.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = module.TritonPythonModel()
+        config = json_format.MessageToDict(parse_config(repo, name), preserving_proto_field_name=True)
+        model.initialize({"model_config": json.dumps(config), "model_repository": str(repo / name),
+                          "model_version": "1", "model_instance_name": f"{name}_0"})
+        return model
+
+
+@needs_assets
+def test_python_model_runs_batch_image_by_image_and_isolates_errors(repo, monkeypatch):
+    """Drive model.py with a stand-in for triton_python_backend_utils."""
+    utils = FakeTritonUtils(monkeypatch)
+    Tensor = utils.Tensor
+    model = utils.load(repo, "yolov8")
+    assert not [m for level, m in utils.logged if "STAND-IN" in m]
 
     image = letterbox_rgb(BUS)
     pair = np.stack([image, image[:, ::-1]])
@@ -153,6 +172,59 @@ def test_python_model_runs_batch_image_by_image_and_isolates_errors(repo, monkey
     assert batched.shape == (2, 84, 8400) and batched.dtype == np.float32
     np.testing.assert_array_equal(batched[:1], single)
     model.finalize()
+
+
+@needs_assets
+def test_python_model_runs_a_stand_in_batch_in_one_call_and_says_stand_in(repo, monkeypatch):
+    utils = FakeTritonUtils(monkeypatch)
+    Tensor = utils.Tensor
+    model = utils.load(repo, "sam2_mask_decoder")
+    warnings = [m for level, m in utils.logged if level == "warn"]
+    assert len(warnings) == 1 and "STAND-IN" in warnings[0] and "sam2_mask_decoder" in warnings[0]
+    assert any("per_item_execution=False" in m for level, m in utils.logged if level == "info")
+
+    calls = []
+    run = model.session.run
+    model.session = types.SimpleNamespace(run=lambda names, feeds: calls.append(feeds) or run(names, feeds))
+    rs = np.random.RandomState(0)
+    size = int(parse_config(repo, "sam2_mask_decoder").parameters["image_size"].string_value)
+    feeds = {
+        "image_embed": rs.normal(size=(3, 256, size // 16, size // 16)).astype(np.float32),
+        "high_res_feat0": rs.uniform(size=(3, 32, size // 4, size // 4)).astype(np.float32),
+        "high_res_feat1": rs.uniform(size=(3, 64, size // 8, size // 8)).astype(np.float32),
+        "point_coords": np.array([[[100, 100], [300, 400]]] * 3, np.float32),
+        "point_labels": np.array([[2, 3], [1, -1], [1, 0]], np.int32),
+    }
+    (response,) = model.execute([{n: Tensor(n, a) for n, a in feeds.items()}])
+    assert response.error is None and len(calls) == 1  # the whole batch in one ORT call
+    outputs = {t.name(): t.as_numpy() for t in response.output_tensors}
+    assert outputs["masks"].shape == (3, 4, size // 4, size // 4)
+    assert outputs["iou_scores"].shape == (3, 4) and outputs["object_score_logits"].shape == (3, 1)
+    assert outputs["obj_ptrs"].shape == (3, 4, 256)
+    (first,) = model.execute([{n: Tensor(n, a[:1]) for n, a in feeds.items()}])
+    np.testing.assert_allclose(first.output_tensors[0].as_numpy(), outputs["masks"][:1], atol=1e-5)
+    model.finalize()
+
+
+@needs_assets
+def test_sam2_stand_ins_are_written_beside_yolov8(repo):
+    manifest = json.loads((repo / "MANIFEST.json").read_text())
+    assert manifest["models"] == ["yolov8", *SAM2_PARTS]
+    assert manifest["stand_in_models"] == list(SAM2_PARTS)
+    assert manifest["fingerprint"]["parameters"]["sam2_image_size"] == 1024
+    for name in SAM2_PARTS:
+        config = parse_config(repo, name)
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        assert params["stand_in"] == "true" and params["image_size"] == "1024"
+        assert params["per_item_execution"] == "false"
+        assert (repo / name / "1" / "model.onnx").is_file()
+        assert (repo / name / "1" / "model.py").read_text() == (repo / "yolov8" / "1" / "model.py").read_text()
+    vision = {t.name: list(t.dims) for t in parse_config(repo, "sam2_image_encoder").output}
+    assert vision == {"vision_feat": [256, 64, 64], "high_res_feat0": [32, 256, 256],
+                      "high_res_feat1": [64, 128, 128]}
+    assert parse_config(repo, "sam2_mask_decoder").max_batch_size == 16
+    assert parse_config(repo, "sam2_memory_attention").max_batch_size == 0
+    assert not parse_config(repo, "sam2_memory_attention").HasField("dynamic_batching")
 
 
 @needs_assets
@@ -173,7 +245,26 @@ def test_second_build_is_a_noop_and_force_rebuilds(tmp_path):
 
     build_cpu_repository(out, YOLO_ONNX, instances=4)  # a parameter change rebuilds too
     assert parse_config(out).instance_group[0].count == 4
+    before = json.loads(manifest.read_text())["build_id"]
+    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512)
+    assert json.loads(manifest.read_text())["build_id"] != before
+    assert parse_config(out, "sam2_mask_decoder").parameters["image_size"].string_value == "512"
+    assert list(parse_config(out, "sam2_mask_decoder").output[0].dims) == [4, 128, 128]
+    stamp = manifest.stat().st_mtime_ns
+    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512)
+    assert manifest.stat().st_mtime_ns == stamp
+
+    (out / "sam2_memory_encoder" / "1" / "model.onnx").unlink()  # an incomplete repository is rebuilt
+    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512)
+    assert (out / "sam2_memory_encoder" / "1" / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging dirs left
+
+
+@pytest.mark.parametrize("size", [100, 32, 0, 1024.0])
+def test_bad_sam2_image_size_is_refused_before_writing(tmp_path, size):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        build_cpu_repository(tmp_path / "repo", YOLO_ONNX, sam2_image_size=size)
+    assert not (tmp_path / "repo").exists()
 
 
 def test_missing_weights_raise_with_the_path(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -95,11 +96,11 @@ def test_missing_repository_is_a_clear_startup_error(tmp_path: Path) -> None:
     assert str(missing) in result.stderr and "build_engines.py --target cpu" in result.stderr
 
 
-def test_triton_startup_failure_reports_the_log(tmp_path: Path) -> None:
+def test_triton_startup_failure_reports_the_log(tmp_path: Path, cpu_repository: Path) -> None:
     broken = tmp_path / "repo"
-    (broken / "yolov8" / "1").mkdir(parents=True)
+    shutil.copytree(cpu_repository, broken)
     # No model.py: the python backend cannot start the model and Triton 2.51 never becomes ready.
-    (broken / "yolov8" / "config.pbtxt").write_text('name: "yolov8"\nbackend: "python"\n')
+    (broken / "yolov8" / "1" / "model.py").unlink()
     result = subprocess.run(
         [sys.executable, "-m", "server", "--model-repository", str(broken), "--listen", f"127.0.0.1:{free_port()}",
          "--metrics-listen", "", "--triton-work-dir", str(tmp_path / "work"), "--triton-grpc-port", str(free_port()),

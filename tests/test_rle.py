@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
+from clients.masks import decode_rle
+from framewise.v1 import common_pb2
 from server.vision import rle
 
 
@@ -19,7 +21,8 @@ def test_matches_pycocotools(seed: int) -> None:
         mask[height // 4 : height // 2 + 1, width // 3 : width // 3 * 2 + 1] = 1
     expected = coco_mask.encode(np.asfortranarray(mask))["counts"].decode()
     assert rle.encode(mask) == expected
-    np.testing.assert_array_equal(rle.decode(expected, height, width), mask.astype(bool))
+    decoded = decode_rle(common_pb2.RleMask(height=int(height), width=int(width), counts=expected))
+    np.testing.assert_array_equal(decoded, mask.astype(bool))
 
 
 @pytest.mark.parametrize("fill", [0, 1])

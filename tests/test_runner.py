@@ -43,7 +43,8 @@ async def test_shared_memory_matches_grpc_and_recovers(triton, assets: Path) -> 
             np.testing.assert_array_equal(result.value, by_grpc.value)
 
         # Triton forgets the region (as after a restart): the runner registers it again.
-        (_, pool), = shared._pools.values()
+        ((_, pool),) = shared._pools.values()
+        assert pool is not None
         await client.unregister_shared_memory(pool.region)
         again = await shared.run(spec, {"images": frame}, ["output0"], copy)
         assert again.shared_memory

@@ -16,8 +16,6 @@ from framewise.v1 import (
     info_service_pb2_grpc,
     jobs_service_pb2,
     jobs_service_pb2_grpc,
-    tracking_service_pb2,
-    tracking_service_pb2_grpc,
     vision_service_pb2,
     vision_service_pb2_grpc,
 )
@@ -43,8 +41,13 @@ def test_server_info_reports_models_and_triton(channel: grpc.Channel, triton) ->
     assert info.serving and info.server_version
     assert info.triton.url == triton.url and info.triton.ready and not info.triton.managed
     assert info.triton.server_version == "2.51.0"
-    (yolo,) = info.models
-    assert yolo.name == "yolov8" and yolo.ready and yolo.required and not yolo.stand_in
+    models = {m.name: m for m in info.models}
+    assert set(models) == {"yolov8", "sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention", "sam2_memory_encoder"}
+    assert all(m.ready and m.required for m in models.values())
+    # Real weights for YOLOv8; the SAM 2 parts are contract stand-ins and say so.
+    assert [name for name, m in models.items() if m.stand_in] == [n for n in models if n.startswith("sam2_")]
+    assert all("stand-in" in models[n].source for n in models if n.startswith("sam2_"))
+    yolo = models["yolov8"]
     assert yolo.backend == "python" and "sha256:" in yolo.source and yolo.max_batch_size == 8
     assert [(t.name, t.datatype, list(t.shape)) for t in yolo.inputs] == [("images", "UINT8", [-1, 640, 640, 3])]
     assert [(t.name, t.datatype, list(t.shape)) for t in yolo.outputs] == [("output0", "FP32", [-1, 84, 8400])]
@@ -59,10 +62,6 @@ def test_server_info_reports_models_and_triton(channel: grpc.Channel, triton) ->
             "BiRefNet",
         ),
         (
-            lambda ch: list(tracking_service_pb2_grpc.TrackingServiceStub(ch).Track(iter([tracking_service_pb2.TrackRequest()]), timeout=5)),
-            "Track",
-        ),
-        (
             lambda ch: jobs_service_pb2_grpc.JobServiceStub(ch).SegmentVideo(jobs_service_pb2.SegmentVideoRequest(), timeout=5),
             "SegmentVideo",
         ),
@@ -71,7 +70,7 @@ def test_server_info_reports_models_and_triton(channel: grpc.Channel, triton) ->
             "WatchOperation",
         ),
     ],
-    ids=["Segment", "RemoveBackground", "Track", "SegmentVideo", "WatchOperation"],
+    ids=["Segment", "RemoveBackground", "SegmentVideo", "WatchOperation"],
 )
 def test_later_parts_answer_unimplemented(channel: grpc.Channel, call, words: str) -> None:  # noqa: ANN001
     with pytest.raises(grpc.RpcError) as info:

@@ -1,7 +1,10 @@
 """Triton python-backend model: one ONNX file run by ONNX Runtime on CPU.
 
 Generic: the ONNX file, the thread count and the tensor names all come from the model's
-config.pbtxt (parameters ``onnx_file`` and ``intra_op_threads``; input and output lists).
+config.pbtxt (parameters ``onnx_file``, ``intra_op_threads`` and ``per_item_execution``; input
+and output lists). ``per_item_execution`` "true" (the default) runs a batched request one item
+at a time, "false" runs the whole batch in one ORT call. Models whose ``stand_in`` parameter is
+"true" say so loudly in the startup log.
 The CPU model repository builder (engines/cpu_repository.py) copies this file to
 ``<model>/<version>/model.py``.
 """
@@ -30,6 +33,8 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.model_name = config["name"]
         self.batched = int(config.get("max_batch_size", 0)) > 0
+        self.per_item = params.get("per_item_execution", "true").strip().lower() == "true"
+        stand_in = params.get("stand_in", "unknown").strip().lower()
         self.input_names = [i["name"] for i in config["input"]]
         self.outputs = [
             (o["name"], pb_utils.triton_string_to_numpy(o["data_type"])) for o in config["output"]
@@ -52,8 +57,14 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(
             f"{self.model_name} instance {args['model_instance_name']}: {onnx_path} on "
             f"onnxruntime {ort.__version__} CPU, intra_op_threads={threads}, "
-            f"stand_in={params.get('stand_in', 'unknown')}"
+            f"per_item_execution={self.per_item}, stand_in={stand_in}"
         )
+        if stand_in == "true":
+            log_warn = getattr(pb_utils.Logger, "log_warn", pb_utils.Logger.log_info)
+            log_warn(
+                f"{self.model_name} is a STAND-IN, not the real network: right tensor names, shapes "
+                f"and dtypes, no learned meaning (source: {params.get('source', 'not given')})"
+            )
 
     def execute(self, requests):
         responses = []
@@ -76,19 +87,20 @@ class TritonPythonModel:
             feeds[name] = tensor.as_numpy()
         output_names = [name for name, _ in self.outputs]
 
-        if not self.batched:
-            results = self.session.run(output_names, feeds)
-        else:
+        if self.batched:
             sizes = {a.shape[0] for a in feeds.values()}
             if len(sizes) != 1:
                 raise ValueError(f"inputs disagree on the batch size: {sorted(sizes)}")
             (batch,) = sizes
             if batch < 1:
                 raise ValueError("empty batch")
-            # One image at a time, on purpose: the int8 weights are dynamically quantised
-            # per tensor (DynamicQuantizeLinear picks the activation scale and zero point from
-            # the min/max of the whole tensor), so running several images as one batch would
-            # make each image's result depend on the other images in the batch.
+        if not self.batched or not self.per_item or batch == 1:
+            results = self.session.run(output_names, feeds)
+        else:
+            # per_item_execution (yolov8), one image at a time, on purpose: the int8 weights are
+            # dynamically quantised per tensor (DynamicQuantizeLinear picks the activation scale
+            # and zero point from the min/max of the whole tensor), so running several images as
+            # one batch would make each image's result depend on the other images in the batch.
             per_image = [
                 self.session.run(output_names, {n: a[i:i + 1] for n, a in feeds.items()})
                 for i in range(batch)

@@ -52,9 +52,15 @@ class OpenSession(_message.Message):
 
     RESUME_SESSION_ID_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
+    KEEP_ON_CLOSE_FIELD_NUMBER: _builtins.int
     resume_session_id: _builtins.str
     """Resume this session (its tracking state, objects and frame counter) instead of opening a
     new one. NOT_FOUND when it expired or never existed.
+    """
+    keep_on_close: _builtins.bool
+    """Keep the session (for idle_ttl) when this stream ends normally, so a later stream can
+    resume it. By default a normally closed stream releases its session at once; a stream that
+    breaks (error, cancel, disconnect, deadline) always leaves its session resumable.
     """
     @_builtins.property
     def options(self) -> Global___TrackerOptions:
@@ -65,10 +71,11 @@ class OpenSession(_message.Message):
         *,
         resume_session_id: _builtins.str = ...,
         options: Global___TrackerOptions | None = ...,
+        keep_on_close: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "resume_session_id", b"resume_session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_on_close", b"keep_on_close", "options", b"options", "resume_session_id", b"resume_session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -148,8 +155,9 @@ class TrackFrame(_message.Message):
     PROMPTS_FIELD_NUMBER: _builtins.int
     REMOVE_OBJECT_IDS_FIELD_NUMBER: _builtins.int
     frame_index: _builtins.int
-    """The frame's position in the video. Must increase by one per frame within a session;
-    unset (0 on every frame) lets the server number frames itself.
+    """The frame's position in the video. Must increase by one per frame within a session
+    (SessionOpened.next_frame_index says which comes next); 0 lets the server number frames
+    itself. An error ends the stream with its status; the session survives and can be resumed.
     """
     @_builtins.property
     def image(self) -> _common_pb2.Image: ...
@@ -284,7 +292,10 @@ class FrameResult(_message.Message):
     FRAME_INDEX_FIELD_NUMBER: _builtins.int
     OBJECTS_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    TRITON_BYTES_FIELD_NUMBER: _builtins.int
     frame_index: _builtins.int
+    triton_bytes: _builtins.int
+    """Bytes moved between the orchestrator and Triton for this frame (inputs + outputs)."""
     @_builtins.property
     def objects(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObjectResult]:
         """One entry per tracked object, in object id order."""
@@ -297,10 +308,11 @@ class FrameResult(_message.Message):
         frame_index: _builtins.int = ...,
         objects: _abc.Iterable[Global___ObjectResult] | None = ...,
         timings: _common_pb2.Timings | None = ...,
+        triton_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame_index", b"frame_index", "objects", b"objects", "timings", b"timings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frame_index", b"frame_index", "objects", b"objects", "timings", b"timings", "triton_bytes", b"triton_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -326,8 +338,8 @@ class ObjectResult(_message.Message):
     object_score: _builtins.float
     """The object-score logit itself."""
     kalman_selected: _builtins.bool
-    """True when the Kalman filter took part in choosing the candidate (stable phase), false in
-    warm-up or on a prompted frame.
+    """True when SAMURAI's motion score changed the choice: the Kalman filter is stable and the
+    chosen candidate is not the one with the highest predicted IoU.
     """
     candidate_index: _builtins.int
     """Which decoder candidate was chosen (0 single-mask, 1..3 multimask)."""

@@ -93,6 +93,11 @@ class MemoryBank:
         """Non-conditioning frames whose pointer is kept (at most max_obj_ptrs - 1)."""
         return list(self._ptrs)
 
+    def nbytes(self) -> int:
+        """Bytes held: prompt memories and pointers, recent memories, the pointer ring."""
+        cond = sum(m.nbytes + p.nbytes for m, p in self._cond.values())
+        return cond + sum(m.memory.nbytes for m in self._memories.values()) + sum(p.nbytes for p in self._ptrs.values())
+
     def is_usable(
         self, frame_idx: int, predicted_iou: float, object_score_logit: float, kf_score: float | None
     ) -> bool:

@@ -43,7 +43,8 @@ class InferenceRunner:
         self.client = client
         self.metrics = metrics
         self.shm_slots_per_model = shm_slots_per_model
-        self._pools: dict[str, tuple[ModelSpec, ShmSlotPool]] = {}
+        # Model -> (the spec the pool was made for, the pool; None when the model cannot use one).
+        self._pools: dict[str, tuple[ModelSpec, ShmSlotPool | None]] = {}
         self._lock = asyncio.Lock()
 
     async def run(
@@ -57,7 +58,7 @@ class InferenceRunner:
     ) -> RunResult[T]:
         """Infer, then call `consume(outputs)` in a worker thread while the outputs are valid."""
         pool = await self._pool(spec)
-        slot = pool.acquire() if pool is not None else None
+        slot = pool.acquire() if pool is not None and pool.fits(inputs) else None
         self.metrics.triton_transfers.labels(spec.name, "grpc" if slot is None else "shm").inc()
         if slot is None:
             started = time.perf_counter()
@@ -106,8 +107,11 @@ class InferenceRunner:
             current = self._pools.get(spec.name)
             if current is not None and current[0] is spec:
                 return current[1]
-            if current is not None:  # the model was reloaded: its tensors may have changed
+            if current is not None and current[1] is not None:  # reloaded: its tensors may have changed
                 await self._drop(current[1])
+            if not ShmSlotPool.supports(spec.inputs + spec.outputs):  # dynamic shapes: always gRPC
+                self._pools[spec.name] = (spec, None)
+                return None
             pool = ShmSlotPool(spec.name, spec.inputs, spec.outputs, self.shm_slots_per_model)
             try:
                 await self.client.register_shared_memory(pool)
@@ -138,5 +142,6 @@ class InferenceRunner:
 
     async def close(self) -> None:
         for _, pool in list(self._pools.values()):
-            await self._drop(pool)
+            if pool is not None:
+                await self._drop(pool)
         self._pools.clear()

@@ -82,6 +82,16 @@ class ShmSlotPool:
             )
         self._free = list(reversed(self._slots))
 
+    @staticmethod
+    def supports(tensors: tuple[TensorSpec, ...]) -> bool:
+        """Fixed shapes (apart from the batch dimension) and numeric types only."""
+        return all(t.datatype in _NUMPY and all(d >= 0 for d in t.shape[1:]) for t in tensors)
+
+    def fits(self, inputs: dict[str, np.ndarray]) -> bool:
+        """Whether these input arrays have exactly the slot's shapes (batch of one)."""
+        slot = self._slots[0] if self._slots else None
+        return slot is not None and all(name in slot.inputs and slot.inputs[name].shape == a.shape for name, a in inputs.items())
+
     @property
     def key(self) -> str:
         """The shm_open key Triton maps."""

@@ -1,5 +1,7 @@
 """Binary masks as COCO run-length encoding (the compressed string pycocotools reads).
 
+Clients decode with pycocotools or clients.masks.decode_rle.
+
 Runs are counted in column-major order, starting with background; the counts are written with
 pycocotools' 6-bit variable-length code (rleToString), each count after the second as the
 difference to the count two places back.
@@ -36,31 +38,3 @@ def _to_string(counts: list[int]) -> str:
                 c |= 0x20
             out.append(c + 48)
     return out.decode("ascii")
-
-
-def decode(counts: str, height: int, width: int) -> np.ndarray:
-    """COCO compressed RLE -> HxW bool mask (the inverse of `encode`)."""
-    runs: list[int] = []
-    data = counts.encode("ascii")
-    pos = 0
-    while pos < len(data):
-        x, shift, more = 0, 0, True
-        while more:
-            c = data[pos] - 48
-            x |= (c & 0x1F) << shift
-            more = bool(c & 0x20)
-            pos += 1
-            shift += 5
-            if not more and c & 0x10:
-                x |= -1 << shift
-        if len(runs) > 2:
-            x += runs[-2]
-        runs.append(x)
-    flat = np.zeros(height * width, dtype=bool)
-    position, value = 0, False
-    for run in runs:
-        if value:
-            flat[position : position + run] = True
-        position += run
-        value = not value
-    return flat.reshape((height, width), order="F")

@@ -1,0 +1,351 @@
+"""SAMURAI over the SAM 2 parts: the stateful driver that strings the model calls together.
+
+Per frame (like sam2_video_predictor, one frame at a time, several objects):
+  encode the frame once -> per object: memory attention (not on its prompt frame) -> one batched
+  mask-decoder call for all objects -> SAMURAI candidate selection (server.tracking) -> memory
+  encoder on the chosen mask -> memory bank update -> mask at the frame's resolution as COCO RLE.
+The tracking maths lives in server.tracking (pure numpy); this module only moves tensors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from framewise.v1 import common_pb2
+from server.errors import InvalidInput, ServiceError
+from server.health import TritonMonitor
+from server.pipelines import sam2_contract as sam2
+from server.pipelines.sam2_contract import Sam2Contract
+from server.triton.runner import InferenceRunner
+from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
+from server.vision import rle
+from server.vision.image_decode import DecodedImage, decode_image
+
+import grpc
+
+
+@dataclass(frozen=True)
+class ObjectPrompt:
+    """A prompt in original-frame pixels, validated."""
+
+    object_id: int
+    box: tuple[float, float, float, float] | None
+    points: tuple[tuple[float, float, int], ...]  # x, y, label (1 positive, 0 negative)
+
+    @property
+    def single_mask(self) -> bool:
+        # SAM 2 asks for one mask when the prompt has more than one point (a box counts as two).
+        return (2 if self.box else 0) + len(self.points) > 1
+
+
+@dataclass
+class TrackedObject:
+    object_id: int
+    selector: CandidateSelector
+    bank: MemoryBank
+
+
+@dataclass
+class TrackingSession:
+    """Everything one video's tracking needs between frames."""
+
+    config: SamuraiConfig
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    width: int = 0
+    height: int = 0
+    next_frame_index: int = 0
+    objects: dict[int, TrackedObject] = field(default_factory=dict)
+    last_active: float = field(default_factory=time.monotonic)
+    # One stream at a time drives a session.
+    attached: bool = False
+
+    def memory_bytes(self) -> int:
+        return sum(o.bank.nbytes() for o in self.objects.values())
+
+
+@dataclass(frozen=True)
+class ObjectOutcome:
+    object_id: int
+    mask: common_pb2.RleMask
+    box: tuple[float, float, float, float]
+    predicted_iou: float
+    present: bool
+    object_score: float
+    kalman_selected: bool
+    candidate_index: int
+
+
+@dataclass(frozen=True)
+class FrameOutcome:
+    frame_index: int
+    objects: list[ObjectOutcome]
+    timings_ms: dict[str, float]
+    triton_bytes: int
+
+
+class TrackingEngine:
+    def __init__(self, runner: InferenceRunner, monitor: TritonMonitor, *, max_pixels: int, max_objects: int = 16) -> None:
+        self.runner = runner
+        self.monitor = monitor
+        self.max_pixels = max_pixels
+        self.max_objects = max_objects
+
+    def contract(self) -> Sam2Contract:
+        return Sam2Contract.from_specs({name: self.monitor.require_ready(name) for name in sam2.MODELS})
+
+    async def step(
+        self,
+        session: TrackingSession,
+        frame_index: int | None,
+        image: common_pb2.Image,
+        prompts: list[ObjectPrompt],
+        removals: list[int],
+        *,
+        timeout_s: float | None = None,
+    ) -> FrameOutcome:
+        """Track one frame. Validates everything before touching the session, so a rejected
+        frame leaves the session as it was."""
+        started = time.perf_counter()
+        contract = self.contract()
+        decoded = await asyncio.to_thread(decode_image, image, max_pixels=self.max_pixels, field="frame.image")
+        index = self._validate(session, frame_index, decoded, prompts, removals)
+        decode_s = time.perf_counter() - started
+
+        for object_id in removals:
+            del session.objects[object_id]
+        prompted = {p.object_id: p for p in prompts}
+        for prompt in prompts:
+            if prompt.object_id not in session.objects:
+                session.objects[prompt.object_id] = TrackedObject(
+                    prompt.object_id,
+                    CandidateSelector(session.config, box_space=(contract.image_size, contract.image_size)),
+                    MemoryBank(session.config),
+                )
+        session.width, session.height = decoded.width, decoded.height
+
+        calls = _Calls(self.runner, contract, started, timeout_s)
+        outcome = await self._track(session, index, decoded, prompted, contract, calls)
+        session.next_frame_index = index + 1
+        session.last_active = time.monotonic()
+        timings = {"decode": decode_s * 1e3, "triton": calls.triton_s * 1e3, "total": (time.perf_counter() - started) * 1e3}
+        timings["postprocess"] = timings["total"] - timings["decode"] - timings["triton"]
+        return FrameOutcome(index, outcome, timings, calls.bytes_moved)
+
+    def _validate(
+        self,
+        session: TrackingSession,
+        frame_index: int | None,
+        decoded: DecodedImage,
+        prompts: list[ObjectPrompt],
+        removals: list[int],
+    ) -> int:
+        index = session.next_frame_index if not frame_index else frame_index
+        if index != session.next_frame_index:
+            raise InvalidInput(
+                f"frame_index {frame_index} is out of order: this session expects {session.next_frame_index} "
+                "(send frames in order, or leave frame_index 0 to let the server number them)",
+                "frame.frame_index",
+            )
+        if session.width and (decoded.width, decoded.height) != (session.width, session.height):
+            raise InvalidInput(
+                f"frame size changed from {session.width}x{session.height} to {decoded.width}x{decoded.height}; "
+                "a session tracks one video: open a new session for a different size",
+                "frame.image",
+            )
+        seen: set[int] = set()
+        for prompt in prompts:
+            if prompt.object_id in seen:
+                raise InvalidInput(f"object {prompt.object_id} is prompted twice in one frame", "frame.prompts")
+            seen.add(prompt.object_id)
+            _check_inside(prompt, decoded.width, decoded.height)
+        for object_id in removals:
+            if object_id not in session.objects:
+                known = ", ".join(map(str, sorted(session.objects))) or "none"
+                raise ServiceError(
+                    f"cannot remove object {object_id}: the session tracks {known}",
+                    code=grpc.StatusCode.NOT_FOUND,
+                )
+        remaining = (set(session.objects) - set(removals)) | seen
+        if not remaining:
+            raise ServiceError(
+                "nothing to track: give a box or points for at least one object on this frame",
+                code=grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        if len(remaining) > self.max_objects:
+            raise InvalidInput(f"at most {self.max_objects} objects per session, this frame would have {len(remaining)}", "frame.prompts")
+        return index
+
+    async def _track(
+        self,
+        session: TrackingSession,
+        index: int,
+        decoded: DecodedImage,
+        prompted: dict[int, ObjectPrompt],
+        contract: Sam2Contract,
+        calls: _Calls,
+    ) -> list[ObjectOutcome]:
+        size = contract.image_size
+        frame = await asyncio.to_thread(cv2.resize, decoded.rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+        vision_feat, high_res0, high_res1 = await calls.run(
+            sam2.IMAGE_ENCODER, {"image": frame[None]}, ["vision_feat", "high_res_feat0", "high_res_feat1"]
+        )
+
+        ids = sorted(session.objects)
+        embeds = []
+        for object_id in ids:
+            if object_id in prompted:
+                embeds.append(vision_feat)  # a prompt frame is decoded without memory
+            else:
+                embeds.append(await self._attend(session.objects[object_id], index, vision_feat, calls))
+        coords, labels = _prompt_tensors([prompted.get(i) for i in ids], decoded, size)
+        masks, ious, ptrs, scores = await calls.run(
+            sam2.MASK_DECODER,
+            {
+                "image_embed": np.concatenate(embeds),
+                "high_res_feat0": np.repeat(high_res0, len(ids), axis=0),
+                "high_res_feat1": np.repeat(high_res1, len(ids), axis=0),
+                "point_coords": coords,
+                "point_labels": labels,
+            },
+            ["masks", "iou_scores", "obj_ptrs", "object_score_logits"],
+        )
+
+        outcomes = []
+        for b, object_id in enumerate(ids):
+            obj = session.objects[object_id]
+            prompt = prompted.get(object_id)
+            # Box prompts (and several points) use the single-mask output; everything else the
+            # three multimask candidates, among which SAMURAI chooses.
+            first = 0 if prompt is not None and prompt.single_mask else 1
+            last = 1 if first == 0 else 4
+            score = float(scores[b, 0])
+            selection = obj.selector.select(masks[b, first:last], ious[b, first:last], score)
+            chosen = first + selection.index
+            mask_logits = masks[b, chosen]
+            if not selection.present:
+                mask_logits = np.full_like(mask_logits, -1024.0)  # SAM 2's NO_OBJ_SCORE
+            memory = await self._encode_memory(vision_feat, mask_logits, score, calls)
+            pointer = np.array(ptrs[b, chosen])
+            if prompt is not None:
+                obj.bank.add_conditioning(index, memory, pointer)
+            else:
+                obj.bank.add_frame(index, memory, pointer, float(ious[b, chosen]), score, selection.kf_score)
+            outcomes.append(
+                await asyncio.to_thread(
+                    _outcome, object_id, mask_logits, decoded, float(ious[b, chosen]), selection.present, score,
+                    selection.kalman_selected, chosen,
+                )  # fmt: skip
+            )
+        return outcomes
+
+    async def _attend(self, obj: TrackedObject, index: int, vision_feat: np.ndarray, calls: _Calls) -> np.ndarray:
+        selection = obj.bank.select_for(index)
+        attention = calls.contract.specs[sam2.MEMORY_ATTENTION]
+        memory_dtype = _numpy_dtype(attention.input("memory_feats").datatype)
+        (conditioned,) = await calls.run(
+            sam2.MEMORY_ATTENTION,
+            {
+                "vision_feat": vision_feat,
+                "memory_feats": np.concatenate(selection.memories).astype(memory_dtype, copy=False),
+                # Row of the temporal encoding: 0 for the most recent memory (the reference's
+                # num_maskmem - 1 - t_pos); prompt memories get num_maskmem - 1.
+                "memory_tpos": np.asarray(selection.tpos_enc_index, dtype=np.int32),
+                "obj_ptrs": np.stack(selection.obj_ptrs).astype(np.float32, copy=False),
+                "obj_ptr_tdiff": np.asarray(selection.obj_ptr_tdiff, dtype=np.int32),
+            },
+            ["conditioned_feat"],
+        )
+        return conditioned
+
+    async def _encode_memory(self, vision_feat: np.ndarray, mask_logits: np.ndarray, score: float, calls: _Calls) -> np.ndarray:
+        (memory,) = await calls.run(
+            sam2.MEMORY_ENCODER,
+            {
+                "vision_feat": vision_feat,
+                "mask_logits": mask_logits[None, None].astype(np.float32, copy=False),
+                "object_score_logits": np.array([[score]], dtype=np.float32),
+            },
+            ["maskmem_feat"],
+        )
+        return memory
+
+
+class _Calls:
+    """Model calls of one frame: the deadline they share, their time and the bytes they move."""
+
+    def __init__(self, runner: InferenceRunner, contract: Sam2Contract, started: float, timeout_s: float | None) -> None:
+        self.runner = runner
+        self.contract = contract
+        self.deadline = None if timeout_s is None else started + timeout_s
+        self.triton_s = 0.0
+        self.bytes_moved = 0
+
+    async def run(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        remaining = None if self.deadline is None else self.deadline - time.perf_counter()
+        result = await self.runner.run(
+            self.contract.specs[model], inputs, outputs, lambda out: [np.array(out[name]) for name in outputs], timeout_s=remaining
+        )
+        self.triton_s += result.triton_s
+        self.bytes_moved += sum(a.nbytes for a in inputs.values()) + sum(a.nbytes for a in result.value)
+        return result.value
+
+
+def _numpy_dtype(datatype: str) -> type:
+    return {"FP16": np.float16, "FP32": np.float32}[datatype]
+
+
+def _check_inside(prompt: ObjectPrompt, width: int, height: int) -> None:
+    field = f"frame.prompts[object_id={prompt.object_id}]"
+    if prompt.object_id <= 0:
+        raise InvalidInput(f"object_id must be > 0, got {prompt.object_id}", f"{field}.object_id")
+    if prompt.box is None and not prompt.points:
+        raise InvalidInput("a prompt needs a box or at least one point", field)
+    if prompt.box is not None:
+        x1, y1, x2, y2 = prompt.box
+        if not (x2 > x1 and y2 > y1):
+            raise InvalidInput(f"box ({x1}, {y1}, {x2}, {y2}) has zero or negative area: x2 > x1 and y2 > y1 are required", f"{field}.box")
+        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
+            raise InvalidInput(f"box ({x1}, {y1}, {x2}, {y2}) is not inside the {width}x{height} frame", f"{field}.box")
+    for x, y, _ in prompt.points:
+        if not (0 <= x <= width and 0 <= y <= height):
+            raise InvalidInput(f"point ({x}, {y}) is outside the {width}x{height} frame", f"{field}.points")
+
+
+def _prompt_tensors(prompts: list[ObjectPrompt | None], decoded: DecodedImage, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """point_coords [B,P,2] in model pixels and point_labels [B,P], padded with label -1."""
+    sx, sy = size / decoded.width, size / decoded.height
+    rows = []
+    for prompt in prompts:
+        points: list[tuple[float, float, int]] = []
+        if prompt is not None:
+            points += [(x * sx, y * sy, sam2.POSITIVE if label == 1 else sam2.NEGATIVE) for x, y, label in prompt.points]
+            if prompt.box is not None:
+                x1, y1, x2, y2 = prompt.box
+                points += [(x1 * sx, y1 * sy, sam2.BOX_TOP_LEFT), (x2 * sx, y2 * sy, sam2.BOX_BOTTOM_RIGHT)]
+        rows.append(points or [(0.0, 0.0, sam2.PADDING)])
+    width = max(len(r) for r in rows)
+    coords = np.zeros((len(rows), width, 2), np.float32)
+    labels = np.full((len(rows), width), sam2.PADDING, np.int32)
+    for b, row in enumerate(rows):
+        for p, (x, y, label) in enumerate(row):
+            coords[b, p] = (x, y)
+            labels[b, p] = label
+    return coords, labels
+
+
+def _outcome(
+    object_id: int, mask_logits: np.ndarray, decoded: DecodedImage, predicted_iou: float, present: bool, score: float,
+    kalman_selected: bool, candidate: int,
+) -> ObjectOutcome:  # fmt: skip
+    # Low-res logits -> the frame's resolution (bilinear, as SAM 2 does), then threshold at 0.
+    full = cv2.resize(mask_logits.astype(np.float32), (decoded.width, decoded.height), interpolation=cv2.INTER_LINEAR) > 0
+    rows, cols = np.flatnonzero(full.any(axis=1)), np.flatnonzero(full.any(axis=0))
+    box = (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)) if rows.size else (0.0, 0.0, 0.0, 0.0)
+    mask = common_pb2.RleMask(height=decoded.height, width=decoded.width, counts=rle.encode(full))
+    return ObjectOutcome(object_id, mask, box, predicted_iou, present, score, kalman_selected, candidate)
