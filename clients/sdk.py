@@ -10,8 +10,10 @@ The raw stubs stay available (client.vision, client.info, ...) for anything not 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from types import TracebackType
+from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,11 +23,13 @@ from framewise.v1 import (
     info_service_pb2,
     info_service_pb2_grpc,
     jobs_service_pb2_grpc,
+    tracking_service_pb2,
     tracking_service_pb2_grpc,
     vision_service_pb2,
     vision_service_pb2_grpc,
 )
 
+T = TypeVar("T")
 DEFAULT_ADDRESS = "localhost:50051"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -91,6 +95,44 @@ class FramewiseClient:
             request.iou_threshold = iou
         return await self.vision.Detect(request, timeout=timeout_s or self.timeout_s)
 
+    async def track(
+        self,
+        frames: AsyncIterable[tracking_service_pb2.TrackFrame] | Iterable[tracking_service_pb2.TrackFrame],
+        *,
+        open_session: tracking_service_pb2.OpenSession | None = None,
+        frames_in_flight: int = 1,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[tracking_service_pb2.TrackResponse]:
+        """Run a Track stream: yields SessionOpened first, then one FrameResult per frame.
+
+        Frames are written explicitly, at most `frames_in_flight` ahead of the answers. The server
+        reads one frame at a time anyway; with the default of 1 no write is ever in progress when
+        the server rejects a frame, so its error arrives with its own status. (With a write of a
+        large frame still in progress, grpc.aio reports "Internal error from Core" instead, as it
+        does for request iterators; the cost of lockstep is one loopback round trip per frame.)
+        """
+        call = self.tracking.Track(timeout=timeout_s)
+        await call.write(tracking_service_pb2.TrackRequest(open=open_session or tracking_service_pb2.OpenSession()))
+        yield await _read(call)
+        in_flight = 0
+        try:
+            async for frame in _aiter(frames):
+                while in_flight >= frames_in_flight:
+                    yield await _read(call)
+                    in_flight -= 1
+                try:
+                    await call.write(tracking_service_pb2.TrackRequest(frame=frame))
+                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                    break  # the server ended the stream: its status comes with the next read
+                in_flight += 1
+            else:
+                await call.done_writing()
+            while in_flight > 0:
+                yield await _read(call)
+                in_flight -= 1
+        finally:
+            call.cancel()
+
     async def server_info(self, *, timeout_s: float | None = None) -> info_service_pb2.GetServerInfoResponse:
         return await self.info.GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=timeout_s or self.timeout_s)
 
@@ -98,6 +140,23 @@ class FramewiseClient:
         """"SERVING", "NOT_SERVING", ...; raises grpc.aio.AioRpcError when unreachable."""
         response = await self.health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+async def _read(call: grpc.aio.StreamStreamCall) -> tracking_service_pb2.TrackResponse:
+    response = await call.read()
+    if response is grpc.aio.EOF:
+        code, details = await call.code(), await call.details()
+        raise grpc.aio.AioRpcError(code, await call.initial_metadata(), await call.trailing_metadata(), details)
+    return response
+
+
+async def _aiter(items: AsyncIterable[T] | Iterable[T]) -> AsyncIterator[T]:
+    if isinstance(items, AsyncIterable):
+        async for item in items:
+            yield item
+    else:
+        for item in items:
+            yield item
 
 
 def _image(image: bytes | common_pb2.RawFrame) -> common_pb2.Image:

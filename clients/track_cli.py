@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -74,8 +74,7 @@ async def run(args: argparse.Namespace) -> int:
     # reads ahead by at most a frame or two, so this stays small).
     pending: dict[int, np.ndarray | None] = {}
 
-    async def requests() -> AsyncIterator[pb.TrackRequest]:
-        yield pb.TrackRequest(open=pb.OpenSession())
+    def requests() -> Iterator[pb.TrackFrame]:
         for index, (image, bgr) in enumerate(frames):
             if args.max_frames and index >= args.max_frames:
                 return
@@ -84,12 +83,12 @@ async def run(args: argparse.Namespace) -> int:
             frame = pb.TrackFrame(image=image)
             if index == 0:
                 frame.prompts.add(object_id=1, box=common_pb2.BoundingBox(x1=x1, y1=y1, x2=x2, y2=y2))
-            yield pb.TrackRequest(frame=frame)
+            yield frame
 
     writer: _Overlay | None = _Overlay(args.overlay) if args.overlay else None
     started, count, present, stand_in = time.monotonic(), 0, 0, False
     async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
-        async for response in client.tracking.Track(requests()):
+        async for response in client.track(requests()):
             if response.WhichOneof("message") == "session":
                 stand_in = any(m.stand_in for m in response.session.models)
                 if stand_in and not args.json:

@@ -29,6 +29,7 @@ from server.interceptors import ObservabilityInterceptor
 from server.metrics import Metrics
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.detection import DetectionPipeline
+from server.pipelines.segmentation import SegmentationPipeline
 from server.pipelines.sessions import SessionRegistry
 from server.pipelines.tracking import TrackingEngine
 from server.reflection import enable_reflection
@@ -51,7 +52,7 @@ SERVICES = {
 # Models each service's implemented RPCs need: a service is SERVING only while its models are
 # ready, the server as a whole ("") only while all of them are.
 SERVICE_MODELS = {
-    SERVICES["vision"].full_name: ("yolov8",),
+    SERVICES["vision"].full_name: ("yolov8", sam2.IMAGE_ENCODER, sam2.MASK_DECODER),
     SERVICES["tracking"].full_name: sam2.MODELS,
     SERVICES["jobs"].full_name: (),
     SERVICES["info"].full_name: (),
@@ -121,7 +122,8 @@ async def start(config: ServerConfig) -> RunningServer:
     use_shm = config.triton_shm == "on" or (config.triton_shm == "auto" and managed is not None)
     runner = InferenceRunner(client, metrics, shm_slots_per_model=config.triton_shm_slots if use_shm else 0)
     detection = DetectionPipeline(runner, monitor, metrics, max_pixels=config.max_image_pixels)
-    vision_service_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(detection), server)
+    segmentation = SegmentationPipeline(runner, monitor, max_pixels=config.max_image_pixels)
+    vision_service_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(detection, segmentation), server)
     info_service_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(monitor, managed=managed is not None), server)
     sessions = SessionRegistry(metrics, max_sessions=config.max_tracking_sessions, idle_ttl_s=config.session_idle_ttl_s)
     tracking = TrackingEngine(runner, monitor, max_pixels=config.max_image_pixels, max_objects=config.max_objects_per_session)

@@ -38,6 +38,7 @@ SHARED_MEMORY_ARGS = ["--triton-shm", "on", "--triton-shm-slots", "4"]
 # SAM 2 stand-ins at a small model size keep the tracking tests fast; the benchmark uses 1024.
 SAM2_TEST_IMAGE_SIZE = 256
 SESSION_IDLE_TTL_S = 3.0
+MAX_TRACKING_SESSIONS = 16
 
 
 def free_port() -> int:
@@ -172,7 +173,8 @@ def triton(tmp_path_factory: pytest.TempPathFactory, cpu_repository: Path) -> It
 def orchestrator(tmp_path_factory: pytest.TempPathFactory, triton: TritonProcess) -> Iterator[Orchestrator]:
     orch = start_orchestrator(
         tmp_path_factory.mktemp("orchestrator"),
-        ["--triton-url", triton.url, *SHARED_MEMORY_ARGS, "--session-idle-ttl", str(SESSION_IDLE_TTL_S)],
+        ["--triton-url", triton.url, *SHARED_MEMORY_ARGS, "--session-idle-ttl", str(SESSION_IDLE_TTL_S),
+         "--max-tracking-sessions", str(MAX_TRACKING_SESSIONS)],
     )
     channel = grpc.insecure_channel(orch.address)
     try:

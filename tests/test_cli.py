@@ -57,3 +57,41 @@ def test_bad_input_exit_code(orchestrator: Orchestrator, tmp_path: Path) -> None
     assert "INVALID_ARGUMENT" in result.stderr and "not a supported image" in result.stderr
     missing = run("detect", str(tmp_path / "missing.jpg"), server=orchestrator.address)
     assert missing.returncode == 2 and "missing.jpg" in missing.stderr
+
+
+def test_track_folder_json_and_overlay(orchestrator: Orchestrator, assets: Path, tmp_path: Path) -> None:
+    import cv2
+
+    folder = assets / "sequences" / "Crossing" / "img"
+    x, y, w, h = (assets / "sequences" / "Crossing" / "groundtruth_rect.txt").read_text().split("\n")[0].split("\t")
+    overlay = tmp_path / "overlay.mp4"
+    result = run(
+        "track", str(folder), "--box", f"{x},{y},{w},{h}", "--json", "--max-frames", "12", "--overlay", str(overlay),
+        server=orchestrator.address,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [line["frame"] for line in lines] == list(range(12))
+    for line in lines:
+        (obj,) = line["objects"]
+        assert set(obj) == {"id", "box", "score", "present"} and obj["id"] == 1 and len(obj["box"]) == 4
+    capture = cv2.VideoCapture(str(overlay))
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 12
+    ok, frame = capture.read()
+    assert ok and frame.shape == (240, 360, 3)
+
+
+def test_track_video_file(orchestrator: Orchestrator, assets: Path) -> None:
+    result = run(
+        "track", str(assets / "videos" / "bedroom.mp4"), "--box", "300,100,200,300", "--max-frames", "4",
+        server=orchestrator.address,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "4 frames in" in result.stdout and "stand-in" in result.stdout
+    assert "STAND-INS" in result.stderr
+
+
+def test_track_bad_box(orchestrator: Orchestrator, assets: Path) -> None:
+    result = run("track", str(assets / "videos" / "bedroom.mp4"), "--box", "5000,10,20,20", server=orchestrator.address)
+    assert result.returncode == 2
+    assert "not inside the 960x540 frame" in result.stderr

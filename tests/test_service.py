@@ -56,7 +56,6 @@ def test_server_info_reports_models_and_triton(channel: grpc.Channel, triton) ->
 @pytest.mark.parametrize(
     ("call", "words"),
     [
-        (lambda ch: vision_service_pb2_grpc.VisionServiceStub(ch).Segment(vision_service_pb2.SegmentRequest(), timeout=5), "SAM 2"),
         (
             lambda ch: vision_service_pb2_grpc.VisionServiceStub(ch).RemoveBackground(vision_service_pb2.RemoveBackgroundRequest(), timeout=5),
             "BiRefNet",
@@ -70,7 +69,7 @@ def test_server_info_reports_models_and_triton(channel: grpc.Channel, triton) ->
             "WatchOperation",
         ),
     ],
-    ids=["Segment", "RemoveBackground", "SegmentVideo", "WatchOperation"],
+    ids=["RemoveBackground", "SegmentVideo", "WatchOperation"],
 )
 def test_later_parts_answer_unimplemented(channel: grpc.Channel, call, words: str) -> None:  # noqa: ANN001
     with pytest.raises(grpc.RpcError) as info:

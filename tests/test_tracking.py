@@ -220,3 +220,48 @@ def test_released_session_cannot_be_resumed(stub, sequence) -> None:  # noqa: AN
     opened, _ = track(stub, [open_request(), frame_request(frames[0], box=boxes[0])])  # no keep_on_close
     error = _error(stub, [open_request(resume=opened.session_id)])
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _sessions_held(orchestrator: Orchestrator) -> float:
+    match = re.search(r"^framewise_tracking_sessions (\S+)", httpx.get(orchestrator.metrics_url, timeout=5).text, re.M)
+    return float(match.group(1)) if match else -1
+
+
+def test_session_limit_answers_resource_exhausted(stub, sequence, orchestrator: Orchestrator) -> None:  # noqa: ANN001
+    import threading
+
+    from tests.conftest import MAX_TRACKING_SESSIONS, wait_until
+
+    wait_until(lambda: _sessions_held(orchestrator) == 0, SESSION_IDLE_TTL_S + 10, "earlier sessions to expire")
+    release = threading.Event()
+
+    def held_open():  # noqa: ANN202 - a request stream that stays open until released
+        yield open_request()
+        release.wait(60)
+
+    streams = [stub.Track(held_open(), timeout=120) for _ in range(MAX_TRACKING_SESSIONS)]
+    try:
+        opened = [next(s).session.session_id for s in streams]
+        assert len(set(opened)) == MAX_TRACKING_SESSIONS
+        error = _error(stub, [open_request()])
+        assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert f"all {MAX_TRACKING_SESSIONS} tracking sessions are in use" in error.details()
+    finally:
+        release.set()
+        for s in streams:
+            list(s)
+    # Streams that ended normally released their sessions: there is room again.
+    wait_until(lambda: _sessions_held(orchestrator) == 0, 10, "sessions to be released")
+    _, results = track(stub, [open_request(), frame_request(sequence[0][0], box=sequence[1][0])])
+    assert len(results) == 1
+
+
+def test_correction_prompt_makes_a_conditioning_frame(stub, sequence) -> None:  # noqa: ANN001
+    frames, boxes = sequence
+    requests = [open_request()] + [frame_request(f, box=boxes[0] if i == 0 else None) for i, f in enumerate(frames[:8])]
+    requests[6] = frame_request(frames[5], box=boxes[5])  # frame 5: a corrected box for object 1
+    _, results = track(stub, requests)
+    assert [r.objects[0].candidate_index == 0 for r in results] == [True, False, False, False, False, True, False, False]
+    corrected = results[5].objects[0].box
+    gx1, gy1, gx2, gy2 = boxes[5]
+    assert gx1 - 4 <= corrected.x1 and corrected.x2 <= gx2 + 4 and gy1 - 4 <= corrected.y1 and corrected.y2 <= gy2 + 4

@@ -60,7 +60,8 @@ class OpenSession(_message.Message):
     keep_on_close: _builtins.bool
     """Keep the session (for idle_ttl) when this stream ends normally, so a later stream can
     resume it. By default a normally closed stream releases its session at once; a stream that
-    breaks (error, cancel, disconnect, deadline) always leaves its session resumable.
+    breaks (error, cancel, disconnect, deadline) after at least one tracked frame leaves its
+    session resumable.
     """
     @_builtins.property
     def options(self) -> Global___TrackerOptions:

@@ -15,33 +15,20 @@ import uuid
 from dataclasses import dataclass, field
 
 import cv2
+import grpc
 import numpy as np
 
 from framewise.v1 import common_pb2
 from server.errors import InvalidInput, ServiceError
 from server.health import TritonMonitor
 from server.pipelines import sam2_contract as sam2
+from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_tensors
 from server.pipelines.sam2_contract import Sam2Contract
 from server.triton.runner import InferenceRunner
 from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
-from server.vision import rle
+from server.vision.masks import mask_at_resolution
 from server.vision.image_decode import DecodedImage, decode_image
 
-import grpc
-
-
-@dataclass(frozen=True)
-class ObjectPrompt:
-    """A prompt in original-frame pixels, validated."""
-
-    object_id: int
-    box: tuple[float, float, float, float] | None
-    points: tuple[tuple[float, float, int], ...]  # x, y, label (1 positive, 0 negative)
-
-    @property
-    def single_mask(self) -> bool:
-        # SAM 2 asks for one mask when the prompt has more than one point (a box counts as two).
-        return (2 if self.box else 0) + len(self.points) > 1
 
 
 @dataclass
@@ -163,7 +150,7 @@ class TrackingEngine:
             if prompt.object_id in seen:
                 raise InvalidInput(f"object {prompt.object_id} is prompted twice in one frame", "frame.prompts")
             seen.add(prompt.object_id)
-            _check_inside(prompt, decoded.width, decoded.height)
+            check_inside(prompt, decoded.width, decoded.height, f"frame.prompts[object_id={prompt.object_id}]")
         for object_id in removals:
             if object_id not in session.objects:
                 known = ", ".join(map(str, sorted(session.objects))) or "none"
@@ -203,7 +190,7 @@ class TrackingEngine:
                 embeds.append(vision_feat)  # a prompt frame is decoded without memory
             else:
                 embeds.append(await self._attend(session.objects[object_id], index, vision_feat, calls))
-        coords, labels = _prompt_tensors([prompted.get(i) for i in ids], decoded, size)
+        coords, labels = prompt_tensors([prompted.get(i) for i in ids], decoded.width, decoded.height, size)
         masks, ious, ptrs, scores = await calls.run(
             sam2.MASK_DECODER,
             {
@@ -236,11 +223,11 @@ class TrackingEngine:
                 obj.bank.add_conditioning(index, memory, pointer)
             else:
                 obj.bank.add_frame(index, memory, pointer, float(ious[b, chosen]), score, selection.kf_score)
+            mask, box = await asyncio.to_thread(mask_at_resolution, mask_logits, decoded.width, decoded.height)
             outcomes.append(
-                await asyncio.to_thread(
-                    _outcome, object_id, mask_logits, decoded, float(ious[b, chosen]), selection.present, score,
-                    selection.kalman_selected, chosen,
-                )  # fmt: skip
+                ObjectOutcome(
+                    object_id, mask, box, float(ious[b, chosen]), selection.present, score, selection.kalman_selected, chosen
+                )
             )
         return outcomes
 
@@ -300,52 +287,3 @@ def _numpy_dtype(datatype: str) -> type:
     return {"FP16": np.float16, "FP32": np.float32}[datatype]
 
 
-def _check_inside(prompt: ObjectPrompt, width: int, height: int) -> None:
-    field = f"frame.prompts[object_id={prompt.object_id}]"
-    if prompt.object_id <= 0:
-        raise InvalidInput(f"object_id must be > 0, got {prompt.object_id}", f"{field}.object_id")
-    if prompt.box is None and not prompt.points:
-        raise InvalidInput("a prompt needs a box or at least one point", field)
-    if prompt.box is not None:
-        x1, y1, x2, y2 = prompt.box
-        if not (x2 > x1 and y2 > y1):
-            raise InvalidInput(f"box ({x1}, {y1}, {x2}, {y2}) has zero or negative area: x2 > x1 and y2 > y1 are required", f"{field}.box")
-        if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
-            raise InvalidInput(f"box ({x1}, {y1}, {x2}, {y2}) is not inside the {width}x{height} frame", f"{field}.box")
-    for x, y, _ in prompt.points:
-        if not (0 <= x <= width and 0 <= y <= height):
-            raise InvalidInput(f"point ({x}, {y}) is outside the {width}x{height} frame", f"{field}.points")
-
-
-def _prompt_tensors(prompts: list[ObjectPrompt | None], decoded: DecodedImage, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """point_coords [B,P,2] in model pixels and point_labels [B,P], padded with label -1."""
-    sx, sy = size / decoded.width, size / decoded.height
-    rows = []
-    for prompt in prompts:
-        points: list[tuple[float, float, int]] = []
-        if prompt is not None:
-            points += [(x * sx, y * sy, sam2.POSITIVE if label == 1 else sam2.NEGATIVE) for x, y, label in prompt.points]
-            if prompt.box is not None:
-                x1, y1, x2, y2 = prompt.box
-                points += [(x1 * sx, y1 * sy, sam2.BOX_TOP_LEFT), (x2 * sx, y2 * sy, sam2.BOX_BOTTOM_RIGHT)]
-        rows.append(points or [(0.0, 0.0, sam2.PADDING)])
-    width = max(len(r) for r in rows)
-    coords = np.zeros((len(rows), width, 2), np.float32)
-    labels = np.full((len(rows), width), sam2.PADDING, np.int32)
-    for b, row in enumerate(rows):
-        for p, (x, y, label) in enumerate(row):
-            coords[b, p] = (x, y)
-            labels[b, p] = label
-    return coords, labels
-
-
-def _outcome(
-    object_id: int, mask_logits: np.ndarray, decoded: DecodedImage, predicted_iou: float, present: bool, score: float,
-    kalman_selected: bool, candidate: int,
-) -> ObjectOutcome:  # fmt: skip
-    # Low-res logits -> the frame's resolution (bilinear, as SAM 2 does), then threshold at 0.
-    full = cv2.resize(mask_logits.astype(np.float32), (decoded.width, decoded.height), interpolation=cv2.INTER_LINEAR) > 0
-    rows, cols = np.flatnonzero(full.any(axis=1)), np.flatnonzero(full.any(axis=0))
-    box = (float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)) if rows.size else (0.0, 0.0, 0.0, 0.0)
-    mask = common_pb2.RleMask(height=decoded.height, width=decoded.width, counts=rle.encode(full))
-    return ObjectOutcome(object_id, mask, box, predicted_iou, present, score, kalman_selected, candidate)

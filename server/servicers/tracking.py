@@ -17,7 +17,8 @@ from framewise.v1 import common_pb2, tracking_service_pb2, tracking_service_pb2_
 from server.errors import InvalidInput
 from server.metrics import Metrics
 from server.pipelines.sessions import SessionRegistry
-from server.pipelines.tracking import FrameOutcome, ObjectPrompt, TrackingEngine, TrackingSession
+from server.pipelines.prompts import ObjectPrompt, prompt_from_proto
+from server.pipelines.tracking import FrameOutcome, TrackingEngine, TrackingSession
 from server.tracking import SamuraiConfig
 
 _OPTION_FIELDS = (
@@ -31,7 +32,9 @@ _OPTION_FIELDS = (
 
 
 class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
-    def __init__(self, engine: TrackingEngine, sessions: SessionRegistry, metrics: Metrics, *, frame_timeout_s: float) -> None:
+    def __init__(
+        self, engine: TrackingEngine, sessions: SessionRegistry, metrics: Metrics, *, frame_timeout_s: float
+    ) -> None:
         self.engine = engine
         self.sessions = sessions
         self.metrics = metrics
@@ -42,12 +45,16 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
     ) -> AsyncIterator[tracking_service_pb2.TrackResponse]:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("message") != "open":
-            raise InvalidInput("the first message of a Track stream must be `open` (a new session or resume_session_id)", "open")
+            raise InvalidInput(
+                "the first message of a Track stream must be `open` (a new session or resume_session_id)", "open"
+            )
         self.engine.contract()  # UNAVAILABLE before anything is allocated when the models are not ready
         session = self._open(first.open)
         ended_cleanly = False
         try:
-            yield tracking_service_pb2.TrackResponse(session=self._opened(session, resumed=bool(first.open.resume_session_id)))
+            yield tracking_service_pb2.TrackResponse(
+                session=self._opened(session, resumed=bool(first.open.resume_session_id))
+            )
             async for request in request_iterator:
                 if request.WhichOneof("message") != "frame":
                     raise InvalidInput("after `open`, every message must be a `frame`", "frame")
@@ -55,7 +62,12 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                 remaining = context.time_remaining()
                 timeout = self.frame_timeout_s if remaining is None else min(self.frame_timeout_s, remaining)
                 outcome = await self.engine.step(
-                    session, frame.frame_index, frame.image, _prompts(frame), list(frame.remove_object_ids), timeout_s=timeout
+                    session,
+                    frame.frame_index,
+                    frame.image,
+                    _prompts(frame),
+                    list(frame.remove_object_ids),
+                    timeout_s=timeout,
                 )
                 self.metrics.tracking_frame_bytes.observe(outcome.triton_bytes)
                 self.sessions.report(session)
@@ -63,8 +75,10 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             ended_cleanly = True
         finally:
             # A stream that ends normally releases its session unless asked to keep it; a broken
-            # one (error, cancel, disconnect) leaves it resumable for the idle TTL.
-            self.sessions.detach(session, keep=not ended_cleanly or first.open.keep_on_close)
+            # one (error, cancel, disconnect) leaves it resumable for the idle TTL, as long as it
+            # has tracked something worth resuming.
+            broken_with_state = not ended_cleanly and session.next_frame_index > 0
+            self.sessions.detach(session, keep=broken_with_state or first.open.keep_on_close)
 
     def _open(self, request: tracking_service_pb2.OpenSession) -> TrackingSession:
         if request.resume_session_id:
@@ -92,18 +106,10 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
 
 
 def _prompts(frame: tracking_service_pb2.TrackFrame) -> list[ObjectPrompt]:
-    prompts = []
-    for prompt in frame.prompts:
-        box = None
-        if prompt.HasField("box"):
-            box = (prompt.box.x1, prompt.box.y1, prompt.box.x2, prompt.box.y2)
-        points = []
-        for point in prompt.points:
-            if point.label not in (common_pb2.POINT_LABEL_POSITIVE, common_pb2.POINT_LABEL_NEGATIVE):
-                raise InvalidInput("every point needs a label: POINT_LABEL_POSITIVE or POINT_LABEL_NEGATIVE", "frame.prompts.points.label")
-            points.append((point.point.x, point.point.y, 1 if point.label == common_pb2.POINT_LABEL_POSITIVE else 0))
-        prompts.append(ObjectPrompt(prompt.object_id, box, tuple(points)))
-    return prompts
+    return [
+        prompt_from_proto(p.object_id, p.box if p.HasField("box") else None, list(p.points), "frame.prompts.")
+        for p in frame.prompts
+    ]
 
 
 def _frame_result(outcome: FrameOutcome) -> tracking_service_pb2.FrameResult:

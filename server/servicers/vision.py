@@ -1,4 +1,4 @@
-"""VisionService: Detect (YOLOv8). RemoveBackground and Segment arrive with their models."""
+"""VisionService: Detect (YOLOv8), Segment (SAM 2 encoder + decoder). RemoveBackground arrives with BiRefNet."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import grpc
 
 from framewise.v1 import common_pb2, vision_service_pb2, vision_service_pb2_grpc
 from server.errors import InvalidInput
+from server.pipelines import sam2_contract as sam2
 from server.pipelines.detection import DetectionPipeline, DetectOptions
+from server.pipelines.prompts import prompt_from_proto
+from server.pipelines.segmentation import SegmentationPipeline
 from server.servicers.unimplemented import abort_unimplemented
 
 MAX_DETECTIONS_LIMIT = 1000
@@ -16,8 +19,9 @@ _DEFAULTS = DetectOptions()
 
 
 class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
-    def __init__(self, detection: DetectionPipeline) -> None:
+    def __init__(self, detection: DetectionPipeline, segmentation: SegmentationPipeline) -> None:
         self.detection = detection
+        self.segmentation = segmentation
 
     async def Detect(
         self, request: vision_service_pb2.DetectRequest, context: grpc.aio.ServicerContext
@@ -27,7 +31,9 @@ class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
         response = vision_service_pb2.DetectResponse(
             image_width=result.width,
             image_height=result.height,
-            model=common_pb2.ModelRef(name=result.model.name, version=result.model.version, stand_in=result.model.stand_in),
+            model=common_pb2.ModelRef(
+                name=result.model.name, version=result.model.version, stand_in=result.model.stand_in
+            ),
             timings=common_pb2.Timings(
                 decode_ms=result.timings_ms["decode"],
                 preprocess_ms=result.timings_ms["preprocess"],
@@ -50,15 +56,39 @@ class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
         self, request: vision_service_pb2.RemoveBackgroundRequest, context: grpc.aio.ServicerContext
     ) -> vision_service_pb2.RemoveBackgroundResponse:
         await abort_unimplemented(
-            context, "framewise.v1.VisionService/RemoveBackground", "it arrives with the BiRefNet model (talking-video release)"
+            context,
+            "framewise.v1.VisionService/RemoveBackground",
+            "it arrives with the BiRefNet model (talking-video release)",
         )
 
     async def Segment(
         self, request: vision_service_pb2.SegmentRequest, context: grpc.aio.ServicerContext
     ) -> vision_service_pb2.SegmentResponse:
-        await abort_unimplemented(
-            context, "framewise.v1.VisionService/Segment", "it arrives with the SAM 2 models (tracking release)"
+        prompt = prompt_from_proto(1, request.box if request.HasField("box") else None, list(request.points), "")
+        result = await self.segmentation.segment(request.image, prompt, timeout_s=context.time_remaining())
+        response = vision_service_pb2.SegmentResponse(
+            best_index=result.best_index,
+            models=[
+                common_pb2.ModelRef(name=spec.name, version=spec.version, stand_in=spec.stand_in)
+                for name, spec in result.contract.specs.items()
+                if name in (sam2.IMAGE_ENCODER, sam2.MASK_DECODER)
+            ],
+            timings=common_pb2.Timings(
+                decode_ms=result.timings_ms["decode"],
+                triton_ms=result.timings_ms["triton"],
+                postprocess_ms=result.timings_ms["postprocess"],
+                total_ms=result.timings_ms["total"],
+            ),
         )
+        for candidate in result.candidates:
+            x1, y1, x2, y2 = candidate.box
+            response.candidates.add(
+                index=candidate.index,
+                mask=candidate.mask,
+                predicted_iou=candidate.predicted_iou,
+                box=common_pb2.BoundingBox(x1=x1, y1=y1, x2=x2, y2=y2),
+            )
+        return response
 
     def _options(self, request: vision_service_pb2.DetectRequest) -> DetectOptions:
         confidence = _fraction(request, "confidence_threshold", _DEFAULTS.confidence)
@@ -69,7 +99,9 @@ class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
                 f"got {request.max_detections}",
                 "max_detections",
             )
-        classes = self.detection.resolve_classes(list(request.class_ids), list(request.class_names), request.all_classes)
+        classes = self.detection.resolve_classes(
+            list(request.class_ids), list(request.class_names), request.all_classes
+        )
         return DetectOptions(confidence, iou, request.max_detections or _DEFAULTS.max_detections, classes)
 
 

@@ -1,0 +1,87 @@
+"""Single-image segmentation: image + box/points -> every SAM 2 candidate mask with its score.
+
+The same encoder and decoder as tracking, without memory: one encoder call, one decoder call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from framewise.v1 import common_pb2
+from server.health import TritonMonitor
+from server.pipelines import sam2_contract as sam2
+from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_tensors
+from server.pipelines.sam2_contract import Sam2Contract
+from server.triton.runner import InferenceRunner
+from server.vision.image_decode import decode_image
+from server.vision.masks import mask_at_resolution
+
+
+@dataclass(frozen=True)
+class Candidate:
+    index: int
+    mask: common_pb2.RleMask
+    box: tuple[float, float, float, float]
+    predicted_iou: float
+
+
+@dataclass(frozen=True)
+class SegmentationResult:
+    candidates: list[Candidate]
+    best_index: int
+    contract: Sam2Contract
+    timings_ms: dict[str, float]
+
+
+class SegmentationPipeline:
+    def __init__(self, runner: InferenceRunner, monitor: TritonMonitor, *, max_pixels: int) -> None:
+        self.runner = runner
+        self.monitor = monitor
+        self.max_pixels = max_pixels
+
+    async def segment(
+        self, image: common_pb2.Image, prompt: ObjectPrompt, *, timeout_s: float | None = None
+    ) -> SegmentationResult:
+        started = time.perf_counter()
+        contract = Sam2Contract.from_specs({name: self.monitor.require_ready(name) for name in sam2.MODELS})
+        decoded = await asyncio.to_thread(decode_image, image, max_pixels=self.max_pixels)
+        check_inside(prompt, decoded.width, decoded.height, "")
+        size = contract.image_size
+        frame = await asyncio.to_thread(cv2.resize, decoded.rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+        decoded_at = time.perf_counter()
+
+        def deadline() -> float | None:
+            return None if timeout_s is None else timeout_s - (time.perf_counter() - started)
+
+        copy = lambda names: lambda out: [np.array(out[n]) for n in names]  # noqa: E731 - copy out of a slot
+        encoded = await self.runner.run(
+            contract.specs[sam2.IMAGE_ENCODER], {"image": frame[None]}, ["vision_feat", "high_res_feat0", "high_res_feat1"],
+            copy(["vision_feat", "high_res_feat0", "high_res_feat1"]), timeout_s=deadline(),
+        )  # fmt: skip
+        vision_feat, high_res0, high_res1 = encoded.value
+        coords, labels = prompt_tensors([prompt], decoded.width, decoded.height, size)
+        outputs = ["masks", "iou_scores"]
+        decoded_masks = await self.runner.run(
+            contract.specs[sam2.MASK_DECODER],
+            {"image_embed": vision_feat, "high_res_feat0": high_res0, "high_res_feat1": high_res1, "point_coords": coords, "point_labels": labels},
+            outputs, copy(outputs), timeout_s=deadline(),
+        )  # fmt: skip
+        masks, ious = decoded_masks.value
+        triton_done = time.perf_counter()
+
+        candidates = []
+        for index in range(masks.shape[1]):
+            mask, box = await asyncio.to_thread(mask_at_resolution, masks[0, index], decoded.width, decoded.height)
+            candidates.append(Candidate(index, mask, box, float(ious[0, index])))
+        timings = {
+            "decode": (decoded_at - started) * 1e3,
+            "triton": (encoded.triton_s + decoded_masks.triton_s) * 1e3,
+            "postprocess": (time.perf_counter() - triton_done) * 1e3,
+            "total": (time.perf_counter() - started) * 1e3,
+        }
+        return SegmentationResult(candidates, int(np.argmax(ious[0])), contract, timings)
