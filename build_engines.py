@@ -55,8 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intra-op-threads", type=_positive_int, default=1,
                         help="ONNX Runtime intra-op threads per instance")
     parser.add_argument("--max-batch-size", type=_positive_int, default=8, help="yolov8 max batch size")
-    parser.add_argument("--max-queue-delay-us", type=_non_negative_int, default=2000,
-                        help="dynamic batching max queue delay (microseconds)")
+    parser.add_argument("--max-queue-delay-us", type=_non_negative_int, default=0,
+                        help="dynamic batching max queue delay in microseconds (default 0: on CPU the model "
+                             "runs a batch's images one by one, so waiting for a batch only adds latency)")
     parser.add_argument("--sam2-image-size", type=_sam2_image_size, default=1024,
                         help="SAM 2 model size S: image S x S, features S/16, masks S/4 (default 1024)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")

@@ -99,7 +99,10 @@ def build_cpu_repository(
     instances: int = 2,
     intra_op_threads: int = 1,
     max_batch_size: int = 8,
-    max_queue_delay_us: int = 2000,
+    # The CPU python backend runs a batch's images one after another, so holding a lone request
+    # back to form a batch buys nothing; batches still form from requests that queue while every
+    # instance is busy.
+    max_queue_delay_us: int = 0,
     sam2_image_size: int = DEFAULT_SAM2_IMAGE_SIZE,
     force: bool = False,
 ) -> Path:

@@ -109,10 +109,11 @@ class InferenceRunner:
                 return current[1]
             if current is not None and current[1] is not None:  # reloaded: its tensors may have changed
                 await self._drop(current[1])
-            if not ShmSlotPool.supports(spec.inputs + spec.outputs):  # dynamic shapes: always gRPC
+            batched = spec.max_batch_size > 0
+            if not ShmSlotPool.supports(spec.inputs + spec.outputs, batched=batched):  # dynamic shapes: gRPC
                 self._pools[spec.name] = (spec, None)
                 return None
-            pool = ShmSlotPool(spec.name, spec.inputs, spec.outputs, self.shm_slots_per_model)
+            pool = ShmSlotPool(spec.name, spec.inputs, spec.outputs, self.shm_slots_per_model, batched=batched)
             try:
                 await self.client.register_shared_memory(pool)
             except Exception as exc:

@@ -14,7 +14,7 @@ import logging
 import os
 import uuid
 from dataclasses import dataclass
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -53,15 +53,16 @@ class ShmSlot:
 class ShmSlotPool:
     """`slots` request slots for one model, in one shared-memory region registered with Triton."""
 
-    def __init__(self, model: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], slots: int) -> None:
+    def __init__(
+        self, model: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], slots: int, *, batched: bool
+    ) -> None:
         self.model = model
         self.region = f"framewise-{model}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        layout, slot_bytes = self._layout(inputs + outputs)
+        layout, slot_bytes = self._layout(inputs + outputs, batched)
         self.byte_size = slot_bytes * slots
+        # close() unlinks the region; if the process dies first, multiprocessing's resource
+        # tracker unlinks it, so no segment outlives the orchestrator.
         self._shm = shared_memory.SharedMemory(name=self.region, create=True, size=self.byte_size)
-        # The orchestrator owns the region's lifetime (close() unlinks it); keep the
-        # multiprocessing resource tracker from unlinking it a second time at exit.
-        resource_tracker.unregister(self._shm._name, "shared_memory")  # type: ignore[attr-defined]
         input_names = {t.name for t in inputs}
         self._slots = []
         for index in range(slots):
@@ -83,9 +84,10 @@ class ShmSlotPool:
         self._free = list(reversed(self._slots))
 
     @staticmethod
-    def supports(tensors: tuple[TensorSpec, ...]) -> bool:
-        """Fixed shapes (apart from the batch dimension) and numeric types only."""
-        return all(t.datatype in _NUMPY and all(d >= 0 for d in t.shape[1:]) for t in tensors)
+    def supports(tensors: tuple[TensorSpec, ...], *, batched: bool) -> bool:
+        """Fixed shapes and numeric types only. For a batching model (max_batch_size > 0) the first
+        dimension is the batch, and a slot holds a batch of one; otherwise every dimension counts."""
+        return all(t.datatype in _NUMPY and all(d >= 0 for d in t.shape[1 if batched else 0 :]) for t in tensors)
 
     def fits(self, inputs: dict[str, np.ndarray]) -> bool:
         """Whether these input arrays have exactly the slot's shapes (batch of one)."""
@@ -98,10 +100,12 @@ class ShmSlotPool:
         return f"/{self.region}"
 
     @staticmethod
-    def _layout(tensors: tuple[TensorSpec, ...]) -> tuple[list[tuple[TensorSpec, tuple[int, ...], int, int]], int]:
+    def _layout(
+        tensors: tuple[TensorSpec, ...], batched: bool
+    ) -> tuple[list[tuple[TensorSpec, tuple[int, ...], int, int]], int]:
         layout, offset = [], 0
         for spec in tensors:
-            shape = (1, *spec.shape[1:])
+            shape = (1, *spec.shape[1:]) if batched else spec.shape
             if any(d < 0 for d in shape) or spec.datatype not in _NUMPY:
                 raise ValueError(f"{spec.name}: shared memory needs fixed shapes and a numeric type, got {spec}")
             nbytes = int(np.prod(shape)) * np.dtype(_NUMPY[spec.datatype]).itemsize
