@@ -49,8 +49,10 @@ lint: install tools
 test: install tools lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Detection (orchestrator vs direct Triton) and tracking benchmarks; ~6 minutes on 2 cores.
 bench: repository
 	$(PY) bench/detect_bench.py --output bench/results
+	$(PY) bench/track_bench.py --output bench/results
 
 clean:
 	rm -rf .cache build
