@@ -103,7 +103,7 @@ def test_memory_bank_stays_bounded(stub, sequence, orchestrator: Orchestrator) -
     frames, boxes = sequence
     peak = 0
     requests = [open_request()] + [frame_request(f, box=boxes[0] if i == 0 else None) for i, f in enumerate(frames[:40])]
-    for response in stub.Track(iter(requests), timeout=300):
+    for _response in stub.Track(iter(requests), timeout=300):
         text = httpx.get(orchestrator.metrics_url, timeout=5).text
         values = [float(v) for v in re.findall(r"framewise_tracking_session_bytes\{session=\"[0-9a-f]+\"\} (\S+)", text)]
         peak = max([peak, *values])

@@ -13,10 +13,11 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import duration_pb2
 
-from framewise.v1 import common_pb2, tracking_service_pb2, tracking_service_pb2_grpc
+from framewise.v1 import tracking_service_pb2, tracking_service_pb2_grpc
 from server.errors import InvalidInput
 from server.metrics import Metrics
 from server.pipelines.sessions import SessionRegistry
+from server.servicers import convert
 from server.pipelines.prompts import ObjectPrompt, prompt_from_proto
 from server.pipelines.tracking import FrameOutcome, TrackingEngine, TrackingSession
 from server.tracking import SamuraiConfig
@@ -98,10 +99,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             next_frame_index=session.next_frame_index,
             object_ids=sorted(session.objects),
             idle_ttl=duration_pb2.Duration(seconds=int(self.sessions.idle_ttl_s)),
-            models=[
-                common_pb2.ModelRef(name=spec.name, version=spec.version, stand_in=spec.stand_in)
-                for spec in contract.specs.values()
-            ],
+            models=[convert.model_ref(spec) for spec in contract.specs.values()],
         )
 
 
@@ -116,19 +114,13 @@ def _frame_result(outcome: FrameOutcome) -> tracking_service_pb2.FrameResult:
     result = tracking_service_pb2.FrameResult(
         frame_index=outcome.frame_index,
         triton_bytes=outcome.triton_bytes,
-        timings=common_pb2.Timings(
-            decode_ms=outcome.timings_ms["decode"],
-            triton_ms=outcome.timings_ms["triton"],
-            postprocess_ms=outcome.timings_ms["postprocess"],
-            total_ms=outcome.timings_ms["total"],
-        ),
+        timings=convert.timings(outcome.timings_ms),
     )
     for obj in outcome.objects:
-        x1, y1, x2, y2 = obj.box
         result.objects.add(
             object_id=obj.object_id,
             mask=obj.mask,
-            box=common_pb2.BoundingBox(x1=x1, y1=y1, x2=x2, y2=y2),
+            box=convert.box(obj.box),
             predicted_iou=obj.predicted_iou,
             present=obj.present,
             object_score=obj.object_score,

@@ -6,12 +6,13 @@ import math
 
 import grpc
 
-from framewise.v1 import common_pb2, vision_service_pb2, vision_service_pb2_grpc
+from framewise.v1 import vision_service_pb2, vision_service_pb2_grpc
 from server.errors import InvalidInput
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.detection import DetectionPipeline, DetectOptions
 from server.pipelines.prompts import prompt_from_proto
 from server.pipelines.segmentation import SegmentationPipeline
+from server.servicers import convert
 from server.servicers.unimplemented import abort_unimplemented
 
 MAX_DETECTIONS_LIMIT = 1000
@@ -31,24 +32,12 @@ class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
         response = vision_service_pb2.DetectResponse(
             image_width=result.width,
             image_height=result.height,
-            model=common_pb2.ModelRef(
-                name=result.model.name, version=result.model.version, stand_in=result.model.stand_in
-            ),
-            timings=common_pb2.Timings(
-                decode_ms=result.timings_ms["decode"],
-                preprocess_ms=result.timings_ms["preprocess"],
-                triton_ms=result.timings_ms["triton"],
-                postprocess_ms=result.timings_ms["postprocess"],
-                total_ms=result.timings_ms["total"],
-            ),
+            model=convert.model_ref(result.model),
+            timings=convert.timings(result.timings_ms),
         )
         for detection in result.detections:
-            x1, y1, x2, y2 = detection.box
             response.detections.add(
-                class_id=detection.class_id,
-                label=detection.label,
-                score=detection.score,
-                box=common_pb2.BoundingBox(x1=x1, y1=y1, x2=x2, y2=y2),
+                class_id=detection.class_id, label=detection.label, score=detection.score, box=convert.box(detection.box)
             )
         return response
 
@@ -68,25 +57,12 @@ class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
         result = await self.segmentation.segment(request.image, prompt, timeout_s=context.time_remaining())
         response = vision_service_pb2.SegmentResponse(
             best_index=result.best_index,
-            models=[
-                common_pb2.ModelRef(name=spec.name, version=spec.version, stand_in=spec.stand_in)
-                for name, spec in result.contract.specs.items()
-                if name in (sam2.IMAGE_ENCODER, sam2.MASK_DECODER)
-            ],
-            timings=common_pb2.Timings(
-                decode_ms=result.timings_ms["decode"],
-                triton_ms=result.timings_ms["triton"],
-                postprocess_ms=result.timings_ms["postprocess"],
-                total_ms=result.timings_ms["total"],
-            ),
+            models=[convert.model_ref(result.contract.specs[name]) for name in (sam2.IMAGE_ENCODER, sam2.MASK_DECODER)],
+            timings=convert.timings(result.timings_ms),
         )
         for candidate in result.candidates:
-            x1, y1, x2, y2 = candidate.box
             response.candidates.add(
-                index=candidate.index,
-                mask=candidate.mask,
-                predicted_iou=candidate.predicted_iou,
-                box=common_pb2.BoundingBox(x1=x1, y1=y1, x2=x2, y2=y2),
+                index=candidate.index, mask=candidate.mask, predicted_iou=candidate.predicted_iou, box=convert.box(candidate.box)
             )
         return response
 
