@@ -16,6 +16,9 @@ MEMORY_ATTENTION = "sam2_memory_attention"
 MEMORY_ENCODER = "sam2_memory_encoder"
 MODELS = (IMAGE_ENCODER, MASK_DECODER, MEMORY_ATTENTION, MEMORY_ENCODER)
 
+# Prompts of up to this many points go to the decoder through shared memory (more: over gRPC).
+MAX_SHM_PROMPT_POINTS = 8
+
 # Point labels of the prompt encoder.
 POSITIVE, NEGATIVE, BOX_TOP_LEFT, BOX_BOTTOM_RIGHT, PADDING = 1, 0, 2, 3, -1
 
@@ -33,6 +36,27 @@ class Sam2Contract:
         size = image.shape[-2]  # [B, S, S, 3]
         masks = specs[MASK_DECODER].output("masks")
         return cls(image_size=size, mask_size=masks.shape[-1], specs=specs)
+
+    def shm_max_shapes(self, model: str) -> dict[str, tuple[int, ...]]:
+        """Limits of the dynamic dimensions, so shared-memory slots can be sized for them.
+
+        Memory attention: the memory and pointer counts the model config declares
+        (max_memories, max_object_pointers). Mask decoder: one object's prompt points."""
+        if model == MEMORY_ATTENTION:
+            spec = self.specs[model]
+            memories = int(spec.parameters.get("max_memories", "7"))
+            pointers = int(spec.parameters.get("max_object_pointers", "16"))
+            memory_shape = spec.input("memory_feats").shape[1:]
+            pointer_width = spec.input("obj_ptrs").shape[-1]
+            return {
+                "memory_feats": (memories, *memory_shape),
+                "memory_tpos": (memories,),
+                "obj_ptrs": (pointers, pointer_width),
+                "obj_ptr_tdiff": (pointers,),
+            }
+        if model == MASK_DECODER:
+            return {"point_coords": (1, MAX_SHM_PROMPT_POINTS, 2), "point_labels": (1, MAX_SHM_PROMPT_POINTS)}
+        return {}
 
     @property
     def stand_in(self) -> bool:

@@ -69,7 +69,7 @@ class SegmentationPipeline:
         decoded_masks = await self.runner.run(
             contract.specs[sam2.MASK_DECODER],
             {"image_embed": vision_feat, "high_res_feat0": high_res0, "high_res_feat1": high_res1, "point_coords": coords, "point_labels": labels},
-            outputs, copy(outputs), timeout_s=deadline(),
+            outputs, copy(outputs), timeout_s=deadline(), max_shapes=contract.shm_max_shapes(sam2.MASK_DECODER),
         )  # fmt: skip
         masks, ious = decoded_masks.value
         triton_done = time.perf_counter()

@@ -276,7 +276,12 @@ class _Calls:
     async def run(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         remaining = None if self.deadline is None else self.deadline - time.perf_counter()
         result = await self.runner.run(
-            self.contract.specs[model], inputs, outputs, lambda out: [np.array(out[name]) for name in outputs], timeout_s=remaining
+            self.contract.specs[model],
+            inputs,
+            outputs,
+            lambda out: [np.array(out[name]) for name in outputs],
+            timeout_s=remaining,
+            max_shapes=self.contract.shm_max_shapes(model),
         )
         self.triton_s += result.triton_s
         self.bytes_moved += sum(a.nbytes for a in inputs.values()) + sum(a.nbytes for a in result.value)

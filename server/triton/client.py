@@ -78,20 +78,24 @@ class TritonClient:
         result = await self._call(model, infer_inputs, [InferRequestedOutput(name) for name in outputs], timeout_s)
         return {name: result.as_numpy(name) for name in outputs}
 
-    async def infer_in_shared_memory(self, model: str, slot: ShmSlot, *, timeout_s: float | None = None) -> None:
+    async def infer_in_shared_memory(
+        self, model: str, slot: ShmSlot, input_shapes: Mapping[str, tuple[int, ...]], *, timeout_s: float | None = None
+    ) -> None:
         """One inference whose inputs and outputs live in a registered shared-memory slot.
 
-        The caller has written slot.inputs; on return slot.outputs hold the results.
+        The caller has written the inputs (with these shapes) into the slot; on return the slot's
+        outputs hold the results.
         """
         infer_inputs = []
-        for tensor in slot.inputs.values():
-            infer_input = InferInput(tensor.name, list(tensor.shape), tensor.datatype)
-            infer_input.set_shared_memory(slot.region, tensor.nbytes, tensor.offset)
+        for name, shape in input_shapes.items():
+            tensor = slot.inputs[name]
+            infer_input = InferInput(name, list(shape), tensor.datatype)
+            infer_input.set_shared_memory(slot.region, tensor.nbytes_for(shape), tensor.offset)
             infer_inputs.append(infer_input)
         requested = []
         for tensor in slot.outputs.values():
             output = InferRequestedOutput(tensor.name)
-            output.set_shared_memory(slot.region, tensor.nbytes, tensor.offset)
+            output.set_shared_memory(slot.region, tensor.capacity, tensor.offset)
             requested.append(output)
         await self._call(model, infer_inputs, requested, timeout_s)
 

@@ -55,9 +55,14 @@ class InferenceRunner:
         consume: Callable[[dict[str, np.ndarray]], T],
         *,
         timeout_s: float | None = None,
+        max_shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> RunResult[T]:
-        """Infer, then call `consume(outputs)` in a worker thread while the outputs are valid."""
-        pool = await self._pool(spec)
+        """Infer, then call `consume(outputs)` in a worker thread while the outputs are valid.
+
+        `max_shapes` bounds the dynamic dimensions of the model's tensors (name -> largest shape),
+        so that its shared-memory slots can be sized; it is read when the model's pool is made.
+        """
+        pool = await self._pool(spec, max_shapes or {})
         slot = pool.acquire() if pool is not None and pool.fits(inputs) else None
         self.metrics.triton_transfers.labels(spec.name, "grpc" if slot is None else "shm").inc()
         if slot is None:
@@ -72,12 +77,13 @@ class InferenceRunner:
         finished = False
         try:
             for name, array in inputs.items():
-                np.copyto(slot.inputs[name].view, array)
+                np.copyto(slot.inputs[name].view(array.shape), array)
+            shapes = {name: array.shape for name, array in inputs.items()}
             started = time.perf_counter()
-            await self._infer_in_slot(spec, pool, slot, timeout_s)
+            await self._infer_in_slot(spec, pool, slot, shapes, timeout_s)
             triton_s = time.perf_counter() - started
             started = time.perf_counter()
-            value = await asyncio.to_thread(consume, {name: slot.outputs[name].view for name in outputs})
+            value = await asyncio.to_thread(consume, {name: slot.outputs[name].view() for name in outputs})
             finished = True
             return RunResult(value, triton_s, time.perf_counter() - started, True)
         finally:
@@ -86,18 +92,20 @@ class InferenceRunner:
             else:
                 asyncio.get_running_loop().call_later(_ABANDONED_SLOT_QUARANTINE_S, pool.release, slot)
 
-    async def _infer_in_slot(self, spec: ModelSpec, pool: ShmSlotPool, slot: ShmSlot, timeout_s: float | None) -> None:
+    async def _infer_in_slot(
+        self, spec: ModelSpec, pool: ShmSlotPool, slot: ShmSlot, shapes: dict[str, tuple[int, ...]], timeout_s: float | None
+    ) -> None:
         try:
-            await self.client.infer_in_shared_memory(spec.name, slot, timeout_s=timeout_s)
+            await self.client.infer_in_shared_memory(spec.name, slot, shapes, timeout_s=timeout_s)
         except ServiceError as exc:
             # A restarted Triton has forgotten every registration: register again, retry once.
             if "shared memory" not in exc.message:
                 raise
             log.info("re-registering shared memory with Triton", extra={"region": pool.region, "reason": exc.message})
             await self.client.register_shared_memory(pool)
-            await self.client.infer_in_shared_memory(spec.name, slot, timeout_s=timeout_s)
+            await self.client.infer_in_shared_memory(spec.name, slot, shapes, timeout_s=timeout_s)
 
-    async def _pool(self, spec: ModelSpec) -> ShmSlotPool | None:
+    async def _pool(self, spec: ModelSpec, max_shapes: Mapping[str, tuple[int, ...]]) -> ShmSlotPool | None:
         if self.shm_slots_per_model <= 0:
             return None
         current = self._pools.get(spec.name)
@@ -110,10 +118,12 @@ class InferenceRunner:
             if current is not None and current[1] is not None:  # reloaded: its tensors may have changed
                 await self._drop(current[1])
             batched = spec.max_batch_size > 0
-            if not ShmSlotPool.supports(spec.inputs + spec.outputs, batched=batched):  # dynamic shapes: gRPC
-                self._pools[spec.name] = (spec, None)
+            if not ShmSlotPool.supports(spec.inputs + spec.outputs, batched=batched, max_shapes=max_shapes):
+                self._pools[spec.name] = (spec, None)  # unbounded shapes: always gRPC
                 return None
-            pool = ShmSlotPool(spec.name, spec.inputs, spec.outputs, self.shm_slots_per_model, batched=batched)
+            pool = ShmSlotPool(
+                spec.name, spec.inputs, spec.outputs, self.shm_slots_per_model, batched=batched, max_shapes=max_shapes
+            )
             try:
                 await self.client.register_shared_memory(pool)
             except Exception as exc:

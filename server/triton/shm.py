@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 
@@ -32,14 +33,28 @@ def _aligned(n: int) -> int:
 
 @dataclass(frozen=True)
 class ShmTensor:
-    """One tensor of one slot: where it lives in the region, and a numpy view onto it."""
+    """One tensor of one slot: where it lives in the region and the largest shape it can hold."""
 
     name: str
     datatype: str
-    shape: tuple[int, ...]  # with the batch dimension (1)
+    shape: tuple[int, ...]  # capacity; with the batch dimension (1) for a batching model
     offset: int
-    nbytes: int
-    view: np.ndarray
+    capacity: int  # bytes
+    buffer: memoryview
+
+    def view(self, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        """The tensor as numpy, in place (no copy); `shape` for a smaller dynamic-shape tensor."""
+        return np.ndarray(shape or self.shape, _NUMPY[self.datatype], buffer=self.buffer, offset=self.offset)
+
+    def nbytes_for(self, shape: tuple[int, ...]) -> int:
+        return int(np.prod(shape)) * np.dtype(_NUMPY[self.datatype]).itemsize
+
+    def holds(self, array: np.ndarray) -> bool:
+        return (
+            array.dtype == _NUMPY[self.datatype]
+            and array.ndim == len(self.shape)
+            and all(0 <= d <= cap for d, cap in zip(array.shape, self.shape, strict=True))
+        )
 
 
 @dataclass(frozen=True)
@@ -51,14 +66,26 @@ class ShmSlot:
 
 
 class ShmSlotPool:
-    """`slots` request slots for one model, in one shared-memory region registered with Triton."""
+    """`slots` request slots for one model, in one shared-memory region registered with Triton.
+
+    Each tensor gets room for its largest shape: the spec's shape with a batch of one (batching
+    models), and for dynamic dimensions the limits in `max_shapes` (tensor name -> shape). A
+    request whose inputs fit is sent by offset and actual size; one that does not goes by gRPC.
+    """
 
     def __init__(
-        self, model: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], slots: int, *, batched: bool
+        self,
+        model: str,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        slots: int,
+        *,
+        batched: bool,
+        max_shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
         self.model = model
         self.region = f"framewise-{model}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        layout, slot_bytes = self._layout(inputs + outputs, batched)
+        layout, slot_bytes = self._layout(inputs + outputs, batched, max_shapes or {})
         self.byte_size = slot_bytes * slots
         # close() unlinks the region; if the process dies first, multiprocessing's resource
         # tracker unlinks it, so no segment outlives the orchestrator.
@@ -66,11 +93,9 @@ class ShmSlotPool:
         input_names = {t.name for t in inputs}
         self._slots = []
         for index in range(slots):
+            base = index * slot_bytes
             tensors = {
-                spec.name: ShmTensor(
-                    spec.name, spec.datatype, shape, index * slot_bytes + offset, nbytes,
-                    np.ndarray(shape, _NUMPY[spec.datatype], buffer=self._shm.buf, offset=index * slot_bytes + offset),
-                )  # fmt: skip
+                spec.name: ShmTensor(spec.name, spec.datatype, shape, base + offset, nbytes, self._shm.buf)
                 for spec, shape, offset, nbytes in layout
             }
             self._slots.append(
@@ -84,30 +109,43 @@ class ShmSlotPool:
         self._free = list(reversed(self._slots))
 
     @staticmethod
-    def supports(tensors: tuple[TensorSpec, ...], *, batched: bool) -> bool:
-        """Fixed shapes and numeric types only. For a batching model (max_batch_size > 0) the first
-        dimension is the batch, and a slot holds a batch of one; otherwise every dimension counts."""
-        return all(t.datatype in _NUMPY and all(d >= 0 for d in t.shape[1 if batched else 0 :]) for t in tensors)
+    def capacity_shape(
+        spec: TensorSpec, batched: bool, max_shapes: Mapping[str, tuple[int, ...]]
+    ) -> tuple[int, ...] | None:
+        """The largest shape a slot holds for this tensor, or None when it has no bound."""
+        if spec.datatype not in _NUMPY:
+            return None
+        shape = tuple(max_shapes.get(spec.name, (1, *spec.shape[1:]) if batched else spec.shape))
+        return shape if len(shape) == len(spec.shape) and all(d >= 0 for d in shape) else None
 
-    def fits(self, inputs: dict[str, np.ndarray]) -> bool:
-        """Whether these input arrays have exactly the slot's shapes (batch of one)."""
+    @classmethod
+    def supports(
+        cls, tensors: tuple[TensorSpec, ...], *, batched: bool, max_shapes: Mapping[str, tuple[int, ...]] | None = None
+    ) -> bool:
+        """Every tensor numeric with a bounded shape. For a batching model (max_batch_size > 0) the
+        first dimension is the batch and a slot holds a batch of one; otherwise every dynamic
+        dimension needs a limit in `max_shapes`."""
+        return all(cls.capacity_shape(t, batched, max_shapes or {}) is not None for t in tensors)
+
+    def fits(self, inputs: Mapping[str, np.ndarray]) -> bool:
+        """Whether these input arrays fit a slot (a batch of one, within every dimension's room)."""
         slot = self._slots[0] if self._slots else None
-        return slot is not None and all(name in slot.inputs and slot.inputs[name].shape == a.shape for name, a in inputs.items())
+        return slot is not None and all(name in slot.inputs and slot.inputs[name].holds(a) for name, a in inputs.items())
 
     @property
     def key(self) -> str:
         """The shm_open key Triton maps."""
         return f"/{self.region}"
 
-    @staticmethod
+    @classmethod
     def _layout(
-        tensors: tuple[TensorSpec, ...], batched: bool
+        cls, tensors: tuple[TensorSpec, ...], batched: bool, max_shapes: Mapping[str, tuple[int, ...]]
     ) -> tuple[list[tuple[TensorSpec, tuple[int, ...], int, int]], int]:
         layout, offset = [], 0
         for spec in tensors:
-            shape = (1, *spec.shape[1:]) if batched else spec.shape
-            if any(d < 0 for d in shape) or spec.datatype not in _NUMPY:
-                raise ValueError(f"{spec.name}: shared memory needs fixed shapes and a numeric type, got {spec}")
+            shape = cls.capacity_shape(spec, batched, max_shapes)
+            if shape is None:
+                raise ValueError(f"{spec.name}: shared memory needs a bounded shape and a numeric type, got {spec}")
             nbytes = int(np.prod(shape)) * np.dtype(_NUMPY[spec.datatype]).itemsize
             layout.append((spec, shape, offset, nbytes))
             offset += _aligned(nbytes)
