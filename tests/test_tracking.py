@@ -265,3 +265,23 @@ def test_correction_prompt_makes_a_conditioning_frame(stub, sequence) -> None:  
     corrected = results[5].objects[0].box
     gx1, gy1, gx2, gy2 = boxes[5]
     assert gx1 - 4 <= corrected.x1 and corrected.x2 <= gx2 + 4 and gy1 - 4 <= corrected.y1 and corrected.y2 <= gy2 + 4
+
+
+def test_shared_memory_references_change_nothing(tmp_path: Path, triton, sequence, solo_run) -> None:  # noqa: ANN001
+    # The shared orchestrator passes feature maps between models by reference in shared memory;
+    # one sending every tensor inside gRPC messages must track identically.
+    from tests.conftest import health_status, start_orchestrator, stop_process, wait_until
+
+    frames, boxes = sequence
+    plain = start_orchestrator(tmp_path, ["--triton-url", triton.url, "--triton-shm", "off"], name="plain")
+    try:
+        with grpc.insecure_channel(plain.address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+            wait_until(lambda: health_status(channel) == 1, 60, "the gRPC-only orchestrator to serve")
+            stub = tracking_service_pb2_grpc.TrackingServiceStub(channel)
+            requests = [open_request()] + [frame_request(f, box=boxes[0] if i == 0 else None) for i, f in enumerate(frames[:25])]
+            _, results = track(stub, requests)
+    finally:
+        stop_process(plain.process)
+    assert summary(results) == summary(solo_run[1][:25])
+    # Without shared memory every feature map crosses: far more bytes per frame.
+    assert results[-1].triton_bytes > 4 * solo_run[1][24].triton_bytes

@@ -58,20 +58,24 @@ class SegmentationPipeline:
         def deadline() -> float | None:
             return None if timeout_s is None else timeout_s - (time.perf_counter() - started)
 
-        copy = lambda names: lambda out: [np.array(out[n]) for n in names]  # noqa: E731 - copy out of a slot
-        encoded = await self.runner.run(
-            contract.specs[sam2.IMAGE_ENCODER], {"image": frame[None]}, ["vision_feat", "high_res_feat0", "high_res_feat1"],
-            copy(["vision_feat", "high_res_feat0", "high_res_feat1"]), timeout_s=deadline(),
-        )  # fmt: skip
-        vision_feat, high_res0, high_res1 = encoded.value
+        encoder, decoder = contract.specs[sam2.IMAGE_ENCODER], contract.specs[sam2.MASK_DECODER]
+        features = ["vision_feat", "high_res_feat0", "high_res_feat1"]
         coords, labels = prompt_tensors([prompt], decoded.width, decoded.height, size)
-        outputs = ["masks", "iou_scores"]
-        decoded_masks = await self.runner.run(
-            contract.specs[sam2.MASK_DECODER],
-            {"image_embed": vision_feat, "high_res_feat0": high_res0, "high_res_feat1": high_res1, "point_coords": coords, "point_labels": labels},
-            outputs, copy(outputs), timeout_s=deadline(), max_shapes=contract.shm_max_shapes(sam2.MASK_DECODER),
-        )  # fmt: skip
-        masks, ious = decoded_masks.value
+        # The encoder's feature maps go to the decoder by reference (shared memory when Triton
+        # is co-located): only the frame, the prompt and the masks cross.
+        async with self.runner.hold(encoder, {"image": frame[None]}, features, timeout_s=deadline()) as encoded:
+            inputs = {
+                "image_embed": encoded.tensor("vision_feat"),
+                "high_res_feat0": encoded.tensor("high_res_feat0"),
+                "high_res_feat1": encoded.tensor("high_res_feat1"),
+                "point_coords": coords,
+                "point_labels": labels,
+            }
+            async with self.runner.hold(
+                decoder, inputs, ["masks", "iou_scores"], timeout_s=deadline(), max_shapes=contract.shm_max_shapes(sam2.MASK_DECODER)
+            ) as decoded_masks:
+                masks, ious = np.array(decoded_masks.array("masks")), np.array(decoded_masks.array("iou_scores"))
+        triton_s = encoded.triton_s + decoded_masks.triton_s
         triton_done = time.perf_counter()
 
         candidates = []
@@ -80,7 +84,7 @@ class SegmentationPipeline:
             candidates.append(Candidate(index, mask, box, float(ious[0, index])))
         timings = {
             "decode": (decoded_at - started) * 1e3,
-            "triton": (encoded.triton_s + decoded_masks.triton_s) * 1e3,
+            "triton": triton_s * 1e3,
             "postprocess": (time.perf_counter() - triton_done) * 1e3,
             "total": (time.perf_counter() - started) * 1e3,
         }

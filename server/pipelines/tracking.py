@@ -10,8 +10,10 @@ The tracking maths lives in server.tracking (pure numpy); this module only moves
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import cv2
@@ -24,7 +26,8 @@ from server.health import TritonMonitor
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_tensors
 from server.pipelines.sam2_contract import Sam2Contract
-from server.triton.runner import InferenceRunner
+from server.triton.runner import Held, InferenceRunner, Tensor
+from server.triton.shm import ShmRef
 from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
 from server.vision.masks import mask_at_resolution
 from server.vision.image_decode import DecodedImage, decode_image
@@ -179,63 +182,72 @@ class TrackingEngine:
     ) -> list[ObjectOutcome]:
         size = contract.image_size
         frame = await asyncio.to_thread(cv2.resize, decoded.rgb, (size, size), interpolation=cv2.INTER_LINEAR)
-        vision_feat, high_res0, high_res1 = await calls.run(
-            sam2.IMAGE_ENCODER, {"image": frame[None]}, ["vision_feat", "high_res_feat0", "high_res_feat1"]
-        )
-
         ids = sorted(session.objects)
-        embeds = []
-        for object_id in ids:
-            if object_id in prompted:
-                embeds.append(vision_feat)  # a prompt frame is decoded without memory
-            else:
-                embeds.append(await self._attend(session.objects[object_id], index, vision_feat, calls))
-        coords, labels = prompt_tensors([prompted.get(i) for i in ids], decoded.width, decoded.height, size)
-        masks, ious, ptrs, scores = await calls.run(
-            sam2.MASK_DECODER,
-            {
-                "image_embed": np.concatenate(embeds),
-                "high_res_feat0": np.repeat(high_res0, len(ids), axis=0),
-                "high_res_feat1": np.repeat(high_res1, len(ids), axis=0),
-                "point_coords": coords,
-                "point_labels": labels,
-            },
-            ["masks", "iou_scores", "obj_ptrs", "object_score_logits"],
-        )
-
-        outcomes = []
-        for b, object_id in enumerate(ids):
-            obj = session.objects[object_id]
-            prompt = prompted.get(object_id)
-            # Box prompts (and several points) use the single-mask output; everything else the
-            # three multimask candidates, among which SAMURAI chooses.
-            first = 0 if prompt is not None and prompt.single_mask else 1
-            last = 1 if first == 0 else 4
-            score = float(scores[b, 0])
-            selection = obj.selector.select(masks[b, first:last], ious[b, first:last], score)
-            chosen = first + selection.index
-            mask_logits = masks[b, chosen]
-            if not selection.present:
-                mask_logits = np.full_like(mask_logits, -1024.0)  # SAM 2's NO_OBJ_SCORE
-            memory = await self._encode_memory(vision_feat, mask_logits, score, calls)
-            pointer = np.array(ptrs[b, chosen])
-            if prompt is not None:
-                obj.bank.add_conditioning(index, memory, pointer)
-            else:
-                obj.bank.add_frame(index, memory, pointer, float(ious[b, chosen]), score, selection.kf_score)
-            mask, box = await asyncio.to_thread(mask_at_resolution, mask_logits, decoded.width, decoded.height)
-            outcomes.append(
-                ObjectOutcome(
-                    object_id, mask, box, float(ious[b, chosen]), selection.present, score, selection.kalman_selected, chosen
-                )
+        # Every model output stays where Triton wrote it (shared memory when co-located) until
+        # the frame is done, and goes to the next model by reference: the feature maps never
+        # pass through the orchestrator's hands.
+        async with contextlib.AsyncExitStack() as frame_scope:
+            encoded = await frame_scope.enter_async_context(
+                calls.hold(sam2.IMAGE_ENCODER, {"image": frame[None]}, ["vision_feat", "high_res_feat0", "high_res_feat1"])
             )
+            vision_feat = encoded.tensor("vision_feat")
+            embeds: list[Tensor] = []
+            for object_id in ids:
+                if object_id in prompted:
+                    embeds.append(vision_feat)  # a prompt frame is decoded without memory
+                else:
+                    attended = await frame_scope.enter_async_context(
+                        self._attend(session.objects[object_id], index, vision_feat, calls)
+                    )
+                    embeds.append(attended.tensor("conditioned_feat"))
+            coords, labels = prompt_tensors([prompted.get(i) for i in ids], decoded.width, decoded.height, size)
+            decoder_inputs = _decoder_inputs(embeds, encoded, coords, labels)
+            decoded_masks = await frame_scope.enter_async_context(
+                calls.hold(sam2.MASK_DECODER, decoder_inputs, ["masks", "iou_scores", "obj_ptrs", "object_score_logits"])
+            )
+            masks = decoded_masks.array("masks")
+            ious = np.array(decoded_masks.array("iou_scores"))
+            ptrs = decoded_masks.array("obj_ptrs")
+            scores = np.array(decoded_masks.array("object_score_logits"))
+
+            outcomes = []
+            for b, object_id in enumerate(ids):
+                obj = session.objects[object_id]
+                prompt = prompted.get(object_id)
+                # Box prompts (and several points) use the single-mask output; everything else
+                # the three multimask candidates, among which SAMURAI chooses.
+                first = 0 if prompt is not None and prompt.single_mask else 1
+                last = 1 if first == 0 else 4
+                score = float(scores[b, 0])
+                selection = obj.selector.select(masks[b, first:last], ious[b, first:last], score)
+                chosen = first + selection.index
+                if selection.present:
+                    mask_logits = np.array(masks[b, chosen])
+                    mask_input: Tensor = decoded_masks.block("masks", (b, chosen))
+                else:
+                    mask_logits = np.full(masks.shape[2:], -1024.0, np.float32)  # SAM 2's NO_OBJ_SCORE
+                    mask_input = mask_logits[None, None]
+                memory = await self._encode_memory(vision_feat, mask_input, score, calls)
+                pointer = np.array(ptrs[b, chosen])
+                if prompt is not None:
+                    obj.bank.add_conditioning(index, memory, pointer)
+                else:
+                    obj.bank.add_frame(index, memory, pointer, float(ious[b, chosen]), score, selection.kf_score)
+                mask, box = await asyncio.to_thread(mask_at_resolution, mask_logits, decoded.width, decoded.height)
+                outcomes.append(
+                    ObjectOutcome(
+                        object_id, mask, box, float(ious[b, chosen]), selection.present, score, selection.kalman_selected, chosen
+                    )
+                )
         return outcomes
 
-    async def _attend(self, obj: TrackedObject, index: int, vision_feat: np.ndarray, calls: _Calls) -> np.ndarray:
+    def _attend(
+        self, obj: TrackedObject, index: int, vision_feat: Tensor, calls: _Calls
+    ) -> contextlib.AbstractAsyncContextManager[Held]:
         selection = obj.bank.select_for(index)
         attention = calls.contract.specs[sam2.MEMORY_ATTENTION]
         memory_dtype = _numpy_dtype(attention.input("memory_feats").datatype)
-        (conditioned,) = await calls.run(
+        return calls.hold(
             sam2.MEMORY_ATTENTION,
             {
                 "vision_feat": vision_feat,
@@ -248,19 +260,36 @@ class TrackingEngine:
             },
             ["conditioned_feat"],
         )
-        return conditioned
 
-    async def _encode_memory(self, vision_feat: np.ndarray, mask_logits: np.ndarray, score: float, calls: _Calls) -> np.ndarray:
-        (memory,) = await calls.run(
-            sam2.MEMORY_ENCODER,
-            {
-                "vision_feat": vision_feat,
-                "mask_logits": mask_logits[None, None].astype(np.float32, copy=False),
-                "object_score_logits": np.array([[score]], dtype=np.float32),
-            },
-            ["maskmem_feat"],
-        )
-        return memory
+    async def _encode_memory(self, vision_feat: Tensor, mask_logits: Tensor, score: float, calls: _Calls) -> np.ndarray:
+        inputs = {
+            "vision_feat": vision_feat,
+            "mask_logits": mask_logits,
+            "object_score_logits": np.array([[score]], dtype=np.float32),
+        }
+        async with calls.hold(sam2.MEMORY_ENCODER, inputs, ["maskmem_feat"]) as encoded:
+            return np.array(encoded.array("maskmem_feat"))  # the bank keeps its own copy
+
+
+def _decoder_inputs(embeds: list[Tensor], encoded: Held, coords: np.ndarray, labels: np.ndarray) -> dict[str, Tensor]:
+    """One object: every feature map by reference. Several objects: one batch, which has to be
+    assembled (and repeats the high-resolution maps per object)."""
+    if len(embeds) == 1:
+        return {
+            "image_embed": embeds[0],
+            "high_res_feat0": encoded.tensor("high_res_feat0"),
+            "high_res_feat1": encoded.tensor("high_res_feat1"),
+            "point_coords": coords,
+            "point_labels": labels,
+        }
+    as_array = lambda t: t.array() if isinstance(t, ShmRef) else t  # noqa: E731
+    return {
+        "image_embed": np.concatenate([as_array(e) for e in embeds]),
+        "high_res_feat0": np.repeat(encoded.array("high_res_feat0"), len(embeds), axis=0),
+        "high_res_feat1": np.repeat(encoded.array("high_res_feat1"), len(embeds), axis=0),
+        "point_coords": coords,
+        "point_labels": labels,
+    }
 
 
 class _Calls:
@@ -271,21 +300,23 @@ class _Calls:
         self.contract = contract
         self.deadline = None if timeout_s is None else started + timeout_s
         self.triton_s = 0.0
-        self.bytes_moved = 0
+        self._held: list[Held] = []
 
-    async def run(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    @property
+    def bytes_moved(self) -> int:
+        """Bytes the orchestrator wrote to or read from Triton's side this frame; tensors passed
+        by reference between models do not count, they never left shared memory."""
+        return sum(h.bytes_moved for h in self._held)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, model: str, inputs: dict[str, Tensor], outputs: list[str]) -> AsyncIterator[Held]:
         remaining = None if self.deadline is None else self.deadline - time.perf_counter()
-        result = await self.runner.run(
-            self.contract.specs[model],
-            inputs,
-            outputs,
-            lambda out: [np.array(out[name]) for name in outputs],
-            timeout_s=remaining,
-            max_shapes=self.contract.shm_max_shapes(model),
-        )
-        self.triton_s += result.triton_s
-        self.bytes_moved += sum(a.nbytes for a in inputs.values()) + sum(a.nbytes for a in result.value)
-        return result.value
+        async with self.runner.hold(
+            self.contract.specs[model], inputs, outputs, timeout_s=remaining, max_shapes=self.contract.shm_max_shapes(model)
+        ) as held:
+            self.triton_s += held.triton_s
+            self._held.append(held)
+            yield held
 
 
 def _numpy_dtype(datatype: str) -> type:

@@ -14,7 +14,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from server.errors import DeadlineExceeded, ServiceError, Unavailable
 from server.metrics import Metrics
 from server.triton.model_spec import ModelSpec
-from server.triton.shm import ShmSlot, ShmSlotPool
+from server.triton.shm import ShmRef, ShmSlotPool
 
 # Reconnect quickly after Triton comes back: gRPC's default backoff grows to two minutes,
 # which would keep the service unavailable long after Triton is ready again.
@@ -79,23 +79,24 @@ class TritonClient:
         return {name: result.as_numpy(name) for name in outputs}
 
     async def infer_in_shared_memory(
-        self, model: str, slot: ShmSlot, input_shapes: Mapping[str, tuple[int, ...]], *, timeout_s: float | None = None
+        self,
+        model: str,
+        inputs: Mapping[str, ShmRef],
+        outputs: Mapping[str, ShmRef],
+        *,
+        timeout_s: float | None = None,
     ) -> None:
-        """One inference whose inputs and outputs live in a registered shared-memory slot.
-
-        The caller has written the inputs (with these shapes) into the slot; on return the slot's
-        outputs hold the results.
-        """
+        """One inference whose tensors all live in registered shared-memory regions: Triton reads
+        the inputs and writes the outputs at the given offsets; no tensor bytes cross the socket."""
         infer_inputs = []
-        for name, shape in input_shapes.items():
-            tensor = slot.inputs[name]
-            infer_input = InferInput(name, list(shape), tensor.datatype)
-            infer_input.set_shared_memory(slot.region, tensor.nbytes_for(shape), tensor.offset)
+        for name, ref in inputs.items():
+            infer_input = InferInput(name, list(ref.shape), ref.datatype)
+            infer_input.set_shared_memory(ref.region, ref.nbytes, ref.offset)
             infer_inputs.append(infer_input)
         requested = []
-        for tensor in slot.outputs.values():
-            output = InferRequestedOutput(tensor.name)
-            output.set_shared_memory(slot.region, tensor.capacity, tensor.offset)
+        for name, ref in outputs.items():
+            output = InferRequestedOutput(name)
+            output.set_shared_memory(ref.region, ref.nbytes, ref.offset)
             requested.append(output)
         await self._call(model, infer_inputs, requested, timeout_s)
 

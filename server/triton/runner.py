@@ -1,17 +1,20 @@
-"""Runs one inference and hands its outputs to a consumer, through shared memory when it can.
+"""Runs inferences and hands their outputs on, through shared memory when it can.
 
-Pipelines call `run()` and never see how tensors travel: with shared memory enabled (Triton on
-the same host), inputs are copied into a registered slot and outputs are consumed in place;
-otherwise, or when every slot is busy, tensors travel inside the gRPC messages.
+Pipelines never see how tensors travel. With shared memory enabled (Triton on the same host),
+inputs are copied into a registered slot and outputs are read in place; a held output can also be
+passed to the next model by reference (ShmRef), so a feature map produced by one model and used by
+another never leaves shared memory. Without shared memory, or when every slot is busy or a tensor
+does not fit, tensors travel inside the gRPC messages and references are turned into arrays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -20,10 +23,11 @@ from server.errors import ServiceError, Unavailable
 from server.metrics import Metrics
 from server.triton.client import TritonClient
 from server.triton.model_spec import ModelSpec
-from server.triton.shm import ShmSlot, ShmSlotPool
+from server.triton.shm import ShmRef, ShmSlotPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Tensor = np.ndarray | ShmRef
 
 # A slot whose request was abandoned (deadline, cancellation) may still be written by Triton;
 # it goes back to the pool only after this long.
@@ -38,6 +42,37 @@ class RunResult(Generic[T]):
     shared_memory: bool
 
 
+@dataclass
+class Held:
+    """The outputs of one inference, kept where they are until the `hold` block ends."""
+
+    outputs: dict[str, Tensor]
+    triton_s: float
+    shared_memory: bool
+    # Bytes the orchestrator itself wrote into the request or read back (references excluded).
+    bytes_moved: int = 0
+    _read: set[str] = field(default_factory=set)
+
+    def tensor(self, name: str) -> Tensor:
+        """To pass to another model: a reference when in shared memory, else the array."""
+        return self.outputs[name]
+
+    def array(self, name: str) -> np.ndarray:
+        """As numpy (a view into shared memory: valid inside the hold block only)."""
+        value = self.outputs[name]
+        if name not in self._read:
+            self._read.add(name)
+            self.bytes_moved += value.nbytes if isinstance(value, ShmRef) else 0
+        return value.array() if isinstance(value, ShmRef) else value
+
+    def block(self, name: str, index: tuple[int, ...]) -> Tensor:
+        """One sub-tensor at a leading index, dimensions kept (e.g. candidate k of the masks)."""
+        value = self.outputs[name]
+        if isinstance(value, ShmRef):
+            return value.block(index)
+        return value[tuple(slice(i, i + 1) for i in index)]
+
+
 class InferenceRunner:
     def __init__(self, client: TritonClient, metrics: Metrics, *, shm_slots_per_model: int = 0) -> None:
         self.client = client
@@ -50,60 +85,84 @@ class InferenceRunner:
     async def run(
         self,
         spec: ModelSpec,
-        inputs: Mapping[str, np.ndarray],
+        inputs: Mapping[str, Tensor],
         outputs: Sequence[str],
         consume: Callable[[dict[str, np.ndarray]], T],
         *,
         timeout_s: float | None = None,
         max_shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> RunResult[T]:
-        """Infer, then call `consume(outputs)` in a worker thread while the outputs are valid.
+        """Infer, then call `consume(outputs)` in a worker thread while the outputs are valid."""
+        async with self.hold(spec, inputs, outputs, timeout_s=timeout_s, max_shapes=max_shapes) as held:
+            started = time.perf_counter()
+            value = await asyncio.to_thread(consume, {name: held.array(name) for name in outputs})
+            return RunResult(value, held.triton_s, time.perf_counter() - started, held.shared_memory)
 
-        `max_shapes` bounds the dynamic dimensions of the model's tensors (name -> largest shape),
-        so that its shared-memory slots can be sized; it is read when the model's pool is made.
+    @contextlib.asynccontextmanager
+    async def hold(
+        self,
+        spec: ModelSpec,
+        inputs: Mapping[str, Tensor],
+        outputs: Sequence[str],
+        *,
+        timeout_s: float | None = None,
+        max_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    ) -> AsyncIterator[Held]:
+        """Infer and keep the outputs in place for the block (the slot is released after it).
+
+        `max_shapes` bounds the model's dynamic dimensions (name -> largest shape) so its slots
+        can be sized; it is read when the model's pool is made.
         """
         pool = await self._pool(spec, max_shapes or {})
-        slot = pool.acquire() if pool is not None and pool.fits(inputs) else None
+        arrays = {name: value for name, value in inputs.items() if isinstance(value, np.ndarray)}
+        slot = pool.acquire() if pool is not None and pool.fits(arrays) else None
         self.metrics.triton_transfers.labels(spec.name, "grpc" if slot is None else "shm").inc()
         if slot is None:
+            plain = {name: v.array() if isinstance(v, ShmRef) else v for name, v in inputs.items()}
             started = time.perf_counter()
-            arrays = await self.client.infer(spec.name, inputs, outputs, timeout_s=timeout_s)
-            triton_s = time.perf_counter() - started
-            started = time.perf_counter()
-            value = await asyncio.to_thread(consume, arrays)
-            return RunResult(value, triton_s, time.perf_counter() - started, False)
+            result = await self.client.infer(spec.name, plain, outputs, timeout_s=timeout_s)
+            moved = sum(a.nbytes for a in plain.values()) + sum(a.nbytes for a in result.values())
+            yield Held(dict(result), time.perf_counter() - started, False, moved)
+            return
 
         assert pool is not None
-        finished = False
+        inferred = False
         try:
-            for name, array in inputs.items():
-                np.copyto(slot.inputs[name].view(array.shape), array)
-            shapes = {name: array.shape for name, array in inputs.items()}
+            refs: dict[str, ShmRef] = {}
+            for name, value in inputs.items():
+                if isinstance(value, ShmRef):
+                    refs[name] = value
+                else:
+                    np.copyto(slot.inputs[name].view(value.shape), value)
+                    refs[name] = slot.inputs[name].ref(value.shape)
+            out_refs = {name: slot.outputs[name].ref() for name in outputs}
             started = time.perf_counter()
-            await self._infer_in_slot(spec, pool, slot, shapes, timeout_s)
-            triton_s = time.perf_counter() - started
-            started = time.perf_counter()
-            value = await asyncio.to_thread(consume, {name: slot.outputs[name].view() for name in outputs})
-            finished = True
-            return RunResult(value, triton_s, time.perf_counter() - started, True)
+            await self._infer_in_slot(spec, pool, refs, out_refs, timeout_s)
+            inferred = True
+            yield Held(dict(out_refs), time.perf_counter() - started, True, sum(a.nbytes for a in arrays.values()))
         finally:
-            if finished:
+            if inferred:
                 pool.release(slot)
             else:
                 asyncio.get_running_loop().call_later(_ABANDONED_SLOT_QUARANTINE_S, pool.release, slot)
 
     async def _infer_in_slot(
-        self, spec: ModelSpec, pool: ShmSlotPool, slot: ShmSlot, shapes: dict[str, tuple[int, ...]], timeout_s: float | None
+        self,
+        spec: ModelSpec,
+        pool: ShmSlotPool,
+        inputs: dict[str, ShmRef],
+        outputs: dict[str, ShmRef],
+        timeout_s: float | None,
     ) -> None:
         try:
-            await self.client.infer_in_shared_memory(spec.name, slot, shapes, timeout_s=timeout_s)
+            await self.client.infer_in_shared_memory(spec.name, inputs, outputs, timeout_s=timeout_s)
         except ServiceError as exc:
             # A restarted Triton has forgotten every registration: register again, retry once.
             if "shared memory" not in exc.message:
                 raise
             log.info("re-registering shared memory with Triton", extra={"region": pool.region, "reason": exc.message})
             await self.client.register_shared_memory(pool)
-            await self.client.infer_in_shared_memory(spec.name, slot, shapes, timeout_s=timeout_s)
+            await self.client.infer_in_shared_memory(spec.name, inputs, outputs, timeout_s=timeout_s)
 
     async def _pool(self, spec: ModelSpec, max_shapes: Mapping[str, tuple[int, ...]]) -> ShmSlotPool | None:
         if self.shm_slots_per_model <= 0:

@@ -32,15 +32,48 @@ def _aligned(n: int) -> int:
 
 
 @dataclass(frozen=True)
+class ShmRef:
+    """A tensor that already sits in a registered region: another call's output, passed to the
+    next model by offset instead of by value."""
+
+    region: str
+    offset: int
+    shape: tuple[int, ...]
+    datatype: str
+    buffer: memoryview
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * np.dtype(_NUMPY[self.datatype]).itemsize
+
+    def array(self) -> np.ndarray:
+        """A numpy view (no copy), valid while the slot holding it is held."""
+        return np.ndarray(self.shape, _NUMPY[self.datatype], buffer=self.buffer, offset=self.offset)
+
+    def block(self, index: tuple[int, ...]) -> ShmRef:
+        """The sub-tensor at a leading index, keeping the dimensions as size 1 (e.g. candidate k
+        of masks [1, 4, H, W] as [1, 1, H, W]): contiguous in C order, so still a plain offset."""
+        inner = self.shape[len(index) :]
+        strides = np.cumprod((1, *reversed(self.shape)))[::-1][1:]  # elements per step of each dim
+        offset = int(sum(i * s for i, s in zip(index, strides[: len(index)], strict=True)))
+        itemsize = np.dtype(_NUMPY[self.datatype]).itemsize
+        return ShmRef(self.region, self.offset + offset * itemsize, (1,) * len(index) + inner, self.datatype, self.buffer)
+
+
+@dataclass(frozen=True)
 class ShmTensor:
     """One tensor of one slot: where it lives in the region and the largest shape it can hold."""
 
     name: str
+    region: str
     datatype: str
     shape: tuple[int, ...]  # capacity; with the batch dimension (1) for a batching model
     offset: int
     capacity: int  # bytes
     buffer: memoryview
+
+    def ref(self, shape: tuple[int, ...] | None = None) -> ShmRef:
+        return ShmRef(self.region, self.offset, shape or self.shape, self.datatype, self.buffer)
 
     def view(self, shape: tuple[int, ...] | None = None) -> np.ndarray:
         """The tensor as numpy, in place (no copy); `shape` for a smaller dynamic-shape tensor."""
@@ -95,7 +128,7 @@ class ShmSlotPool:
         for index in range(slots):
             base = index * slot_bytes
             tensors = {
-                spec.name: ShmTensor(spec.name, spec.datatype, shape, base + offset, nbytes, self._shm.buf)
+                spec.name: ShmTensor(spec.name, self.region, spec.datatype, shape, base + offset, nbytes, self._shm.buf)
                 for spec, shape, offset, nbytes in layout
             }
             self._slots.append(
