@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
-import logging
-import sys
+import os
 
-from server.app import serve
-from server.config import parse_args
-from server.logging_setup import configure_logging
-from server.triton.launcher import TritonStartError
+# The orchestrator's linear algebra is tiny (the 8-state Kalman filter); OpenBLAS's thread pool
+# costs more to wake than the solve itself and competes with Triton for the cores. Set before
+# numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import asyncio  # noqa: E402
+import ctypes  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+from server.app import serve  # noqa: E402
+from server.config import parse_args  # noqa: E402
+from server.logging_setup import configure_logging  # noqa: E402
+from server.triton.launcher import TritonStartError  # noqa: E402
 
 
 def _keep_large_buffers() -> None:

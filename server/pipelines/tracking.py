@@ -26,7 +26,7 @@ from server.health import TritonMonitor
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_tensors
 from server.pipelines.sam2_contract import Sam2Contract
-from server.triton.runner import Held, InferenceRunner, Tensor
+from server.triton.runner import Held, InferenceRunner, Input, Tensor
 from server.triton.shm import ShmRef
 from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
 from server.vision.masks import mask_at_resolution
@@ -251,7 +251,7 @@ class TrackingEngine:
             sam2.MEMORY_ATTENTION,
             {
                 "vision_feat": vision_feat,
-                "memory_feats": np.concatenate(selection.memories).astype(memory_dtype, copy=False),
+                "memory_feats": [m.astype(memory_dtype, copy=False) for m in selection.memories],
                 # Row of the temporal encoding: 0 for the most recent memory (the reference's
                 # num_maskmem - 1 - t_pos); prompt memories get num_maskmem - 1.
                 "memory_tpos": np.asarray(selection.tpos_enc_index, dtype=np.int32),
@@ -309,7 +309,7 @@ class _Calls:
         return sum(h.bytes_moved for h in self._held)
 
     @contextlib.asynccontextmanager
-    async def hold(self, model: str, inputs: dict[str, Tensor], outputs: list[str]) -> AsyncIterator[Held]:
+    async def hold(self, model: str, inputs: dict[str, Input], outputs: list[str]) -> AsyncIterator[Held]:
         remaining = None if self.deadline is None else self.deadline - time.perf_counter()
         async with self.runner.hold(
             self.contract.specs[model], inputs, outputs, timeout_s=remaining, max_shapes=self.contract.shm_max_shapes(model)

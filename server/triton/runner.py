@@ -27,7 +27,10 @@ from server.triton.shm import ShmRef, ShmSlotPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# An input: an array, a reference to a tensor already in shared memory, or a list of arrays
+# stacked along the first axis (written straight into the slot, without an intermediate copy).
 Tensor = np.ndarray | ShmRef
+Input = np.ndarray | ShmRef | list[np.ndarray]
 
 # A slot whose request was abandoned (deadline, cancellation) may still be written by Triton;
 # it goes back to the pool only after this long.
@@ -85,7 +88,7 @@ class InferenceRunner:
     async def run(
         self,
         spec: ModelSpec,
-        inputs: Mapping[str, Tensor],
+        inputs: Mapping[str, Input],
         outputs: Sequence[str],
         consume: Callable[[dict[str, np.ndarray]], T],
         *,
@@ -102,7 +105,7 @@ class InferenceRunner:
     async def hold(
         self,
         spec: ModelSpec,
-        inputs: Mapping[str, Tensor],
+        inputs: Mapping[str, Input],
         outputs: Sequence[str],
         *,
         timeout_s: float | None = None,
@@ -114,11 +117,11 @@ class InferenceRunner:
         can be sized; it is read when the model's pool is made.
         """
         pool = await self._pool(spec, max_shapes or {})
-        arrays = {name: value for name, value in inputs.items() if isinstance(value, np.ndarray)}
-        slot = pool.acquire() if pool is not None and pool.fits(arrays) else None
+        shapes = {name: _shape(value) for name, value in inputs.items() if not isinstance(value, ShmRef)}
+        slot = pool.acquire() if pool is not None and pool.fits_shapes(shapes, _dtypes(inputs)) else None
         self.metrics.triton_transfers.labels(spec.name, "grpc" if slot is None else "shm").inc()
         if slot is None:
-            plain = {name: v.array() if isinstance(v, ShmRef) else v for name, v in inputs.items()}
+            plain = {name: _materialise(v) for name, v in inputs.items()}
             started = time.perf_counter()
             result = await self.client.infer(spec.name, plain, outputs, timeout_s=timeout_s)
             moved = sum(a.nbytes for a in plain.values()) + sum(a.nbytes for a in result.values())
@@ -129,17 +132,26 @@ class InferenceRunner:
         inferred = False
         try:
             refs: dict[str, ShmRef] = {}
+            written = 0
             for name, value in inputs.items():
                 if isinstance(value, ShmRef):
                     refs[name] = value
+                    continue
+                view = slot.inputs[name].view(shapes[name])
+                if isinstance(value, list):
+                    offset = 0
+                    for part in value:
+                        view[offset : offset + part.shape[0]] = part
+                        offset += part.shape[0]
                 else:
-                    np.copyto(slot.inputs[name].view(value.shape), value)
-                    refs[name] = slot.inputs[name].ref(value.shape)
+                    np.copyto(view, value)
+                written += view.nbytes
+                refs[name] = slot.inputs[name].ref(shapes[name])
             out_refs = {name: slot.outputs[name].ref() for name in outputs}
             started = time.perf_counter()
             await self._infer_in_slot(spec, pool, refs, out_refs, timeout_s)
             inferred = True
-            yield Held(dict(out_refs), time.perf_counter() - started, True, sum(a.nbytes for a in arrays.values()))
+            yield Held(dict(out_refs), time.perf_counter() - started, True, written)
         finally:
             if inferred:
                 pool.release(slot)
@@ -215,3 +227,25 @@ class InferenceRunner:
             if pool is not None:
                 await self._drop(pool)
         self._pools.clear()
+
+
+def _shape(value: np.ndarray | list[np.ndarray]) -> tuple[int, ...]:
+    if isinstance(value, list):
+        return (sum(part.shape[0] for part in value), *value[0].shape[1:])
+    return value.shape
+
+
+def _dtypes(inputs: Mapping[str, Input]) -> dict[str, np.dtype]:
+    return {
+        name: (value[0].dtype if isinstance(value, list) else value.dtype)
+        for name, value in inputs.items()
+        if not isinstance(value, ShmRef)
+    }
+
+
+def _materialise(value: Input) -> np.ndarray:
+    if isinstance(value, ShmRef):
+        return value.array()
+    if isinstance(value, list):
+        return np.concatenate(value)
+    return value

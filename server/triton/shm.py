@@ -83,10 +83,13 @@ class ShmTensor:
         return int(np.prod(shape)) * np.dtype(_NUMPY[self.datatype]).itemsize
 
     def holds(self, array: np.ndarray) -> bool:
+        return self.holds_shape(array.shape, array.dtype)
+
+    def holds_shape(self, shape: tuple[int, ...], dtype: np.dtype) -> bool:
         return (
-            array.dtype == _NUMPY[self.datatype]
-            and array.ndim == len(self.shape)
-            and all(0 <= d <= cap for d, cap in zip(array.shape, self.shape, strict=True))
+            dtype == _NUMPY[self.datatype]
+            and len(shape) == len(self.shape)
+            and all(0 <= d <= cap for d, cap in zip(shape, self.shape, strict=True))
         )
 
 
@@ -162,8 +165,13 @@ class ShmSlotPool:
 
     def fits(self, inputs: Mapping[str, np.ndarray]) -> bool:
         """Whether these input arrays fit a slot (a batch of one, within every dimension's room)."""
+        return self.fits_shapes({n: a.shape for n, a in inputs.items()}, {n: a.dtype for n, a in inputs.items()})
+
+    def fits_shapes(self, shapes: Mapping[str, tuple[int, ...]], dtypes: Mapping[str, np.dtype]) -> bool:
         slot = self._slots[0] if self._slots else None
-        return slot is not None and all(name in slot.inputs and slot.inputs[name].holds(a) for name, a in inputs.items())
+        return slot is not None and all(
+            name in slot.inputs and slot.inputs[name].holds_shape(shape, dtypes[name]) for name, shape in shapes.items()
+        )
 
     @property
     def key(self) -> str:

@@ -18,23 +18,28 @@ def encode(mask: np.ndarray) -> str:
     if flat.size == 0:
         return ""
     changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
-    bounds = np.concatenate(([0], changes, [flat.size]))
-    counts = np.diff(bounds).tolist()
+    counts = np.diff(np.concatenate(([0], changes, [flat.size])))
     if flat[0]:  # the first run is background by convention, even when empty
-        counts.insert(0, 0)
+        counts = np.concatenate(([0], counts))
     return _to_string(counts)
 
 
-def _to_string(counts: list[int]) -> str:
-    out = bytearray()
-    for i, count in enumerate(counts):
-        x = count - counts[i - 2] if i > 2 else count
-        more = True
-        while more:
-            c = x & 0x1F
-            x >>= 5  # arithmetic shift: negative differences keep their sign
-            more = x != -1 if c & 0x10 else x != 0
-            if more:
-                c |= 0x20
-            out.append(c + 48)
-    return out.decode("ascii")
+def _to_string(counts: np.ndarray) -> str:
+    """pycocotools' rleToString, vectorised: 5 bits per character, 0x20 = "more follows"."""
+    runs = np.asarray(counts, dtype=np.int64)
+    x = runs.copy()
+    x[3:] -= runs[1:-2]  # every count after the third is stored as the difference to two back
+    chars = np.zeros((x.size, 13), dtype=np.uint8)  # 13 x 5 bits covers any int64
+    active = np.ones(x.size, dtype=bool)
+    length = np.zeros(x.size, dtype=np.int64)
+    for k in range(chars.shape[1]):
+        c = x & 0x1F
+        x = x >> 5  # arithmetic shift: negative differences keep their sign
+        more = np.where(c & 0x10, x != -1, x != 0) & active
+        chars[:, k] = np.where(active, (c | (more.astype(np.int64) << 5)) + 48, 0)
+        length += active
+        active = more
+        if not active.any():
+            break
+    mask = np.arange(chars.shape[1])[None, :] < length[:, None]
+    return chars[mask].tobytes().decode("ascii")
