@@ -151,6 +151,7 @@ async def start(config: ServerConfig) -> RunningServer:
         try:
             await managed.start()
         except BaseException:
+            await managed.stop()
             await server.stop(0)
             await runner.close()
             await client.close()

@@ -7,6 +7,7 @@ INTERNAL with an incident id, never with the traceback itself.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
@@ -77,8 +78,11 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             try:
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
-                    async for message in result:
-                        yield message
+                    # aclosing: if this stream is closed early, the handler's own cleanup (a
+                    # tracking session's detach) runs now, not when it is garbage-collected.
+                    async with contextlib.aclosing(result):
+                        async for message in result:
+                            yield message
                 else:
                     await result
             except Exception as exc:  # noqa: BLE001

@@ -528,3 +528,17 @@ def test_tracking_core_imports_no_heavy_dependencies():
     )
     result = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_conditioning_frames_stay_bounded() -> None:
+    # A client correcting every frame must not grow the bank without bound: the first prompt and
+    # the most recent corrections are kept (max_conditioning_frames, 4 by default).
+    bank = MemoryBank(SamuraiConfig())
+    memory, pointer = np.zeros((1, 4, 2, 2), np.float16), np.zeros(8, np.float32)
+    for frame in range(50):
+        bank.add_conditioning(frame, memory, pointer)
+    assert bank.conditioning_frames == [0, 47, 48, 49]
+    unbounded = MemoryBank(SamuraiConfig(max_conditioning_frames=None))
+    for frame in range(50):
+        unbounded.add_conditioning(frame, memory, pointer)
+    assert len(unbounded.conditioning_frames) == 50

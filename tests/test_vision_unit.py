@@ -14,7 +14,7 @@ from server.vision.letterbox import letterbox
 from server.vision.yolo import decode_yolov8
 
 
-@pytest.mark.parametrize(("height", "width"), [(1080, 810), (720, 1280), (640, 640), (3, 10), (2000, 500)])
+@pytest.mark.parametrize(("height", "width"), [(1080, 810), (720, 1280), (640, 640), (3, 10), (2000, 500), (1, 5000)])
 def test_letterbox_keeps_aspect_and_maps_back(height: int, width: int) -> None:
     image = np.zeros((height, width, 3), np.uint8)
     canvas, mapping = letterbox(image, (640, 640), 114)
@@ -22,7 +22,7 @@ def test_letterbox_keeps_aspect_and_maps_back(height: int, width: int) -> None:
     scale = min(640 / height, 640 / width)
     assert mapping.scale == pytest.approx(scale)
     # Padding is split evenly (the odd pixel on the right/bottom), so the content is centred.
-    new_w, new_h = round(width * scale), round(height * scale)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     assert mapping.pad_left == (640 - new_w) // 2 and mapping.pad_top == (640 - new_h) // 2
     if mapping.pad_left:
         assert (canvas[:, : mapping.pad_left] == 114).all()

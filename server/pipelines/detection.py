@@ -149,7 +149,8 @@ class DetectionPipeline:
             output, confidence=options.confidence, iou=options.iou, max_detections=options.max_detections, class_mask=class_mask
         )
         # Model pixels -> decoded pixels -> original pixels (a reduced JPEG decode has scale > 1).
-        boxes = mapping.to_source(raw.boxes, (decoded.rgb.shape[1], decoded.rgb.shape[0])) * decoded.scale
+        boxes = mapping.to_source(raw.boxes, (decoded.rgb.shape[1], decoded.rgb.shape[0]))
+        boxes *= np.array([decoded.scale, decoded.scale_y] * 2, dtype=np.float32)
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, decoded.width)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, decoded.height)
         return [

@@ -56,6 +56,12 @@ class SessionRegistry:
             raise ServiceError(
                 f"tracking session {session_id!r} is driven by another stream right now", code=grpc.StatusCode.FAILED_PRECONDITION
             )
+        if session.broken:
+            self.release(session_id)
+            raise ServiceError(
+                f"tracking session {session_id!r} cannot be resumed: {session.broken}; open a new session and prompt again",
+                code=grpc.StatusCode.FAILED_PRECONDITION,
+            )
         session.attached = True
         session.last_active = time.monotonic()
         return session
@@ -89,7 +95,8 @@ class SessionRegistry:
             self.metrics.tracking_session_bytes.labels(session.session_id).set(session.memory_bytes())
 
     def report(self, session: TrackingSession) -> None:
-        self.metrics.tracking_session_bytes.labels(session.session_id).set(session.memory_bytes())
+        if session.session_id in self._sessions:  # never re-create the label of a released session
+            self.metrics.tracking_session_bytes.labels(session.session_id).set(session.memory_bytes())
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._evict_forever(), name="session-eviction")

@@ -21,7 +21,7 @@ import grpc
 import numpy as np
 
 from framewise.v1 import common_pb2
-from server.errors import InvalidInput, ServiceError
+from server.errors import InvalidInput, ServiceError, TooLarge
 from server.health import TritonMonitor
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_tensors
@@ -54,6 +54,10 @@ class TrackingSession:
     last_active: float = field(default_factory=time.monotonic)
     # One stream at a time drives a session.
     attached: bool = False
+    # Set when a frame failed after the session's state started to change (Triton error,
+    # deadline, cancellation mid-frame): the objects may disagree about the last frame, so the
+    # session cannot be resumed.
+    broken: str = ""
 
     def memory_bytes(self) -> int:
         return sum(o.bank.nbytes() for o in self.objects.values())
@@ -100,13 +104,37 @@ class TrackingEngine:
         timeout_s: float | None = None,
     ) -> FrameOutcome:
         """Track one frame. Validates everything before touching the session, so a rejected
-        frame leaves the session as it was."""
+        frame leaves the session as it was; a frame that fails later (Triton error, deadline,
+        cancellation) marks the session broken, because its objects may then disagree about
+        which frame they have seen."""
         started = time.perf_counter()
         contract = self.contract()
         decoded = await asyncio.to_thread(decode_image, image, max_pixels=self.max_pixels, field="frame.image")
         index = self._validate(session, frame_index, decoded, prompts, removals)
         decode_s = time.perf_counter() - started
 
+        try:
+            outcome, calls = await self._apply(session, index, decoded, prompts, removals, contract, started, timeout_s)
+        except BaseException as exc:
+            session.broken = f"frame {index} failed half-way ({type(exc).__name__}: {exc})"
+            raise
+        session.next_frame_index = index + 1
+        session.last_active = time.monotonic()
+        timings = {"decode": decode_s * 1e3, "triton": calls.triton_s * 1e3, "total": (time.perf_counter() - started) * 1e3}
+        timings["postprocess"] = timings["total"] - timings["decode"] - timings["triton"]
+        return FrameOutcome(index, outcome, timings, calls.bytes_moved)
+
+    async def _apply(
+        self,
+        session: TrackingSession,
+        index: int,
+        decoded: DecodedImage,
+        prompts: list[ObjectPrompt],
+        removals: list[int],
+        contract: Sam2Contract,
+        started: float,
+        timeout_s: float | None,
+    ) -> tuple[list[ObjectOutcome], _Calls]:
         for object_id in removals:
             del session.objects[object_id]
         prompted = {p.object_id: p for p in prompts}
@@ -120,12 +148,7 @@ class TrackingEngine:
         session.width, session.height = decoded.width, decoded.height
 
         calls = _Calls(self.runner, contract, started, timeout_s)
-        outcome = await self._track(session, index, decoded, prompted, contract, calls)
-        session.next_frame_index = index + 1
-        session.last_active = time.monotonic()
-        timings = {"decode": decode_s * 1e3, "triton": calls.triton_s * 1e3, "total": (time.perf_counter() - started) * 1e3}
-        timings["postprocess"] = timings["total"] - timings["decode"] - timings["triton"]
-        return FrameOutcome(index, outcome, timings, calls.bytes_moved)
+        return await self._track(session, index, decoded, prompted, contract, calls), calls
 
     def _validate(
         self,
@@ -154,6 +177,8 @@ class TrackingEngine:
                 raise InvalidInput(f"object {prompt.object_id} is prompted twice in one frame", "frame.prompts")
             seen.add(prompt.object_id)
             check_inside(prompt, decoded.width, decoded.height, f"frame.prompts[object_id={prompt.object_id}]")
+        if len(set(removals)) != len(removals):
+            raise InvalidInput("remove_object_ids lists an object twice", "frame.remove_object_ids")
         for object_id in removals:
             if object_id not in session.objects:
                 known = ", ".join(map(str, sorted(session.objects))) or "none"
@@ -168,7 +193,11 @@ class TrackingEngine:
                 code=grpc.StatusCode.FAILED_PRECONDITION,
             )
         if len(remaining) > self.max_objects:
-            raise InvalidInput(f"at most {self.max_objects} objects per session, this frame would have {len(remaining)}", "frame.prompts")
+            raise TooLarge(
+                f"at most {self.max_objects} objects per session (this frame would have {len(remaining)}); "
+                "remove objects or open another session",
+                "frame.prompts",
+            )
         return index
 
     async def _track(

@@ -78,8 +78,8 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             # A stream that ends normally releases its session unless asked to keep it; a broken
             # one (error, cancel, disconnect) leaves it resumable for the idle TTL, as long as it
             # has tracked something worth resuming.
-            broken_with_state = not ended_cleanly and session.next_frame_index > 0
-            self.sessions.detach(session, keep=broken_with_state or first.open.keep_on_close)
+            broken_with_state = not ended_cleanly and session.next_frame_index > 0 and not session.broken
+            self.sessions.detach(session, keep=(broken_with_state or first.open.keep_on_close) and not session.broken)
 
     def _open(self, request: tracking_service_pb2.OpenSession) -> TrackingSession:
         if request.resume_session_id:

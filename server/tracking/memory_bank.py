@@ -122,6 +122,10 @@ class MemoryBank:
         self._cond[frame_idx] = (memory, obj_ptr)
         if self._first_cond is None:
             self._first_cond = frame_idx
+        cap = self.config.max_conditioning_frames
+        while cap is not None and len(self._cond) > cap:
+            # Drop the oldest correction; the first prompt stays (it anchors the object).
+            del self._cond[next(t for t in self._cond if t != self._first_cond)]
 
     def add_frame(
         self,

@@ -60,6 +60,10 @@ class SamuraiConfig:
     # The reference walks back over frames range(frame_idx - 1, 1, -1) with the prompt on frame 0,
     # so the first tracked frame after the prompt is never a "usable" memory (only the previous one).
     memory_walk_skips_first_tracked_frame: bool = True
+    # Conditioning (prompt) frames kept per object: the first prompt and the most recent ones.
+    # The reference keeps all (max_cond_frames_in_attn = -1); a service must stay bounded when a
+    # client corrects every frame. None: unbounded, as the reference.
+    max_conditioning_frames: int | None = 4
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.kf_score_weight <= 1.0:
@@ -70,6 +74,8 @@ class SamuraiConfig:
             raise ValueError(f"num_maskmem must be >= 1, got {self.num_maskmem}")
         if self.max_obj_ptrs < 1:
             raise ValueError(f"max_obj_ptrs must be >= 1, got {self.max_obj_ptrs}")
+        if self.max_conditioning_frames is not None and self.max_conditioning_frames < 1:
+            raise ValueError(f"max_conditioning_frames must be >= 1, got {self.max_conditioning_frames}")
 
     @classmethod
     def for_model(cls, size: ModelSize, **overrides: object) -> SamuraiConfig:

@@ -105,6 +105,14 @@ class TritonClient:
             pool.region, pool.key, pool.byte_size, client_timeout=self.control_timeout_s
         )
 
+    async def shared_memory_status(self, region: str) -> bool:
+        """Whether Triton has this system shared-memory region registered."""
+        try:
+            status = await self._client.get_system_shared_memory_status(region, client_timeout=self.control_timeout_s)
+        except InferenceServerException:
+            return False
+        return region in status.regions
+
     async def unregister_shared_memory(self, region: str) -> None:
         await self._client.unregister_system_shared_memory(region, client_timeout=self.control_timeout_s)
 

@@ -223,7 +223,7 @@ class ManagedTriton:
                 await self._wait_ready()
                 self.restarts += 1
                 backoff = 1.0
-            except TritonStartError as exc:
+            except Exception as exc:  # noqa: BLE001 - keep supervising whatever went wrong
                 log.error("triton restart failed", extra={"error": str(exc)})
 
     async def stop(self) -> None:

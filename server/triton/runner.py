@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+import grpc
 import numpy as np
 
 from server.errors import ServiceError, Unavailable
@@ -83,7 +84,11 @@ class InferenceRunner:
         self.shm_slots_per_model = shm_slots_per_model
         # Model -> (the spec the pool was made for, the pool; None when the model cannot use one).
         self._pools: dict[str, tuple[ModelSpec, ShmSlotPool | None]] = {}
+        # Pools of a model's earlier spec (reloaded model): requests in flight may still hold
+        # their slots, so they stay mapped and registered until close().
+        self._retired: list[ShmSlotPool] = []
         self._lock = asyncio.Lock()
+        self._register_locks: dict[str, asyncio.Lock] = {}
 
     async def run(
         self,
@@ -129,7 +134,7 @@ class InferenceRunner:
             return
 
         assert pool is not None
-        inferred = False
+        abandoned = True
         try:
             refs: dict[str, ShmRef] = {}
             written = 0
@@ -149,14 +154,20 @@ class InferenceRunner:
                 refs[name] = slot.inputs[name].ref(shapes[name])
             out_refs = {name: slot.outputs[name].ref() for name in outputs}
             started = time.perf_counter()
-            await self._infer_in_slot(spec, pool, refs, out_refs, timeout_s)
-            inferred = True
+            try:
+                await self._infer_in_slot(spec, pool, refs, out_refs, timeout_s)
+            except ServiceError as exc:
+                # Triton answered (an error status): it is done with the slot. Only a request
+                # abandoned while Triton may still be running it keeps the slot in quarantine.
+                abandoned = exc.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
+                raise
+            abandoned = False
             yield Held(dict(out_refs), time.perf_counter() - started, True, written)
         finally:
-            if inferred:
-                pool.release(slot)
-            else:
+            if abandoned:
                 asyncio.get_running_loop().call_later(_ABANDONED_SLOT_QUARANTINE_S, pool.release, slot)
+            else:
+                pool.release(slot)
 
     async def _infer_in_slot(
         self,
@@ -166,15 +177,32 @@ class InferenceRunner:
         outputs: dict[str, ShmRef],
         timeout_s: float | None,
     ) -> None:
+        started = time.perf_counter()
         try:
             await self.client.infer_in_shared_memory(spec.name, inputs, outputs, timeout_s=timeout_s)
         except ServiceError as exc:
             # A restarted Triton has forgotten every registration: register again, retry once.
             if "shared memory" not in exc.message:
                 raise
-            log.info("re-registering shared memory with Triton", extra={"region": pool.region, "reason": exc.message})
+            for region_pool in self._pools_of(inputs, outputs, pool):
+                await self._reregister(region_pool, exc.message)
+            remaining = None if timeout_s is None else timeout_s - (time.perf_counter() - started)
+            await self.client.infer_in_shared_memory(spec.name, inputs, outputs, timeout_s=remaining)
+
+    def _pools_of(self, inputs: dict[str, ShmRef], outputs: dict[str, ShmRef], own: ShmSlotPool) -> list[ShmSlotPool]:
+        """The pools whose regions this request uses (inputs may reference other models' slots)."""
+        regions = {ref.region for ref in (*inputs.values(), *outputs.values())}
+        pools = [p for _, p in self._pools.values() if p is not None] + self._retired
+        return [own] + [p for p in pools if p.region in regions and p is not own]
+
+    async def _reregister(self, pool: ShmSlotPool, reason: str) -> None:
+        # Requests failing together after a restart re-register once, not once each.
+        async with self._register_locks.setdefault(pool.region, asyncio.Lock()):
+            status = await self.client.shared_memory_status(pool.region)
+            if status:
+                return
+            log.info("re-registering shared memory with Triton", extra={"region": pool.region, "reason": reason})
             await self.client.register_shared_memory(pool)
-            await self.client.infer_in_shared_memory(spec.name, inputs, outputs, timeout_s=timeout_s)
 
     async def _pool(self, spec: ModelSpec, max_shapes: Mapping[str, tuple[int, ...]]) -> ShmSlotPool | None:
         if self.shm_slots_per_model <= 0:
@@ -187,7 +215,7 @@ class InferenceRunner:
             if current is not None and current[0] is spec:
                 return current[1]
             if current is not None and current[1] is not None:  # reloaded: its tensors may have changed
-                await self._drop(current[1])
+                self._retired.append(current[1])
             batched = spec.max_batch_size > 0
             if not ShmSlotPool.supports(spec.inputs + spec.outputs, batched=batched, max_shapes=max_shapes):
                 self._pools[spec.name] = (spec, None)  # unbounded shapes: always gRPC
@@ -223,9 +251,9 @@ class InferenceRunner:
         pool.close()
 
     async def close(self) -> None:
-        for _, pool in list(self._pools.values()):
-            if pool is not None:
-                await self._drop(pool)
+        for pool in [p for _, p in self._pools.values() if p is not None] + self._retired:
+            await self._drop(pool)
+        self._retired.clear()
         self._pools.clear()
 
 

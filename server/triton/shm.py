@@ -123,8 +123,8 @@ class ShmSlotPool:
         self.region = f"framewise-{model}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         layout, slot_bytes = self._layout(inputs + outputs, batched, max_shapes or {})
         self.byte_size = slot_bytes * slots
-        # close() unlinks the region; if the process dies first, multiprocessing's resource
-        # tracker unlinks it, so no segment outlives the orchestrator.
+        # close() unlinks the region; if the interpreter exits without it, multiprocessing's
+        # resource tracker unlinks it. Only a SIGKILL of the orchestrator leaves it behind.
         self._shm = shared_memory.SharedMemory(name=self.region, create=True, size=self.byte_size)
         input_names = {t.name for t in inputs}
         self._slots = []

@@ -37,8 +37,13 @@ class DecodedImage:
 
     @property
     def scale(self) -> float:
-        """Original pixels per decoded pixel (> 1 when the JPEG was decoded at reduced size)."""
+        """Original pixels per decoded pixel along x (> 1 when the JPEG was decoded reduced)."""
         return self.width / self.rgb.shape[1]
+
+    @property
+    def scale_y(self) -> float:
+        """The same along y (OpenCV rounds each axis of a reduced decode separately)."""
+        return self.height / self.rgb.shape[0]
 
 
 def decode_image(

@@ -34,7 +34,8 @@ def letterbox(rgb: np.ndarray, size: tuple[int, int], pad_value: int) -> tuple[n
     target_h, target_w = size
     src_h, src_w = rgb.shape[:2]
     scale = min(target_h / src_h, target_w / src_w)
-    new_w, new_h = int(round(src_w * scale)), int(round(src_h * scale))
+    # At least one pixel: a 1 x 5000 strip would otherwise round to a zero-sized resize.
+    new_w, new_h = max(1, int(round(src_w * scale))), max(1, int(round(src_h * scale)))
     pad_w, pad_h = (target_w - new_w) / 2, (target_h - new_h) / 2
     left, top = int(round(pad_w - 0.1)), int(round(pad_h - 0.1))
     right, bottom = target_w - new_w - left, target_h - new_h - top

@@ -3,7 +3,7 @@
 Clients decode with pycocotools or clients.masks.decode_rle.
 
 Runs are counted in column-major order, starting with background; the counts are written with
-pycocotools' 6-bit variable-length code (rleToString), each count after the second as the
+pycocotools' 6-bit variable-length code (rleToString), each count from the fourth on as the
 difference to the count two places back.
 """
 

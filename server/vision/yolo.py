@@ -33,6 +33,8 @@ def decode_yolov8(
     if class_mask is not None:
         # Score only the requested classes (usually just "person"): 1 row instead of 80.
         class_index = np.flatnonzero(class_mask)
+        if class_index.size == 0:
+            return _empty()
         scores_all = scores_all[class_index]
     best = scores_all.argmax(axis=0)
     scores = np.take_along_axis(scores_all, best[None], axis=0)[0]
@@ -44,8 +46,9 @@ def decode_yolov8(
     boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1).astype(np.float32)
     scores, class_ids = scores[keep].astype(np.float32), class_ids[keep].astype(np.int32)
 
-    # Class-aware NMS in one call: shift each class's boxes into a region of its own.
-    offset = class_ids[:, None].astype(np.float32) * (boxes.max() + 1.0)
+    # Class-aware NMS in one call: shift each class's boxes into a region of its own (wider than
+    # every box's extent, negative corners included).
+    offset = class_ids[:, None].astype(np.float32) * (boxes.max() - min(boxes.min(), 0.0) + 1.0)
     shifted = boxes + offset
     xywh = np.concatenate([shifted[:, :2], shifted[:, 2:] - shifted[:, :2]], axis=1)
     kept = cv2.dnn.NMSBoxes(xywh.tolist(), scores.tolist(), confidence, iou, top_k=max_detections)
