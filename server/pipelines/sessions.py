@@ -46,6 +46,7 @@ class SessionRegistry:
         return session
 
     def resume(self, session_id: str) -> TrackingSession:
+        self.evict_idle()  # an expired session is gone even if the eviction loop has not run yet
         session = self._sessions.get(session_id)
         if session is None:
             raise ServiceError(
