@@ -1,0 +1,50 @@
+"""Run the D-ID emulator: ``python -m did_emulator --port 8081 [--api-key KEY]``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from did_emulator.server import start_emulator
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m did_emulator", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8081, help="port to listen on (0 picks a free one)")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="the only key accepted in 'Authorization: Basic <key>' (default: any non-empty key)",
+    )
+    parser.add_argument(
+        "--stage-delay-s",
+        type=float,
+        default=0.2,
+        help="seconds a talk spends in 'created' and again in 'started' (default 0.2)",
+    )
+    parser.add_argument(
+        "--storage-dir",
+        type=Path,
+        default=None,
+        help="where uploads and results are kept (default: a temporary folder, removed on exit)",
+    )
+    args = parser.parse_args(argv)
+    handle = start_emulator(
+        args.host, args.port, args.api_key, stage_delay_s=args.stage_delay_s, storage_dir=args.storage_dir
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"D-ID emulator listening on {handle.url} (storage {handle.storage})", flush=True)
+    try:
+        stop.wait()
+    finally:
+        handle.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,206 @@
+"""The emulator's state: uploads, talks, injected faults and the request log (thread-safe)."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+import secrets
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from did_emulator.media import render_talk
+
+URL_PREFIX = "s3://d-id-emulator/"
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+TALK_OUTCOMES = ("done", "error", "rejected")
+
+
+@dataclass
+class Fault:
+    """An injected failure: requests matching method/path (fnmatch) are delayed by ``delay_s``
+    and, if ``status`` is set, answered with it instead of being handled; ``times`` uses."""
+
+    id: int
+    method: str = "*"
+    path: str = "*"
+    status: int | None = None
+    kind: str | None = None
+    description: str | None = None
+    retry_after: float | None = None
+    delay_s: float = 0.0
+    times: int = 1
+    fired: int = 0
+
+    def matches(self, method: str, path: str) -> bool:
+        return (self.method in ("*", method)) and fnmatch.fnmatchcase(path, self.path) and self.fired < self.times
+
+
+@dataclass
+class TalkOutcome:
+    outcome: str = "done"
+    kind: str | None = None
+    description: str | None = None
+    stage_delay_s: float | None = None
+
+
+@dataclass
+class Upload:
+    id: str
+    kind: str  # "image" | "audio"
+    path: Path
+    url: str
+
+
+@dataclass
+class TalkRecord:
+    id: str
+    source: Upload
+    audio: Upload
+    created_at: float
+    stage_delay_s: float
+    outcome: TalkOutcome
+    video_path: Path
+    rendered: threading.Event = field(default_factory=threading.Event)
+    render_error: str | None = None
+
+    def status(self, now: float) -> str:
+        elapsed = now - self.created_at
+        if elapsed < self.stage_delay_s:
+            return "created"
+        if elapsed < 2 * self.stage_delay_s:
+            return "started"
+        if self.outcome.outcome != "done":
+            return self.outcome.outcome
+        if not self.rendered.is_set():
+            return "started"
+        return "error" if self.render_error else "done"
+
+
+class EmulatorState:
+    def __init__(self, storage: Path, stage_delay_s: float) -> None:
+        self.storage = storage
+        self.stage_delay_s = stage_delay_s
+        self._lock = threading.Lock()
+        self._reset_locked()
+
+    def _reset_locked(self) -> None:
+        self.uploads: dict[str, Upload] = {}
+        self.talks: dict[str, TalkRecord] = {}
+        self.faults: list[Fault] = []
+        self.outcomes: list[TalkOutcome] = []
+        self.requests: list[dict[str, Any]] = []
+        self._next_fault = 1
+
+    def reset(self) -> None:
+        with self._lock:
+            self._reset_locked()
+
+    # --------------------------------------------------------------------- faults and log
+
+    def add_fault(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Register a fault or a next-talk outcome from the control endpoint's JSON."""
+        with self._lock:
+            if "talk_outcome" in spec:
+                outcome = TalkOutcome(
+                    outcome=str(spec["talk_outcome"]),
+                    kind=spec.get("kind"),
+                    description=spec.get("description"),
+                    stage_delay_s=None if spec.get("stage_delay_s") is None else float(spec["stage_delay_s"]),
+                )
+                if outcome.outcome not in TALK_OUTCOMES:
+                    raise ValueError(f"talk_outcome must be one of {TALK_OUTCOMES}")
+                self.outcomes.append(outcome)
+                return {"talk_outcome": asdict(outcome)}
+            if spec.get("status") is None and not spec.get("delay_s"):
+                raise ValueError("a fault needs 'status', 'delay_s' or 'talk_outcome'")
+            fault = Fault(
+                id=self._next_fault,
+                method=str(spec.get("method", "*")).upper(),
+                path=str(spec.get("path", "*")),
+                status=None if spec.get("status") is None else int(spec["status"]),
+                kind=spec.get("kind"),
+                description=spec.get("description"),
+                retry_after=None if spec.get("retry_after") is None else float(spec["retry_after"]),
+                delay_s=float(spec.get("delay_s", 0.0)),
+                times=int(spec.get("times", 1)),
+            )
+            self._next_fault += 1
+            self.faults.append(fault)
+            return asdict(fault)
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.matches(method, path):
+                    fault.fired += 1
+                    return fault
+        return None
+
+    def log(self, method: str, path: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {"method": method, "path": path, "time": time.time(), "status": None}
+        with self._lock:
+            self.requests.append(entry)
+        return entry
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "requests": [dict(r) for r in self.requests],
+                "faults": [asdict(f) for f in self.faults],
+                "pending_talk_outcomes": [asdict(o) for o in self.outcomes],
+            }
+
+    # ----------------------------------------------------------------- uploads and talks
+
+    def store_upload(self, kind: str, filename: str | None, data: bytes) -> Upload:
+        upload_id = f"{kind[:3]}_{secrets.token_hex(8)}"
+        name = _SAFE_NAME.sub("_", Path(filename or kind).name).strip("._") or kind
+        folder = self.storage / upload_id
+        folder.mkdir(parents=True)
+        path = folder / name
+        path.write_bytes(data)
+        upload = Upload(id=upload_id, kind=kind, path=path, url=f"{URL_PREFIX}{upload_id}/{name}")
+        with self._lock:
+            self.uploads[upload.url] = upload
+        return upload
+
+    def upload_by_url(self, url: object) -> Upload | None:
+        with self._lock:
+            return self.uploads.get(url) if isinstance(url, str) else None
+
+    def create_talk(self, source: Upload, audio: Upload) -> TalkRecord:
+        with self._lock:
+            outcome = self.outcomes.pop(0) if self.outcomes else TalkOutcome()
+        talk_id = f"tlk_{secrets.token_urlsafe(12).replace('-', 'x').replace('_', 'y')}"
+        delay = self.stage_delay_s if outcome.stage_delay_s is None else outcome.stage_delay_s
+        record = TalkRecord(
+            id=talk_id,
+            source=source,
+            audio=audio,
+            created_at=time.monotonic(),
+            stage_delay_s=delay,
+            outcome=outcome,
+            video_path=self.storage / "talks" / f"{talk_id}.mp4",
+        )
+        with self._lock:
+            self.talks[talk_id] = record
+        if outcome.outcome == "done":
+            threading.Thread(target=self._render, args=(record,), name=f"render-{talk_id}", daemon=True).start()
+        return record
+
+    def talk(self, talk_id: str) -> TalkRecord | None:
+        with self._lock:
+            return self.talks.get(talk_id)
+
+    @staticmethod
+    def _render(record: TalkRecord) -> None:
+        try:
+            record.video_path.parent.mkdir(parents=True, exist_ok=True)
+            render_talk(record.source.path, record.audio.path, record.video_path)
+        except Exception as exc:  # noqa: BLE001 - reported to the caller as the talk's error
+            record.render_error = f"{type(exc).__name__}: {exc}"
+        finally:
+            record.rendered.set()
