@@ -89,9 +89,15 @@ class TrackingEngine:
         self.monitor = monitor
         self.max_pixels = max_pixels
         self.max_objects = max_objects
+        self._contract: tuple[tuple[int, ...], Sam2Contract] | None = None
 
     def contract(self) -> Sam2Contract:
-        return Sam2Contract.from_specs({name: self.monitor.require_ready(name) for name in sam2.MODELS})
+        specs = {name: self.monitor.require_ready(name) for name in sam2.MODELS}
+        # The monitor hands out new spec objects only when Triton (re)loads a model.
+        key = tuple(id(spec) for spec in specs.values())
+        if self._contract is None or self._contract[0] != key:
+            self._contract = (key, Sam2Contract.from_specs(specs))
+        return self._contract[1]
 
     async def step(
         self,
