@@ -1,0 +1,276 @@
+"""The durable job store: records for operations, their events and artifacts, and the
+`JobStore` protocol that every backend (SQLite now, Redis later) implements.
+
+Conventions shared by every backend:
+
+* Operation names are ``"operations/<uuid4 hex>"``.
+* ``state``, ``stage`` and ``kind`` are the integer values of the proto enums
+  ``framewise.v1.JobState``, ``JobStage`` and ``JobKind`` (``JobState`` below mirrors the
+  first; the values are checked against the proto in the tests), so the gRPC layer can pass
+  them straight into ``JobMetadata``.
+* Times are timezone-aware UTC ``datetime`` objects (microsecond precision).
+* Event payloads: ``EventRecord.event_type`` is the name of the ``WatchOperationResponse.event``
+  oneof member (``"stage_update"``, ``"progress_update"``, ``"error"``, ``"complete"``) and
+  ``payload`` is the serialized bytes of that member message (``StageUpdate``,
+  ``ProgressUpdate``, ``JobError``, ``JobComplete``). The envelope fields (``sequence``, ``name``,
+  ``time``) live in the record itself, so the watch service rebuilds the response with
+  ``WatchOperationResponse(sequence=..., name=..., time=..., **{event_type: Msg.FromString(payload)})``.
+  The store never parses payloads; whether an event ends the stream is the explicit
+  ``terminal`` flag (``"complete"`` is always terminal; a final ``"error"`` with
+  ``will_retry=false`` is appended with ``terminal=True``).
+* Heartbeats are never stored (see ``server.jobs.events``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Protocol, runtime_checkable
+
+__all__ = [
+    "TERMINAL_EVENT_TYPES",
+    "ArtifactRecord",
+    "EventRecord",
+    "JobState",
+    "JobStore",
+    "JobStoreError",
+    "OperationNotFinishedError",
+    "OperationNotFoundError",
+    "OperationRecord",
+    "OperationUpdate",
+    "RequestIdConflictError",
+    "utcnow",
+]
+
+# Event types that always end a watch stream. A final "error" is terminal too, but only the
+# appender knows it is final, so it passes terminal=True.
+TERMINAL_EVENT_TYPES = frozenset({"complete"})
+EVENT_TYPES = frozenset({"stage_update", "progress_update", "error", "complete"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobState(enum.IntEnum):
+    """Mirror of ``framewise.v1.JobState``."""
+
+    UNSPECIFIED = 0
+    QUEUED = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+UNFINISHED_STATES = (JobState.QUEUED, JobState.RUNNING)
+TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobStoreError(Exception):
+    """Base of the store's errors."""
+
+
+class OperationNotFoundError(JobStoreError, KeyError):
+    """No operation has this name (gRPC: NOT_FOUND)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"operation {self.name!r} not found"
+
+
+class OperationNotFinishedError(JobStoreError):
+    """The operation is still QUEUED or RUNNING (gRPC: FAILED_PRECONDITION)."""
+
+    def __init__(self, name: str, state: JobState) -> None:
+        super().__init__(f"operation {name!r} is {state.name}, not finished")
+        self.name = name
+        self.state = state
+
+
+class RequestIdConflictError(JobStoreError):
+    """The request_id was already used for a different kind of job (gRPC: ALREADY_EXISTS)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OperationRecord:
+    name: str
+    kind: int  # framewise.v1.JobKind
+    state: JobState
+    stage: int  # framewise.v1.JobStage
+    percent: float
+    message: str
+    # Serialized submit request (SegmentVideoRequest / CreateTalkingVideoRequest).
+    request: bytes
+    # Serialized response message once SUCCEEDED, else None.
+    response: bytes | None
+    # (google.rpc.Code value, message) once FAILED/CANCELLED, else None.
+    error: tuple[int, str] | None
+    create_time: datetime
+    update_time: datetime
+    start_time: datetime | None
+    end_time: datetime | None
+    # Sequence of the last stored event (0: none yet).
+    last_sequence: int
+    # Last JobStage the runner finished, so a restarted runner resumes after it (0: none).
+    last_completed_stage: int
+    # Client-chosen idempotency key ("" or None: none).
+    request_id: str | None
+    cancel_requested: bool
+
+    @property
+    def done(self) -> bool:
+        """AIP-151 ``Operation.done``."""
+        return self.state.is_terminal
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    operation: str
+    sequence: int
+    time: datetime
+    event_type: str  # oneof member name of WatchOperationResponse.event
+    payload: bytes  # serialized member message
+    terminal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactRecord:
+    operation: str
+    name: str  # e.g. "overlay.mp4", the DownloadArtifact name
+    kind: int  # framewise.v1.ArtifactKind
+    media_type: str
+    path: str  # absolute path on the server's disk
+    size: int
+    sha256: str
+    expire_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OperationUpdate:
+    """Changes to apply to an operation; ``None`` leaves a field as it is.
+
+    ``update_time`` is always set to now. Entering RUNNING sets ``start_time`` if it is unset;
+    entering a terminal state sets ``end_time`` if it is unset.
+    """
+
+    state: JobState | None = None
+    stage: int | None = None
+    percent: float | None = None
+    message: str | None = None
+    response: bytes | None = None
+    error: tuple[int, str] | None = None
+    last_completed_stage: int | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    """Durable storage of operations, their numbered events and their artifacts.
+
+    Every method is a coroutine; implementations do their I/O off the event loop. Whatever a
+    method returns has been durably committed before it returns.
+    """
+
+    async def create_operation(
+        self,
+        *,
+        kind: int,
+        request: bytes,
+        request_id: str | None = None,
+        message: str = "",
+        stage: int = 0,
+    ) -> tuple[OperationRecord, bool]:
+        """Creates a QUEUED operation, or returns the one already created with this
+        ``request_id``. Returns ``(record, created)``: ``created`` is False for a repeat, so the
+        caller enqueues the job only once. Raises RequestIdConflictError when the request_id
+        belongs to an operation of another kind."""
+        ...
+
+    async def get_operation(self, name: str) -> OperationRecord:
+        """Raises OperationNotFoundError."""
+        ...
+
+    async def list_operations(
+        self,
+        *,
+        states: JobState | tuple[JobState, ...] | None = None,
+        kind: int | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> tuple[list[OperationRecord], str]:
+        """One page, ordered by (create_time, name); returns ``(items, next_page_token)`` with
+        ``""`` on the last page. A token stays valid while operations are added or deleted.
+        ``page_size`` <= 0 means the default (50); it is capped at 1000. Raises ValueError on a
+        malformed token."""
+        ...
+
+    async def update_operation(
+        self,
+        name: str,
+        update: OperationUpdate | None = None,
+        /,
+        **fields: object,
+    ) -> OperationRecord:
+        """Applies ``update`` (or the same fields given as keywords) and returns the new
+        record. Raises OperationNotFoundError."""
+        ...
+
+    async def append_event(
+        self,
+        name: str,
+        event_type: str,
+        payload: bytes,
+        *,
+        terminal: bool | None = None,
+        update: OperationUpdate | None = None,
+    ) -> EventRecord:
+        """Stores an event with ``sequence = last_sequence + 1`` and bumps the operation's
+        ``last_sequence`` in the same transaction (optionally applying ``update`` too, e.g. the
+        stage/percent that the event reports, or the terminal state with the "complete" event).
+        The event is durable when this returns; only then may it be published. ``terminal``
+        defaults to ``event_type in TERMINAL_EVENT_TYPES``."""
+        ...
+
+    async def events_after(self, name: str, after_sequence: int = 0, limit: int = 1000) -> list[EventRecord]:
+        """Stored events with sequence > after_sequence, ascending, at most ``limit``. An
+        unknown operation yields []."""
+        ...
+
+    async def add_artifact(self, artifact: ArtifactRecord) -> ArtifactRecord:
+        """Adds or replaces (same operation and name) an artifact."""
+        ...
+
+    async def list_artifacts(self, name: str) -> list[ArtifactRecord]:
+        """Artifacts of an operation, by name."""
+        ...
+
+    async def request_cancel(self, name: str) -> OperationRecord:
+        """Sets ``cancel_requested`` (a no-op on a finished operation) and returns the record;
+        the runner notices the flag and moves the job to CANCELLED."""
+        ...
+
+    async def delete_operation(self, name: str) -> list[str]:
+        """Deletes a finished operation with its events and artifact rows and returns the
+        artifact paths for the caller to delete from disk. Raises OperationNotFoundError and
+        OperationNotFinishedError."""
+        ...
+
+    async def unfinished_operations(self) -> list[OperationRecord]:
+        """QUEUED and RUNNING operations by (create_time, name): what a restarted server must
+        resume or re-queue."""
+        ...
+
+    async def close(self) -> None: ...
