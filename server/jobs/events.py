@@ -143,14 +143,18 @@ class Subscription:
             for record in batch:
                 if record.sequence <= self.cursor:
                     continue
-                self.cursor = record.sequence
-                if record.terminal:
-                    self.finished = True
+                self._advance(record)
                 yield record
                 if self.finished:
                     return
             if len(batch) < batch_size:
                 return
+
+    def _advance(self, record: EventRecord) -> None:
+        """The record is the next one delivered: move the cursor; a terminal event ends the stream."""
+        self.cursor = record.sequence
+        if record.terminal:
+            self.finished = True
 
     async def _run(self) -> AsyncIterator[WatchItem]:
         store = self._bus.store
@@ -182,9 +186,7 @@ class Subscription:
                     if record.sequence <= self.cursor:
                         continue  # already delivered (replay/live overlap)
                     if record.sequence == self.cursor + 1:
-                        self.cursor = record.sequence
-                        if record.terminal:
-                            self.finished = True
+                        self._advance(record)
                         yield record
                         if self.finished:
                             return
