@@ -3,9 +3,9 @@
 
     python build_engines.py --target cpu      # python backend + ONNX Runtime (this version)
 
-The CPU repository holds yolov8 (the real int8 weights) and the four SAM 2 parts as STAND-IN
-contract models (exact tensor contracts, no learned meaning: no SAM 2 weights on these
-machines), sized by --sam2-image-size.
+The CPU repository holds yolov8 (the real int8 weights), the four SAM 2 parts and birefnet as
+STAND-IN contract models (exact tensor contracts, no learned meaning: no SAM 2 or BiRefNet
+weights on these machines), sized by --sam2-image-size and --birefnet-image-size.
 
 The onnx and tensorrt targets (real exports, TensorRT plans for the GPU) are not implemented
 in this version.
@@ -42,6 +42,13 @@ def _sam2_image_size(text: str) -> int:
     return value
 
 
+def _birefnet_image_size(text: str) -> int:
+    value = int(text)
+    if value < 64 or value % 64:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 64, >= 64; got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", choices=["cpu", "onnx", "tensorrt"], default="cpu")
@@ -60,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                              "runs a batch's images one by one, so waiting for a batch only adds latency)")
     parser.add_argument("--sam2-image-size", type=_sam2_image_size, default=1024,
                         help="SAM 2 model size S: image S x S, features S/16, masks S/4 (default 1024)")
+    parser.add_argument("--birefnet-image-size", type=_birefnet_image_size, default=1024,
+                        help="BiRefNet model size S: image and matte S x S (default 1024, the real one)")
     parser.add_argument("--force", action="store_true", help="rebuild even when up to date")
     args = parser.parse_args(argv)
 
@@ -78,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             output, args.yolo_onnx or default_yolo_onnx(),
             instances=args.instances, intra_op_threads=args.intra_op_threads,
             max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-            sam2_image_size=args.sam2_image_size, force=args.force,
+            sam2_image_size=args.sam2_image_size, birefnet_image_size=args.birefnet_image_size,
+            force=args.force,
         )
     except (MissingWeightsError, FileExistsError) as exc:
         print(f"build_engines.py: {exc}", file=sys.stderr)

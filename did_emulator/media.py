@@ -7,14 +7,14 @@ is a file with the shape, duration and streams a D-ID result has.
 
 from __future__ import annotations
 
-import io
-import wave
 from fractions import Fraction
 from pathlib import Path
 
 import av
 import cv2
 import numpy as np
+
+from server.media.audio import NotAudio, check_audio as check_voice_track
 
 FPS = 25
 MAX_SIDE = 1920  # D-ID caps output resolution; keeps the emulator's encoding bounded.
@@ -35,57 +35,13 @@ def check_image(data: bytes) -> tuple[int, int]:
 
 
 def check_audio(data: bytes) -> float:
-    """Duration in seconds if ``data`` is a WAV (checked with ``wave``) or an MP3/M4A/OGG/FLAC
-    that FFmpeg decodes to at least one audio frame; else MediaError."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-        try:
-            with wave.open(io.BytesIO(data)) as wav:
-                frames, rate = wav.getnframes(), wav.getframerate()
-        except (wave.Error, EOFError) as exc:
-            # Non-PCM WAVs (e.g. float/extensible) are left to FFmpeg below.
-            duration = _probe_audio(data)
-            if duration is None:
-                raise MediaError(f"the 'audio' file is a broken WAV: {exc}") from None
-            return duration
-        if frames <= 0 or rate <= 0:
-            raise MediaError("the 'audio' WAV file has no samples")
-        return frames / rate
-    if not _looks_like_compressed_audio(data):
-        raise MediaError("the 'audio' file is not audio (expected WAV, MP3, M4A, OGG or FLAC)")
-    duration = _probe_audio(data)
-    if duration is None:
-        raise MediaError("the 'audio' file could not be decoded as audio")
-    return duration
-
-
-def _looks_like_compressed_audio(data: bytes) -> bool:
-    if data[:3] == b"ID3" or data[:4] in (b"OggS", b"fLaC"):
-        return True
-    if data[4:8] == b"ftyp":  # MP4/M4A family; the probe then requires an audio stream.
-        return True
-    # MPEG audio frame sync: 11 set bits, a valid layer, and a bitrate index that is not "bad".
-    return (
-        len(data) >= 4
-        and data[0] == 0xFF
-        and (data[1] & 0xE0) == 0xE0
-        and (data[1] & 0x06) != 0
-        and (data[2] & 0xF0) != 0xF0
-    )
-
-
-def _probe_audio(data: bytes) -> float | None:
-    """Seconds of decodable audio, or None. Decodes fully (uploads are small)."""
+    """Duration in seconds if ``data`` is a voice track D-ID would take, else MediaError."""
     try:
-        with av.open(io.BytesIO(data)) as container:
-            if not container.streams.audio or container.streams.video:
-                return None
-            samples, rate = 0, 0
-            for frame in container.decode(audio=0):
-                samples += frame.samples
-                rate = frame.sample_rate
-            return samples / rate if samples and rate else None
-    except (av.error.FFmpegError, ValueError, OSError):
-        return None
+        checked = check_voice_track(data)
+    except NotAudio as exc:
+        raise MediaError(f"the 'audio' file: {exc}") from None
+    assert checked.duration_s is not None  # PyAV is a dependency of the emulator
+    return checked.duration_s
 
 
 def _even_frame(image: np.ndarray) -> np.ndarray:

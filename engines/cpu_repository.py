@@ -10,6 +10,8 @@ Layout written at ``output``::
     sam2_mask_decoder/...     the same three files each; no SAM 2 weights exist on these
     sam2_memory_attention/... machines, so the graphs are deterministic arithmetic with the
     sam2_memory_encoder/...   real tensor names, ranks and dtypes, reported as stand-ins
+    birefnet/...              BiRefNet: a STAND-IN contract model too (engines/birefnet_standin),
+                              same three files; ``birefnet_image_size`` is its S
 
 Same model names and tensor contracts as the GPU repository (DESIGN.md sections 3 and 4).
 Every SAM 2 size follows from the model size S (``sam2_image_size``): features S/16, high-res
@@ -31,12 +33,12 @@ from pathlib import Path
 
 import onnx
 
-from engines import sam2_standin
+from engines import birefnet_standin, sam2_standin
 from engines.onnx_wrap import prepend_uint8_nhwc_preprocessing
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3  # 3: birefnet stand-in added
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_YOLO_ONNX = REPO_ROOT.parent / "shared" / "assets" / "models" / "yolov8n_int8.onnx"
 YOLO_ONNX_ENV = "FRAMEWISE_YOLO_ONNX"
@@ -55,7 +57,12 @@ SAM2_INSTANCES = {
     "sam2_memory_attention": 2,
     "sam2_memory_encoder": 1,
 }
-MODEL_NAMES = ("yolov8", *(part.name for part in sam2_standin.PARTS))
+DEFAULT_BIREFNET_IMAGE_SIZE = 1024
+BIREFNET_STAND_IN_SOURCE = "stand-in contract model (no BiRefNet weights on this machine)"
+# One instance per core, like the busy SAM 2 parts: a matte is one call, the whole request.
+BIREFNET_INSTANCES = 2
+STAND_IN_MODELS = (*(part.name for part in sam2_standin.PARTS), birefnet_standin.NAME)
+MODEL_NAMES = ("yolov8", *STAND_IN_MODELS)
 
 _ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
@@ -104,13 +111,15 @@ def build_cpu_repository(
     # instance is busy.
     max_queue_delay_us: int = 0,
     sam2_image_size: int = DEFAULT_SAM2_IMAGE_SIZE,
+    birefnet_image_size: int = DEFAULT_BIREFNET_IMAGE_SIZE,
     force: bool = False,
 ) -> Path:
     """Write the CPU model repository at ``output`` and return its path.
 
     ``instances`` and ``max_batch_size`` apply to yolov8; the SAM 2 parts have fixed batch limits
     (their contract) and ``SAM2_INSTANCES``. ``sam2_image_size`` is the SAM 2 model size S (a
-    multiple of 16). A no-op when ``output/MANIFEST.json`` already records the same builder
+    multiple of 16); ``birefnet_image_size`` the BiRefNet stand-in's S (a multiple of 64).
+    A no-op when ``output/MANIFEST.json`` already records the same builder
     version, source weights (sha256), stand-in graph code, python model and parameters, unless
     ``force``. The repository is written into a temporary sibling directory and renamed into place.
     """
@@ -122,6 +131,7 @@ def build_cpu_repository(
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     sam2_standin.check_image_size(sam2_image_size)
+    birefnet_standin.check_image_size(birefnet_image_size)
     if not yolo_onnx.is_file():
         raise MissingWeightsError(yolo_onnx)
 
@@ -133,6 +143,8 @@ def build_cpu_repository(
             "yolov8": {"source": yolo_onnx.name, "source_sha256": _sha256(yolo_onnx)},
             **{part.name: {"source": "stand-in", "code_sha256": standin_sha}
                for part in sam2_standin.PARTS},
+            birefnet_standin.NAME: {"source": "stand-in",
+                                    "code_sha256": _sha256_files(birefnet_standin.SOURCE_FILES)},
         },
         "parameters": {
             "instances": instances,
@@ -141,6 +153,8 @@ def build_cpu_repository(
             "max_queue_delay_us": max_queue_delay_us,
             "sam2_image_size": sam2_image_size,
             "sam2_instances": dict(SAM2_INSTANCES),
+            "birefnet_image_size": birefnet_image_size,
+            "birefnet_instances": BIREFNET_INSTANCES,
         },
     }
     existing = read_manifest(output)
@@ -160,13 +174,14 @@ def build_cpu_repository(
         _write_yolov8(staging / "yolov8", yolo_onnx, fingerprint)
         for part in sam2_standin.PARTS:
             _write_sam2_part(staging / part.name, part, fingerprint)
+        _write_birefnet(staging / birefnet_standin.NAME, fingerprint)
         manifest = {
             "fingerprint": fingerprint,
             "build_id": uuid.uuid4().hex,
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source_paths": {"yolov8": str(yolo_onnx)},
             "models": list(MODEL_NAMES),
-            "stand_in_models": [part.name for part in sam2_standin.PARTS],
+            "stand_in_models": list(STAND_IN_MODELS),
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(staging, output)
@@ -249,6 +264,41 @@ def _write_sam2_part(model_dir: Path, part: sam2_standin.StandInPart, fingerprin
         outputs=_tensors(model.graph.output, batched=batched),
         instances=params["sam2_instances"][part.name],
         max_queue_delay_us=params["max_queue_delay_us"] if batched else None,
+        parameters=parameters,
+    )
+    _check_config(text, parameters)
+    (model_dir / "config.pbtxt").write_text(text)
+
+
+def _write_birefnet(model_dir: Path, fingerprint: dict) -> None:
+    params = fingerprint["parameters"]
+    size = params["birefnet_image_size"]
+    model = birefnet_standin.build(size)  # checked by onnx.checker (full_check) while building
+
+    version_dir = model_dir / "1"
+    version_dir.mkdir(parents=True)
+    onnx.save(model, str(version_dir / ONNX_FILE))
+    shutil.copyfile(PYTHON_MODEL_TEMPLATE, version_dir / "model.py")
+
+    parameters = {
+        "onnx_file": ONNX_FILE,
+        "intra_op_threads": str(params["intra_op_threads"]),
+        "stand_in": "true",
+        "source": BIREFNET_STAND_IN_SOURCE,
+        "image_size": str(size),
+        # Every batch item is computed on its own, so a whole batch is one ORT call.
+        "per_item_execution": "false",
+        "input_layout": INPUT_LAYOUT,
+        # ImageNet normalisation and the final sigmoid happen inside the graph, as in the real export.
+        "output_activation": "sigmoid",
+    }
+    text = _config_pbtxt(
+        name=birefnet_standin.NAME,
+        max_batch_size=birefnet_standin.MAX_BATCH_SIZE,
+        inputs=_tensors(model.graph.input, model.graph.initializer),
+        outputs=_tensors(model.graph.output),
+        instances=params["birefnet_instances"],
+        max_queue_delay_us=params["max_queue_delay_us"],
         parameters=parameters,
     )
     _check_config(text, parameters)

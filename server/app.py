@@ -16,26 +16,27 @@ from framewise.v1 import (
     info_service_pb2,
     info_service_pb2_grpc,
     jobs_service_pb2,
-    jobs_service_pb2_grpc,
     tracking_service_pb2,
     tracking_service_pb2_grpc,
     vision_service_pb2,
     vision_service_pb2_grpc,
 )
 from server import __version__
+from server.app_jobs import Jobs, start_jobs
 from server.config import ServerConfig
 from server.health import TritonMonitor
 from server.interceptors import ObservabilityInterceptor
 from server.metrics import Metrics
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.detection import DetectionPipeline
+from server.pipelines.matting import MODEL_NAME as BIREFNET
+from server.pipelines.matting import MattingPipeline
 from server.pipelines.segmentation import SegmentationPipeline
 from server.pipelines.sessions import SessionRegistry
 from server.pipelines.tracking import TrackingEngine
 from server.reflection import enable_reflection
 from server.servicers.info import InfoServicer
 from server.servicers.tracking import TrackingServicer
-from server.servicers.unimplemented import unimplemented_servicer
 from server.servicers.vision import VisionServicer
 from server.triton.client import TritonClient
 from server.triton.launcher import ManagedTriton, TritonStartError
@@ -43,6 +44,7 @@ from server.triton.runner import InferenceRunner
 
 log = logging.getLogger("server")
 
+OPERATIONS_SERVICE = "google.longrunning.Operations"
 SERVICES = {
     "vision": vision_service_pb2.DESCRIPTOR.services_by_name["VisionService"],
     "tracking": tracking_service_pb2.DESCRIPTOR.services_by_name["TrackingService"],
@@ -52,9 +54,10 @@ SERVICES = {
 # Models each service's implemented RPCs need: a service is SERVING only while its models are
 # ready, the server as a whole ("") only while all of them are.
 SERVICE_MODELS = {
-    SERVICES["vision"].full_name: ("yolov8", sam2.IMAGE_ENCODER, sam2.MASK_DECODER),
+    SERVICES["vision"].full_name: ("yolov8", BIREFNET, sam2.IMAGE_ENCODER, sam2.MASK_DECODER),
     SERVICES["tracking"].full_name: sam2.MODELS,
-    SERVICES["jobs"].full_name: (),
+    # Jobs queue and retry, but cannot progress without their models.
+    SERVICES["jobs"].full_name: ("yolov8", BIREFNET, *sam2.MODELS),
     SERVICES["info"].full_name: (),
 }
 
@@ -72,12 +75,15 @@ class RunningServer:
     triton_client: TritonClient
     managed_triton: ManagedTriton | None
     metrics_port: int | None
+    jobs: Jobs
 
     async def stop(self) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new RPCs, drain in-flight ones, stop Triton."""
         log.info("shutting down", extra={"grace_s": self.config.shutdown_grace_s})
         await self.monitor.stop()
         await self.grpc_server.stop(self.config.shutdown_grace_s)
+        # Running jobs stay RUNNING in the store and resume on the next start.
+        await self.jobs.stop()
         await self.sessions.stop()
         await self.runner.close()
         await self.triton_client.close()
@@ -123,21 +129,21 @@ async def start(config: ServerConfig) -> RunningServer:
     runner = InferenceRunner(client, metrics, shm_slots_per_model=config.triton_shm_slots if use_shm else 0)
     detection = DetectionPipeline(runner, monitor, metrics, max_pixels=config.max_image_pixels)
     segmentation = SegmentationPipeline(runner, monitor, max_pixels=config.max_image_pixels)
-    vision_service_pb2_grpc.add_VisionServiceServicer_to_server(VisionServicer(detection, segmentation), server)
+    matting = MattingPipeline(runner, monitor, max_pixels=config.max_image_pixels, metrics=metrics)
+    vision_service_pb2_grpc.add_VisionServiceServicer_to_server(
+        VisionServicer(detection, segmentation, matting, max_response_bytes=config.max_message_bytes), server
+    )
     info_service_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(monitor, managed=managed is not None), server)
     sessions = SessionRegistry(metrics, max_sessions=config.max_tracking_sessions, idle_ttl_s=config.session_idle_ttl_s)
     tracking = TrackingEngine(runner, monitor, max_pixels=config.max_image_pixels, max_objects=config.max_objects_per_session)
     tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(
         TrackingServicer(tracking, sessions, metrics, frame_timeout_s=config.triton_timeout_s), server
     )
-    jobs_service_pb2_grpc.add_JobServiceServicer_to_server(
-        unimplemented_servicer(
-            jobs_service_pb2_grpc.JobServiceServicer, SERVICES["jobs"], "long-running jobs arrive in a later release"
-        ),
-        server,
-    )
+    jobs = await start_jobs(config.jobs, detection=detection, matting=matting, tracking=tracking, metrics=metrics)
+    jobs.add_to_server(server)
+    monitor.conditions[SERVICES["jobs"].full_name] = jobs.low_disk_reason
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    enable_reflection((*service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
+    enable_reflection((*service_names, OPERATIONS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"cannot listen on {config.listen} (address in use or invalid)")
@@ -155,9 +161,11 @@ async def start(config: ServerConfig) -> RunningServer:
             await server.stop(0)
             await runner.close()
             await client.close()
+            await jobs.stop()
             raise
     await monitor.start()
     await sessions.start()
+    await jobs.start()
     _log_models(monitor)
     log.info(
         "framewise serving",
@@ -172,7 +180,7 @@ async def start(config: ServerConfig) -> RunningServer:
             "triton_shared_memory": use_shm,
         },
     )
-    return RunningServer(config, server, port, monitor, sessions, runner, client, managed, metrics_port)
+    return RunningServer(config, server, port, monitor, sessions, runner, client, managed, metrics_port, jobs)
 
 
 def monitor_models() -> tuple[str, ...]:

@@ -12,6 +12,41 @@ from server.triton.launcher import TritonPorts
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+DAY_S = 86400.0
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    """Long-running jobs: durable store, storage tiers, queue and slots, D-ID."""
+
+    store_path: Path = REPO_ROOT / ".cache" / "jobs" / "jobs.sqlite3"
+    storage_root: Path = REPO_ROOT / ".cache" / "storage"
+    # SegmentVideoRequest.server_path is resolved under this folder; None disables it.
+    media_root: Path | None = None
+    workers: int = 4
+    max_queued: int = 64
+    heartbeat_s: float = 30.0
+    detection_slots: int = 2
+    matting_slots: int = 1
+    tracking_slots: int = 1
+    retry_base_s: float = 1.0
+    max_upload_bytes: int = 2 * 1024**3
+    retention_uploads_s: float = 7 * DAY_S
+    retention_processed_s: float = 3 * DAY_S
+    retention_videos_s: float = 30 * DAY_S
+    retention_temp_s: float = 3600.0
+    cleanup_interval_s: float = 3600.0
+    low_disk_bytes: int = 5 * 10**9
+    did_url: str = "https://api.d-id.com"
+    # None: talking videos are refused with FAILED_PRECONDITION.
+    did_api_key: str | None = None
+    # Set by `make serve` when it starts the local emulator instead of D-ID.
+    did_is_emulator: bool = False
+    did_timeout_s: float = 30.0
+    did_poll_interval_s: float = 2.0
+    did_wait_timeout_s: float = 600.0
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str = "0.0.0.0:50051"
@@ -35,6 +70,7 @@ class ServerConfig:
     health_interval_s: float = 1.0
     log_level: str = "INFO"
     log_format: str = "json"  # or "text"
+    jobs: JobsConfig = JobsConfig()
 
 
 def _env(name: str, default: object) -> str | None:
@@ -74,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--health-interval", type=float, default=_env("HEALTH_INTERVAL", d.health_interval_s))
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
     p.add_argument("--log-format", choices=("json", "text"), default=_env("LOG_FORMAT", d.log_format))
+    _add_job_flags(p, d.jobs)
     a = p.parse_args(argv)
     return ServerConfig(
         listen=a.listen,
@@ -95,4 +132,66 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         session_idle_ttl_s=a.session_idle_ttl,
         log_level=a.log_level.upper(),
         log_format=a.log_format,
+        jobs=_jobs_config(a),
+    )
+
+
+def _add_job_flags(p: argparse.ArgumentParser, d: JobsConfig) -> None:
+    g = p.add_argument_group("long-running jobs")
+    g.add_argument("--job-store", type=Path, default=_env("JOB_STORE", d.store_path), help="SQLite file (FRAMEWISE_JOB_STORE)")
+    g.add_argument("--storage-root", type=Path, default=_env("STORAGE_ROOT", d.storage_root),
+                   help="folder of the uploads/processed/videos/temp tiers (FRAMEWISE_STORAGE_ROOT)")
+    g.add_argument("--media-root", type=Path, default=_env("MEDIA_ROOT", d.media_root),
+                   help="folder SegmentVideo's server_path may read from; unset disables server paths")
+    g.add_argument("--job-workers", type=int, default=_env("JOB_WORKERS", d.workers), help="jobs running at once")
+    g.add_argument("--max-queued-jobs", type=int, default=_env("MAX_QUEUED_JOBS", d.max_queued),
+                   help="jobs waiting beyond this are refused with RESOURCE_EXHAUSTED")
+    g.add_argument("--job-heartbeat", type=float, default=_env("JOB_HEARTBEAT", d.heartbeat_s),
+                   help="seconds between heartbeats on an idle WatchOperation stream")
+    g.add_argument("--detection-slots", type=int, default=_env("DETECTION_SLOTS", d.detection_slots))
+    g.add_argument("--matting-slots", type=int, default=_env("MATTING_SLOTS", d.matting_slots))
+    g.add_argument("--tracking-slots", type=int, default=_env("TRACKING_SLOTS", d.tracking_slots))
+    g.add_argument("--job-retry-base", type=float, default=_env("JOB_RETRY_BASE", d.retry_base_s),
+                   help="seconds of the first backoff between whole-stage retries (doubles, with jitter)")
+    g.add_argument("--max-upload-bytes", type=int, default=_env("MAX_UPLOAD_BYTES", d.max_upload_bytes))
+    for tier in ("uploads", "processed", "videos", "temp"):
+        g.add_argument(f"--retention-{tier}", type=float, default=_env(f"RETENTION_{tier.upper()}", getattr(d, f"retention_{tier}_s")),
+                       help=f"seconds files stay in the {tier} tier")
+    g.add_argument("--cleanup-interval", type=float, default=_env("CLEANUP_INTERVAL", d.cleanup_interval_s))
+    g.add_argument("--low-disk-bytes", type=int, default=_env("LOW_DISK_BYTES", d.low_disk_bytes),
+                   help="free space under this is reported as low disk (health, metrics)")
+    g.add_argument("--did-url", default=_env("DID_URL", d.did_url), help="D-ID API base URL (FRAMEWISE_DID_URL)")
+    g.add_argument("--did-api-key", default=_env("DID_API_KEY", None), help="D-ID key; prefer FRAMEWISE_DID_API_KEY")
+    g.add_argument("--did-is-emulator", action="store_true", default=_env("DID_IS_EMULATOR", "") in ("1", "true"),
+                   help="the D-ID URL is the local emulator (logged loudly)")
+    g.add_argument("--did-timeout", type=float, default=_env("DID_TIMEOUT", d.did_timeout_s))
+    g.add_argument("--did-poll-interval", type=float, default=_env("DID_POLL_INTERVAL", d.did_poll_interval_s))
+    g.add_argument("--did-wait-timeout", type=float, default=_env("DID_WAIT_TIMEOUT", d.did_wait_timeout_s))
+
+
+def _jobs_config(a: argparse.Namespace) -> JobsConfig:
+    return JobsConfig(
+        store_path=Path(a.job_store),
+        storage_root=Path(a.storage_root),
+        media_root=Path(a.media_root) if a.media_root else None,
+        workers=a.job_workers,
+        max_queued=a.max_queued_jobs,
+        heartbeat_s=a.job_heartbeat,
+        detection_slots=a.detection_slots,
+        matting_slots=a.matting_slots,
+        tracking_slots=a.tracking_slots,
+        retry_base_s=a.job_retry_base,
+        max_upload_bytes=a.max_upload_bytes,
+        retention_uploads_s=a.retention_uploads,
+        retention_processed_s=a.retention_processed,
+        retention_videos_s=a.retention_videos,
+        retention_temp_s=a.retention_temp,
+        cleanup_interval_s=a.cleanup_interval,
+        low_disk_bytes=a.low_disk_bytes,
+        did_url=a.did_url,
+        did_api_key=a.did_api_key or None,
+        did_is_emulator=bool(a.did_is_emulator),
+        did_timeout_s=a.did_timeout,
+        did_poll_interval_s=a.did_poll_interval,
+        did_wait_timeout_s=a.did_wait_timeout,
     )

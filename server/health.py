@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from grpc_health.v1 import health_pb2
@@ -41,8 +42,11 @@ class TritonMonitor:
         metrics: Metrics,
         *,
         interval_s: float = 1.0,
+        conditions: dict[str, Callable[[], str]] | None = None,
     ) -> None:
         self.client = client
+        # Service full name -> a check beyond models (low disk for jobs): "" when fine, else why not.
+        self.conditions = dict(conditions or {})
         # Service full name -> the models its implemented RPCs need (empty: needs Triton only).
         self.service_models = service_models
         self.required_models = tuple(dict.fromkeys(m for models in service_models.values() for m in models))
@@ -104,7 +108,8 @@ class TritonMonitor:
         serving = self.serving and not self._shutting_down
         self.metrics.triton_ready.set(1 if serving else 0)
         statuses = {"": serving} | {
-            name: self._ready(models) and not self._shutting_down for name, models in self.service_models.items()
+            name: self._ready(models) and not self._shutting_down and not self._condition_failure(name)
+            for name, models in self.service_models.items()
         }
         for name, ok in statuses.items():
             await self.health.set(
@@ -113,6 +118,10 @@ class TritonMonitor:
         if changed:
             level = logging.INFO if serving else logging.WARNING
             log.log(level, "serving state changed", extra={"serving": serving, "reason": self.state.last_error})
+
+    def _condition_failure(self, service: str) -> str:
+        check = self.conditions.get(service)
+        return check() if check is not None else ""
 
     async def start(self) -> None:
         await self.refresh()

@@ -63,3 +63,22 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.storage_bytes = Gauge(
+            "framewise_storage_bytes",
+            "Bytes held per storage tier (uploads, processed, videos, temp).",
+            ["tier"],
+            registry=registry,
+        )
+        self.storage_files = Gauge(
+            "framewise_storage_files", "Files held per storage tier.", ["tier"], registry=registry
+        )
+        self.disk_free_bytes = Gauge(
+            "framewise_storage_disk_free_bytes",
+            "Free bytes on the file system that holds the storage root.",
+            registry=registry,
+        )
+        self.low_disk = Gauge(
+            "framewise_storage_low_disk",
+            "1 while free space under the storage root is below the low-disk threshold.",
+            registry=registry,
+        )

@@ -22,6 +22,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from did_emulator import EmulatorHandle, start_emulator
 from engines.cpu_repository import build_cpu_repository
 from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment
 
@@ -37,7 +38,10 @@ MAX_IMAGE_PIXELS = 3_000_000
 SHARED_MEMORY_ARGS = ["--triton-shm", "on", "--triton-shm-slots", "4"]
 # SAM 2 stand-ins at a small model size keep the tracking tests fast; the benchmark uses 1024.
 SAM2_TEST_IMAGE_SIZE = 256
+# The BiRefNet stand-in likewise (the real model, and the default build, use 1024).
+BIREFNET_TEST_IMAGE_SIZE = 256
 SESSION_IDLE_TTL_S = 3.0
+DID_API_KEY = "test-did-key"
 MAX_TRACKING_SESSIONS = 16
 
 
@@ -127,6 +131,9 @@ def start_orchestrator(tmp: Path, extra_args: list[str], name: str = "orchestrat
         "--max-image-pixels", str(MAX_IMAGE_PIXELS),
         "--shutdown-grace", "20",
         "--log-level", "DEBUG",
+        # Every orchestrator gets its own job store and storage folder (extra_args may override).
+        "--job-store", str(tmp / f"{name}-jobs.sqlite3"),
+        "--storage-root", str(tmp / f"{name}-storage"),
         *extra_args,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -156,7 +163,10 @@ def assets() -> Path:
 @pytest.fixture(scope="session")
 def cpu_repository(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Path:
     return build_cpu_repository(
-        tmp_path_factory.mktemp("repo") / "model_repository_cpu", YOLO_ONNX, sam2_image_size=SAM2_TEST_IMAGE_SIZE
+        tmp_path_factory.mktemp("repo") / "model_repository_cpu",
+        YOLO_ONNX,
+        sam2_image_size=SAM2_TEST_IMAGE_SIZE,
+        birefnet_image_size=BIREFNET_TEST_IMAGE_SIZE,
     )
 
 
@@ -170,11 +180,30 @@ def triton(tmp_path_factory: pytest.TempPathFactory, cpu_repository: Path) -> It
 
 
 @pytest.fixture(scope="session")
-def orchestrator(tmp_path_factory: pytest.TempPathFactory, triton: TritonProcess) -> Iterator[Orchestrator]:
+def did_emulator() -> Iterator[EmulatorHandle]:
+    """The project's D-ID emulator (a real HTTP server) standing in for api.d-id.com."""
+    handle = start_emulator("127.0.0.1", 0, DID_API_KEY, stage_delay_s=0.05)
+    yield handle
+    handle.stop()
+
+
+def job_args(did: EmulatorHandle) -> list[str]:
+    """Job settings that keep the job tests fast: quick retries, polls and heartbeats."""
+    return [
+        "--did-url", did.url, "--did-api-key", DID_API_KEY, "--did-is-emulator",
+        "--did-poll-interval", "0.05", "--did-timeout", "2", "--job-retry-base", "0.05", "--job-heartbeat", "1",
+        "--media-root", str(ASSETS / "videos"),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def orchestrator(
+    tmp_path_factory: pytest.TempPathFactory, triton: TritonProcess, did_emulator: EmulatorHandle
+) -> Iterator[Orchestrator]:
     orch = start_orchestrator(
         tmp_path_factory.mktemp("orchestrator"),
         ["--triton-url", triton.url, *SHARED_MEMORY_ARGS, "--session-idle-ttl", str(SESSION_IDLE_TTL_S),
-         "--max-tracking-sessions", str(MAX_TRACKING_SESSIONS)],
+         "--max-tracking-sessions", str(MAX_TRACKING_SESSIONS), *job_args(did_emulator)],
     )
     channel = grpc.insecure_channel(orch.address)
     try:

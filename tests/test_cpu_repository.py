@@ -209,8 +209,8 @@ def test_python_model_runs_a_stand_in_batch_in_one_call_and_says_stand_in(repo, 
 @needs_assets
 def test_sam2_stand_ins_are_written_beside_yolov8(repo):
     manifest = json.loads((repo / "MANIFEST.json").read_text())
-    assert manifest["models"] == ["yolov8", *SAM2_PARTS]
-    assert manifest["stand_in_models"] == list(SAM2_PARTS)
+    assert manifest["models"] == ["yolov8", *SAM2_PARTS, "birefnet"]
+    assert manifest["stand_in_models"] == [*SAM2_PARTS, "birefnet"]
     assert manifest["fingerprint"]["parameters"]["sam2_image_size"] == 1024
     for name in SAM2_PARTS:
         config = parse_config(repo, name)
@@ -254,8 +254,18 @@ def test_second_build_is_a_noop_and_force_rebuilds(tmp_path):
     build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512)
     assert manifest.stat().st_mtime_ns == stamp
 
-    (out / "sam2_memory_encoder" / "1" / "model.onnx").unlink()  # an incomplete repository is rebuilt
-    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512)
+    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512, birefnet_image_size=256)
+    assert json.loads(manifest.read_text())["fingerprint"]["parameters"]["birefnet_image_size"] == 256
+    assert list(parse_config(out, "birefnet").output[0].dims) == [1, 256, 256]
+    stamp = manifest.stat().st_mtime_ns
+    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512, birefnet_image_size=256)
+    assert manifest.stat().st_mtime_ns == stamp
+
+    (out / "birefnet" / "1" / "model.onnx").unlink()  # an incomplete repository is rebuilt
+    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512, birefnet_image_size=256)
+    assert (out / "birefnet" / "1" / "model.onnx").is_file()
+    (out / "sam2_memory_encoder" / "1" / "model.onnx").unlink()
+    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512, birefnet_image_size=256)
     assert (out / "sam2_memory_encoder" / "1" / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging dirs left
 
@@ -276,3 +286,66 @@ def test_missing_weights_raise_with_the_path(tmp_path):
     assert str(missing) in message
     assert "--yolo-onnx" in message and "FRAMEWISE_YOLO_ONNX" in message
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("size", [100, 32, 0, 1024.0, 1000])
+def test_bad_birefnet_image_size_is_refused_before_writing(tmp_path, size):
+    with pytest.raises(ValueError, match="multiple of 64"):
+        build_cpu_repository(tmp_path / "repo", YOLO_ONNX, birefnet_image_size=size)
+    assert not (tmp_path / "repo").exists()
+
+
+@needs_assets
+def test_birefnet_stand_in_config_is_labelled_and_batches(repo, monkeypatch):
+    config = parse_config(repo, "birefnet")
+    assert config.name == "birefnet" and config.backend == "python" and config.max_batch_size == 4
+    assert config.HasField("dynamic_batching")
+    (inp,) = config.input
+    assert (inp.name, inp.data_type, list(inp.dims)) == ("image", model_config_pb2.TYPE_UINT8, [1024, 1024, 3])
+    (out,) = config.output
+    assert (out.name, out.data_type, list(out.dims)) == ("alpha", model_config_pb2.TYPE_FP32, [1, 1024, 1024])
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params["stand_in"] == "true" and "stand-in" in params["source"] and "BiRefNet" in params["source"]
+    assert params["image_size"] == "1024" and params["per_item_execution"] == "false"
+
+    utils = FakeTritonUtils(monkeypatch)
+    model = utils.load(repo, "birefnet")
+    warnings = [m for level, m in utils.logged if level == "warn"]
+    assert len(warnings) == 1 and "STAND-IN" in warnings[0] and "birefnet" in warnings[0]
+    model.finalize()
+
+
+def _bus_at(size: int) -> np.ndarray:
+    cv2 = pytest.importorskip("cv2")
+    return np.ascontiguousarray(cv2.resize(cv2.imread(str(BUS)), (size, size))[..., ::-1])
+
+
+@needs_assets
+def test_birefnet_stand_in_graph_contract_and_numerics():
+    from engines import birefnet_standin
+
+    size = 256
+    model = birefnet_standin.build(size)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["stand_in"] == "true" and props["image_size"] == str(size)
+    assert birefnet_standin.build(size).SerializeToString() == model.SerializeToString()  # reproducible build
+
+    path_bytes = model.SerializeToString()
+    sess = ort.InferenceSession(path_bytes, providers=["CPUExecutionProvider"])
+    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(uint8)", [size, size, 3])
+    assert (out.name, out.type, out.shape[1:]) == ("alpha", "tensor(float)", [1, size, size])
+
+    image = _bus_at(size)
+    batch = np.stack([image, image[:, ::-1], np.zeros_like(image)])
+    (alpha,) = sess.run(["alpha"], {"image": batch})
+    assert alpha.shape == (3, 1, size, size) and alpha.dtype == np.float32
+    assert 0.0 <= alpha.min() and alpha.max() <= 1.0  # sigmoid applied inside the graph
+    assert alpha[0].std() > 0.1 and alpha[0].max() > 0.9 and alpha[0].min() < 0.1  # a two-sided matte
+    # Items are independent (a batch is one ORT call) and the arithmetic is mirror-symmetric.
+    (single,) = sess.run(["alpha"], {"image": image[None]})
+    np.testing.assert_allclose(alpha[:1], single, atol=1e-6)
+    np.testing.assert_allclose(alpha[1, 0], alpha[0, 0, :, ::-1], atol=1e-5)
+    # A flat image has no colour distance: only the centre prior is left, the same for any colour.
+    assert np.isfinite(alpha[2]).all()
+    assert alpha[2, 0, size // 2, size // 2] > 0.5 > alpha[2, 0, 0, 0]

@@ -14,8 +14,6 @@ from framewise.v1 import (
     common_pb2,
     info_service_pb2,
     info_service_pb2_grpc,
-    jobs_service_pb2,
-    jobs_service_pb2_grpc,
     vision_service_pb2,
     vision_service_pb2_grpc,
 )
@@ -36,46 +34,23 @@ def test_reflection_lists_every_service(channel: grpc.Channel) -> None:
     assert API_SERVICES | {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
 
 
-def test_server_info_reports_models_and_triton(channel: grpc.Channel, triton) -> None:  # noqa: ANN001
+def test_server_info_reports_models_and_triton(channel: grpc.Channel, triton) -> None:
     info = info_service_pb2_grpc.InfoServiceStub(channel).GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=5)
     assert info.serving and info.server_version
     assert info.triton.url == triton.url and info.triton.ready and not info.triton.managed
     assert info.triton.server_version == "2.51.0"
     models = {m.name: m for m in info.models}
-    assert set(models) == {"yolov8", "sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention", "sam2_memory_encoder"}
+    assert set(models) == {
+        "yolov8", "birefnet", "sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention", "sam2_memory_encoder"
+    }
     assert all(m.ready and m.required for m in models.values())
-    # Real weights for YOLOv8; the SAM 2 parts are contract stand-ins and say so.
-    assert [name for name, m in models.items() if m.stand_in] == [n for n in models if n.startswith("sam2_")]
-    assert all("stand-in" in models[n].source for n in models if n.startswith("sam2_"))
+    # Real weights for YOLOv8; BiRefNet and the SAM 2 parts are contract stand-ins and say so.
+    assert [name for name, m in models.items() if m.stand_in] == [n for n in models if n != "yolov8"]
+    assert all("stand-in" in models[n].source for n in models if n != "yolov8")
     yolo = models["yolov8"]
     assert yolo.backend == "python" and "sha256:" in yolo.source and yolo.max_batch_size == 8
     assert [(t.name, t.datatype, list(t.shape)) for t in yolo.inputs] == [("images", "UINT8", [-1, 640, 640, 3])]
     assert [(t.name, t.datatype, list(t.shape)) for t in yolo.outputs] == [("output0", "FP32", [-1, 84, 8400])]
-
-
-@pytest.mark.parametrize(
-    ("call", "words"),
-    [
-        (
-            lambda ch: vision_service_pb2_grpc.VisionServiceStub(ch).RemoveBackground(vision_service_pb2.RemoveBackgroundRequest(), timeout=5),
-            "BiRefNet",
-        ),
-        (
-            lambda ch: jobs_service_pb2_grpc.JobServiceStub(ch).SegmentVideo(jobs_service_pb2.SegmentVideoRequest(), timeout=5),
-            "SegmentVideo",
-        ),
-        (
-            lambda ch: list(jobs_service_pb2_grpc.JobServiceStub(ch).WatchOperation(jobs_service_pb2.WatchOperationRequest(), timeout=5)),
-            "WatchOperation",
-        ),
-    ],
-    ids=["RemoveBackground", "SegmentVideo", "WatchOperation"],
-)
-def test_later_parts_answer_unimplemented(channel: grpc.Channel, call, words: str) -> None:  # noqa: ANN001
-    with pytest.raises(grpc.RpcError) as info:
-        call(channel)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "not implemented in this version" in info.value.details() and words in info.value.details()
 
 
 def test_metrics_endpoint(channel: grpc.Channel, orchestrator: Orchestrator, assets: Path) -> None:

@@ -16,10 +16,10 @@ from google.protobuf import duration_pb2
 from framewise.v1 import tracking_service_pb2, tracking_service_pb2_grpc
 from server.errors import InvalidInput
 from server.metrics import Metrics
-from server.pipelines.sessions import SessionRegistry
-from server.servicers import convert
 from server.pipelines.prompts import ObjectPrompt, prompt_from_proto
+from server.pipelines.sessions import SessionRegistry
 from server.pipelines.tracking import FrameOutcome, TrackingEngine, TrackingSession
+from server.servicers import convert
 from server.tracking import SamuraiConfig
 
 _OPTION_FIELDS = (

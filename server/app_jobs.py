@@ -1,0 +1,142 @@
+"""Wires the long-running jobs part of the orchestrator: durable store, event bus, storage
+tiers, uploads, the two pipelines, the runner, and the JobService / Operations servicers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+import httpx
+from google.longrunning import operations_pb2_grpc
+
+from framewise.v1 import jobs_service_pb2 as jobs_pb2
+from framewise.v1 import jobs_service_pb2_grpc
+from server.config import JobsConfig
+from server.did.client import DIDClient, OnRetry
+from server.jobs.admission import Admission
+from server.jobs.events import EventBus
+from server.jobs.runner import JobRunner, RetryPolicy
+from server.jobs.segment_video import SegmentVideoPipeline
+from server.jobs.sqlite_store import SqliteJobStore
+from server.jobs.storage import StorageConfig, StorageManager
+from server.jobs.talking_video import DIDFactory, TalkingVideoPipeline
+from server.jobs.uploads import UploadStore
+from server.metrics import Metrics
+from server.pipelines.detection import DetectionPipeline
+from server.pipelines.matting import MattingPipeline
+from server.pipelines.tracking import TrackingEngine
+from server.servicers.jobs import JobServicer
+from server.servicers.operations import OperationsServicer
+
+__all__ = ["Jobs", "start_jobs"]
+
+log = logging.getLogger("server.jobs")
+
+
+@dataclass
+class Jobs:
+    store: SqliteJobStore
+    bus: EventBus
+    storage: StorageManager
+    uploads: UploadStore
+    runner: JobRunner
+    did_http: httpx.AsyncClient | None
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        jobs_service_pb2_grpc.add_JobServiceServicer_to_server(
+            JobServicer(self.runner, self.bus, self.uploads, self.storage), server
+        )
+        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.runner, self.bus), server)
+
+    def low_disk_reason(self) -> str:
+        return "free disk space is under the low-disk threshold" if self.storage.low_disk else ""
+
+    async def start(self) -> None:
+        """Cleanup loop, then the workers (which resume what a previous process left)."""
+        await self.storage.start()
+        await self.runner.start()
+
+    async def stop(self) -> None:
+        await self.runner.stop()
+        self.bus.close()
+        await self.storage.stop()
+        await self.store.close()
+        if self.did_http is not None:
+            await self.did_http.aclose()
+
+
+async def start_jobs(
+    config: JobsConfig,
+    *,
+    detection: DetectionPipeline,
+    matting: MattingPipeline,
+    tracking: TrackingEngine,
+    metrics: Metrics,
+) -> Jobs:
+    """Opens the store and builds everything; call ``Jobs.start`` once Triton is up."""
+    config.store_path.parent.mkdir(parents=True, exist_ok=True)
+    store = await SqliteJobStore(config.store_path).open()
+    bus = EventBus(store, heartbeat_s=config.heartbeat_s)
+    storage = StorageManager(
+        StorageConfig(
+            root=config.storage_root,
+            uploads_retention_s=config.retention_uploads_s,
+            processed_retention_s=config.retention_processed_s,
+            videos_retention_s=config.retention_videos_s,
+            temp_retention_s=config.retention_temp_s,
+            cleanup_interval_s=config.cleanup_interval_s,
+            low_disk_bytes=config.low_disk_bytes,
+        ),
+        metrics,
+    )
+    uploads = UploadStore(storage, max_bytes=config.max_upload_bytes)
+    did_factory, did_http = _did_factory(config)
+    pipelines = {
+        jobs_pb2.JOB_KIND_SEGMENT_VIDEO: SegmentVideoPipeline(tracking, uploads, media_root=config.media_root),
+        jobs_pb2.JOB_KIND_TALKING_VIDEO: TalkingVideoPipeline(
+            detection,
+            matting,
+            uploads,
+            did_factory,
+            did_poll_interval_s=config.did_poll_interval_s,
+            did_wait_timeout_s=config.did_wait_timeout_s,
+        ),
+    }
+    admission = Admission(
+        {"detection": config.detection_slots, "matting": config.matting_slots, "tracking": config.tracking_slots}
+    )
+    runner = JobRunner(
+        bus,
+        storage,
+        admission,
+        pipelines,
+        workers=config.workers,
+        max_queued=config.max_queued,
+        retry=RetryPolicy(base_s=config.retry_base_s),
+    )
+    return Jobs(store, bus, storage, uploads, runner, did_http)
+
+
+def _did_factory(config: JobsConfig) -> tuple[DIDFactory | None, httpx.AsyncClient | None]:
+    if not config.did_api_key:
+        log.warning(
+            "no D-ID API key configured (FRAMEWISE_DID_API_KEY): CreateTalkingVideo answers FAILED_PRECONDITION"
+        )
+        return None, None
+    if config.did_is_emulator:
+        log.warning(
+            "TALKING VIDEOS GO TO THE LOCAL D-ID EMULATOR, NOT D-ID: results are the photo held still over the "
+            "audio. Set FRAMEWISE_DID_API_KEY to use the real service.",
+            extra={"did_url": config.did_url},
+        )
+    else:
+        log.info("D-ID configured", extra={"did_url": config.did_url})
+    # One connection pool for every job's D-ID calls.
+    http = httpx.AsyncClient(timeout=httpx.Timeout(config.did_timeout_s))
+    api_key = config.did_api_key
+
+    def make(on_retry: OnRetry) -> DIDClient:
+        return DIDClient(config.did_url, api_key, timeout_s=config.did_timeout_s, on_retry=on_retry, http=http)
+
+    return make, http

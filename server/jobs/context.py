@@ -1,0 +1,152 @@
+"""What a running job sees: its request, its working folder and durable state, the event
+stream it reports to, model slots, artifacts and cancellation.
+
+Every event goes through the EventBus (stored, then published), and the operation's stage,
+percent and message move with it in the same transaction, so ``GetOperation`` and the watch
+stream never disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
+
+from framewise.v1 import jobs_service_pb2 as jobs_pb2
+from server.jobs.admission import Admission
+from server.jobs.events import EventBus
+from server.jobs.failures import JobCancelled, JobFailure
+from server.jobs.storage import StorageManager
+from server.jobs.store import ArtifactRecord, JobState, OperationRecord, OperationUpdate, utcnow
+
+__all__ = ["JobContext"]
+
+_STATE_FILE = "state.json"
+
+
+@dataclass
+class JobContext:
+    operation: OperationRecord
+    request: Message
+    bus: EventBus
+    storage: StorageManager
+    admission: Admission
+    # Per-job folder in the "processed" tier; deleted when the job fails or is cancelled.
+    workdir: Path
+    # JSON-serialisable values the stages hand to each other; saved to workdir/state.json.
+    state: dict[str, Any] = field(default_factory=dict)
+    # The stage currently running (for error events).
+    current_stage: int = jobs_pb2.JOB_STAGE_INITIALIZED
+    cancel_requested: bool = False
+    artifact_paths: list[Path] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.operation.name
+
+    # ---------------------------------------------------------------- durable state
+
+    @classmethod
+    def load_state(cls, workdir: Path) -> dict[str, Any]:
+        path = workdir / _STATE_FILE
+        if not path.exists():
+            return {}
+        return json.loads(path.read_text())
+
+    def save_state(self, **values: Any) -> None:
+        """Merges ``values`` into the state and writes it atomically (write, fsync, rename), so
+        a crash leaves either the old or the new state, never half of one."""
+        self.state.update(values)
+        tmp = self.workdir / (_STATE_FILE + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.workdir / _STATE_FILE)
+
+    # ---------------------------------------------------------------- events
+
+    async def stage(self, stage: int, percent: float, message: str) -> None:
+        """A stage_update event; the operation's stage/percent/message follow it."""
+        self.check_cancelled()
+        self.current_stage = stage
+        update = OperationUpdate(state=JobState.RUNNING, stage=stage, percent=percent, message=message)
+        payload = jobs_pb2.StageUpdate(stage=stage, percent=percent, message=message)  # type: ignore[arg-type]
+        await self.bus.emit(self.name, "stage_update", payload.SerializeToString(), update=update)
+
+    async def progress(self, percent: float, message: str, *, done: int = 0, total: int = 0) -> None:
+        """A progress_update event within the current stage."""
+        self.check_cancelled()
+        update = OperationUpdate(percent=percent, message=message)
+        payload = jobs_pb2.ProgressUpdate(
+            stage=self.current_stage, percent=percent, message=message, done=done, total=total  # type: ignore[arg-type]
+        )
+        await self.bus.emit(self.name, "progress_update", payload.SerializeToString(), update=update)
+
+    async def retrying(self, failure: JobFailure, attempt: int, delay_s: float) -> None:
+        """An error event with will_retry=true: the client sees every retry as it happens."""
+        payload = jobs_pb2.JobError(
+            error_class=failure.error_class,  # type: ignore[arg-type]
+            stage=self.current_stage,  # type: ignore[arg-type]
+            kind=failure.kind,
+            description=f"{failure.description} (attempt {attempt}; retrying in {delay_s:.2f} s)",
+            will_retry=True,
+            attempt=attempt,
+        )
+        await self.bus.emit(self.name, "error", payload.SerializeToString(), terminal=False)
+
+    # ---------------------------------------------------------------- slots, cancellation
+
+    @contextlib.asynccontextmanager
+    async def slot(self, model: str) -> AsyncIterator[None]:
+        """Holds one of the model's concurrency slots (FIFO among waiters)."""
+        self.check_cancelled()
+        async with self.admission.slot(model):
+            yield
+
+    def check_cancelled(self) -> None:
+        if self.cancel_requested:
+            raise JobCancelled(self.name)
+
+    # ---------------------------------------------------------------- artifacts
+
+    async def add_artifact(self, src: Path, *, name: str, kind: int, media_type: str, tier: str = "videos") -> ArtifactRecord:
+        """Moves a finished file into a storage tier and records it (size, sha256, expiry). The
+        same name again replaces the earlier file, so a re-run stage stays idempotent."""
+        size, sha256 = await asyncio.to_thread(_size_and_sha256, src)
+        hex_name = self.name.rsplit("/", 1)[-1]
+        dest = await self.storage.place(src, tier, f"{hex_name}/{name}")
+        self.artifact_paths.append(dest)
+        record = ArtifactRecord(
+            operation=self.name,
+            name=name,
+            kind=kind,
+            media_type=media_type,
+            path=str(dest),
+            size=size,
+            sha256=sha256,
+            expire_time=self.storage.expire_time(tier, utcnow()),
+        )
+        return await self.bus.store.add_artifact(record)
+
+    def remove_workdir(self) -> None:
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return size, digest.hexdigest()

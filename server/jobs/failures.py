@@ -1,0 +1,96 @@
+"""How a job fails: the error classes of seed 003 and what the runner does with each.
+
+* ``RECOVERABLE`` (transient network failure, busy model) and ``EXTERNAL`` (D-ID rate limit or
+  outage): retried with exponential backoff and jitter; every retry is an ``error`` event with
+  ``will_retry=true``.
+* ``PERMANENT`` (bad input: no person found, not an image, not audio): fails at once with an
+  actionable message.
+* ``RESOURCE`` (out of disk, out of D-ID credits): fails with a message for the operator.
+
+A pipeline raises :class:`JobFailure`; anything else that escapes a stage is a bug and is
+reported as an INTERNAL, permanent failure (never retried: it would fail the same way).
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from framewise.v1 import jobs_service_pb2 as jobs_pb2
+from server.did.errors import DIDError
+
+__all__ = ["RETRYABLE_CLASSES", "JobCancelled", "JobFailure", "from_did_error"]
+
+RETRYABLE_CLASSES = frozenset({jobs_pb2.ERROR_CLASS_RECOVERABLE, jobs_pb2.ERROR_CLASS_EXTERNAL})
+
+# The google.rpc.Code an operation ends with for each class (Operation.error.code).
+_CODE_BY_CLASS = {
+    jobs_pb2.ERROR_CLASS_RECOVERABLE: grpc.StatusCode.UNAVAILABLE,
+    jobs_pb2.ERROR_CLASS_PERMANENT: grpc.StatusCode.INVALID_ARGUMENT,
+    jobs_pb2.ERROR_CLASS_RESOURCE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    jobs_pb2.ERROR_CLASS_EXTERNAL: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class JobFailure(Exception):
+    """A classified job error. ``kind`` is machine-readable ("no_person_found", D-ID's own kind),
+    ``description`` tells the user what to do."""
+
+    def __init__(
+        self,
+        error_class: int,
+        kind: str,
+        description: str,
+        *,
+        code: grpc.StatusCode | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(f"{kind}: {description}")
+        self.error_class = error_class
+        self.kind = kind
+        self.description = description
+        self.code = code or _CODE_BY_CLASS.get(error_class, grpc.StatusCode.INTERNAL)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retryable(self) -> bool:
+        return self.error_class in RETRYABLE_CLASSES
+
+    @classmethod
+    def permanent(cls, kind: str, description: str, *, code: grpc.StatusCode | None = None) -> JobFailure:
+        return cls(jobs_pb2.ERROR_CLASS_PERMANENT, kind, description, code=code)
+
+    @classmethod
+    def recoverable(cls, kind: str, description: str) -> JobFailure:
+        return cls(jobs_pb2.ERROR_CLASS_RECOVERABLE, kind, description)
+
+    @classmethod
+    def resource(cls, kind: str, description: str) -> JobFailure:
+        return cls(jobs_pb2.ERROR_CLASS_RESOURCE, kind, description)
+
+    @classmethod
+    def external(cls, kind: str, description: str, *, retry_after_s: float | None = None) -> JobFailure:
+        return cls(jobs_pb2.ERROR_CLASS_EXTERNAL, kind, description, retry_after_s=retry_after_s)
+
+
+class JobCancelled(Exception):
+    """Raised inside a job when its cancellation was requested."""
+
+
+_DID_CLASSES = {
+    "recoverable": jobs_pb2.ERROR_CLASS_RECOVERABLE,
+    "permanent": jobs_pb2.ERROR_CLASS_PERMANENT,
+    "resource": jobs_pb2.ERROR_CLASS_RESOURCE,
+    "external": jobs_pb2.ERROR_CLASS_EXTERNAL,
+}
+
+
+def from_did_error(error: DIDError) -> JobFailure:
+    """D-ID's own classification carries over; a permanent D-ID error is a bad request on our
+    side or a rejected photo, so the code says FAILED_PRECONDITION only for configuration."""
+    error_class = _DID_CLASSES[error.error_class]
+    code = None
+    if error.kind == "ConfigurationError" or error.status in (401, 403):
+        code = grpc.StatusCode.FAILED_PRECONDITION
+    # The D-ID client already retried transient errors itself (each retry was reported through
+    # on_retry); what reaches the job is final for this attempt of the stage.
+    return JobFailure(error_class, error.kind, str(error), code=code, retry_after_s=error.retry_after_s)

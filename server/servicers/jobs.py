@@ -1,0 +1,181 @@
+"""JobService: uploads, the two submit RPCs (AIP-151 operations), the durable watch stream,
+artifact download and storage stats."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+from google.longrunning import operations_pb2
+from google.protobuf import timestamp_pb2
+
+from framewise.v1 import jobs_service_pb2 as jobs_pb2
+from framewise.v1 import jobs_service_pb2_grpc
+from server.errors import InvalidInput, ServiceError, TooLarge
+from server.jobs.events import EventBus, Heartbeat
+from server.jobs.runner import JobRunner
+from server.jobs.storage import StorageManager
+from server.jobs.store import EventRecord, JobState
+from server.jobs.uploads import UploadError, UploadNotFound, UploadStore, UploadTooLarge
+from server.servicers.operations import operation_proto, store_errors
+
+__all__ = ["JobServicer"]
+
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+_EVENT_TYPES = {
+    "stage_update": jobs_pb2.StageUpdate,
+    "progress_update": jobs_pb2.ProgressUpdate,
+    "error": jobs_pb2.JobError,
+    "complete": jobs_pb2.JobComplete,
+}
+
+
+def _timestamp(value: object) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)  # type: ignore[arg-type]
+    return ts
+
+
+def watch_response(item: EventRecord | Heartbeat) -> jobs_pb2.WatchOperationResponse:
+    response = jobs_pb2.WatchOperationResponse(sequence=item.sequence, name=item.operation, time=_timestamp(item.time))
+    if isinstance(item, Heartbeat):
+        response.heartbeat.SetInParent()
+    else:
+        getattr(response, item.event_type).CopyFrom(_EVENT_TYPES[item.event_type].FromString(item.payload))
+    return response
+
+
+def upload_status(exc: UploadError) -> ServiceError:
+    field = getattr(exc, "field", None)
+    if isinstance(exc, UploadNotFound):
+        return ServiceError(str(exc), code=grpc.StatusCode.NOT_FOUND)
+    if isinstance(exc, UploadTooLarge):
+        return TooLarge(str(exc), field)
+    return InvalidInput(str(exc), field)
+
+
+class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
+    def __init__(self, runner: JobRunner, bus: EventBus, uploads: UploadStore, storage: StorageManager) -> None:
+        self.runner = runner
+        self.bus = bus
+        self.store = bus.store
+        self.uploads = uploads
+        self.storage = storage
+
+    async def UploadFile(
+        self, request_iterator: AsyncIterator[jobs_pb2.UploadFileRequest], context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.UploadFileResponse:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("message") != "header":
+            raise InvalidInput("the first UploadFileRequest must carry the header (kind, size_bytes, sha256)", "header")
+        header = first.header
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if message.WhichOneof("message") != "chunk":
+                    raise InvalidInput("only the first message may carry a header; the rest carry chunks", "header")
+                yield message.chunk
+
+        try:
+            info = await self.uploads.receive(header.kind, header.filename, header.size_bytes, header.sha256, chunks())
+        except UploadError as exc:
+            raise upload_status(exc) from None
+        return jobs_pb2.UploadFileResponse(
+            upload_id=info.upload_id, size_bytes=info.size_bytes, sha256=info.sha256, expire_time=_timestamp(info.expire_time)
+        )
+
+    async def SegmentVideo(self, request: jobs_pb2.SegmentVideoRequest, context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
+        return await self._submit(jobs_pb2.JOB_KIND_SEGMENT_VIDEO, request, request.request_id)
+
+    async def CreateTalkingVideo(
+        self, request: jobs_pb2.CreateTalkingVideoRequest, context: grpc.aio.ServicerContext
+    ) -> operations_pb2.Operation:
+        return await self._submit(jobs_pb2.JOB_KIND_TALKING_VIDEO, request, request.request_id)
+
+    async def _submit(self, kind: int, request: object, request_id: str) -> operations_pb2.Operation:
+        if len(request_id) > 128:
+            raise InvalidInput("request_id is longer than 128 characters", "request_id")
+        try:
+            with store_errors():
+                op = await self.runner.submit(kind, request, request_id)  # type: ignore[arg-type]
+        except UploadError as exc:
+            raise upload_status(exc) from None
+        return operation_proto(op, self.runner.queue_position(op.name))
+
+    async def WatchOperation(
+        self, request: jobs_pb2.WatchOperationRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.WatchOperationResponse]:
+        if request.after_sequence < 0:
+            raise InvalidInput("after_sequence must be >= 0", "after_sequence")
+        with store_errors():
+            op = await self.store.get_operation(request.name)
+        if request.after_sequence > op.last_sequence and op.done:
+            raise InvalidInput(
+                f"after_sequence {request.after_sequence} is past the operation's last event ({op.last_sequence})",
+                "after_sequence",
+            )
+        async with self.bus.subscribe(request.name, request.after_sequence) as events:
+            async for item in events:
+                yield watch_response(item)
+
+    async def DownloadArtifact(
+        self, request: jobs_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.DownloadArtifactResponse]:
+        with store_errors():
+            op = await self.store.get_operation(request.name)
+        if op.state != JobState.SUCCEEDED:
+            raise ServiceError(
+                f"operation {op.name} is {op.state.name}; artifacts can be downloaded once it SUCCEEDED",
+                code=grpc.StatusCode.FAILED_PRECONDITION,
+            )
+        artifacts = {a.name: a for a in await self.store.list_artifacts(op.name)}
+        record = artifacts.get(request.artifact)
+        if record is None:
+            raise ServiceError(
+                f"operation {op.name} has no artifact {request.artifact!r}; it has {', '.join(sorted(artifacts)) or 'none'}",
+                code=grpc.StatusCode.NOT_FOUND,
+            )
+        if not 0 <= request.offset <= record.size:
+            raise InvalidInput(f"offset must be within 0..{record.size}", "offset")
+        try:
+            f = await asyncio.to_thread(open, record.path, "rb")
+        except FileNotFoundError:
+            raise ServiceError(
+                f"artifact {record.name!r} is no longer stored (retention expired at {record.expire_time})",
+                code=grpc.StatusCode.NOT_FOUND,
+            ) from None
+        try:
+            await asyncio.to_thread(f.seek, request.offset)
+            offset = request.offset
+            first = True
+            while True:
+                data = await asyncio.to_thread(f.read, DOWNLOAD_CHUNK_BYTES)
+                if not data and not first:
+                    return
+                message = jobs_pb2.DownloadArtifactResponse(data=data, offset=offset, total_size_bytes=record.size)
+                if first:
+                    message.media_type = record.media_type
+                    message.sha256 = record.sha256
+                    first = False
+                yield message
+                offset += len(data)
+                if not data:
+                    return
+        finally:
+            f.close()
+
+    async def GetStorageStats(
+        self, request: jobs_pb2.GetStorageStatsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetStorageStatsResponse:
+        stats = await self.storage.stats()
+        return jobs_pb2.GetStorageStatsResponse(
+            tiers=[
+                jobs_pb2.StorageTierStats(tier=tier, files=t.files, bytes=t.bytes, retention_seconds=int(t.retention_seconds))
+                for tier, t in stats.tiers.items()
+            ],
+            disk_free_bytes=stats.disk_free_bytes,
+            disk_total_bytes=stats.disk_total_bytes,
+            low_disk=stats.low_disk,
+            low_disk_threshold_bytes=stats.low_disk_threshold_bytes,
+        )

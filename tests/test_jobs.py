@@ -1,0 +1,452 @@
+"""Long-running jobs end to end: the real orchestrator, real Triton, the D-ID emulator, the
+SQLite store; talking video and video segmentation to completion, watch streams, retries,
+permanent failures, cancellation and the Operations service."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+import zipfile
+from collections.abc import Iterator
+
+import av
+import cv2
+import grpc
+import httpx
+import numpy as np
+import pytest
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from did_emulator import EmulatorHandle
+from framewise.v1 import common_pb2, jobs_service_pb2_grpc, vision_service_pb2, vision_service_pb2_grpc
+from framewise.v1 import jobs_service_pb2 as jobs_pb2
+from tests.conftest import ASSETS
+from tests.test_did import tone_wav
+
+S = jobs_pb2.JobStage
+TALKING_STAGES = [
+    (S.JOB_STAGE_INITIALIZED, 0),
+    (S.JOB_STAGE_UPLOAD_COMPLETE, 20),
+    (S.JOB_STAGE_DETECTION_RUNNING, 25),
+    (S.JOB_STAGE_DETECTION_COMPLETE, 40),
+    (S.JOB_STAGE_BACKGROUND_REMOVAL_RUNNING, 50),
+    (S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE, 60),
+    (S.JOB_STAGE_DID_UPLOAD, 70),
+    (S.JOB_STAGE_DID_PROCESSING, 75),
+    (S.JOB_STAGE_DID_COMPLETE, 80),
+    (S.JOB_STAGE_FINALIZING, 90),
+    (S.JOB_STAGE_COMPLETED, 100),
+]
+TIMEOUT_S = 120
+
+
+@pytest.fixture
+def jobs(channel: grpc.Channel) -> jobs_service_pb2_grpc.JobServiceStub:
+    return jobs_service_pb2_grpc.JobServiceStub(channel)
+
+
+@pytest.fixture
+def operations(channel: grpc.Channel) -> operations_pb2_grpc.OperationsStub:
+    return operations_pb2_grpc.OperationsStub(channel)
+
+
+@pytest.fixture(autouse=True)
+def _reset_emulator(did_emulator: EmulatorHandle) -> Iterator[None]:
+    httpx.post(f"{did_emulator.url}/_emulator/reset", timeout=5).raise_for_status()
+    yield
+
+
+def inject(did: EmulatorHandle, **spec: object) -> None:
+    httpx.post(f"{did.url}/_emulator/faults", json=spec, timeout=5).raise_for_status()
+
+
+def emulator_requests(did: EmulatorHandle, method: str, prefix: str) -> list[dict]:
+    log = httpx.get(f"{did.url}/_emulator/requests", timeout=5).json()["requests"]
+    return [r for r in log if r["method"] == method and r["path"].startswith(prefix)]
+
+
+def talking_request(image: str = "zidane.jpg", **fields: object) -> jobs_pb2.CreateTalkingVideoRequest:
+    return jobs_pb2.CreateTalkingVideoRequest(
+        image=(ASSETS / "images" / image).read_bytes(), audio=tone_wav(1.0), **fields
+    )
+
+
+def watch(jobs: jobs_service_pb2_grpc.JobServiceStub, name: str, after: int = 0) -> list[jobs_pb2.WatchOperationResponse]:
+    """Every event until the stream ends (heartbeats dropped)."""
+    stream = jobs.WatchOperation(jobs_pb2.WatchOperationRequest(name=name, after_sequence=after), timeout=TIMEOUT_S)
+    return [e for e in stream if e.WhichOneof("event") != "heartbeat"]
+
+
+def stages(events: list[jobs_pb2.WatchOperationResponse]) -> list[tuple[int, int]]:
+    return [(e.stage_update.stage, round(e.stage_update.percent)) for e in events if e.WhichOneof("event") == "stage_update"]
+
+
+def metadata(op: operations_pb2.Operation) -> jobs_pb2.JobMetadata:
+    meta = jobs_pb2.JobMetadata()
+    assert op.metadata.Unpack(meta)
+    return meta
+
+
+def download(jobs: jobs_service_pb2_grpc.JobServiceStub, name: str, artifact: str, offset: int = 0) -> tuple[bytes, jobs_pb2.DownloadArtifactResponse]:
+    chunks = list(jobs.DownloadArtifact(jobs_pb2.DownloadArtifactRequest(name=name, artifact=artifact, offset=offset), timeout=60))
+    return b"".join(c.data for c in chunks), chunks[0]
+
+
+def assert_contiguous(events: list[jobs_pb2.WatchOperationResponse], first: int = 1) -> None:
+    assert [e.sequence for e in events] == list(range(first, first + len(events)))
+
+
+def status_field(error: grpc.RpcError) -> list[str]:
+    status = rpc_status.from_call(error)
+    fields = []
+    for detail in status.details if status else []:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+# --------------------------------------------------------------------------- talking video
+
+
+def test_talking_video_runs_every_stage_in_order_and_stores_a_real_video(jobs, operations, did_emulator, channel) -> None:
+    op = jobs.CreateTalkingVideo(talking_request(), timeout=30)
+    assert op.name.startswith("operations/") and not op.done
+    assert metadata(op).kind == jobs_pb2.JOB_KIND_TALKING_VIDEO
+
+    events = watch(jobs, op.name)
+    assert_contiguous(events)
+    assert stages(events) == TALKING_STAGES
+    assert events[-1].WhichOneof("event") == "complete"
+    assert events[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    detection = next(e.stage_update for e in events if e.stage_update.stage == S.JOB_STAGE_DETECTION_COMPLETE)
+    assert "Detected 2 persons" in detection.message, detection.message
+    matting = next(e.stage_update for e in events if e.stage_update.stage == S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE)
+    assert "STAND-IN" in matting.message
+
+    done = operations.GetOperation(operations_pb2.GetOperationRequest(name=op.name), timeout=10)
+    assert done.done and done.WhichOneof("result") == "response"
+    meta = metadata(done)
+    assert meta.state == jobs_pb2.JOB_STATE_SUCCEEDED and meta.percent == 100 and meta.last_sequence == events[-1].sequence
+    response = jobs_pb2.CreateTalkingVideoResponse()
+    assert done.response.Unpack(response)
+    assert not response.matting_skipped and response.did_talk_id
+    # The default selector picks the person with the largest box, as Detect sees them.
+    detected = vision_service_pb2_grpc.VisionServiceStub(channel).Detect(
+        vision_service_pb2.DetectRequest(image=common_pb2.Image(encoded=(ASSETS / "images" / "zidane.jpg").read_bytes())),
+        timeout=30,
+    )
+    largest = max(detected.detections, key=lambda d: (d.box.x2 - d.box.x1) * (d.box.y2 - d.box.y1))
+    assert response.person_box == largest.box
+
+    video, first = download(jobs, op.name, response.video.name)
+    assert first.media_type == "video/mp4" and len(video) == response.video.size_bytes == first.total_size_bytes
+    assert hashlib.sha256(video).hexdigest() == response.video.sha256 == first.sha256
+    with av.open(io.BytesIO(video)) as container:
+        assert container.streams.video and container.streams.audio
+        assert container.duration is not None and container.duration / 1e6 == pytest.approx(1.0, abs=0.2)
+    # Resume a download from an offset.
+    tail, _ = download(jobs, op.name, response.video.name, offset=len(video) - 100)
+    assert tail == video[-100:]
+    # The photo D-ID received is the matted person: RGBA, cropped around the chosen box.
+    person, _ = download(jobs, op.name, "person.png")
+    rgba = cv2.imdecode(np.frombuffer(person, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert rgba.ndim == 3 and rgba.shape[2] == 4
+    assert len(emulator_requests(did_emulator, "POST", "/talks")) == 1
+
+
+def test_watchers_late_or_resuming_see_each_event_exactly_once(jobs) -> None:
+    op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
+    live = watch(jobs, op.name)
+    late = watch(jobs, op.name)
+    assert [e.SerializeToString() for e in late] == [e.SerializeToString() for e in live]
+    for after in (1, 5, len(live) - 1):
+        resumed = watch(jobs, op.name, after=after)
+        assert [e.sequence for e in resumed] == list(range(after + 1, len(live) + 1))
+        assert resumed == live[after:]
+    matting = next(e.stage_update for e in live if e.stage_update.stage == S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE)
+    assert "skip_matting" in matting.message
+    with pytest.raises(grpc.RpcError) as err:
+        watch(jobs, op.name, after=len(live) + 5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_did_rate_limit_is_retried_and_every_retry_is_an_event(jobs, did_emulator) -> None:
+    inject(did_emulator, path="/talks", method="POST", status=429, times=3, retry_after=0)
+    op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
+    events = watch(jobs, op.name)
+    retries = [e.error for e in events if e.WhichOneof("event") == "error"]
+    assert [r.attempt for r in retries] == [1, 2, 3]
+    assert all(r.will_retry and r.error_class == jobs_pb2.ERROR_CLASS_EXTERNAL for r in retries)
+    assert all(r.stage == S.JOB_STAGE_DID_PROCESSING for r in retries)
+    assert events[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert [r["status"] for r in emulator_requests(did_emulator, "POST", "/talks")] == [429, 429, 429, 201]
+
+
+def test_did_permanent_error_fails_with_its_kind_and_description(jobs, operations, did_emulator) -> None:
+    inject(did_emulator, path="/images", method="POST", status=400, kind="BadRequestError", description="image has no face", times=1)
+    op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
+    events = watch(jobs, op.name)
+    last = events[-1]
+    assert last.WhichOneof("event") == "error" and not last.error.will_retry
+    assert last.error.error_class == jobs_pb2.ERROR_CLASS_PERMANENT
+    assert last.error.kind == "BadRequestError" and "image has no face" in last.error.description
+    assert last.error.stage == S.JOB_STAGE_DID_UPLOAD
+    done = operations.GetOperation(operations_pb2.GetOperationRequest(name=op.name), timeout=10)
+    assert done.done and done.WhichOneof("result") == "error"
+    assert done.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "image has no face" in done.error.message
+    assert metadata(done).state == jobs_pb2.JOB_STATE_FAILED
+    # One attempt: a permanent error is not retried.
+    assert len(emulator_requests(did_emulator, "POST", "/images")) == 1
+    with pytest.raises(grpc.RpcError) as err:
+        download(jobs, op.name, "talking_video.mp4")
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_did_timeout_is_retried(jobs, did_emulator) -> None:
+    # The test orchestrator's D-ID timeout is 2 s.
+    inject(did_emulator, path="/audios", method="POST", delay_s=3.0, times=1)
+    op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
+    events = watch(jobs, op.name)
+    retries = [e.error for e in events if e.WhichOneof("event") == "error"]
+    assert len(retries) == 1 and retries[0].will_retry and retries[0].kind == "Timeout"
+    assert retries[0].error_class == jobs_pb2.ERROR_CLASS_RECOVERABLE
+    assert events[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
+
+
+def test_photo_without_a_person_fails_fast(jobs) -> None:
+    gradient = np.tile(np.linspace(0, 255, 320, dtype=np.uint8), (240, 1))
+    _, png = cv2.imencode(".png", cv2.merge([gradient, gradient[::-1], gradient]))
+    request = jobs_pb2.CreateTalkingVideoRequest(image=png.tobytes(), audio=tone_wav(0.5))
+    op = jobs.CreateTalkingVideo(request, timeout=30)
+    events = watch(jobs, op.name)
+    assert events[-1].error.kind == "no_person_found" and not events[-1].error.will_retry
+    assert events[-1].error.error_class == jobs_pb2.ERROR_CLASS_PERMANENT
+    assert events[-1].error.stage == S.JOB_STAGE_DETECTION_RUNNING
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"image": b"not an image at all", "audio": tone_wav(0.5)}, "image"),
+        ({"image": (ASSETS / "images" / "bus.jpg").read_bytes(), "audio": b"RIFF\x00\x00\x00\x00WAVEjunk"}, "audio"),
+        ({"image": (ASSETS / "images" / "bus.jpg").read_bytes(), "audio": b"\x00" * 4096}, "audio"),
+        ({"audio": tone_wav(0.5)}, "image"),
+        ({"image": (ASSETS / "images" / "bus.jpg").read_bytes(), "audio_upload_id": "nothex"}, "audio_upload_id"),
+        (
+            {
+                "image": (ASSETS / "images" / "bus.jpg").read_bytes(),
+                "audio": tone_wav(0.5),
+                "person": jobs_pb2.PersonSelector(point=common_pb2.Point(x=99999, y=1)),
+            },
+            "person.point",
+        ),
+    ],
+)
+def test_bad_talking_video_requests_are_refused_at_submit(jobs, request_fields, field) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        jobs.CreateTalkingVideo(jobs_pb2.CreateTalkingVideoRequest(**request_fields), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert field in status_field(err.value), (err.value.details(), status_field(err.value))
+
+
+def test_cancel_mid_job_stops_polling_and_ends_cancelled(jobs, operations, did_emulator) -> None:
+    inject(did_emulator, talk_outcome="done", stage_delay_s=30)
+    op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
+    stream = jobs.WatchOperation(jobs_pb2.WatchOperationRequest(name=op.name), timeout=TIMEOUT_S)
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if event.stage_update.stage == S.JOB_STAGE_DID_PROCESSING:
+            break
+    stream.cancel()
+    operations.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name), timeout=30)
+    done = operations.GetOperation(operations_pb2.GetOperationRequest(name=op.name), timeout=10)
+    assert done.done and metadata(done).state == jobs_pb2.JOB_STATE_CANCELLED
+    assert done.error.code == grpc.StatusCode.CANCELLED.value[0]
+    events = watch(jobs, op.name)
+    assert events[-1].complete.state == jobs_pb2.JOB_STATE_CANCELLED
+    polls = len(emulator_requests(did_emulator, "GET", "/talks/"))
+    time.sleep(0.5)
+    assert len(emulator_requests(did_emulator, "GET", "/talks/")) == polls, "D-ID polling went on after cancel"
+    with pytest.raises(grpc.RpcError) as err:
+        operations.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_request_id_makes_submission_idempotent(jobs) -> None:
+    first = jobs.CreateTalkingVideo(talking_request(skip_matting=True, request_id="client-key-1"), timeout=30)
+    again = jobs.CreateTalkingVideo(talking_request(skip_matting=True, request_id="client-key-1"), timeout=30)
+    assert again.name == first.name
+    watch(jobs, first.name)
+
+
+# --------------------------------------------------------------------------- operations
+
+
+def test_operations_list_filter_page_wait_delete(jobs, operations) -> None:
+    op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
+    waited = operations.WaitOperation(
+        operations_pb2.WaitOperationRequest(name=op.name, timeout=duration_pb2.Duration(seconds=60)), timeout=90
+    )
+    assert waited.done
+
+    names: list[str] = []
+    token = ""
+    while True:
+        page = operations.ListOperations(
+            operations_pb2.ListOperationsRequest(name="operations", filter="state = SUCCEEDED", page_size=2, page_token=token),
+            timeout=10,
+        )
+        assert len(page.operations) <= 2
+        assert all(metadata(o).state == jobs_pb2.JOB_STATE_SUCCEEDED for o in page.operations)
+        names += [o.name for o in page.operations]
+        token = page.next_page_token
+        if not token:
+            break
+    assert op.name in names and len(names) == len(set(names))
+    failed = operations.ListOperations(
+        operations_pb2.ListOperationsRequest(filter="state = FAILED OR state = CANCELLED AND kind = TALKING_VIDEO"), timeout=10
+    )
+    assert all(metadata(o).state in (jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED) for o in failed.operations)
+    for bad in ("state == RUNNING", "colour = RED", "state = SLEEPING"):
+        with pytest.raises(grpc.RpcError) as err:
+            operations.ListOperations(operations_pb2.ListOperationsRequest(filter=bad), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as err:
+        operations.ListOperations(operations_pb2.ListOperationsRequest(page_token="garbage"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=op.name), timeout=10)
+    for call in (
+        lambda: operations.GetOperation(operations_pb2.GetOperationRequest(name=op.name), timeout=10),
+        lambda: watch(jobs, op.name),
+        lambda: download(jobs, op.name, "talking_video.mp4"),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_delete_of_an_unfinished_operation_is_refused(jobs, operations, did_emulator) -> None:
+    inject(did_emulator, talk_outcome="done", stage_delay_s=5)
+    op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
+    with pytest.raises(grpc.RpcError) as err:
+        operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=op.name), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    operations.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name), timeout=30)
+    operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=op.name), timeout=10)
+
+
+# --------------------------------------------------------------------------- uploads, storage
+
+
+def upload(jobs, data: bytes, kind: int, *, sha256: str | None = None, size: int | None = None, chunk: int = 64 * 1024):
+    header = jobs_pb2.UploadHeader(
+        kind=kind, filename="clip", size_bytes=len(data) if size is None else size, sha256=sha256 or hashlib.sha256(data).hexdigest()
+    )
+    messages = [jobs_pb2.UploadFileRequest(header=header)]
+    messages += [jobs_pb2.UploadFileRequest(chunk=data[i : i + chunk]) for i in range(0, len(data), chunk)]
+    return jobs.UploadFile(iter(messages), timeout=60)
+
+
+def test_upload_checks_size_and_sha256(jobs) -> None:
+    data = (ASSETS / "images" / "bus.jpg").read_bytes()
+    response = upload(jobs, data, jobs_pb2.FILE_KIND_IMAGE)
+    assert len(response.upload_id) == 32 and response.size_bytes == len(data)
+    assert response.sha256 == hashlib.sha256(data).hexdigest()
+    for kwargs, code in (
+        ({"sha256": "0" * 64}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"size": len(data) + 1}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"size": len(data) - 1}, grpc.StatusCode.INVALID_ARGUMENT),
+        ({"size": 3 * 1024**3}, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            upload(jobs, data, jobs_pb2.FILE_KIND_IMAGE, **kwargs)
+        assert err.value.code() == code, (kwargs, err.value.details())
+    # An uploaded photo and audio drive a job.
+    audio = upload(jobs, tone_wav(0.5), jobs_pb2.FILE_KIND_AUDIO)
+    image = upload(jobs, (ASSETS / "images" / "person.jpg").read_bytes(), jobs_pb2.FILE_KIND_IMAGE)
+    op = jobs.CreateTalkingVideo(
+        jobs_pb2.CreateTalkingVideoRequest(image_upload_id=image.upload_id, audio_upload_id=audio.upload_id, skip_matting=True),
+        timeout=30,
+    )
+    assert watch(jobs, op.name)[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    # An image upload is not audio.
+    with pytest.raises(grpc.RpcError) as err:
+        jobs.CreateTalkingVideo(
+            jobs_pb2.CreateTalkingVideoRequest(image_upload_id=image.upload_id, audio_upload_id=image.upload_id), timeout=30
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_storage_stats_report_every_tier(jobs) -> None:
+    stats = jobs.GetStorageStats(jobs_pb2.GetStorageStatsRequest(), timeout=10)
+    assert [t.tier for t in stats.tiers] == ["uploads", "processed", "videos", "temp"]
+    assert {t.tier: t.retention_seconds for t in stats.tiers} == {
+        "uploads": 7 * 86400, "processed": 3 * 86400, "videos": 30 * 86400, "temp": 3600
+    }  # fmt: skip
+    assert stats.disk_total_bytes > stats.disk_free_bytes > 0
+    assert stats.low_disk_threshold_bytes == 5 * 10**9
+    assert stats.low_disk == (stats.disk_free_bytes < stats.low_disk_threshold_bytes)
+
+
+# --------------------------------------------------------------------------- video segmentation
+
+
+def test_segment_video_from_a_server_path_writes_every_artifact(jobs) -> None:
+    request = jobs_pb2.SegmentVideoRequest(
+        server_path="bedroom.mp4", box=common_pb2.BoundingBox(x1=100, y1=100, x2=300, y2=300), max_frames=8
+    )
+    op = jobs.SegmentVideo(request, timeout=60)
+    events = watch(jobs, op.name)
+    assert_contiguous(events)
+    assert events[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED, events[-1]
+    seen = [s for s, _ in stages(events)]
+    assert seen == [
+        S.JOB_STAGE_INITIALIZED, S.JOB_STAGE_UPLOAD_COMPLETE, S.JOB_STAGE_DECODING, S.JOB_STAGE_TRACKING,
+        S.JOB_STAGE_WRITING_ARTIFACTS, S.JOB_STAGE_FINALIZING, S.JOB_STAGE_COMPLETED,
+    ]  # fmt: skip
+    progress = [e.progress_update for e in events if e.WhichOneof("event") == "progress_update"]
+    assert progress and progress[-1].done == progress[-1].total == 8
+    names = {a.name for a in events[-1].complete.artifacts}
+    assert {"overlay.mp4", "frames.json", "masks.zip"} <= names
+    frames, _ = download(jobs, op.name, "frames.json")
+    parsed = json.loads(frames)
+    assert len(parsed) == 8
+    masks, _ = download(jobs, op.name, "masks.zip")
+    with zipfile.ZipFile(io.BytesIO(masks)) as archive:
+        assert len(archive.namelist()) == 8
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"server_path": "../videos/bedroom.mp4"}, "server_path"),
+        ({"server_path": "/etc/passwd"}, "server_path"),
+        ({"server_path": "bedroom.mp4", "box": common_pb2.BoundingBox(x1=10, y1=10, x2=99999, y2=50)}, "box"),
+        ({"server_path": "bedroom.mp4", "box": common_pb2.BoundingBox(x1=10, y1=10, x2=10, y2=50)}, "box"),
+        ({"server_path": "bedroom.mp4"}, "box"),
+    ],
+)
+def test_bad_segment_video_requests_are_refused(jobs, fields, field) -> None:
+    fields.setdefault("box", common_pb2.BoundingBox(x1=10, y1=10, x2=50, y2=50)) if field != "box" else None
+    with pytest.raises(grpc.RpcError) as err:
+        jobs.SegmentVideo(jobs_pb2.SegmentVideoRequest(**fields), timeout=30)
+    assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), err.value.details()
+
+
+def test_corrupt_video_upload_is_refused(jobs) -> None:
+    data = (ASSETS / "videos" / "bedroom.mp4").read_bytes()[:4096] + bytes(range(256)) * 64
+    uploaded = upload(jobs, data, jobs_pb2.FILE_KIND_VIDEO)
+    with pytest.raises(grpc.RpcError) as err:
+        jobs.SegmentVideo(
+            jobs_pb2.SegmentVideoRequest(upload_id=uploaded.upload_id, box=common_pb2.BoundingBox(x1=1, y1=1, x2=20, y2=20)),
+            timeout=30,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
