@@ -36,8 +36,17 @@ $(BUF):
 repository: install
 	$(PY) build_engines.py --target cpu --output $(REPO_CPU)
 
+# Without FRAMEWISE_DID_API_KEY, talking videos go to the project's local D-ID emulator (said
+# loudly here and in the server log); with it, to api.d-id.com (or FRAMEWISE_DID_URL).
+DID_EMULATOR_PORT ?= 8081
+SERVE := $(PY) -m server --model-repository $(REPO_CPU) --log-format text
 serve: repository
-	$(PY) -m server --model-repository $(REPO_CPU) --log-format text
+	@if [ -n "$$FRAMEWISE_DID_API_KEY" ]; then exec $(SERVE); fi; \
+	echo "!!! FRAMEWISE_DID_API_KEY is not set: starting the LOCAL D-ID EMULATOR on 127.0.0.1:$(DID_EMULATOR_PORT)." >&2; \
+	echo "!!! Talking videos will NOT come from D-ID (the emulator holds the photo still over the audio)." >&2; \
+	$(PY) -m did_emulator --port $(DID_EMULATOR_PORT) --api-key local-emulator & emulator=$$!; \
+	trap 'kill $$emulator 2>/dev/null' EXIT; \
+	FRAMEWISE_DID_URL=http://127.0.0.1:$(DID_EMULATOR_PORT) FRAMEWISE_DID_API_KEY=local-emulator FRAMEWISE_DID_IS_EMULATOR=1 $(SERVE)
 
 proto: install
 	$(PY) proto/generate.py

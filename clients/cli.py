@@ -4,6 +4,12 @@
     framewise detect IMAGE [--json]     people (or other classes) in a photo
     framewise track SOURCE --box x,y,w,h [--json] [--overlay OUT.mp4]
                                         one object through a video or a folder of frames
+    framewise segment-video VIDEO --box x,y,w,h [--watch] [--json]
+    framewise talking-video IMAGE AUDIO [--skip-matting] [--watch] [--json]
+    framewise watch OPERATION [--after N] [--json]
+    framewise download OPERATION ARTIFACT OUT
+    framewise operations [--filter 'state = RUNNING']
+    framewise cancel OPERATION           long-running jobs (see clients/jobs_cli.py)
 
 The server address comes from --server, else FRAMEWISE_SERVER, else localhost:50051.
 Exit codes: 0 ok, 1 service unreachable / not serving / failed, 2 bad input or usage.
@@ -22,7 +28,7 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from clients import track_cli
+from clients import jobs_cli, track_cli
 from clients.sdk import DEFAULT_ADDRESS, FramewiseClient
 from framewise.v1 import info_service_pb2, vision_service_pb2
 
@@ -68,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     detect.set_defaults(run=_detect)
 
     track_cli.add_parser(commands)
+    jobs_cli.add_parsers(commands)
     return parser
 
 

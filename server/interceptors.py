@@ -62,19 +62,19 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, method: str, behavior):  # noqa: ANN001, ANN202 - grpc handler types
         async def wrapped(request, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN202
-            started = self._begin(method)
+            started, peer = self._begin(method, context)
             try:
                 return await behavior(request, context)
             except Exception as exc:  # noqa: BLE001 - mapped to a status below
                 await self._abort(method, exc, context)
             finally:
-                self._end(method, started, context)
+                self._end(method, started, peer, context)
 
         return wrapped
 
     def _wrap_stream(self, method: str, behavior):  # noqa: ANN001, ANN202
         async def wrapped(request, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:  # noqa: ANN001
-            started = self._begin(method)
+            started, peer = self._begin(method, context)
             try:
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
@@ -88,15 +88,18 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:  # noqa: BLE001
                 await self._abort(method, exc, context)
             finally:
-                self._end(method, started, context)
+                self._end(method, started, peer, context)
 
         return wrapped
 
-    def _begin(self, method: str) -> float:
+    def _begin(self, method: str, context: grpc.aio.ServicerContext) -> tuple[float, str]:
         self.metrics.rpc_in_flight.labels(method).inc()
-        return time.perf_counter()
+        # The peer is read now, while the call is alive: context.peer() reaches into the C core,
+        # and on a call the client has just cancelled it dereferenced a freed call and
+        # segfaulted the server (grpcio 1.85, WatchOperation cancelled as it ended).
+        return time.perf_counter(), context.peer()
 
-    def _end(self, method: str, started: float, context: grpc.aio.ServicerContext) -> None:
+    def _end(self, method: str, started: float, peer: str, context: grpc.aio.ServicerContext) -> None:
         elapsed = time.perf_counter() - started
         code = _code_name(context)
         self.metrics.rpc_in_flight.labels(method).dec()
@@ -105,10 +108,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             self.metrics.rpc_errors.labels(method, code).inc()
             log.warning(
                 "rpc failed",
-                extra={"method": method, "code": code, "details": context.details(), "duration_ms": round(elapsed * 1e3, 2), "peer": context.peer()},
+                extra={"method": method, "code": code, "details": context.details(), "duration_ms": round(elapsed * 1e3, 2), "peer": peer},
             )
         else:
-            log.debug("rpc ok", extra={"method": method, "duration_ms": round(elapsed * 1e3, 2), "peer": context.peer()})
+            log.debug("rpc ok", extra={"method": method, "duration_ms": round(elapsed * 1e3, 2), "peer": peer})
 
     async def _abort(self, method: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
         if isinstance(exc, grpc.aio.AbortError):

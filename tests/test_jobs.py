@@ -450,3 +450,18 @@ def test_corrupt_video_upload_is_refused(jobs) -> None:
             timeout=30,
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+
+
+def test_watchers_cancelling_as_the_stream_ends_leave_the_server_serving(jobs, operations, channel) -> None:
+    """Clients that cancel a watch right after the terminal event (Ctrl-C, early break) once
+    crashed the server inside grpc's C core; hammer that window."""
+    op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
+    total = len(watch(jobs, op.name))
+    for i in range(150):
+        stream = jobs.WatchOperation(jobs_pb2.WatchOperationRequest(name=op.name, after_sequence=total - 1 - i % 2), timeout=30)
+        for event in stream:
+            if event.WhichOneof("event") == "complete":
+                stream.cancel()
+                break
+    done = operations.GetOperation(operations_pb2.GetOperationRequest(name=op.name), timeout=10)
+    assert done.done
