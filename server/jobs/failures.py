@@ -50,6 +50,8 @@ class JobFailure(Exception):
         self.description = description
         self.code = code or _CODE_BY_CLASS.get(error_class, grpc.StatusCode.INTERNAL)
         self.retry_after_s = retry_after_s
+        # Whole-stage attempts made when the job gave up (set by the runner).
+        self.attempts = 1
 
     @property
     def retryable(self) -> bool:

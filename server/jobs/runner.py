@@ -48,7 +48,10 @@ log = logging.getLogger("server.jobs")
 
 
 class QueueFull(ServiceError):
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    # ServiceError is a dataclass: its generated __init__ sets ``code`` on the instance (default
+    # INTERNAL), which shadowed a class attribute here, so the client got INTERNAL. Pass it in.
+    def __init__(self, message: str) -> None:
+        super().__init__(message, [], grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,11 @@ class JobRunner:
             self._cancelled.add(name)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+            if task.cancelled():
+                # Cancelled before _run reached its try block (the task had not started, or was
+                # still reading the operation), so nothing recorded the cancellation: without
+                # this the operation stayed QUEUED with cancel_requested set until a restart.
+                await self._finish_cancelled(await self.store.get_operation(name), None)
         return await self.store.get_operation(name)
 
     async def start(self) -> None:
@@ -199,6 +207,12 @@ class JobRunner:
                 if not task.done():  # the worker itself is being stopped: stop the job too
                     task.cancel()
                     await asyncio.gather(task, return_exceptions=True)
+                    raise
+                # The job task is done (its own cancellation ends here), but stop() may have
+                # cancelled this worker in the same instant the job finished: the worker must
+                # still stop, or stop()'s gather waits for it forever.
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
                     raise
             except Exception:  # noqa: BLE001, S110 - _run logs; a bug in one job must not stop the worker
                 pass
@@ -263,6 +277,7 @@ class JobRunner:
                 return
             except JobFailure as failure:
                 if not failure.retryable or attempt >= stage.max_attempts:
+                    failure.attempts = attempt
                     raise
                 delay = self.retry.delay(attempt, self._rng, failure.retry_after_s)
                 log.warning(
@@ -297,7 +312,7 @@ class JobRunner:
             kind=failure.kind,
             description=failure.description,
             will_retry=False,
-            attempt=0,
+            attempt=failure.attempts,
         )
         message = f"{failure.kind}: {failure.description}"
         await self.bus.emit(
