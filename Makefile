@@ -24,7 +24,7 @@ system-deps:
 $(VENV)/.installed: pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[embedded,dev]'
 	touch $@
 
 tools: $(BUF)
@@ -62,6 +62,51 @@ test: install tools lint
 bench: repository
 	$(PY) bench/detect_bench.py --output bench/results
 	$(PY) bench/track_bench.py --output bench/results
+	$(PY) bench/jobs_bench.py --output bench/results
 
 clean:
 	rm -rf .cache build
+
+# --- Export environment and SAMURAI parity (neither is part of `make test`) -----------------------
+# `make export-env` creates .venv-export: torch + the SAMURAI fork of SAM 2 (PyPI
+# absolutely-not-samurai, module `sam2`) + onnx/onnxruntime + this project, for the exporters in
+# engines/export/ and the parity suite. Several GB (torchvision's PyPI wheels are CUDA builds and
+# need the CUDA torch; everything runs on the CPU). `.venv-export/.installed` marks it done.
+VENV_EXPORT ?= .venv-export
+PY_EXPORT := $(VENV_EXPORT)/bin/python
+# `===`: exactly this PyPI release, not a local "+cpu" build a pip find-links may offer (torchvision
+# from PyPI cannot load next to a CPU-only torch).
+EXPORT_TORCH ?= torch===2.13.0 torchvision==0.28.0
+EXPORT_SAM2 ?= absolutely-not-samurai==1.0.0
+# Imported by the SAMURAI fork without being declared as its dependencies.
+EXPORT_SAM2_DEPS ?= loguru scipy
+# Packages of the other exporters (e.g. ultralytics for YOLOv8): add them here.
+# YOLOv8: Ultralytics built on opencv-python-headless (the plain `ultralytics` pulls opencv-python
+# 5, which needs numpy 2). BiRefNet: safetensors for the snapshot's weights, and what the modelling
+# code shipped in a Hugging Face snapshot imports (transformers 4.x's PreTrainedModel, timm,
+# kornia, einops).
+EXPORT_EXTRA ?= ultralytics-opencv-headless==8.4.190 safetensors timm kornia einops 'transformers>=4.40,<5'
+PARITY_FRAMES ?= 30
+
+.PHONY: export-env parity
+
+export-env: $(VENV_EXPORT)/.installed
+
+$(VENV_EXPORT)/.installed: pyproject.toml | system-deps
+	test -x $(PY_EXPORT) || $(PYTHON) -m venv $(VENV_EXPORT)
+	echo '*' > $(VENV_EXPORT)/.gitignore
+	$(PY_EXPORT) -m pip install -q --upgrade pip setuptools wheel
+	$(PY_EXPORT) -m pip install -q $(EXPORT_TORCH)
+	# Built against the torch above (no build isolation), without its optional CUDA extension
+	# (only the fill-holes post-processing uses it; SAM 2 skips that step without it).
+	SAM2_BUILD_CUDA=0 $(PY_EXPORT) -m pip install -q --no-build-isolation $(EXPORT_SAM2)
+	$(PY_EXPORT) -m pip install -q $(EXPORT_SAM2_DEPS) onnx onnxruntime onnxscript 'numpy>=1.26,<2'
+	$(if $(strip $(EXPORT_EXTRA)),$(PY_EXPORT) -m pip install -q $(EXPORT_EXTRA))
+	$(PY_EXPORT) -m pip install -q -e .
+	touch $@
+
+# Reference SAMURAI video predictor vs our TrackingEngine over the exported parts on a real Triton
+# (seeded random weights, ../shared/assets/sequences/Crossing): bench/results/parity.{json,md}.
+# About 15-25 minutes on 2 cores for 30 frames.
+parity: export-env system-deps
+	$(PY_EXPORT) -m parity.run --frames $(PARITY_FRAMES) --results bench/results

@@ -29,6 +29,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
@@ -113,6 +114,7 @@ def build_cpu_repository(
     sam2_image_size: int = DEFAULT_SAM2_IMAGE_SIZE,
     birefnet_image_size: int = DEFAULT_BIREFNET_IMAGE_SIZE,
     force: bool = False,
+    sam2_onnx_dir: Path | None = None,
 ) -> Path:
     """Write the CPU model repository at ``output`` and return its path.
 
@@ -122,6 +124,11 @@ def build_cpu_repository(
     A no-op when ``output/MANIFEST.json`` already records the same builder
     version, source weights (sha256), stand-in graph code, python model and parameters, unless
     ``force``. The repository is written into a temporary sibling directory and renamed into place.
+
+    ``sam2_onnx_dir``: a folder with the four real SAM 2 part exports (``<part>.onnx``, from
+    engines/export/sam2_parts.py); they are served instead of the stand-ins (``stand_in: false``,
+    their file, sha256 and export source in the config), after checking they have the stand-ins'
+    exact contract. Their model size S must be ``sam2_image_size``. None (default): stand-ins.
     """
     output = Path(output).expanduser().absolute()
     yolo_onnx = Path(yolo_onnx).expanduser().absolute()
@@ -136,12 +143,15 @@ def build_cpu_repository(
         raise MissingWeightsError(yolo_onnx)
 
     standin_sha = _sha256_files(sam2_standin.SOURCE_FILES)
+    sam2_real = _real_sam2_parts(Path(sam2_onnx_dir).expanduser().absolute(), sam2_image_size) \
+        if sam2_onnx_dir is not None else None
     fingerprint = {
         "builder_version": BUILDER_VERSION,
         "python_model_sha256": _sha256(PYTHON_MODEL_TEMPLATE),
         "models": {
             "yolov8": {"source": yolo_onnx.name, "source_sha256": _sha256(yolo_onnx)},
-            **{part.name: {"source": "stand-in", "code_sha256": standin_sha}
+            **{part.name: ({"source": sam2_real[part.name].path.name, "source_sha256": sam2_real[part.name].sha256}
+                           if sam2_real else {"source": "stand-in", "code_sha256": standin_sha})
                for part in sam2_standin.PARTS},
             birefnet_standin.NAME: {"source": "stand-in",
                                     "code_sha256": _sha256_files(birefnet_standin.SOURCE_FILES)},
@@ -173,15 +183,16 @@ def build_cpu_repository(
         staging.chmod(0o755)  # mkdtemp makes it 0700; Triton may run as another user
         _write_yolov8(staging / "yolov8", yolo_onnx, fingerprint)
         for part in sam2_standin.PARTS:
-            _write_sam2_part(staging / part.name, part, fingerprint)
+            _write_sam2_part(staging / part.name, part, fingerprint, sam2_real[part.name] if sam2_real else None)
         _write_birefnet(staging / birefnet_standin.NAME, fingerprint)
         manifest = {
             "fingerprint": fingerprint,
             "build_id": uuid.uuid4().hex,
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source_paths": {"yolov8": str(yolo_onnx)},
+            "source_paths": {"yolov8": str(yolo_onnx),
+                             **({n: str(r.path) for n, r in sam2_real.items()} if sam2_real else {})},
             "models": list(MODEL_NAMES),
-            "stand_in_models": list(STAND_IN_MODELS),
+            "stand_in_models": [m for m in STAND_IN_MODELS if not (sam2_real and m in sam2_real)],
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_into_place(staging, output)
@@ -236,22 +247,27 @@ def _write_yolov8(model_dir: Path, source: Path, fingerprint: dict) -> None:
     (model_dir / "config.pbtxt").write_text(text)
 
 
-def _write_sam2_part(model_dir: Path, part: sam2_standin.StandInPart, fingerprint: dict) -> None:
+def _write_sam2_part(model_dir: Path, part: sam2_standin.StandInPart, fingerprint: dict,
+                     real: _RealSam2Part | None = None) -> None:
     params = fingerprint["parameters"]
     size = params["sam2_image_size"]
-    model = part.build(size)  # checked by onnx.checker (full_check) while building
     batched = part.max_batch_size > 0
 
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True)
-    onnx.save(model, str(version_dir / ONNX_FILE))
+    if real is None:
+        model = part.build(size)  # checked by onnx.checker (full_check) while building
+        onnx.save(model, str(version_dir / ONNX_FILE))
+    else:
+        model = real.model  # contract checked by _real_sam2_parts
+        shutil.copyfile(real.path, version_dir / ONNX_FILE)
     shutil.copyfile(PYTHON_MODEL_TEMPLATE, version_dir / "model.py")
 
     parameters = {
         "onnx_file": ONNX_FILE,
         "intra_op_threads": str(params["intra_op_threads"]),
-        "stand_in": "true",
-        "source": SAM2_STAND_IN_SOURCE,
+        "stand_in": "true" if real is None else "false",
+        "source": SAM2_STAND_IN_SOURCE if real is None else real.source,
         "image_size": str(size),
         # The stand-ins treat every batch item on its own, so a whole batch is one ORT call.
         "per_item_execution": "false",
@@ -268,6 +284,44 @@ def _write_sam2_part(model_dir: Path, part: sam2_standin.StandInPart, fingerprin
     )
     _check_config(text, parameters)
     (model_dir / "config.pbtxt").write_text(text)
+
+
+@dataclass(frozen=True)
+class _RealSam2Part:
+    path: Path
+    sha256: str
+    source: str  # for the config's "source" parameter
+    model: onnx.ModelProto  # graph only (no weights loaded)
+
+
+def _real_sam2_parts(folder: Path, image_size: int) -> dict[str, _RealSam2Part]:
+    """The exported SAM 2 parts in ``folder``, each checked to have exactly the stand-in contract
+    (tensor names, dtypes, ranks and Triton dims) at model size ``image_size``."""
+    described = {}
+    try:  # written by engines/export/sam2_parts.py: which weights these are
+        described = json.loads((folder / "sam2_export.json").read_text())
+    except (OSError, ValueError):
+        pass
+    parts = {}
+    for part in sam2_standin.PARTS:
+        path = folder / f"{part.name}.onnx"
+        if not path.is_file():
+            raise FileNotFoundError(f"SAM 2 export {path} not found (engines/export/sam2_parts.py writes "
+                                    f"{', '.join(p.name + '.onnx' for p in sam2_standin.PARTS)})")
+        model = onnx.load(str(path), load_external_data=False)
+        reference = part.build(image_size)
+        batched = part.max_batch_size > 0
+        got = (_tensors(model.graph.input, model.graph.initializer, batched=batched),
+               _tensors(model.graph.output, batched=batched))
+        want = (_tensors(reference.graph.input, reference.graph.initializer, batched=batched),
+                _tensors(reference.graph.output, batched=batched))
+        if got != want:
+            raise ValueError(f"{path} does not have the {part.name} contract at SAM 2 size {image_size} "
+                             f"(--sam2-image-size): inputs/outputs {got}, expected {want}")
+        sha = _sha256(path)
+        origin = described.get("source", "SAM 2 export")
+        parts[part.name] = _RealSam2Part(path, sha, f"{path.name} sha256:{sha} ({origin})", model)
+    return parts
 
 
 def _write_birefnet(model_dir: Path, fingerprint: dict) -> None:
