@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
 from grpc_status import rpc_status
@@ -40,24 +41,24 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.unary_unary),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=_accept_bytes(handler.response_serializer),
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
                 self._wrap_unary(method, handler.stream_unary),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=_accept_bytes(handler.response_serializer),
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(method, handler.unary_stream),
                 request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                response_serializer=_accept_bytes(handler.response_serializer),
             )
         return grpc.stream_stream_rpc_method_handler(
             self._wrap_stream(method, handler.stream_stream),
             request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            response_serializer=_accept_bytes(handler.response_serializer),
         )
 
     def _wrap_unary(self, method: str, behavior):  # noqa: ANN001, ANN202 - grpc handler types
@@ -121,6 +122,14 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         incident = uuid.uuid4().hex[:12]
         log.exception("unhandled error", extra={"method": method, "incident": incident})
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server logs hold the details")
+
+
+def _accept_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
+    """A response serializer that also passes pre-serialized bytes through, so a stream fanning
+    one event out to many watchers serializes it once, not once per watcher."""
+    if serializer is None:
+        return None
+    return lambda message: message if isinstance(message, bytes) else serializer(message)
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str:

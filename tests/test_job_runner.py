@@ -314,7 +314,7 @@ async def test_permanent_failure_fails_at_once_and_removes_workdir(tmp_path: Pat
         calls += 1
         await ctx.stage(DECODING, 5.0, "decoding")
         (ctx.workdir / "partial.bin").write_bytes(b"half a result")
-        ctx.save_state(frames=3)
+        await ctx.save_state(frames=3)
         workdirs.append(ctx.workdir)
         wrote.set()
         raise JobFailure.permanent("no_person_found", "no person on the prompt frame; pick another frame")
@@ -607,7 +607,7 @@ async def test_resume_after_restart_skips_completed_stages(tmp_path: Path) -> No
     async def decode_video(ctx: JobContext) -> None:
         calls[DECODING] += 1
         await ctx.stage(DECODING, 10.0, "decoding")
-        ctx.save_state(frames=42)
+        await ctx.save_state(frames=42)
 
     async def track(ctx: JobContext) -> None:
         calls[TRACKING] += 1
@@ -674,7 +674,7 @@ async def test_stage_events_drive_the_operation_row(tmp_path: Path) -> None:
         await ctx.progress(40.0, "frame 4/10", done=4, total=10)
         reached["progress"].set()
         await go["progress"].wait()
-        ctx.save_state(frames=10)
+        await ctx.save_state(frames=10)
 
     async def write(ctx: JobContext) -> None:
         await ctx.stage(WRITING, 90.0, "writing artifacts")

@@ -232,7 +232,7 @@ async def test_upload_job_tracks_both_ways_and_writes_artifacts(harness: Harness
     # blocks of two) gives the same file byte for byte; WRITING_ARTIFACTS again the same masks.
     first = (ctx.workdir / TRACKS_FILE).read_bytes()
     (ctx.workdir / TRACKS_FILE).unlink()
-    ctx.save_state(source=str(BEDROOM))  # FINALIZING removed the working copy
+    await ctx.save_state(source=str(BEDROOM))  # FINALIZING removed the working copy
     small = pipeline(engine, harness, reverse_buffer_bytes=2 * FRAME_BYTES)
     stages_by_checkpoint = {s.checkpoint: s for s in small.stages()}
     await stages_by_checkpoint[S.JOB_STAGE_TRACKING].run(ctx)

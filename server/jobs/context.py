@@ -62,16 +62,12 @@ class JobContext:
             return {}
         return json.loads(path.read_text())
 
-    def save_state(self, **values: Any) -> None:
+    async def save_state(self, **values: Any) -> None:
         """Merges ``values`` into the state and writes it atomically (write, fsync, rename), so
-        a crash leaves either the old or the new state, never half of one."""
+        a crash leaves either the old or the new state, never half of one. The fsync runs in a
+        thread: it can take tens of ms on a busy disk, and the event loop serves every watcher."""
         self.state.update(values)
-        tmp = self.workdir / (_STATE_FILE + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(self.state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.workdir / _STATE_FILE)
+        await asyncio.to_thread(_write_json_atomically, self.workdir / _STATE_FILE, dict(self.state))
 
     # ---------------------------------------------------------------- events
 
@@ -150,3 +146,12 @@ def _size_and_sha256(path: Path) -> tuple[int, str]:
             digest.update(chunk)
             size += len(chunk)
     return size, digest.hexdigest()
+
+
+def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

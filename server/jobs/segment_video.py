@@ -261,7 +261,7 @@ class SegmentVideoPipeline:
             source = ctx.workdir / _SOURCE_LINK
             await asyncio.to_thread(_link_or_copy, inspected.path, source)
         video, plan = inspected.video, inspected.plan
-        ctx.save_state(
+        await ctx.save_state(
             source=str(source),
             video=video.to_dict(),
             plan=plan,
@@ -327,7 +327,7 @@ class SegmentVideoPipeline:
             backward_part.unlink(missing_ok=True)
         if count != len(plan):  # pragma: no cover - a bug, never the client's fault
             raise RuntimeError(f"tracks.jsonl has {count} frames, the plan {len(plan)}")
-        ctx.save_state(tracked_frames=count)
+        await ctx.save_state(tracked_frames=count)
         await ctx.progress(_TRACKING_END, f"tracked {count}/{len(plan)} frames", done=count, total=len(plan))
 
     async def _write_artifacts(self, ctx: JobContext) -> None:
@@ -364,7 +364,7 @@ class SegmentVideoPipeline:
             await asyncio.to_thread(writers.abort)
         for spec in specs:
             await ctx.add_artifact(out_dir / spec.name, name=spec.name, kind=spec.kind, media_type=spec.media_type)
-        ctx.save_state(overlay_codec=writers.overlay_codec)
+        await ctx.save_state(overlay_codec=writers.overlay_codec)
 
     async def _finalize(self, ctx: JobContext) -> None:
         """FINALIZING: every requested artifact is recorded; the working copy of the source goes."""

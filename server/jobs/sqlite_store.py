@@ -279,17 +279,22 @@ class SqliteJobStore:
 
     @staticmethod
     def _apply_update_sync(conn: sqlite3.Connection, name: str, update: OperationUpdate, now_us: int) -> None:
-        current = SqliteJobStore._get_sync(conn, name)
+        # Only the two columns the update depends on: the whole row carries the request blob
+        # (an inline photo and audio), and this runs inside every stage event's transaction.
+        times = conn.execute("SELECT start_us, end_us FROM operations WHERE name = ?", (name,)).fetchone()
+        if times is None:
+            raise OperationNotFoundError(name)
+        start_us, end_us = times
         sets: list[str] = ["update_us = ?"]
         params: list[Any] = [now_us]
         if update.state is not None:
             state = JobState(update.state)
             sets.append("state = ?")
             params.append(int(state))
-            if state == JobState.RUNNING and current.start_time is None and update.start_time is None:
+            if state == JobState.RUNNING and start_us is None and update.start_time is None:
                 sets.append("start_us = ?")
                 params.append(now_us)
-            if state.is_terminal and current.end_time is None and update.end_time is None:
+            if state.is_terminal and end_us is None and update.end_time is None:
                 sets.append("end_us = ?")
                 params.append(now_us)
         for attr, column, conv in (

@@ -172,7 +172,7 @@ class TalkingVideoPipeline:
         audio_file = f"audio.{checked.format}"
         await asyncio.to_thread(_write, ctx.workdir / "original", image)
         await asyncio.to_thread(_write, ctx.workdir / audio_file, audio)
-        ctx.save_state(audio_file=audio_file, audio_media_type=checked.media_type)
+        await ctx.save_state(audio_file=audio_file, audio_media_type=checked.media_type)
         duration = f" ({checked.duration_s:.1f} s of audio)" if checked.duration_s else ""
         await ctx.stage(S.JOB_STAGE_UPLOAD_COMPLETE, STAGE_PERCENT[S.JOB_STAGE_UPLOAD_COMPLETE], f"inputs stored{duration}")
 
@@ -187,7 +187,7 @@ class TalkingVideoPipeline:
         people = sorted(result.detections, key=lambda d: d.score, reverse=True)
         chosen_index, person = _select_person(people, ctx.request.person)
         crop = _crop_box(person.box, result.width, result.height, self.crop_margin)
-        ctx.save_state(
+        await ctx.save_state(
             person_box=list(person.box),
             crop_box=list(crop),
             persons_found=len(people),
@@ -210,7 +210,7 @@ class TalkingVideoPipeline:
         if ctx.request.skip_matting:
             png = await asyncio.to_thread(_crop_png, image, crop)
             await asyncio.to_thread(_write, ctx.workdir / "person.png", png)
-            ctx.save_state(matting_skipped=True)
+            await ctx.save_state(matting_skipped=True)
             message = "skipped at the client's request (skip_matting): the crop is sent as it is"
         else:
             async with ctx.slot("matting"), _inference_failures("background removal"):
@@ -219,7 +219,7 @@ class TalkingVideoPipeline:
                 )
             png = await asyncio.to_thread(encode_rgba_png, matte.rgb, matte.alpha)
             await asyncio.to_thread(_write, ctx.workdir / "person.png", png)
-            ctx.save_state(matting_skipped=False, matting_stand_in=matte.model.stand_in)
+            await ctx.save_state(matting_skipped=False, matting_stand_in=matte.model.stand_in)
             message = "background removed" + (" (BiRefNet STAND-IN model: the alpha has no learned meaning)" if matte.model.stand_in else "")
         await ctx.stage(
             S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE, STAGE_PERCENT[S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE], message
@@ -232,7 +232,7 @@ class TalkingVideoPipeline:
         async with self._did_client(ctx) as did:
             image_url = await did.upload_image(image, "person.png", "image/png")
             audio_url = await did.upload_audio(audio, ctx.state["audio_file"], ctx.state["audio_media_type"])
-        ctx.save_state(did_image_url=image_url, did_audio_url=audio_url)
+        await ctx.save_state(did_image_url=image_url, did_audio_url=audio_url)
 
     async def _did_talk(self, ctx: JobContext) -> None:
         await ctx.stage(S.JOB_STAGE_DID_PROCESSING, STAGE_PERCENT[S.JOB_STAGE_DID_PROCESSING], "D-ID is rendering the video")
@@ -240,7 +240,7 @@ class TalkingVideoPipeline:
             talk_id = ctx.state.get("did_talk_id")
             if not talk_id:
                 talk_id = await did.create_talk(ctx.state["did_image_url"], ctx.state["did_audio_url"])
-                ctx.save_state(did_talk_id=talk_id)
+                await ctx.save_state(did_talk_id=talk_id)
             try:
                 talk = await did.wait_for_talk(
                     talk_id, poll_interval_s=self.did_poll_interval_s, timeout_s=self.did_wait_timeout_s
@@ -248,7 +248,7 @@ class TalkingVideoPipeline:
             except DIDError as exc:
                 if exc.kind != "TalkTimeout":
                     # The talk itself failed: a retry of this stage must create a new one.
-                    ctx.save_state(did_talk_id=None)
+                    await ctx.save_state(did_talk_id=None)
                 raise
             assert talk.result_url is not None
             video = await did.download(talk.result_url)

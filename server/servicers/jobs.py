@@ -4,6 +4,7 @@ artifact download and storage stats."""
 from __future__ import annotations
 
 import asyncio
+import collections
 from collections.abc import AsyncIterator
 
 import grpc
@@ -37,6 +38,26 @@ def _timestamp(value: object) -> timestamp_pb2.Timestamp:
     return ts
 
 
+class EncodedEvents:
+    """Serialized WatchOperationResponse bytes per stored event, shared by every watcher: an
+    event fanned out to 100 watchers is parsed and serialized once (the interceptor passes
+    bytes through), which is most of the per-watcher cost of a stream message in Python."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._bytes: collections.OrderedDict[tuple[str, int], bytes] = collections.OrderedDict()
+
+    def get(self, record: EventRecord) -> bytes:
+        key = (record.operation, record.sequence)
+        encoded = self._bytes.get(key)
+        if encoded is None:
+            encoded = watch_response(record).SerializeToString()
+            self._bytes[key] = encoded
+            if len(self._bytes) > self.capacity:
+                self._bytes.popitem(last=False)
+        return encoded
+
+
 def watch_response(item: EventRecord | Heartbeat) -> jobs_pb2.WatchOperationResponse:
     response = jobs_pb2.WatchOperationResponse(sequence=item.sequence, name=item.operation, time=_timestamp(item.time))
     if isinstance(item, Heartbeat):
@@ -62,6 +83,7 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
         self.store = bus.store
         self.uploads = uploads
         self.storage = storage
+        self.encoded_events = EncodedEvents()
 
     async def UploadFile(
         self, request_iterator: AsyncIterator[jobs_pb2.UploadFileRequest], context: grpc.aio.ServicerContext
@@ -105,7 +127,7 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
 
     async def WatchOperation(
         self, request: jobs_pb2.WatchOperationRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[jobs_pb2.WatchOperationResponse]:
+    ) -> AsyncIterator[jobs_pb2.WatchOperationResponse | bytes]:
         if request.after_sequence < 0:
             raise InvalidInput("after_sequence must be >= 0", "after_sequence")
         with store_errors():
@@ -117,7 +139,7 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
             )
         async with self.bus.subscribe(request.name, request.after_sequence) as events:
             async for item in events:
-                yield watch_response(item)
+                yield watch_response(item) if isinstance(item, Heartbeat) else self.encoded_events.get(item)
 
     async def DownloadArtifact(
         self, request: jobs_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
