@@ -39,12 +39,12 @@ import numpy as np
 
 from framewise.v1 import common_pb2
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
-from server.errors import FieldViolation, InvalidInput, ServiceError, TooLarge
+from server.errors import InvalidInput, ServiceError, TooLarge
 from server.jobs.artifacts import artifact_proto
 from server.jobs.context import JobContext
 from server.jobs.failures import JobFailure
 from server.jobs.pipeline import Stage
-from server.jobs.uploads import UploadError, UploadInfo, UploadNotFound, UploadStore, resolve_server_path
+from server.jobs.uploads import UploadError, UploadInfo, UploadStore, resolve_server_path, upload_status
 from server.media.video_reader import (
     UnreadableVideo,
     VideoInfo,
@@ -227,7 +227,7 @@ class SegmentVideoPipeline:
             try:
                 info = await self.uploads.get(request.upload_id)
             except UploadError as exc:
-                raise _upload_error(exc, "upload_id") from None
+                raise upload_status(exc, "upload_id") from None
             if info.kind != jobs_pb2.FILE_KIND_VIDEO:
                 raise InvalidInput(
                     f"upload {info.upload_id} is a {jobs_pb2.FileKind.Name(info.kind)}, not a FILE_KIND_VIDEO: "
@@ -239,7 +239,7 @@ class SegmentVideoPipeline:
             try:
                 path = await asyncio.to_thread(resolve_server_path, self.media_root, request.server_path)
             except UploadError as exc:
-                raise _upload_error(exc, "server_path") from None
+                raise upload_status(exc, "server_path") from None
             return path, "server_path", None
         raise InvalidInput("the video is missing: set upload_id (from UploadFile) or server_path", "upload_id")
 
@@ -690,12 +690,6 @@ def _describe(name: str, overlay_codec: str | None) -> str:
 
 def _source_field(request: Any) -> str:
     return request.WhichOneof("source") or "upload_id"
-
-
-def _upload_error(exc: UploadError, field: str) -> ServiceError:
-    if isinstance(exc, UploadNotFound):
-        return ServiceError(str(exc), [FieldViolation(exc.field or field, str(exc))], grpc.StatusCode.NOT_FOUND)
-    return InvalidInput(str(exc), exc.field or field)
 
 
 def _link_or_copy(src: Path, dest: Path) -> None:

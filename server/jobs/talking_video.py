@@ -30,7 +30,7 @@ from server.jobs.artifacts import artifact_proto
 from server.jobs.context import JobContext
 from server.jobs.failures import JobFailure, from_did_error
 from server.jobs.pipeline import Stage
-from server.jobs.uploads import UploadError, UploadNotFound, UploadStore
+from server.jobs.uploads import UploadError, UploadStore, upload_status
 from server.media.audio import NotAudio, check_audio
 from server.pipelines.detection import Detection, DetectionPipeline, DetectOptions
 from server.pipelines.matting import MattingPipeline, encode_rgba_png
@@ -145,7 +145,7 @@ class TalkingVideoPipeline:
             try:
                 info = await self.uploads.get(getattr(request, field))
             except UploadError as exc:
-                raise _upload_error(exc, field) from None
+                raise upload_status(exc, field) from None
             if info.kind != kind:
                 raise InvalidInput(
                     f"upload {info.upload_id} is a {jobs_pb2.FileKind.Name(info.kind)}, not a {jobs_pb2.FileKind.Name(kind)}",
@@ -373,9 +373,3 @@ def _image_field(request: Any) -> str:
 
 def _audio_field(request: Any) -> str:
     return request.WhichOneof("audio_source") or "audio"
-
-
-def _upload_error(exc: UploadError, field: str) -> ServiceError:
-    if isinstance(exc, UploadNotFound):
-        return ServiceError(str(exc), code=grpc.StatusCode.NOT_FOUND)
-    return InvalidInput(str(exc), field)

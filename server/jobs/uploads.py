@@ -29,6 +29,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
+import grpc
+
+from server.errors import FieldViolation, InvalidInput, ServiceError, TooLarge
 from server.jobs.storage import StorageManager, validate_relative_path
 
 __all__ = [
@@ -302,3 +305,15 @@ def _discard(temp: Path, meta_temp: Path, upload_dir: Path) -> None:
     temp.unlink(missing_ok=True)
     meta_temp.unlink(missing_ok=True)
     shutil.rmtree(upload_dir, ignore_errors=True)
+
+
+def upload_status(exc: UploadError, field: str | None = None) -> ServiceError:
+    """An upload error as the API's status: NOT_FOUND for an unknown or expired upload,
+    RESOURCE_EXHAUSTED over the size limit, INVALID_ARGUMENT otherwise; ``field`` names the
+    request field the caller knows (audio_upload_id), else the error's own."""
+    name = field or exc.field
+    if isinstance(exc, UploadNotFound):
+        return ServiceError(str(exc), [FieldViolation(name, str(exc))] if name else [], grpc.StatusCode.NOT_FOUND)
+    if isinstance(exc, UploadTooLarge):
+        return TooLarge(str(exc), name)
+    return InvalidInput(str(exc), name)

@@ -13,12 +13,12 @@ from google.protobuf import timestamp_pb2
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from framewise.v1 import jobs_service_pb2_grpc
-from server.errors import InvalidInput, ServiceError, TooLarge
+from server.errors import InvalidInput, ServiceError
 from server.jobs.events import EventBus, Heartbeat
 from server.jobs.runner import JobRunner
 from server.jobs.storage import StorageManager
 from server.jobs.store import EventRecord, JobState
-from server.jobs.uploads import UploadError, UploadNotFound, UploadStore, UploadTooLarge
+from server.jobs.uploads import UploadError, UploadStore, upload_status
 from server.servicers.operations import operation_proto, store_errors
 
 __all__ = ["JobServicer"]
@@ -65,15 +65,6 @@ def watch_response(item: EventRecord | Heartbeat) -> jobs_pb2.WatchOperationResp
     else:
         getattr(response, item.event_type).CopyFrom(_EVENT_TYPES[item.event_type].FromString(item.payload))
     return response
-
-
-def upload_status(exc: UploadError) -> ServiceError:
-    field = getattr(exc, "field", None)
-    if isinstance(exc, UploadNotFound):
-        return ServiceError(str(exc), code=grpc.StatusCode.NOT_FOUND)
-    if isinstance(exc, UploadTooLarge):
-        return TooLarge(str(exc), field)
-    return InvalidInput(str(exc), field)
 
 
 class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
