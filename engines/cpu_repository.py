@@ -34,12 +34,12 @@ from pathlib import Path
 
 import onnx
 
-from engines import birefnet_standin, sam2_standin
+from engines import birefnet_standin, sam2_steps, sam2_standin
 from engines.onnx_wrap import prepend_uint8_nhwc_preprocessing
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 3  # 3: birefnet stand-in added
+BUILDER_VERSION = 4  # 3: birefnet stand-in added; 4: SAM 2 step ensembles
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_YOLO_ONNX = REPO_ROOT.parent / "shared" / "assets" / "models" / "yolov8n_int8.onnx"
 YOLO_ONNX_ENV = "FRAMEWISE_YOLO_ONNX"
@@ -64,6 +64,8 @@ BIREFNET_STAND_IN_SOURCE = "stand-in contract model (no BiRefNet weights on this
 BIREFNET_INSTANCES = 2
 STAND_IN_MODELS = (*(part.name for part in sam2_standin.PARTS), birefnet_standin.NAME)
 MODEL_NAMES = ("yolov8", *STAND_IN_MODELS)
+# Triton ensembles over the SAM 2 parts (engines/sam2_steps.py): configuration only.
+ENSEMBLE_MODELS = sam2_steps.STEP_MODELS
 
 _ONNX_TO_TRITON = {
     onnx.TensorProto.FLOAT: "TYPE_FP32",
@@ -148,6 +150,7 @@ def build_cpu_repository(
     fingerprint = {
         "builder_version": BUILDER_VERSION,
         "python_model_sha256": _sha256(PYTHON_MODEL_TEMPLATE),
+        "sam2_steps_sha256": _sha256(Path(sam2_steps.__file__)),
         "models": {
             "yolov8": {"source": yolo_onnx.name, "source_sha256": _sha256(yolo_onnx)},
             **{part.name: ({"source": sam2_real[part.name].path.name, "source_sha256": sam2_real[part.name].sha256}
@@ -184,6 +187,7 @@ def build_cpu_repository(
         _write_yolov8(staging / "yolov8", yolo_onnx, fingerprint)
         for part in sam2_standin.PARTS:
             _write_sam2_part(staging / part.name, part, fingerprint, sam2_real[part.name] if sam2_real else None)
+        _write_sam2_steps(staging, stand_in=sam2_real is None)
         _write_birefnet(staging / birefnet_standin.NAME, fingerprint)
         manifest = {
             "fingerprint": fingerprint,
@@ -191,7 +195,7 @@ def build_cpu_repository(
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source_paths": {"yolov8": str(yolo_onnx),
                              **({n: str(r.path) for n, r in sam2_real.items()} if sam2_real else {})},
-            "models": list(MODEL_NAMES),
+            "models": [*MODEL_NAMES, *ENSEMBLE_MODELS],
             "stand_in_models": [m for m in STAND_IN_MODELS if not (sam2_real and m in sam2_real)],
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -284,6 +288,22 @@ def _write_sam2_part(model_dir: Path, part: sam2_standin.StandInPart, fingerprin
     )
     _check_config(text, parameters)
     (model_dir / "config.pbtxt").write_text(text)
+
+
+def _write_sam2_steps(repository: Path, *, stand_in: bool) -> None:
+    """The step ensembles, from the part configs just written (the same generator builds the GPU
+    repository's, so both chain the parts identically)."""
+    parts = {
+        name: sam2_steps.parse_config((repository / name / "config.pbtxt").read_text())
+        for name in (sam2_steps.IMAGE_ENCODER, sam2_steps.MEMORY_ATTENTION, sam2_steps.MASK_DECODER)
+    }
+    parameters = {
+        "stand_in": "true" if stand_in else "false",
+        "source": "Triton ensemble of the SAM 2 parts" + (" (stand-in parts)" if stand_in else ""),
+    }
+    for name, text in sam2_steps.step_configs(parts, parameters).items():
+        (repository / name / "1").mkdir(parents=True)  # an ensemble still needs a version folder
+        (repository / name / "config.pbtxt").write_text(text)
 
 
 @dataclass(frozen=True)
@@ -449,7 +469,8 @@ def _check_config(text: str, parameters: dict[str, str]) -> None:
 def _complete(output: Path) -> bool:
     return all(p.is_file() for name in MODEL_NAMES
                for p in (output / name / "config.pbtxt", output / name / "1" / ONNX_FILE,
-                         output / name / "1" / "model.py"))
+                         output / name / "1" / "model.py")) \
+        and all((output / name / "config.pbtxt").is_file() for name in ENSEMBLE_MODELS)
 
 
 def _swap_into_place(staging: Path, output: Path) -> None:

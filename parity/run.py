@@ -399,7 +399,7 @@ async def run_ours(repo: Path, work: Path, frames: list[np.ndarray], box: list[f
     CandidateSelector.select = select
     tracking_module.mask_at_resolution = mask_at_resolution
     try:
-        monitor = TritonMonitor(client, {"parity": sam2.MODELS}, health_aio.HealthServicer(), metrics)
+        monitor = TritonMonitor(client, {"parity": sam2.TRACKING_MODELS}, health_aio.HealthServicer(), metrics)
         await monitor.refresh()
         engine = TrackingEngine(runner, monitor, max_pixels=1 << 30)
         for name in sam2.MODELS:

@@ -55,9 +55,9 @@ SERVICES = {
 # ready, the server as a whole ("") only while all of them are.
 SERVICE_MODELS = {
     SERVICES["vision"].full_name: ("yolov8", BIREFNET, sam2.IMAGE_ENCODER, sam2.MASK_DECODER),
-    SERVICES["tracking"].full_name: sam2.MODELS,
+    SERVICES["tracking"].full_name: sam2.TRACKING_MODELS,
     # Jobs queue and retry, but cannot progress without their models.
-    SERVICES["jobs"].full_name: ("yolov8", BIREFNET, *sam2.MODELS),
+    SERVICES["jobs"].full_name: ("yolov8", BIREFNET, *sam2.TRACKING_MODELS),
     SERVICES["info"].full_name: (),
 }
 

@@ -209,7 +209,7 @@ def test_python_model_runs_a_stand_in_batch_in_one_call_and_says_stand_in(repo, 
 @needs_assets
 def test_sam2_stand_ins_are_written_beside_yolov8(repo):
     manifest = json.loads((repo / "MANIFEST.json").read_text())
-    assert manifest["models"] == ["yolov8", *SAM2_PARTS, "birefnet"]
+    assert manifest["models"] == ["yolov8", *SAM2_PARTS, "birefnet", "sam2_frame_step", "sam2_track_step"]
     assert manifest["stand_in_models"] == [*SAM2_PARTS, "birefnet"]
     assert manifest["fingerprint"]["parameters"]["sam2_image_size"] == 1024
     for name in SAM2_PARTS:

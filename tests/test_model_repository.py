@@ -23,12 +23,15 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import build_engines
+from engines import sam2_steps
 from engines import tensorrt_build as trtb
 
 GPU_REPO = REPO_ROOT / "model_repository"
 YOLO_ONNX = REPO_ROOT.parent / "shared" / "assets" / "models" / "yolov8n_int8.onnx"
 MODELS = ("yolov8", "birefnet", "sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention",
           "sam2_memory_encoder")
+# Configuration-only Triton ensembles over the SAM 2 parts (engines/sam2_steps.py): no plan.
+ENSEMBLES = sam2_steps.STEP_MODELS
 # Config parameters the orchestrator reads (server/pipelines, server/triton/model_spec.py) or that
 # describe the contract: identical in both repositories.
 SHARED_PARAMETERS = ("class_names", "letterbox_pad_value", "input_layout", "image_size", "num_candidates",
@@ -61,7 +64,7 @@ def cpu_repo(tmp_path_factory) -> Path:
 
 def test_one_tensorrt_config_per_model():
     found = sorted(p.parent.name for p in GPU_REPO.glob("*/config.pbtxt"))
-    assert found == sorted(MODELS)
+    assert found == sorted((*MODELS, *ENSEMBLES))
     for name in MODELS:
         config = gpu_config(name)
         assert config.name == name
@@ -70,6 +73,22 @@ def test_one_tensorrt_config_per_model():
                    for g in config.instance_group)
         assert config.HasField("dynamic_batching") == (config.max_batch_size > 0)
         assert params(config)["stand_in"] == "false"
+        assert (GPU_REPO / name / "1").is_dir()
+
+
+def test_step_ensembles_are_generated_from_the_part_configs(cpu_repo):
+    parts = {n: gpu_config(n) for n in (sam2_steps.IMAGE_ENCODER, sam2_steps.MEMORY_ATTENTION, sam2_steps.MASK_DECODER)}
+    expected = sam2_steps.step_configs(parts, {"stand_in": "false", "source": "Triton ensemble of the SAM 2 parts"})
+    for name in ENSEMBLES:
+        committed = (GPU_REPO / name / "config.pbtxt").read_text()
+        assert committed == expected[name], f"{name}: regenerate with engines/sam2_steps.py"
+        gpu, cpu = gpu_config(name), parse(cpu_repo / name / "config.pbtxt")
+        assert gpu.platform == cpu.platform == "ensemble"
+        for side in ("input", "output"):
+            assert [(t.name, t.data_type, list(t.dims)) for t in getattr(gpu, side)] == \
+                   [(t.name, t.data_type, list(t.dims)) for t in getattr(cpu, side)], (name, side)
+        assert [step.model_name for step in gpu.ensemble_scheduling.step] == \
+               [step.model_name for step in cpu.ensemble_scheduling.step]
         assert (GPU_REPO / name / "1").is_dir()
 
 

@@ -108,7 +108,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
 async def engine(triton) -> AsyncIterator[TrackingEngine]:  # conftest's TritonProcess
     client = TritonClient(triton.url)
     metrics = Metrics(CollectorRegistry())
-    monitor = TritonMonitor(client, {"tracking": sam2.MODELS}, health_aio.HealthServicer(), metrics)
+    monitor = TritonMonitor(client, {"tracking": sam2.TRACKING_MODELS}, health_aio.HealthServicer(), metrics)
     await monitor.refresh()
     assert monitor.serving, monitor.state.last_error
     runner = InferenceRunner(client, metrics)

@@ -41,7 +41,8 @@ def test_server_info_reports_models_and_triton(channel: grpc.Channel, triton) ->
     assert info.triton.server_version == "2.51.0"
     models = {m.name: m for m in info.models}
     assert set(models) == {
-        "yolov8", "birefnet", "sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention", "sam2_memory_encoder"
+        "yolov8", "birefnet", "sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention", "sam2_memory_encoder",
+        "sam2_frame_step", "sam2_track_step",
     }
     assert all(m.ready and m.required for m in models.values())
     # Real weights for YOLOv8; BiRefNet and the SAM 2 parts are contract stand-ins and say so.

@@ -15,6 +15,11 @@ MASK_DECODER = "sam2_mask_decoder"
 MEMORY_ATTENTION = "sam2_memory_attention"
 MEMORY_ENCODER = "sam2_memory_encoder"
 MODELS = (IMAGE_ENCODER, MASK_DECODER, MEMORY_ATTENTION, MEMORY_ENCODER)
+# Triton ensembles chaining the parts of a step (engines/sam2_steps.py): encoder -> attention ->
+# decoder for a frame with one tracked object, attention -> decoder for one more object.
+FRAME_STEP = "sam2_frame_step"
+TRACK_STEP = "sam2_track_step"
+TRACKING_MODELS = (*MODELS, FRAME_STEP, TRACK_STEP)
 
 # Prompts of up to this many points go to the decoder through shared memory (more: over gRPC).
 MAX_SHM_PROMPT_POINTS = 8
@@ -38,25 +43,28 @@ class Sam2Contract:
         return cls(image_size=size, mask_size=masks.shape[-1], specs=specs)
 
     def shm_max_shapes(self, model: str) -> dict[str, tuple[int, ...]]:
-        """Limits of the dynamic dimensions, so shared-memory slots can be sized for them.
-
-        Memory attention: the memory and pointer counts the model config declares
-        (max_memories, max_object_pointers). Mask decoder: one object's prompt points."""
+        """Limits of the dynamic dimensions, so shared-memory slots can be sized for them: the
+        memory and pointer counts the attention's config declares (max_memories,
+        max_object_pointers) and one object's prompt points."""
+        prompt = {"point_coords": (1, MAX_SHM_PROMPT_POINTS, 2), "point_labels": (1, MAX_SHM_PROMPT_POINTS)}
         if model == MEMORY_ATTENTION:
-            spec = self.specs[model]
-            memories = int(spec.parameters.get("max_memories", "7"))
-            pointers = int(spec.parameters.get("max_object_pointers", "16"))
-            memory_shape = spec.input("memory_feats").shape[1:]
-            pointer_width = spec.input("obj_ptrs").shape[-1]
-            return {
-                "memory_feats": (memories, *memory_shape),
-                "memory_tpos": (memories,),
-                "obj_ptrs": (pointers, pointer_width),
-                "obj_ptr_tdiff": (pointers,),
-            }
+            return self._memory_limits("obj_ptrs")
         if model == MASK_DECODER:
-            return {"point_coords": (1, MAX_SHM_PROMPT_POINTS, 2), "point_labels": (1, MAX_SHM_PROMPT_POINTS)}
+            return prompt
+        if model in (FRAME_STEP, TRACK_STEP):
+            return {**self._memory_limits("memory_obj_ptrs"), **prompt}
         return {}
+
+    def _memory_limits(self, pointers_input: str) -> dict[str, tuple[int, ...]]:
+        spec = self.specs[MEMORY_ATTENTION]
+        memories = int(spec.parameters.get("max_memories", "7"))
+        pointers = int(spec.parameters.get("max_object_pointers", "16"))
+        return {
+            "memory_feats": (memories, *spec.input("memory_feats").shape[1:]),
+            "memory_tpos": (memories,),
+            pointers_input: (pointers, spec.input("obj_ptrs").shape[-1]),
+            "obj_ptr_tdiff": (pointers,),
+        }
 
     @property
     def stand_in(self) -> bool:

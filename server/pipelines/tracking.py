@@ -1,10 +1,15 @@
 """SAMURAI over the SAM 2 parts: the stateful driver that strings the model calls together.
 
 Per frame (like sam2_video_predictor, one frame at a time, several objects):
-  encode the frame once -> per object: memory attention (not on its prompt frame) -> one batched
-  mask-decoder call for all objects -> SAMURAI candidate selection (server.tracking) -> memory
-  encoder on the chosen mask -> memory bank update -> mask at the frame's resolution as COCO RLE.
-The tracking maths lives in server.tracking (pure numpy); this module only moves tensors.
+  encode the frame once -> per object: memory attention (not on its prompt frame) -> mask
+  decoder (all candidates) -> SAMURAI candidate selection (server.tracking) -> memory encoder on
+  the chosen mask -> memory bank update -> mask at the frame's resolution as COCO RLE.
+The chains encoder -> attention -> decoder run inside Triton as ensembles
+(engines/sam2_steps.py): a frame with one tracked object takes two round trips (sam2_frame_step,
+memory encoder); with several objects, the frame is encoded once and each object takes
+sam2_track_step (or the decoder alone on its prompt frame) and the memory encoder, the objects
+concurrently. The tracking maths lives in server.tracking (pure numpy); this module only moves
+tensors.
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from server.pipelines import sam2_contract as sam2
 from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_tensors
 from server.pipelines.sam2_contract import Sam2Contract
 from server.triton.runner import Held, InferenceRunner, Input, Tensor
-from server.triton.shm import ShmRef
 from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
 from server.vision.masks import mask_at_resolution
 from server.vision.image_decode import DecodedImage, decode_image
@@ -97,7 +101,7 @@ class TrackingEngine:
         self._contract: tuple[tuple[int, ...], Sam2Contract] | None = None
 
     def contract(self) -> Sam2Contract:
-        specs = {name: self.monitor.require_ready(name) for name in sam2.MODELS}
+        specs = {name: self.monitor.require_ready(name) for name in sam2.TRACKING_MODELS}
         # The monitor hands out new spec objects only when Triton (re)loads a model.
         key = tuple(id(spec) for spec in specs.values())
         if self._contract is None or self._contract[0] != key:
@@ -120,12 +124,13 @@ class TrackingEngine:
         which frame they have seen."""
         started = time.perf_counter()
         contract = self.contract()
-        decoded = await asyncio.to_thread(decode_image, image, max_pixels=self.max_pixels, field="frame.image")
+        # One thread hop for both: a rejected frame wastes a resize, every other frame saves a hop.
+        decoded, frame = await asyncio.to_thread(_decode_and_resize, image, self.max_pixels, contract.image_size)
         index = self._validate(session, frame_index, decoded, prompts, removals)
         decode_s = time.perf_counter() - started
 
         try:
-            outcome, calls = await self._apply(session, index, decoded, prompts, removals, contract, started, timeout_s)
+            outcome, calls = await self._apply(session, index, decoded, frame, prompts, removals, contract, started, timeout_s)
         except BaseException as exc:
             session.broken = f"frame {index} failed half-way ({type(exc).__name__}: {exc})"
             raise
@@ -140,6 +145,7 @@ class TrackingEngine:
         session: TrackingSession,
         index: int,
         decoded: DecodedImage,
+        frame: np.ndarray,
         prompts: list[ObjectPrompt],
         removals: list[int],
         contract: Sam2Contract,
@@ -159,7 +165,7 @@ class TrackingEngine:
         session.width, session.height = decoded.width, decoded.height
 
         calls = _Calls(self.runner, contract, started, timeout_s)
-        return await self._track(session, index, decoded, prompted, contract, calls), calls
+        return await self._track(session, index, decoded, frame, prompted, contract, calls), calls
 
     def _validate(
         self,
@@ -216,97 +222,121 @@ class TrackingEngine:
         session: TrackingSession,
         index: int,
         decoded: DecodedImage,
+        frame: np.ndarray,  # the frame resized to S x S, RGB
         prompted: dict[int, ObjectPrompt],
         contract: Sam2Contract,
         calls: _Calls,
     ) -> list[ObjectOutcome]:
         size = contract.image_size
-        frame = await asyncio.to_thread(cv2.resize, decoded.rgb, (size, size), interpolation=cv2.INTER_LINEAR)
         ids = sorted(session.objects)
+
+        def prompt_inputs(object_id: int) -> dict[str, Input]:
+            coords, labels = prompt_tensors([prompted.get(object_id)], decoded.width, decoded.height, size)
+            return {"point_coords": coords, "point_labels": labels}
+
         # Every model output stays where Triton wrote it (shared memory when co-located) until
         # the frame is done, and goes to the next model by reference: the feature maps never
         # pass through the orchestrator's hands.
         async with contextlib.AsyncExitStack() as frame_scope:
-            encoded = await frame_scope.enter_async_context(
-                calls.hold(sam2.IMAGE_ENCODER, {"image": frame[None]}, ["vision_feat", "high_res_feat0", "high_res_feat1"])
-            )
-            vision_feat = encoded.tensor("vision_feat")
-            embeds: list[Tensor] = []
-            for object_id in ids:
-                if object_id in prompted:
-                    embeds.append(vision_feat)  # a prompt frame is decoded without memory
-                else:
-                    attended = await frame_scope.enter_async_context(
-                        self._attend(session.objects[object_id], index, vision_feat, calls)
-                    )
-                    embeds.append(attended.tensor("conditioned_feat"))
-            coords, labels = prompt_tensors([prompted.get(i) for i in ids], decoded.width, decoded.height, size)
-            decoder_inputs = _decoder_inputs(embeds, encoded, coords, labels)
-            decoded_masks = await frame_scope.enter_async_context(
-                calls.hold(sam2.MASK_DECODER, decoder_inputs, ["masks", "iou_scores", "obj_ptrs", "object_score_logits"])
-            )
-            masks = decoded_masks.array("masks")
-            ious = np.array(decoded_masks.array("iou_scores"))
-            ptrs = decoded_masks.array("obj_ptrs")
-            scores = np.array(decoded_masks.array("object_score_logits"))
+            hold = lambda model, inputs, outputs: frame_scope.enter_async_context(calls.hold(model, inputs, outputs))  # noqa: E731
+            candidates: dict[int, Held] = {}
+            if len(ids) == 1 and not prompted:
+                # The common case, one object followed: encoder, attention and decoder in one call.
+                (object_id,) = ids
+                step = await hold(
+                    sam2.FRAME_STEP,
+                    {"image": frame[None], **self._memory_inputs(session.objects[object_id], index, calls, "memory_obj_ptrs"),
+                     **prompt_inputs(object_id)},
+                    ["vision_feat", *_CANDIDATE_OUTPUTS],
+                )
+                vision_feat = step.tensor("vision_feat")
+                candidates[object_id] = step
+            else:
+                encoded = await hold(sam2.IMAGE_ENCODER, {"image": frame[None]}, ["vision_feat", "high_res_feat0", "high_res_feat1"])
+                vision_feat = encoded.tensor("vision_feat")
+                features = {"high_res_feat0": encoded.tensor("high_res_feat0"), "high_res_feat1": encoded.tensor("high_res_feat1")}
+
+                async def decode(object_id: int) -> None:
+                    if object_id in prompted:  # a prompt frame is decoded without memory
+                        inputs = {"image_embed": vision_feat, **features, **prompt_inputs(object_id)}
+                        candidates[object_id] = await hold(sam2.MASK_DECODER, inputs, list(_CANDIDATE_OUTPUTS))
+                    else:
+                        memory = self._memory_inputs(session.objects[object_id], index, calls, "memory_obj_ptrs")
+                        inputs = {"vision_feat": vision_feat, **features, **memory, **prompt_inputs(object_id)}
+                        candidates[object_id] = await hold(sam2.TRACK_STEP, inputs, list(_CANDIDATE_OUTPUTS))
+
+                async with asyncio.TaskGroup() as group:
+                    for object_id in ids:
+                        group.create_task(decode(object_id))
+
+            chosen = {object_id: self._choose(session.objects[object_id], candidates[object_id], prompted.get(object_id))
+                      for object_id in ids}
+            memories: dict[int, np.ndarray] = {}
+
+            async def encode_memory(object_id: int) -> None:
+                memories[object_id] = await self._encode_memory(vision_feat, chosen[object_id].mask_input, chosen[object_id].score, calls)
+
+            async with asyncio.TaskGroup() as group:
+                for object_id in ids:
+                    group.create_task(encode_memory(object_id))
 
             outcomes = []
-            for b, object_id in enumerate(ids):
-                obj = session.objects[object_id]
-                prompt = prompted.get(object_id)
-                # Box prompts (and several points) use the single-mask output; everything else
-                # the three multimask candidates, among which SAMURAI chooses.
-                first = 0 if prompt is not None and prompt.single_mask else 1
-                last = 1 if first == 0 else 4
-                score = float(scores[b, 0])
-                selection = obj.selector.select(masks[b, first:last], ious[b, first:last], score)
-                chosen = first + selection.index
-                if selection.present and prompt is not None:
-                    mask_logits = np.array(masks[b, chosen])
-                    # The reference encodes a prompt frame's memory from the BINARY mask
-                    # (binarize_mask_from_pts_for_mem_enc, set by build_sam2_video_predictor):
-                    # logits scaled by a large factor keep their sign through the graph's bilinear
-                    # upsampling (linear) and saturate its sigmoid to exactly 0 / 1.
-                    mask_input: Tensor = (mask_logits * PROMPT_MEMORY_LOGIT_GAIN)[None, None]
-                elif selection.present:
-                    mask_logits = np.array(masks[b, chosen])
-                    mask_input = decoded_masks.block("masks", (b, chosen))
+            for object_id in ids:
+                obj, choice = session.objects[object_id], chosen[object_id]
+                if object_id in prompted:
+                    obj.bank.add_conditioning(index, memories[object_id], choice.pointer)
                 else:
-                    mask_logits = np.full(masks.shape[2:], -1024.0, np.float32)  # SAM 2's NO_OBJ_SCORE
-                    mask_input = mask_logits[None, None]
-                memory = await self._encode_memory(vision_feat, mask_input, score, calls)
-                pointer = np.array(ptrs[b, chosen])
-                if prompt is not None:
-                    obj.bank.add_conditioning(index, memory, pointer)
-                else:
-                    obj.bank.add_frame(index, memory, pointer, float(ious[b, chosen]), score, selection.kf_score)
-                mask, box = await asyncio.to_thread(mask_at_resolution, mask_logits, decoded.width, decoded.height)
+                    obj.bank.add_frame(index, memories[object_id], choice.pointer, choice.iou, choice.score, choice.kf_score)
+                mask, box = await asyncio.to_thread(mask_at_resolution, choice.mask_logits, decoded.width, decoded.height)
                 outcomes.append(
                     ObjectOutcome(
-                        object_id, mask, box, float(ious[b, chosen]), selection.present, score, selection.kalman_selected, chosen
+                        object_id, mask, box, choice.iou, choice.present, choice.score, choice.kalman_selected, choice.index
                     )
                 )
         return outcomes
 
-    def _attend(
-        self, obj: TrackedObject, index: int, vision_feat: Tensor, calls: _Calls
-    ) -> contextlib.AbstractAsyncContextManager[Held]:
+    @staticmethod
+    def _choose(obj: TrackedObject, held: Held, prompt: ObjectPrompt | None) -> _Choice:
+        """SAMURAI's pick among the candidates of one object (batch row 0 of its call)."""
+        masks = held.array("masks")
+        ious = np.array(held.array("iou_scores"))[0]
+        score = float(np.array(held.array("object_score_logits"))[0, 0])
+        # Box prompts (and several points) use the single-mask output; everything else the
+        # three multimask candidates, among which SAMURAI chooses.
+        first = 0 if prompt is not None and prompt.single_mask else 1
+        last = 1 if first == 0 else 4
+        selection = obj.selector.select(masks[0, first:last], ious[first:last], score)
+        index = first + selection.index
+        mask_input: Tensor
+        if selection.present and prompt is not None:
+            mask_logits = np.array(masks[0, index])
+            # The reference encodes a prompt frame's memory from the BINARY mask
+            # (binarize_mask_from_pts_for_mem_enc, set by build_sam2_video_predictor): logits
+            # scaled by a large factor keep their sign through the graph's bilinear upsampling
+            # (linear) and saturate its sigmoid to exactly 0 / 1.
+            mask_input = (mask_logits * PROMPT_MEMORY_LOGIT_GAIN)[None, None]
+        elif selection.present:
+            mask_logits = np.array(masks[0, index])
+            mask_input = held.block("masks", (0, index))
+        else:
+            mask_logits = np.full(masks.shape[2:], -1024.0, np.float32)  # SAM 2's NO_OBJ_SCORE
+            mask_input = mask_logits[None, None]
+        pointer = np.array(held.array("obj_ptrs")[0, index])
+        return _Choice(index, float(ious[index]), score, selection.present, selection.kalman_selected,
+                       selection.kf_score, mask_logits, mask_input, pointer)
+
+    def _memory_inputs(self, obj: TrackedObject, index: int, calls: _Calls, pointers_input: str) -> dict[str, Input]:
         selection = obj.bank.select_for(index)
         attention = calls.contract.specs[sam2.MEMORY_ATTENTION]
         memory_dtype = _numpy_dtype(attention.input("memory_feats").datatype)
-        return calls.hold(
-            sam2.MEMORY_ATTENTION,
-            {
-                "vision_feat": vision_feat,
-                "memory_feats": [m.astype(memory_dtype, copy=False) for m in selection.memories],
-                # Row of the temporal encoding: 0 for the most recent memory (the reference's
-                # num_maskmem - 1 - t_pos); prompt memories get num_maskmem - 1.
-                "memory_tpos": np.asarray(selection.tpos_enc_index, dtype=np.int32),
-                "obj_ptrs": np.stack(selection.obj_ptrs).astype(np.float32, copy=False),
-                "obj_ptr_tdiff": np.asarray(selection.obj_ptr_tdiff, dtype=np.int32),
-            },
-            ["conditioned_feat"],
-        )
+        return {
+            "memory_feats": [m.astype(memory_dtype, copy=False) for m in selection.memories],
+            # Row of the temporal encoding: 0 for the most recent memory (the reference's
+            # num_maskmem - 1 - t_pos); prompt memories get num_maskmem - 1.
+            "memory_tpos": np.asarray(selection.tpos_enc_index, dtype=np.int32),
+            pointers_input: np.stack(selection.obj_ptrs).astype(np.float32, copy=False),
+            "obj_ptr_tdiff": np.asarray(selection.obj_ptr_tdiff, dtype=np.int32),
+        }
 
     async def _encode_memory(self, vision_feat: Tensor, mask_logits: Tensor, score: float, calls: _Calls) -> np.ndarray:
         inputs = {
@@ -318,25 +348,20 @@ class TrackingEngine:
             return np.array(encoded.array("maskmem_feat"))  # the bank keeps its own copy
 
 
-def _decoder_inputs(embeds: list[Tensor], encoded: Held, coords: np.ndarray, labels: np.ndarray) -> dict[str, Tensor]:
-    """One object: every feature map by reference. Several objects: one batch, which has to be
-    assembled (and repeats the high-resolution maps per object)."""
-    if len(embeds) == 1:
-        return {
-            "image_embed": embeds[0],
-            "high_res_feat0": encoded.tensor("high_res_feat0"),
-            "high_res_feat1": encoded.tensor("high_res_feat1"),
-            "point_coords": coords,
-            "point_labels": labels,
-        }
-    as_array = lambda t: t.array() if isinstance(t, ShmRef) else t  # noqa: E731
-    return {
-        "image_embed": np.concatenate([as_array(e) for e in embeds]),
-        "high_res_feat0": np.repeat(encoded.array("high_res_feat0"), len(embeds), axis=0),
-        "high_res_feat1": np.repeat(encoded.array("high_res_feat1"), len(embeds), axis=0),
-        "point_coords": coords,
-        "point_labels": labels,
-    }
+_CANDIDATE_OUTPUTS = ("masks", "iou_scores", "obj_ptrs", "object_score_logits")
+
+
+@dataclass(frozen=True)
+class _Choice:
+    index: int  # candidate index among the decoder's 4
+    iou: float
+    score: float  # object score logit
+    present: bool
+    kalman_selected: bool
+    kf_score: float | None
+    mask_logits: np.ndarray  # low-res logits of the chosen candidate (NO_OBJ_SCORE when absent)
+    mask_input: Tensor  # what the memory encoder gets for it
+    pointer: np.ndarray
 
 
 class _Calls:
@@ -346,8 +371,18 @@ class _Calls:
         self.runner = runner
         self.contract = contract
         self.deadline = None if timeout_s is None else started + timeout_s
-        self.triton_s = 0.0
         self._held: list[Held] = []
+        # (start, end) of every Triton call; objects' calls overlap, so their time is the union.
+        self._intervals: list[tuple[float, float]] = []
+
+    @property
+    def triton_s(self) -> float:
+        total, reach = 0.0, float("-inf")
+        for start, end in sorted(self._intervals):
+            if end > reach:
+                total += end - max(start, reach)
+                reach = end
+        return total
 
     @property
     def bytes_moved(self) -> int:
@@ -361,9 +396,15 @@ class _Calls:
         async with self.runner.hold(
             self.contract.specs[model], inputs, outputs, timeout_s=remaining, max_shapes=self.contract.shm_max_shapes(model)
         ) as held:
-            self.triton_s += held.triton_s
+            now = time.perf_counter()
+            self._intervals.append((now - held.triton_s, now))
             self._held.append(held)
             yield held
+
+
+def _decode_and_resize(image: common_pb2.Image, max_pixels: int, size: int) -> tuple[DecodedImage, np.ndarray]:
+    decoded = decode_image(image, max_pixels=max_pixels, field="frame.image")
+    return decoded, cv2.resize(decoded.rgb, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 def _numpy_dtype(datatype: str) -> type:

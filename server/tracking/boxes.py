@@ -68,33 +68,77 @@ def upsample_bilinear(mask_logits: np.ndarray, size: tuple[int, int]) -> np.ndar
     return wy @ (logits @ wx.T)
 
 
+@lru_cache(maxsize=16)
+def _reach(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For the 1-D bilinear map: (first, last) output index reading each input index, and
+    (lo, hi) input indices each output index reads (its weights are non-zero only there)."""
+    read = bilinear_weights(in_size, out_size) != 0  # [out, in]
+    first_out = read.argmax(axis=0)
+    last_out = out_size - 1 - read[::-1].argmax(axis=0)
+    lo_in = read.argmax(axis=1)
+    hi_in = in_size - 1 - read[:, ::-1].argmax(axis=1)
+    return first_out, last_out, lo_in, hi_in
+
+
 def box_from_mask_upsampled(mask_logits: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """``box_from_mask(upsample_bilinear(mask_logits, size))`` without the full-size mask.
 
     Exact: an output pixel is a convex combination of (at most) 2x2 input pixels, so it can only be
-    positive if one of them is. Only output rows / columns that read a row / column holding a
-    positive input pixel are computed, from the input rows / columns they read."""
+    positive if one of them is. The candidate output rows / columns are those reading a positive
+    input row / column; each edge of the box is then found by upsampling a few output lines at a
+    time from that side inwards (the same arithmetic as the full upsampling, line by line), so a
+    large mask costs four thin strips, not its whole area."""
     logits = np.asarray(mask_logits, dtype=np.float32)
     extent = _positive_extent(logits)
     if extent is None:
         return EMPTY_BOX.copy()
     rows, cols = extent
-    wy = bilinear_weights(logits.shape[-2], size[0])
-    wx = bilinear_weights(logits.shape[-1], size[1])
-    rows_out = np.flatnonzero(wy[:, rows[0] : rows[-1] + 1].any(axis=1))
-    cols_out = np.flatnonzero(wx[:, cols[0] : cols[-1] + 1].any(axis=1))
-    rows_in = np.flatnonzero(wy[rows_out].any(axis=0))
-    cols_in = np.flatnonzero(wx[cols_out].any(axis=0))
-    patch = logits[np.ix_(rows_in, cols_in)]
-    up = wy[np.ix_(rows_out, rows_in)] @ (patch @ wx[np.ix_(cols_out, cols_in)].T)
-    up_extent = _positive_extent(up)
-    if up_extent is None:  # the positive pixels were too weak to survive the interpolation
+    (h, w), (out_h, out_w) = logits.shape, size
+    wy, wx = bilinear_weights(h, out_h), bilinear_weights(w, out_w)
+    first_y, last_y, lo_y, hi_y = _reach(h, out_h)
+    first_x, last_x, lo_x, hi_x = _reach(w, out_w)
+    r0, r1 = int(first_y[rows[0]]), int(last_y[rows[-1]])
+    c0, c1 = int(first_x[cols[0]]), int(last_x[cols[-1]])
+
+    def out_rows(a: int, b: int) -> np.ndarray:
+        """Upsampled output rows a..b-1, columns c0..c1."""
+        i0, i1 = int(lo_y[a]), int(hi_y[b - 1]) + 1
+        j0, j1 = int(lo_x[c0]), int(hi_x[c1]) + 1
+        return wy[a:b, i0:i1] @ (logits[i0:i1, j0:j1] @ wx[c0 : c1 + 1, j0:j1].T)
+
+    def out_cols(a: int, b: int, top: int, bottom: int) -> np.ndarray:
+        """Upsampled output columns a..b-1 (as rows), output rows top..bottom."""
+        i0, i1 = int(lo_y[top]), int(hi_y[bottom]) + 1
+        j0, j1 = int(lo_x[a]), int(hi_x[b - 1]) + 1
+        return (wy[top : bottom + 1, i0:i1] @ (logits[i0:i1, j0:j1] @ wx[a:b, j0:j1].T)).T
+
+    top = _first_positive_line(lambda a, b: out_rows(a, b), r0, r1, forward=True)
+    if top is None:  # the positive pixels were too weak to survive the interpolation
         return EMPTY_BOX.copy()
-    up_rows, up_cols = up_extent
-    return np.array(
-        [cols_out[up_cols[0]], rows_out[up_rows[0]], cols_out[up_cols[-1]], rows_out[up_rows[-1]]],
-        dtype=np.float64,
-    )
+    bottom = _first_positive_line(lambda a, b: out_rows(a, b), top, r1, forward=False)
+    assert bottom is not None
+    left = _first_positive_line(lambda a, b: out_cols(a, b, top, bottom), c0, c1, forward=True)
+    right = _first_positive_line(lambda a, b: out_cols(a, b, top, bottom), c0, c1, forward=False)
+    assert left is not None and right is not None
+    return np.array([left, top, right, bottom], dtype=np.float64)
+
+
+def _first_positive_line(lines, lo: int, hi: int, *, forward: bool, step: int = 8) -> int | None:  # noqa: ANN001
+    """The first (forward) or last index in lo..hi whose line ``lines(a, b)`` (lines a..b-1, one
+    per row of the result) holds a positive value, computing ``step`` lines at a time."""
+    if forward:
+        for a in range(lo, hi + 1, step):
+            b = min(a + step, hi + 1)
+            hits = np.flatnonzero((lines(a, b) > 0.0).any(axis=1))
+            if hits.size:
+                return a + int(hits[0])
+    else:
+        for b in range(hi + 1, lo, -step):
+            a = max(b - step, lo)
+            hits = np.flatnonzero((lines(a, b) > 0.0).any(axis=1))
+            if hits.size:
+                return a + int(hits[-1])
+    return None
 
 
 def is_empty_box(box: np.ndarray) -> bool:
