@@ -31,12 +31,10 @@ from server.health import TritonMonitor
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_tensors
 from server.pipelines.sam2_contract import Sam2Contract
-from server.triton.runner import Held, InferenceRunner, Input, Tensor
 from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
-from server.vision.masks import mask_at_resolution
+from server.triton.runner import Held, InferenceRunner, Input, Tensor
 from server.vision.image_decode import DecodedImage, decode_image
-
-
+from server.vision.masks import mask_at_resolution
 
 # Scale of a prompt frame's mask logits on their way to the memory encoder (see _track): a
 # pixel stays non-binary only where |upsampled logit| < ~17.5 / gain.
@@ -238,7 +236,7 @@ class TrackingEngine:
         # the frame is done, and goes to the next model by reference: the feature maps never
         # pass through the orchestrator's hands.
         async with contextlib.AsyncExitStack() as frame_scope:
-            hold = lambda model, inputs, outputs: frame_scope.enter_async_context(calls.hold(model, inputs, outputs))  # noqa: E731
+            hold = lambda model, inputs, outputs: frame_scope.enter_async_context(calls.hold(model, inputs, outputs))
             candidates: dict[int, Held] = {}
             if len(ids) == 1 and not prompted:
                 # The common case, one object followed: encoder, attention and decoder in one call.

@@ -123,7 +123,7 @@ def box_from_mask_upsampled(mask_logits: np.ndarray, size: tuple[int, int]) -> n
     return np.array([left, top, right, bottom], dtype=np.float64)
 
 
-def _first_positive_line(lines, lo: int, hi: int, *, forward: bool, step: int = 8) -> int | None:  # noqa: ANN001
+def _first_positive_line(lines, lo: int, hi: int, *, forward: bool, step: int = 8) -> int | None:
     """The first (forward) or last index in lo..hi whose line ``lines(a, b)`` (lines a..b-1, one
     per row of the result) holds a positive value, computing ``step`` lines at a time."""
     if forward:
