@@ -40,9 +40,8 @@ from pathlib import Path
 import grpc
 from google.longrunning import operations_pb2
 
-from clients.sdk import (
+from clients.jobs_sdk import (
     DownloadResult,
-    FramewiseClient,
     IntegrityError,
     StreamBroken,
     artifact_kind_name,
@@ -54,6 +53,7 @@ from clients.sdk import (
     state_name,
     status_code,
 )
+from clients.sdk import FramewiseClient
 from framewise.v1 import jobs_service_pb2 as pb
 
 # Without an event or heartbeat (every 30 s by default) for this long, the watch stream is taken

@@ -17,7 +17,8 @@ import httpx
 import pytest
 from google.longrunning import operations_pb2
 
-from clients.sdk import FramewiseClient, IntegrityError, StreamBroken, job_metadata, operation_result
+from clients.jobs_sdk import IntegrityError, StreamBroken, job_metadata, operation_result
+from clients.sdk import FramewiseClient
 from did_emulator import EmulatorHandle
 from framewise.v1 import jobs_service_pb2 as pb
 from tests.conftest import Orchestrator, free_port

@@ -26,7 +26,8 @@ from server.jobs.admission import Admission
 from server.jobs.context import JobContext
 from server.jobs.events import EventBus
 from server.jobs.failures import JobCancelled, JobFailure
-from server.jobs.segment_video import TRACKS_FILE, SegmentVideoPipeline
+from server.jobs.segment_tracking import TRACKS_FILE
+from server.jobs.segment_video import SegmentVideoPipeline
 from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.storage import StorageConfig, StorageManager
 from server.jobs.uploads import UploadStore

@@ -10,40 +10,34 @@ Stages (checkpoint, percent of its stage event)::
     WRITING_ARTIFACTS 90 -> 95   masks.mkv, masks.zip, overlay.mp4, frames.json
     FINALIZING        95   (the runner then emits COMPLETED 100)
 
-Tracking follows SAM 2's ``propagate_in_video``: the prompt goes on ``prompt_frame_index`` (an
-index into the SAMPLED frames); the frames after it are tracked forward in one session, the
-frames before it in reverse order, from the prompt frame, in a second session; the results are
-merged by frame index into ``tracks.jsonl`` (one line per processed frame, masks as COCO RLE).
-The artifacts are made from that file only, so they can be written again after a crash without
-tracking again. Every stage starts from scratch and replaces its outputs, so a stage cut off
-half-way can simply run again.
+The tracking stage (forward from the prompt frame, then backward, into ``tracks.jsonl``) is in
+server/jobs/segment_tracking.py; the artifacts stage (from that file only, so they can be written
+again after a crash without tracking again) is in server/jobs/segment_artifacts.py. Every stage
+starts from scratch and replaces its outputs, so a stage cut off half-way can simply run again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import errno
-import json
 import math
 import os
 import shutil
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO, cast
+from typing import Any, cast
 
 import grpc
-import numpy as np
 
-from framewise.v1 import common_pb2
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.errors import InvalidInput, ServiceError, TooLarge
 from server.jobs.artifacts import artifact_proto
 from server.jobs.context import JobContext
 from server.jobs.failures import JobFailure
 from server.jobs.pipeline import Stage
+from server.jobs.segment_artifacts import ARTIFACTS, ArtifactSpec, describe_artifact, write_artifacts
+from server.jobs.segment_tracking import Tracker
 from server.jobs.uploads import UploadError, UploadInfo, UploadStore, resolve_server_path, upload_status
 from server.media.video_reader import (
     UnreadableVideo,
@@ -52,24 +46,12 @@ from server.media.video_reader import (
     import_av,
     plan_fps,
     probe_video,
-    read_frames,
     sampling_plan,
 )
-from server.media.video_writers import (
-    CODEC_H264,
-    FramesJsonWriter,
-    MaskVideoWriter,
-    MaskZipWriter,
-    OverlayWriter,
-    draw_overlay,
-    label_mask,
-)
 from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_from_proto
-from server.pipelines.tracking import FrameOutcome, TrackingEngine, TrackingSession
-from server.tracking import SamuraiConfig
-from server.vision import rle
+from server.pipelines.tracking import TrackingEngine
 
-__all__ = ["ARTIFACTS", "STAGE_PERCENT", "TRACKS_FILE", "SegmentVideoPipeline"]
+__all__ = ["STAGE_PERCENT", "SegmentVideoPipeline"]
 
 S = jobs_pb2.JobStage
 A = jobs_pb2.ArtifactKind
@@ -84,24 +66,7 @@ _TRACKING_END = 85.0
 
 # The object id of the single prompted object (frames.json "id", mask value 255).
 OBJECT_ID = 1
-TRACKS_FILE = "tracks.jsonl"
 _SOURCE_LINK = "source"
-
-
-@dataclass(frozen=True)
-class _ArtifactSpec:
-    name: str
-    kind: int
-    media_type: str
-
-
-# In the order they are written and listed.
-ARTIFACTS: tuple[_ArtifactSpec, ...] = (
-    _ArtifactSpec("masks.mkv", A.ARTIFACT_KIND_MASK_VIDEO, "video/x-matroska"),
-    _ArtifactSpec("masks.zip", A.ARTIFACT_KIND_MASK_PNG_ZIP, "application/zip"),
-    _ArtifactSpec("overlay.mp4", A.ARTIFACT_KIND_OVERLAY_MP4, "video/mp4"),
-    _ArtifactSpec("frames.json", A.ARTIFACT_KIND_FRAMES_JSON, "application/json"),
-)
 _BY_KIND = {spec.kind: spec for spec in ARTIFACTS}
 
 
@@ -310,23 +275,8 @@ class SegmentVideoPipeline:
             STAGE_PERCENT[S.JOB_STAGE_TRACKING],
             f"tracking {len(plan)} frames from frame {start} ({direction})",
         )
-        forward_part = ctx.workdir / (TRACKS_FILE + ".forward.part")
-        backward_part = ctx.workdir / (TRACKS_FILE + ".backward.part")
-        tracker = _Tracker(self, ctx, video, plan, prompt)
-        try:
-            async with ctx.slot("tracking"), _tracking_failures():
-                # Lines are small and buffered: writing them on the loop costs less than a hop.
-                with await asyncio.to_thread(open, forward_part, "w", encoding="utf-8") as out:
-                    await tracker.forward(source, start, out)
-                with await asyncio.to_thread(open, backward_part, "w", encoding="utf-8") as out:
-                    if start > 0:
-                        await tracker.backward(source, start, out)
-            count = await asyncio.to_thread(_merge_tracks, backward_part, forward_part, ctx.workdir / TRACKS_FILE)
-        finally:
-            forward_part.unlink(missing_ok=True)
-            backward_part.unlink(missing_ok=True)
-        if count != len(plan):  # pragma: no cover - a bug, never the client's fault
-            raise RuntimeError(f"tracks.jsonl has {count} frames, the plan {len(plan)}")
+        tracker = Tracker(self, ctx, video, plan, prompt, (STAGE_PERCENT[S.JOB_STAGE_TRACKING], _TRACKING_END))
+        count = await tracker.run(source, start)
         await ctx.save_state(tracked_frames=count)
         await ctx.progress(_TRACKING_END, f"tracked {count}/{len(plan)} frames", done=count, total=len(plan))
 
@@ -341,30 +291,11 @@ class SegmentVideoPipeline:
             STAGE_PERCENT[S.JOB_STAGE_WRITING_ARTIFACTS],
             f"writing {', '.join(spec.name for spec in specs)} for {len(plan)} frames",
         )
-        out_dir = ctx.workdir / "artifacts"
-        await asyncio.to_thread(shutil.rmtree, out_dir, True)
-        out_dir.mkdir()
-        writers = await asyncio.to_thread(_ArtifactWriters, out_dir, specs, video, ctx.state["output_fps"])
-        tracks = await asyncio.to_thread(open, ctx.workdir / TRACKS_FILE, encoding="utf-8")
-        try:
-            frames = _decode(Path(ctx.state["source"]), plan, video.backend) if writers.needs_frames else None
-            async with contextlib.aclosing(frames) if frames is not None else contextlib.nullcontext() as decoded:
-                for done in range(1, len(plan) + 1):
-                    item = await anext(decoded) if decoded is not None else None
-                    await asyncio.to_thread(writers.write, tracks, item)
-                    if done % self.progress_every == 0 and done < len(plan):
-                        percent = STAGE_PERCENT[S.JOB_STAGE_WRITING_ARTIFACTS] + 5.0 * done / len(plan)
-                        await ctx.progress(percent, f"wrote {done}/{len(plan)} frames", done=done, total=len(plan))
-                    ctx.check_cancelled()
-            await asyncio.to_thread(writers.close)
-        except UnreadableVideo as exc:
-            raise JobFailure.permanent("corrupt_video", f"the video cannot be decoded: {exc}") from None
-        finally:
-            tracks.close()
-            await asyncio.to_thread(writers.abort)
-        for spec in specs:
-            await ctx.add_artifact(out_dir / spec.name, name=spec.name, kind=spec.kind, media_type=spec.media_type)
-        await ctx.save_state(overlay_codec=writers.overlay_codec)
+        percent = (STAGE_PERCENT[S.JOB_STAGE_WRITING_ARTIFACTS], STAGE_PERCENT[S.JOB_STAGE_FINALIZING])
+        overlay_codec = await write_artifacts(
+            ctx, video, plan, specs, progress_every=self.progress_every, percent=percent
+        )
+        await ctx.save_state(overlay_codec=overlay_codec)
 
     async def _finalize(self, ctx: JobContext) -> None:
         """FINALIZING: every requested artifact is recorded; the working copy of the source goes."""
@@ -372,7 +303,7 @@ class SegmentVideoPipeline:
         missing = [n for n in ctx.state["artifact_names"] if n not in names]
         if missing:  # pragma: no cover - the previous stage records them or fails
             raise RuntimeError(f"artifacts missing after WRITING_ARTIFACTS: {', '.join(missing)}")
-        described = [_describe(name, ctx.state.get("overlay_codec")) for name in ctx.state["artifact_names"]]
+        described = [describe_artifact(name, ctx.state.get("overlay_codec")) for name in ctx.state["artifact_names"]]
         await ctx.stage(
             S.JOB_STAGE_FINALIZING,
             STAGE_PERCENT[S.JOB_STAGE_FINALIZING],
@@ -392,258 +323,6 @@ class SegmentVideoPipeline:
         )
 
 
-# ---------------------------------------------------------------------- tracking
-
-
-class _Tracker:
-    """One run of the TRACKING stage: two sessions, progress accounting, tracks lines."""
-
-    def __init__(
-        self, pipeline: SegmentVideoPipeline, ctx: JobContext, video: VideoInfo, plan: list[int], prompt: ObjectPrompt
-    ) -> None:
-        self.pipeline = pipeline
-        self.ctx = ctx
-        self.video = video
-        self.plan = plan
-        self.prompt = prompt
-        self.done = 0
-
-    async def forward(self, source: Path, start: int, out: TextIO) -> None:
-        """The prompt frame and every planned frame after it, in order, in one session."""
-        session = TrackingSession(config=SamuraiConfig())
-        index = start
-        async with contextlib.aclosing(_decode(source, self.plan[start:], self.video.backend)) as frames:
-            async for source_index, bgr in frames:
-                outcome = await self._step(session, bgr, index == start)
-                out.write(_track_line(index, source_index, self.video.fps, outcome, "forward"))
-                index += 1
-                await self._count()
-
-    async def backward(self, source: Path, start: int, out: TextIO) -> None:
-        """Frames start-1 .. 0 in reverse order, in a fresh session prompted again on the prompt
-        frame (its result there duplicates the forward one and is dropped). Decoding only goes
-        forwards, so the frames are decoded in blocks that fit the buffer, last block first."""
-        session = TrackingSession(config=SamuraiConfig())
-        block = max(1, self.pipeline.reverse_buffer_bytes // (self.video.width * self.video.height * 3))
-        end = start + 1  # exclusive; the prompt frame is tracked first
-        while end > 0:
-            first = max(0, end - block)
-            indices = self.plan[first:end]
-            frames = await asyncio.to_thread(_decode_list, source, indices, self.video.backend)
-            for index, (source_index, bgr) in zip(range(end - 1, first - 1, -1), reversed(frames), strict=True):
-                self.ctx.check_cancelled()
-                outcome = await self._step(session, bgr, index == start)
-                if index != start:
-                    out.write(_track_line(index, source_index, self.video.fps, outcome, "backward"))
-                    await self._count()
-            end = first
-
-    async def _step(self, session: TrackingSession, bgr: np.ndarray, prompted: bool) -> FrameOutcome:
-        self.ctx.check_cancelled()
-        height, width = bgr.shape[:2]
-        image = common_pb2.Image(
-            raw=common_pb2.RawFrame(
-                width=width, height=height, pixel_format=common_pb2.PIXEL_FORMAT_BGR8, data=bgr.tobytes()
-            )
-        )
-        prompts = [self.prompt] if prompted else []
-        return await self.pipeline.tracking.step(
-            session, None, image, prompts, [], timeout_s=self.pipeline.frame_timeout_s
-        )
-
-    async def _count(self) -> None:
-        self.done += 1
-        total = len(self.plan)
-        if self.done % self.pipeline.progress_every == 0 and self.done < total:
-            start, end = STAGE_PERCENT[S.JOB_STAGE_TRACKING], _TRACKING_END
-            await self.ctx.progress(
-                start + (end - start) * self.done / total,
-                f"tracked {self.done}/{total} frames",
-                done=self.done,
-                total=total,
-            )
-
-
-def _track_line(index: int, source_index: int, fps: float, outcome: FrameOutcome, direction: str) -> str:
-    record = {
-        "frame_index": index,
-        "source_frame_index": source_index,
-        "time_s": round(source_index / fps, 6),
-        "direction": direction,
-        "objects": [
-            {
-                "id": o.object_id,
-                "box": [float(v) for v in o.box],
-                "score": float(o.predicted_iou),
-                "present": bool(o.present),
-                "object_score": float(o.object_score),
-                "kalman_selected": bool(o.kalman_selected),
-                "candidate_index": int(o.candidate_index),
-                "rle": {"size": [int(o.mask.height), int(o.mask.width)], "counts": o.mask.counts},
-            }
-            for o in outcome.objects
-        ],
-    }
-    return json.dumps(record, separators=(",", ":")) + "\n"
-
-
-def _merge_tracks(backward: Path, forward: Path, dest: Path) -> int:
-    """Backward lines (written last frame first) reversed, then the forward lines, into ``dest``
-    atomically. Returns the number of frames."""
-    backward_lines = backward.read_text(encoding="utf-8").splitlines(keepends=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    count = 0
-    with open(tmp, "w", encoding="utf-8") as out:
-        for line in reversed(backward_lines):
-            out.write(line)
-            count += 1
-        with open(forward, encoding="utf-8") as lines:
-            for line in lines:
-                out.write(line)
-                count += 1
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, dest)
-    return count
-
-
-@contextlib.asynccontextmanager
-async def _tracking_failures() -> AsyncIterator[None]:
-    """Tracking errors as job failures: a prompt or frame the engine rejects is permanent;
-    Triton unavailable, a deadline or an interrupted call are recoverable (the stage runs
-    again, from its start, in fresh sessions)."""
-    try:
-        yield
-    except UnreadableVideo as exc:
-        raise JobFailure.permanent("corrupt_video", f"the video cannot be decoded: {exc}") from None
-    except TooLarge as exc:
-        raise JobFailure.permanent("frame_too_large", exc.message) from None
-    except InvalidInput as exc:
-        raise JobFailure.permanent("invalid_input", exc.message) from None
-    except TimeoutError as exc:
-        raise JobFailure.recoverable("frame_timeout", f"a frame did not finish in time ({exc})") from None
-    except ServiceError as exc:
-        if exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-            kind = "triton_unavailable" if exc.code == grpc.StatusCode.UNAVAILABLE else "frame_timeout"
-            raise JobFailure.recoverable(kind, exc.message) from None
-        # Triton rejecting a request the orchestrator built is a server-side problem, not input.
-        raise JobFailure.permanent("tracking_failed", exc.message, code=exc.code) from None
-
-
-# ---------------------------------------------------------------------- decoding
-
-
-async def _decode(path: Path, indices: list[int], backend: str) -> AsyncIterator[tuple[int, np.ndarray]]:
-    """The planned frames, decoded one ahead in a worker thread while the caller works on the
-    current one. Use it under contextlib.aclosing: the decoder is closed only once its thread is
-    done with it (a generator cannot be closed while another thread runs it)."""
-    frames = read_frames(path, indices, backend=backend)
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="video-decode")
-    pending = executor.submit(next, frames, None)
-    try:
-        while True:
-            item = await asyncio.wrap_future(pending)
-            if item is None:
-                return
-            pending = executor.submit(next, frames, None)
-            yield item
-    finally:
-        close = getattr(frames, "close", None)
-        if close is not None:
-            pending.add_done_callback(lambda _done: close())
-        executor.shutdown(wait=False)
-
-
-def _decode_list(path: Path, indices: list[int], backend: str) -> list[tuple[int, np.ndarray]]:
-    return list(read_frames(path, indices, backend=backend))
-
-
-# ---------------------------------------------------------------------- artifacts
-
-
-class _ArtifactWriters:
-    """The requested writers over one pass of tracks.jsonl (and the source frames). Sync: the
-    stage calls it from a worker thread, one frame per call."""
-
-    def __init__(self, out_dir: Path, specs: list[_ArtifactSpec], video: VideoInfo, fps: float) -> None:
-        self.video = video
-        self.written = 0
-        names = {spec.name for spec in specs}
-        self.mask_video = (
-            MaskVideoWriter(out_dir / "masks.mkv", video.width, video.height, fps) if "masks.mkv" in names else None
-        )
-        self.mask_zip = MaskZipWriter(out_dir / "masks.zip") if "masks.zip" in names else None
-        self.overlay = (
-            OverlayWriter(out_dir / "overlay.mp4", video.width, video.height, fps) if "overlay.mp4" in names else None
-        )
-        self.frames_json = FramesJsonWriter(out_dir / "frames.json") if "frames.json" in names else None
-
-    @property
-    def needs_frames(self) -> bool:
-        return self.overlay is not None
-
-    @property
-    def overlay_codec(self) -> str | None:
-        return self.overlay.codec if self.overlay is not None else None
-
-    def _open(self) -> Iterator[Any]:
-        return (w for w in (self.mask_video, self.mask_zip, self.overlay, self.frames_json) if w is not None)
-
-    def write(self, tracks: TextIO, frame: tuple[int, np.ndarray] | None) -> None:
-        line = tracks.readline()
-        if not line:
-            raise RuntimeError(f"tracks.jsonl ends after {self.written} frames")
-        record = json.loads(line)
-        if record["frame_index"] != self.written or (frame is not None and frame[0] != record["source_frame_index"]):
-            raise RuntimeError(f"tracks.jsonl is out of step with the plan at frame {self.written}")
-        self.written += 1
-        height, width = self.video.height, self.video.width
-        masks = [(o["id"], rle.decode(o["rle"]["counts"], height, width)) for o in record["objects"]]
-        if self.mask_video is not None or self.mask_zip is not None:
-            labels = label_mask(masks, height, width)
-            if self.mask_video is not None:
-                self.mask_video.write(labels)
-            if self.mask_zip is not None:
-                self.mask_zip.write(record["source_frame_index"], labels)
-        if self.overlay is not None:
-            assert frame is not None
-            drawn = [
-                (o["id"], m, tuple(o["box"]), o["present"]) for o, (_, m) in zip(record["objects"], masks, strict=True)
-            ]
-            self.overlay.write(draw_overlay(frame[1], drawn))
-        if self.frames_json is not None:
-            self.frames_json.write(_frame_json(record))
-
-    def close(self) -> None:
-        for writer in self._open():
-            writer.close()
-
-    def abort(self) -> None:
-        """Closes whatever is still open (after an error; a no-op after close())."""
-        for writer in self._open():
-            with contextlib.suppress(Exception):
-                writer.close()
-
-
-def _frame_json(record: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "frame_index": record["frame_index"],
-        "source_frame_index": record["source_frame_index"],
-        "time_s": record["time_s"],
-        "objects": [
-            {
-                "id": o["id"],
-                "box": o["box"],
-                "score": o["score"],
-                "present": o["present"],
-                "object_score": o["object_score"],
-                "kalman_selected": o["kalman_selected"],
-            }
-            for o in record["objects"]
-        ],
-    }
-
-
 # ---------------------------------------------------------------------- helpers
 
 
@@ -656,7 +335,7 @@ def _prompt(request: jobs_pb2.SegmentVideoRequest) -> ObjectPrompt:
     return prompt_from_proto(OBJECT_ID, box, list(request.points), "")
 
 
-def _requested(request: jobs_pb2.SegmentVideoRequest) -> list[_ArtifactSpec]:
+def _requested(request: jobs_pb2.SegmentVideoRequest) -> list[ArtifactSpec]:
     """The artifacts asked for, in ARTIFACTS order; none asked: every one this server can write
     (the FFV1 mask video needs PyAV)."""
     if request.artifacts:
@@ -678,14 +357,6 @@ def _check_prompt_shape(prompt: ObjectPrompt) -> None:
             )
     if not all(math.isfinite(x) and math.isfinite(y) for x, y, _ in prompt.points):
         raise InvalidInput("point coordinates must be finite numbers", "points")
-
-
-def _describe(name: str, overlay_codec: str | None) -> str:
-    if name == "masks.mkv":
-        return f"{name} (FFV1, lossless)"
-    if name == "overlay.mp4":
-        return f"{name} ({'H.264' if overlay_codec == CODEC_H264 else 'MPEG-4 Part 2, H.264 unavailable'})"
-    return name
 
 
 def _source_field(request: Any) -> str:
