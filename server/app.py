@@ -81,6 +81,9 @@ class RunningServer:
         """Graceful shutdown: NOT_SERVING, refuse new RPCs, drain in-flight ones, stop Triton."""
         log.info("shutting down", extra={"grace_s": self.config.shutdown_grace_s})
         await self.monitor.stop()
+        # Watch streams end now (cleanly: a client resumes with after_sequence elsewhere or after
+        # the restart) instead of holding the whole grace period and ending CANCELLED.
+        self.jobs.bus.close()
         await self.grpc_server.stop(self.config.shutdown_grace_s)
         # Running jobs stay RUNNING in the store and resume on the next start.
         await self.jobs.stop()

@@ -25,7 +25,7 @@ from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.jobs.admission import Admission
 from server.jobs.events import EventBus
 from server.jobs.failures import JobCancelled, JobFailure
-from server.jobs.storage import StorageManager
+from server.jobs.storage import StorageManager, validate_relative_path
 from server.jobs.store import ArtifactRecord, JobState, OperationRecord, OperationUpdate, utcnow
 
 __all__ = ["JobContext"]
@@ -118,9 +118,20 @@ class JobContext:
     async def add_artifact(self, src: Path, *, name: str, kind: int, media_type: str, tier: str = "videos") -> ArtifactRecord:
         """Moves a finished file into a storage tier and records it (size, sha256, expiry). The
         same name again replaces the earlier file, so a re-run stage stays idempotent."""
-        size, sha256 = await asyncio.to_thread(_size_and_sha256, src)
         hex_name = self.name.rsplit("/", 1)[-1]
-        dest = await self.storage.place(src, tier, f"{hex_name}/{name}")
+        relative = f"{hex_name}/{name}"
+        placed = self.storage.tier_dir(tier).joinpath(*validate_relative_path(relative).parts)
+        if not src.exists() and placed.is_file():
+            # A previous run of this stage moved ``src`` into place and the process died before
+            # the stage's checkpoint (kill -9 in FINALIZING). ``place`` is an atomic rename, so
+            # the placed file is complete: record it instead of failing the resumed job with
+            # FileNotFoundError (which then rolled back and deleted the finished video).
+            size, sha256 = await asyncio.to_thread(_size_and_sha256, placed)
+            await asyncio.to_thread(os.utime, placed)  # retention runs from now, as expire_time says
+            dest = placed
+        else:
+            size, sha256 = await asyncio.to_thread(_size_and_sha256, src)
+            dest = await self.storage.place(src, tier, relative)
         self.artifact_paths.append(dest)
         record = ArtifactRecord(
             operation=self.name,

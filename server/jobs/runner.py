@@ -117,6 +117,13 @@ class JobRunner:
             raise QueueFull(
                 f"the job queue is full ({self.max_queued} jobs waiting); retry later or raise --max-queued-jobs"
             )
+        # Shielded: once the row may be committed (the store's thread finishes its write even
+        # if this call is cancelled), the job must also be queued. A submit RPC cancelled here
+        # (client deadline) left the operation QUEUED but in no queue: it never ran, and a retry
+        # with the same request_id returned that stuck operation, until the next restart.
+        return await asyncio.shield(asyncio.ensure_future(self._store_and_enqueue(kind, request, request_id)))
+
+    async def _store_and_enqueue(self, kind: int, request: Message, request_id: str) -> OperationRecord:
         op, created = await self.store.create_operation(
             kind=kind,
             request=request.SerializeToString(),
@@ -146,12 +153,20 @@ class JobRunner:
             await self._finish_cancelled(op, None)
         elif name in self._running:
             task, ctx = self._running[name]
-            if ctx is not None:
-                ctx.cancel_requested = True
-            self._cancelled.add(name)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            if task.cancelled():
+            # Only the first canceller cancels the task and finishes the operation. A repeated
+            # CancelOperation (a client retry) used to cancel the task again while it was
+            # writing its CANCELLED event; the task then ended cancelled, and both callers saw
+            # the operation unfinished and each appended a terminal "complete" event.
+            first = name not in self._cancelled
+            if first:
+                if ctx is not None:
+                    ctx.cancel_requested = True
+                self._cancelled.add(name)
+                task.cancel()
+            # asyncio.wait, not gather: a CancelOperation call cancelled by its client must not
+            # cancel the job task again while it writes its CANCELLED event.
+            await asyncio.wait([task])
+            if first and task.cancelled():
                 # Cancelled before _run reached its try block (the task had not started, or was
                 # still reading the operation), so nothing recorded the cancellation: without
                 # this the operation stayed QUEUED with cancel_requested set until a restart.
@@ -224,21 +239,18 @@ class JobRunner:
         op = await self.store.get_operation(name)
         if op.done:
             return
-        pipeline = self.pipelines[op.kind]
-        request = pipeline.request_type.FromString(op.request)
-        workdir = self._workdir(name)
-        self.storage.keep(workdir)
-        ctx = JobContext(
-            operation=op,
-            request=request,
-            bus=self.bus,
-            storage=self.storage,
-            admission=self.admission,
-            workdir=workdir,
-            state=JobContext.load_state(workdir),
-            cancel_requested=op.cancel_requested,
-        )
+        try:
+            ctx = self._context(op)
+        except Exception as exc:
+            # Disk full, an unreadable state file, a request this version cannot parse: fail the
+            # operation instead of leaving it QUEUED/RUNNING for ever.
+            log.exception("job could not start", extra={"operation": name})
+            error_class = jobs_pb2.ERROR_CLASS_RESOURCE if isinstance(exc, OSError) else jobs_pb2.ERROR_CLASS_PERMANENT
+            failure = JobFailure(error_class, "job_start_failed", f"the job could not start: {type(exc).__name__}: {exc}")
+            await self._emit_failed(name, jobs_pb2.JOB_STAGE_INITIALIZED, failure)
+            return
         self._running[name] = (self._running[name][0], ctx)
+        pipeline = self.pipelines[op.kind]
         try:
             if op.state == JobState.QUEUED:
                 await self.store.update_operation(name, state=JobState.RUNNING)
@@ -267,7 +279,22 @@ class JobRunner:
             )
             await self._finish_failed(ctx, failure)
         finally:
-            self.storage.release(workdir)
+            self.storage.release(ctx.workdir)
+
+    def _context(self, op: OperationRecord) -> JobContext:
+        pipeline = self.pipelines[op.kind]
+        workdir = self._workdir(op.name)
+        self.storage.keep(workdir)
+        return JobContext(
+            operation=op,
+            request=pipeline.request_type.FromString(op.request),
+            bus=self.bus,
+            storage=self.storage,
+            admission=self.admission,
+            workdir=workdir,
+            state=JobContext.load_state(workdir),
+            cancel_requested=op.cancel_requested,
+        )
 
     async def _run_stage(self, stage: Stage, ctx: JobContext) -> None:
         attempt = 1
@@ -305,7 +332,12 @@ class JobRunner:
         log.info("job succeeded", extra={"operation": ctx.name})
 
     async def _finish_failed(self, ctx: JobContext, failure: JobFailure) -> None:
-        stage = ctx.current_stage
+        await self._emit_failed(ctx.name, ctx.current_stage, failure)
+        await self._rollback(ctx)
+        log.warning("job failed", extra={"operation": ctx.name, "kind": failure.kind, "error": failure.description})
+
+    async def _emit_failed(self, name: str, stage: int, failure: JobFailure) -> None:
+        """The terminal error event, with the operation moved to FAILED in the same commit."""
         error = jobs_pb2.JobError(
             error_class=failure.error_class,  # type: ignore[arg-type]
             stage=stage,  # type: ignore[arg-type]
@@ -316,7 +348,7 @@ class JobRunner:
         )
         message = f"{failure.kind}: {failure.description}"
         await self.bus.emit(
-            ctx.name,
+            name,
             "error",
             error.SerializeToString(),
             terminal=True,
@@ -324,8 +356,6 @@ class JobRunner:
                 state=JobState.FAILED, stage=jobs_pb2.JOB_STAGE_FAILED, message=message, error=(failure.code.value[0], message)
             ),
         )
-        await self._rollback(ctx)
-        log.warning("job failed", extra={"operation": ctx.name, "kind": failure.kind, "error": failure.description})
 
     async def _finish_cancelled(self, op: OperationRecord, ctx: JobContext | None) -> None:
         if op.done:
@@ -346,13 +376,19 @@ class JobRunner:
             await self._rollback(ctx)
         else:
             shutil.rmtree(self._workdir(op.name), ignore_errors=True)
+            # No context (cancel requested before a restart, or before the task started): the
+            # job may still have placed artifacts in an earlier run; they go as in _rollback.
+            await self._remove_artifacts(op.name)
         log.info("job cancelled", extra={"operation": op.name})
 
     async def _rollback(self, ctx: JobContext) -> None:
         """A failed or cancelled job leaves nothing behind: working files and any artifact
         already placed are deleted (their rows stay only as history of what was attempted)."""
         ctx.remove_workdir()
-        for record in await self.store.list_artifacts(ctx.name):
+        await self._remove_artifacts(ctx.name)
+
+    async def _remove_artifacts(self, name: str) -> None:
+        for record in await self.store.list_artifacts(name):
             await asyncio.to_thread(_unlink, record.path)
 
 

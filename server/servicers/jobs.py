@@ -123,14 +123,21 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
             raise InvalidInput("after_sequence must be >= 0", "after_sequence")
         with store_errors():
             op = await self.store.get_operation(request.name)
-        if request.after_sequence > op.last_sequence and op.done:
+        # Refused for a running operation too: no client can have seen a sequence past
+        # last_sequence (an event is committed before it is published), and the subscription
+        # would skip every later event, the terminal one included, and heartbeat forever.
+        if request.after_sequence > op.last_sequence:
             raise InvalidInput(
                 f"after_sequence {request.after_sequence} is past the operation's last event ({op.last_sequence})",
                 "after_sequence",
             )
-        async with self.bus.subscribe(request.name, request.after_sequence) as events:
-            async for item in events:
-                yield watch_response(item) if isinstance(item, Heartbeat) else self.encoded_events.get(item)
+        # store_errors: a DeleteOperation landing while the history is replayed makes the
+        # subscription raise OperationNotFoundError, which must reach the client as NOT_FOUND,
+        # not INTERNAL with an incident id.
+        with store_errors():
+            async with self.bus.subscribe(request.name, request.after_sequence) as events:
+                async for item in events:
+                    yield watch_response(item) if isinstance(item, Heartbeat) else self.encoded_events.get(item)
 
     async def DownloadArtifact(
         self, request: jobs_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
