@@ -183,6 +183,9 @@ class JobRunner:
                 "resuming job after restart",
                 extra={"operation": op.name, "state": op.state.name, "last_completed_stage": op.last_completed_stage},
             )
+            if op.state == JobState.RUNNING:
+                # It waits for a worker again: say so (a worker moves it back to RUNNING).
+                await self.store.update_operation(op.name, state=JobState.QUEUED, message="queued again after a restart")
             self._queue.append(op.name)
         self._tasks = [asyncio.create_task(self._worker(), name=f"job-worker-{i}") for i in range(self.workers)]
 
