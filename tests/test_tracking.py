@@ -292,3 +292,19 @@ def test_shared_memory_references_change_nothing(tmp_path: Path, triton, sequenc
     vision_feat_bytes = 256 * (SAM2_TEST_IMAGE_SIZE // 16) ** 2 * 4
     high_res_bytes = (32 * (SAM2_TEST_IMAGE_SIZE // 4) ** 2 + 64 * (SAM2_TEST_IMAGE_SIZE // 8) ** 2) * 4
     assert shm_bytes + 2 * vision_feat_bytes <= grpc_bytes < shm_bytes + 2 * vision_feat_bytes + high_res_bytes
+
+
+async def test_concurrent_object_calls_fail_with_the_first_error_itself() -> None:
+    """Several objects' Triton calls run in a task group; a failure must reach the servicer as
+    the ServiceError it is (UNAVAILABLE, DEADLINE_EXCEEDED), not as an ExceptionGroup."""
+    from server.errors import Unavailable
+    from server.pipelines.tracking import _each
+
+    async def call(object_id: int) -> None:
+        if object_id == 2:
+            raise Unavailable("model 'sam2_track_step' is not ready")
+
+    with pytest.raises(Unavailable):
+        await _each([1, 2, 3], call)
+    with pytest.raises(Unavailable):
+        await _each([2], call)

@@ -357,9 +357,14 @@ async def _each(ids: list[int], call: Callable[[int], Awaitable[None]]) -> None:
     if len(ids) == 1:
         await call(ids[0])
         return
-    async with asyncio.TaskGroup() as group:
-        for object_id in ids:
-            group.create_task(call(object_id))
+    try:
+        async with asyncio.TaskGroup() as group:
+            for object_id in ids:
+                group.create_task(call(object_id))
+    except BaseExceptionGroup as failures:
+        # The first failure as itself (an Unavailable or DeadlineExceeded the servicer maps to
+        # its status), not wrapped in a group the error mapping would call INTERNAL.
+        raise failures.exceptions[0] from None
 
 
 @dataclass(frozen=True)
