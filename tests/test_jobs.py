@@ -188,6 +188,19 @@ def test_did_rate_limit_is_retried_and_every_retry_is_an_event(jobs, did_emulato
     assert [r["status"] for r in emulator_requests(did_emulator, "POST", "/talks")] == [429, 429, 429, 201]
 
 
+def test_retry_numbers_keep_counting_when_the_stage_itself_is_retried(jobs, did_emulator) -> None:
+    """Five 429s: the D-ID client gives up after its 5 attempts (4 retries), the runner retries
+    the stage, which then succeeds. The error events count on (1..5) instead of restarting."""
+    inject(did_emulator, path="/talks", method="POST", status=429, times=5, retry_after=0)
+    op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
+    events = watch(jobs, op.name)
+    retries = [e.error for e in events if e.WhichOneof("event") == "error"]
+    assert [r.attempt for r in retries] == [1, 2, 3, 4, 5]
+    assert all(r.will_retry and r.stage == S.JOB_STAGE_DID_PROCESSING for r in retries)
+    assert events[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert [r["status"] for r in emulator_requests(did_emulator, "POST", "/talks")] == [429] * 5 + [201]
+
+
 def test_did_permanent_error_fails_with_its_kind_and_description(jobs, operations, did_emulator) -> None:
     inject(did_emulator, path="/images", method="POST", status=400, kind="BadRequestError", description="image has no face", times=1)
     op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)

@@ -46,6 +46,8 @@ class JobContext:
     state: dict[str, Any] = field(default_factory=dict)
     # The stage currently running (for error events).
     current_stage: int = jobs_pb2.JOB_STAGE_INITIALIZED
+    # Failed attempts so far in the running stage (reset by the runner when a stage starts).
+    failed_attempts: int = 0
     cancel_requested: bool = False
     artifact_paths: list[Path] = field(default_factory=list)
 
@@ -88,15 +90,19 @@ class JobContext:
         )
         await self.bus.emit(self.name, "progress_update", payload.SerializeToString(), update=update)
 
-    async def retrying(self, failure: JobFailure, attempt: int, delay_s: float) -> None:
-        """An error event with will_retry=true: the client sees every retry as it happens."""
+    async def retrying(self, failure: JobFailure, delay_s: float) -> None:
+        """An error event with will_retry=true: the client sees every retry as it happens.
+
+        ``attempt`` counts every failed attempt in the current stage, the D-ID client's own
+        retries and the runner's whole-stage retries alike, so the numbers only go up."""
+        self.failed_attempts += 1
         payload = jobs_pb2.JobError(
             error_class=failure.error_class,  # type: ignore[arg-type]
             stage=self.current_stage,  # type: ignore[arg-type]
             kind=failure.kind,
-            description=f"{failure.description} (attempt {attempt}; retrying in {delay_s:.2f} s)",
+            description=f"{failure.description} (attempt {self.failed_attempts}; retrying in {delay_s:.2f} s)",
             will_retry=True,
-            attempt=attempt,
+            attempt=self.failed_attempts,
         )
         await self.bus.emit(self.name, "error", payload.SerializeToString(), terminal=False)
 

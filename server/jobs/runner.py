@@ -300,21 +300,22 @@ class JobRunner:
         )
 
     async def _run_stage(self, stage: Stage, ctx: JobContext) -> None:
-        attempt = 1
+        attempt = 1  # whole-stage attempts, bounded by stage.max_attempts
+        ctx.failed_attempts = 0
         while True:
             try:
                 await stage.run(ctx)
                 return
             except JobFailure as failure:
                 if not failure.retryable or attempt >= stage.max_attempts:
-                    failure.attempts = attempt
+                    failure.attempts = ctx.failed_attempts + 1  # this failure included
                     raise
                 delay = self.retry.delay(attempt, self._rng, failure.retry_after_s)
                 log.warning(
                     "job stage failed, retrying",
                     extra={"operation": ctx.name, "stage": jobs_pb2.JobStage.Name(ctx.current_stage), "attempt": attempt, "delay_s": delay, "error": str(failure)},
                 )
-                await ctx.retrying(failure, attempt, delay)
+                await ctx.retrying(failure, delay)
                 await asyncio.sleep(delay)
                 attempt += 1
 

@@ -288,8 +288,8 @@ class TalkingVideoPipeline:
         """A D-ID client whose retries (429, 5xx, timeouts) each become an error event."""
         assert self.did is not None
 
-        async def on_retry(attempt: int, error: DIDError, delay_s: float) -> None:
-            await ctx.retrying(from_did_error(error), attempt, delay_s)
+        async def on_retry(_attempt: int, error: DIDError, delay_s: float) -> None:
+            await ctx.retrying(from_did_error(error), delay_s)
 
         client = self.did(on_retry)
         try:
