@@ -34,7 +34,8 @@ from pathlib import Path
 
 import onnx
 
-from engines import birefnet_standin, sam2_steps, sam2_standin
+from engines import birefnet_standin, sam2_standin, sam2_steps
+from engines.hashing import sha256_file
 from engines.onnx_wrap import prepend_uint8_nhwc_preprocessing
 
 log = logging.getLogger(__name__)
@@ -149,10 +150,10 @@ def build_cpu_repository(
         if sam2_onnx_dir is not None else None
     fingerprint = {
         "builder_version": BUILDER_VERSION,
-        "python_model_sha256": _sha256(PYTHON_MODEL_TEMPLATE),
-        "sam2_steps_sha256": _sha256(Path(sam2_steps.__file__)),
+        "python_model_sha256": sha256_file(PYTHON_MODEL_TEMPLATE),
+        "sam2_steps_sha256": sha256_file(Path(sam2_steps.__file__)),
         "models": {
-            "yolov8": {"source": yolo_onnx.name, "source_sha256": _sha256(yolo_onnx)},
+            "yolov8": {"source": yolo_onnx.name, "source_sha256": sha256_file(yolo_onnx)},
             **{part.name: ({"source": sam2_real[part.name].path.name, "source_sha256": sam2_real[part.name].sha256}
                            if sam2_real else {"source": "stand-in", "code_sha256": standin_sha})
                for part in sam2_standin.PARTS},
@@ -338,7 +339,7 @@ def _real_sam2_parts(folder: Path, image_size: int) -> dict[str, _RealSam2Part]:
         if got != want:
             raise ValueError(f"{path} does not have the {part.name} contract at SAM 2 size {image_size} "
                              f"(--sam2-image-size): inputs/outputs {got}, expected {want}")
-        sha = _sha256(path)
+        sha = sha256_file(path)
         origin = described.get("source", "SAM 2 export")
         parts[part.name] = _RealSam2Part(path, sha, f"{path.name} sha256:{sha} ({origin})", model)
     return parts
@@ -491,13 +492,6 @@ def _sha256_files(paths) -> str:
     """One digest over several files (names and contents), in the given order."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(Path(path).name.encode() + b"\0" + _sha256(path).encode() + b"\0")
+        digest.update(Path(path).name.encode() + b"\0" + sha256_file(path).encode() + b"\0")
     return digest.hexdigest()
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

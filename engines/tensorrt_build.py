@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import ctypes
 import datetime as _dt
-import hashlib
 import json
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from engines.hashing import sha256_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
@@ -426,7 +427,7 @@ def build_repository(onnx_dir: Path = DEFAULT_ONNX_DIR, repository: Path = MODEL
         info = {
             "model": model, "plan": target.name, "bytes": len(data),
             "tensorrt": trt.__version__, "gpu": pre.gpu.name, "compute_capability": pre.gpu.cc,
-            "onnx": pre.onnx[model].name, "onnx_sha256": _sha256(pre.onnx[model]),
+            "onnx": pre.onnx[model].name, "onnx_sha256": sha256_file(pre.onnx[model]),
             "profile": {n: {"min": a, "opt": b, "max": c} for n, (a, b, c) in shapes.items()},
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -451,10 +452,3 @@ def _activation_bytes(trt, data: bytes) -> int | None:
     except Exception:  # noqa: BLE001 - informative only
         return None
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

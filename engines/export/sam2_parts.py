@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import hashlib
 import json
 import math
 import sys
@@ -63,6 +62,7 @@ import numpy as np
 import onnx
 
 from engines.export.checks import CompareReport, check_model, compare
+from engines.hashing import sha256_file
 
 OPSET = 17
 NO_OBJ_SCORE = -1024.0
@@ -413,7 +413,7 @@ class PartExport:
     report: CompareReport | None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "file": self.path.name, "sha256": _sha256(self.path),
+        return {"name": self.name, "file": self.path.name, "sha256": sha256_file(self.path),
                 "check": None if self.report is None else self.report.to_dict()}
 
 
@@ -681,13 +681,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 class _quiet:
     """SAM 2 prints (SAMURAI banner, loguru); keep the export log readable."""
@@ -708,7 +701,7 @@ class _quiet:
 def source_description(size: str, checkpoint: Path | None, seed: int) -> str:
     size = canonical_size(size) if size.lower() in SIZES or size.lower() in SIZE_ALIASES else Path(size).stem
     if checkpoint is not None:
-        return f"hiera {size} checkpoint {Path(checkpoint).name} sha256:{_sha256(Path(checkpoint))[:16]}"
+        return f"hiera {size} checkpoint {Path(checkpoint).name} sha256:{sha256_file(Path(checkpoint))[:16]}"
     return f"hiera {size} RANDOM weights (torch.manual_seed({seed}); no checkpoint)"
 
 
