@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+
+from google.protobuf import timestamp_pb2
+
 from framewise.v1 import common_pb2
 from server.triton.model_spec import ModelSpec
 
@@ -24,3 +28,9 @@ def box(corners: tuple[float, float, float, float]) -> common_pb2.BoundingBox:
 
 def model_ref(spec: ModelSpec) -> common_pb2.ModelRef:
     return common_pb2.ModelRef(name=spec.name, version=spec.version, stand_in=spec.stand_in)
+
+
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts

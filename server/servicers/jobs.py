@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 
 import grpc
 from google.longrunning import operations_pb2
-from google.protobuf import timestamp_pb2
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from framewise.v1 import jobs_service_pb2_grpc
@@ -19,6 +18,7 @@ from server.jobs.runner import JobRunner
 from server.jobs.storage import StorageManager
 from server.jobs.store import EventRecord, JobState
 from server.jobs.uploads import UploadError, UploadStore, upload_status
+from server.servicers import convert
 from server.servicers.operations import operation_proto, store_errors
 
 __all__ = ["JobServicer"]
@@ -30,12 +30,6 @@ _EVENT_TYPES = {
     "error": jobs_pb2.JobError,
     "complete": jobs_pb2.JobComplete,
 }
-
-
-def _timestamp(value: object) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)  # type: ignore[arg-type]
-    return ts
 
 
 class EncodedEvents:
@@ -59,7 +53,7 @@ class EncodedEvents:
 
 
 def watch_response(item: EventRecord | Heartbeat) -> jobs_pb2.WatchOperationResponse:
-    response = jobs_pb2.WatchOperationResponse(sequence=item.sequence, name=item.operation, time=_timestamp(item.time))
+    response = jobs_pb2.WatchOperationResponse(sequence=item.sequence, name=item.operation, time=convert.timestamp(item.time))
     if isinstance(item, Heartbeat):
         response.heartbeat.SetInParent()
     else:
@@ -95,7 +89,7 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
         except UploadError as exc:
             raise upload_status(exc) from None
         return jobs_pb2.UploadFileResponse(
-            upload_id=info.upload_id, size_bytes=info.size_bytes, sha256=info.sha256, expire_time=_timestamp(info.expire_time)
+            upload_id=info.upload_id, size_bytes=info.size_bytes, sha256=info.sha256, expire_time=convert.timestamp(info.expire_time)
         )
 
     async def SegmentVideo(self, request: jobs_pb2.SegmentVideoRequest, context: grpc.aio.ServicerContext) -> operations_pb2.Operation:

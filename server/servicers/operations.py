@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.protobuf import any_pb2, empty_pb2, timestamp_pb2
+from google.protobuf import any_pb2, empty_pb2
 from google.rpc import status_pb2
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
@@ -26,6 +26,7 @@ from server.jobs.store import (
     OperationRecord,
     RequestIdConflictError,
 )
+from server.servicers import convert
 
 __all__ = ["OperationsServicer", "operation_proto", "store_errors"]
 
@@ -35,14 +36,6 @@ _RESPONSE_TYPES = {
     jobs_pb2.JOB_KIND_SEGMENT_VIDEO: jobs_pb2.SegmentVideoResponse,
     jobs_pb2.JOB_KIND_TALKING_VIDEO: jobs_pb2.CreateTalkingVideoResponse,
 }
-
-
-def _timestamp(value: object) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)  # type: ignore[arg-type]
-    return ts
 
 
 def job_metadata(op: OperationRecord, queue_position: int = -1) -> jobs_pb2.JobMetadata:
@@ -61,9 +54,8 @@ def job_metadata(op: OperationRecord, queue_position: int = -1) -> jobs_pb2.JobM
         ("update_time", op.update_time),
         ("end_time", op.end_time),
     ):
-        ts = _timestamp(value)
-        if ts is not None:
-            getattr(metadata, field).CopyFrom(ts)
+        if value is not None:
+            getattr(metadata, field).CopyFrom(convert.timestamp(value))
     return metadata
 
 
