@@ -427,6 +427,8 @@ def test_segment_video_from_a_server_path_writes_every_artifact(jobs) -> None:
     ]  # fmt: skip
     progress = [e.progress_update for e in events if e.WhichOneof("event") == "progress_update"]
     assert progress and progress[-1].done == progress[-1].total == 8
+    tracked = [p for p in progress if p.stage == S.JOB_STAGE_TRACKING]
+    assert "STAND-IN" in tracked[-1].message  # the test repository serves SAM 2 stand-ins
     names = {a.name for a in events[-1].complete.artifacts}
     assert {"overlay.mp4", "frames.json", "masks.zip"} <= names
     frames, _ = download(jobs, op.name, "frames.json")

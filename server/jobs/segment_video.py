@@ -278,7 +278,9 @@ class SegmentVideoPipeline:
         tracker = Tracker(self, ctx, video, plan, prompt, (STAGE_PERCENT[S.JOB_STAGE_TRACKING], _TRACKING_END))
         count = await tracker.run(source, start)
         await ctx.save_state(tracked_frames=count)
-        await ctx.progress(_TRACKING_END, f"tracked {count}/{len(plan)} frames", done=count, total=len(plan))
+        # The masks are only as good as the SAM 2 parts: say so where the user watches the job.
+        stand_in = " with SAM 2 STAND-IN models (the masks have no learned meaning)" if self.tracking.contract().stand_in else ""
+        await ctx.progress(_TRACKING_END, f"tracked {count}/{len(plan)} frames{stand_in}", done=count, total=len(plan))
 
     async def _write_artifacts(self, ctx: JobContext) -> None:
         """WRITING_ARTIFACTS: every requested artifact from tracks.jsonl (and the source frames
