@@ -42,7 +42,8 @@ from detect_bench import GRPC_LIMITS, Stack, _table, cpu_seconds, free_port
 from framewise.v1 import common_pb2, tracking_service_pb2_grpc
 from framewise.v1 import tracking_service_pb2 as pb
 from server.pipelines.prompts import prompt_tensors
-from server.pipelines.tracking import _decode_and_resize
+from server.pipelines.tracking import ResizedFrame
+from server.vision.image_decode import decode_image
 from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig, box_from_mask_upsampled
 from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment
 from server.vision.masks import mask_at_resolution
@@ -268,12 +269,14 @@ def summarize(samples: list[dict], conc: int, before: tuple, after: tuple) -> di
     }
 
 
-WRITTEN, READ, REF, INSIDE = "written", "read", "by reference", "inside Triton"
-ROUTES = {WRITTEN: "the orchestrator copies it into the call's shm slot", READ: "the orchestrator reads it back "
+WRITTEN, NEW_ROWS, READ, REF, INSIDE = "written", "written: new rows only", "read", "by reference", "inside Triton"
+ROUTES = {WRITTEN: "the orchestrator copies it into the call's shm slot", NEW_ROWS: "stacked memories: the object's "
+          "slot still holds last frame's, each at its row (memory attention does not depend on their order), so "
+          "only the one new memory is copied", READ: "the orchestrator reads it back "
           "from the slot", REF: "stays in shared memory, handed to the next call by offset: never read or written "
           "by the orchestrator", INSIDE: "an ensemble's intermediate: Triton hands it from step to step, it never "
           "reaches shared memory or a message"}
-NOTES = {"image": "the frame, resized to S x S", "memory_feats": "prompt memory + 6 recent memories (the bank)",
+NOTES = {"image": "the frame, resized to S x S straight into the slot", "memory_feats": "prompt memory + 6 recent memories (the bank)",
          "memory_tpos": "the memories' temporal-encoding rows", "memory_obj_ptrs": "prompt + 15 object pointers",
          "obj_ptr_tdiff": "the pointers' frame distances", "point_coords": "one padding prompt point",
          "point_labels": "its label (-1, padding)",
@@ -332,14 +335,16 @@ def byte_breakdown(meta: dict, objects: int = 1) -> dict:
         for kind in ("inputs", "outputs"):
             for name, t in tensor_bytes(meta, model, kind).items():
                 key = (kind[:-1], name)
-                route = REF if key in refs else WRITTEN if kind == "inputs" else READ
+                route = REF if key in refs else READ if kind == "outputs" else NEW_ROWS if name == "memory_feats" \
+                    else WRITTEN
+                counted = t["bytes"] // MAX_MEMORIES if route == NEW_ROWS else t["bytes"] * (route != REF)
                 note = refs.get(key) or NOTES.get(name, "")
                 if model == "sam2_memory_encoder" and name == "object_score_logits":
                     note = "object score of the chosen candidate"
                 rows.append({"call": model, "calls_per_frame": count, "tensor": f"{kind[:-1]} {name}", **t,
-                             "route": route, "note": note, "moved_per_frame": count * t["bytes"] * (route != REF),
+                             "route": route, "note": note, "moved_per_frame": count * counted,
                              "grpc_only_per_frame": count * t["bytes"]})
-                moved += t["bytes"] * (route != REF)
+                moved += counted
                 grpc_only += t["bytes"]
         for part, name in call.get("inside", []):
             t = tensor_bytes(meta, part, "outputs")[name]
@@ -349,8 +354,9 @@ def byte_breakdown(meta: dict, objects: int = 1) -> dict:
                       "grpc_only_per_call": grpc_only})
     total = lambda route, key="grpc_only_per_frame": sum(x[key] for x in rows if x["route"] == route)
     return {"objects": objects, "tensors": rows, "calls": calls,
-            "written_per_frame": total(WRITTEN), "read_per_frame": total(READ),
-            "moved_per_frame": total(WRITTEN) + total(READ), "by_reference_per_frame": total(REF),
+            "written_per_frame": total(WRITTEN, "moved_per_frame") + total(NEW_ROWS, "moved_per_frame"),
+            "read_per_frame": total(READ),
+            "moved_per_frame": total(WRITTEN, "moved_per_frame") + total(NEW_ROWS, "moved_per_frame") + total(READ), "by_reference_per_frame": total(REF),
             "inside_triton_per_frame": sum(x["bytes"] * x["calls_per_frame"] for x in rows if x["route"] == INSIDE),
             "grpc_only_per_frame": sum(x["grpc_only_per_frame"] for x in rows)}
 
@@ -392,7 +398,8 @@ def host_costs(S: int, jpeg: bytes, box: Box, reps: int = 25) -> dict[str, float
     laid out like the sam2_frame_step / sam2_memory_encoder slots. The candidate logits are realistic: smooth
     blobs around the Crossing object (its ground-truth box in the S/4 grid), 3 sizes."""
     config, rng, image = SamuraiConfig(), np.random.default_rng(0), common_pb2.Image(encoded=jpeg)
-    decoded, frame = _decode_and_resize(image, 50_000_000, S)
+    decoded = decode_image(image, max_pixels=50_000_000, field="frame.image")
+    frame = ResizedFrame(decoded.rgb, S)
     width, height, grid = decoded.width, decoded.height, S // 4
     memory = lambda: rng.standard_normal((1, 64, S // 16, S // 16)).astype(np.float16)
     pointer = lambda: rng.standard_normal(256).astype(np.float32)
@@ -445,22 +452,20 @@ def host_costs(S: int, jpeg: bytes, box: Box, reps: int = 25) -> dict[str, float
 
         memories, tpos, pointers, tdiff = memory_inputs()
 
-        def write_memories():  # InferenceRunner.hold: lists stacked straight into the slot, the rest copied
-            offset = 0
-            for part in memories:
-                v["memory_feats"][offset : offset + part.shape[0]] = part
-                offset += part.shape[0]
+        def write_memories():  # InferenceRunner.hold: the one new memory (the slot holds the other 6), the rest copied
+            v["memory_feats"][MAX_MEMORIES - 1] = memories[-1][0]
             coords, labels = prompt_tensors([None], width, height, S)
             for name, a in (("memory_tpos", tpos), ("memory_obj_ptrs", pointers), ("obj_ptr_tdiff", tdiff),
                             ("point_coords", coords), ("point_labels", labels)):
                 np.copyto(v[name], a)
 
         steps = {
-            "decode JPEG + resize to S x S (one thread hop in the server)":
-                lambda: _decode_and_resize(image, 50_000_000, S),
+            "decode JPEG (one thread hop in the server)":
+                lambda: decode_image(image, max_pixels=50_000_000, field="frame.image"),
             "memory bank: select 7 memories + 16 pointers, stack the pointers": memory_inputs,
-            "frame into the sam2_frame_step shm slot (3 MiB)": lambda: np.copyto(v["image"], frame[None]),
-            "memories, pointers, their indices, the prompt point into the slot (3.5 MiB)": write_memories,
+            "frame resized to S x S straight into the sam2_frame_step shm slot (3 MiB)":
+                lambda: frame.write_into(v["image"]),
+            "the new memory, pointers, their indices, the prompt point into the slot (0.5 MiB)": write_memories,
             "candidate outputs read: IoUs, object score": lambda: (
                 np.array(v["iou_scores"])[0], float(np.array(v["object_score_logits"])[0, 0])),
             "SAMURAI selection, stable phase: 3 candidate boxes at S x S + Kalman predict/score/update":
@@ -557,7 +562,7 @@ def markdown(rep: dict) -> str:
                 (f"{t['bytes']['measured_inputs']:,} vs {t['bytes']['needed_inputs']:,} B "
                  f"(outputs read back, listed apart: {t['bytes']['outputs_read']:,} B)")]]
     targets = [[*x, ok[t[k]["pass"]]] for x, k in zip(targets, t, strict=True)]
-    counted = lambda x: f"{x['moved_per_frame']:,}" if x["route"] in (WRITTEN, READ) else "-"
+    counted = lambda x: f"{x['moved_per_frame']:,}" if x["route"] in (WRITTEN, NEW_ROWS, READ) else "-"
     grpc_only = lambda x: f"{x['grpc_only_per_frame']:,}" if x["route"] != INSIDE else "-"
     lines = [
         "# Tracking benchmark", "",
@@ -658,7 +663,8 @@ def markdown(rep: dict) -> str:
             ["written by the orchestrator (measured total - the outputs below)", f"**{tg['measured_inputs']:,}**"]]),
         *_table(["outputs, read back from Triton (not in the target's figure)", "bytes"],
                 [*[[k, f"{v:,}"] for k, v in tg["outputs"].items()], ["total", f"{tg['outputs_total']:,}"]]),
-        (f"Inputs: **{ok[tg['pass_inputs']]}**: the orchestrator sends the frame, the memories, the pointers and "
+        (f"Inputs: **{ok[tg['pass_inputs']]}**: the orchestrator sends the frame, the one new memory (its slot "
+         "still holds the other ones from the previous frame), the pointers and "
          f"{sum(tg['small_inputs'].values())} B of indices, prompt and score, nothing else (no feature map). "
          f"Outputs: {tg['outputs_total']:,} B come back: the candidate masks SAMURAI's selection measures "
          f"(1 MiB counted, 768 KiB of it read), the candidate pointers and scores, and the new memory the bank "

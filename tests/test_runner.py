@@ -53,3 +53,74 @@ async def test_shared_memory_matches_grpc_and_recovers(triton, assets: Path) -> 
         await shared.close()
         await client.close()
     assert not Path(f"/dev/shm/{pool.region}").exists(), "the region is unlinked on close"
+
+
+async def test_stacked_parts_already_in_the_slot_are_not_written_again(triton) -> None:  # noqa: ANN001
+    """Memory attention with a stacked memories input: a second request whose parts are partly
+    the same arrays at the same rows writes only the new ones, and still gives exactly what the
+    same request over gRPC gives; a part replaced by another array is written."""
+    from server.pipelines import sam2_contract as sam2
+
+    client = TritonClient(triton.url)
+    metrics = Metrics(CollectorRegistry())
+    specs = {name: await client.model_spec(name) for name in sam2.MODELS}
+    contract = sam2.Sam2Contract.from_specs(specs)
+    spec = specs[sam2.MEMORY_ATTENTION]
+    limits = contract.shm_max_shapes(sam2.MEMORY_ATTENTION)
+    rng = np.random.default_rng(0)
+    feat = rng.standard_normal(spec.input("vision_feat").shape[1:], dtype=np.float32)[None]
+    memory = lambda: rng.standard_normal((1, *spec.input("memory_feats").shape[1:])).astype(np.float16)  # noqa: E731
+    memories = [memory() for _ in range(4)]
+    pointers = rng.standard_normal((3, spec.input("obj_ptrs").shape[-1])).astype(np.float32)
+
+    def inputs(parts: list[np.ndarray]) -> dict:
+        return {"vision_feat": feat, "memory_feats": parts, "memory_tpos": np.arange(len(parts), dtype=np.int32),
+                "obj_ptrs": pointers, "obj_ptr_tdiff": np.arange(1, 4, dtype=np.int32)}
+
+    plain = InferenceRunner(client, metrics)
+    shared = InferenceRunner(client, metrics, shm_slots_per_model=1)
+    try:
+        changed = [memories[0], memory(), *memories[2:]]
+        # (parts, how many of them the slot does not hold yet): all new; one replaced; the same
+        # again; one fewer; the replaced row back to its old array.
+        for parts, new_parts in ((memories, 4), (changed, 1), (changed, 0), (changed[:3], 0), (memories, 1)):
+            async with plain.hold(spec, inputs(parts), ["conditioned_feat"]) as by_grpc:
+                expected = np.array(by_grpc.array("conditioned_feat"))
+            async with shared.hold(spec, inputs(parts), ["conditioned_feat"], max_shapes=limits) as by_shm:
+                assert by_shm.shared_memory
+                np.testing.assert_array_equal(np.array(by_shm.array("conditioned_feat")), expected)
+                written = by_shm.bytes_moved - by_shm.outputs["conditioned_feat"].nbytes
+            small = feat.nbytes + pointers.nbytes + 4 * len(parts) + 4 * 3  # + memory_tpos, obj_ptr_tdiff
+            assert written == small + new_parts * memories[0].nbytes, (written, new_parts)
+    finally:
+        await shared.close()
+        await plain.close()
+        await client.close()
+
+
+async def test_a_fill_input_is_computed_in_place_and_matches_an_array(triton) -> None:  # noqa: ANN001
+    """A Fill (the tracker's frame resized to S x S) gives the encoder what the resized array gives,
+    through shared memory and through gRPC."""
+    from server.pipelines import sam2_contract as sam2
+    from server.pipelines.tracking import ResizedFrame
+
+    client = TritonClient(triton.url)
+    metrics = Metrics(CollectorRegistry())
+    spec = await client.model_spec(sam2.IMAGE_ENCODER)
+    size = spec.input("image").shape[-2]
+    rgb = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    resized = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)[None]
+    outputs = ["vision_feat"]
+    copy = lambda o: np.array(o["vision_feat"])  # noqa: E731
+    plain = InferenceRunner(client, metrics)
+    shared = InferenceRunner(client, metrics, shm_slots_per_model=1)
+    try:
+        expected = (await plain.run(spec, {"image": resized}, outputs, copy)).value
+        for runner in (plain, shared):
+            result = await runner.run(spec, {"image": ResizedFrame(rgb, size)}, outputs, copy)
+            assert result.shared_memory is (runner is shared)
+            np.testing.assert_array_equal(result.value, expected)
+    finally:
+        await shared.close()
+        await plain.close()
+        await client.close()

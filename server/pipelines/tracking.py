@@ -46,6 +46,10 @@ class TrackedObject:
     object_id: int
     selector: CandidateSelector
     bank: MemoryBank
+    # ids of the memories as last sent to memory attention, row by row (see memory_rows), and
+    # the shared-memory slot per model they went to: the object asks for the same slot again.
+    sent_memories: list[int] = field(default_factory=list)
+    slots: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,9 +126,10 @@ class TrackingEngine:
         which frame they have seen."""
         started = time.perf_counter()
         contract = self.contract()
-        # One thread hop for both: a rejected frame wastes a resize, every other frame saves a hop.
-        decoded, frame = await asyncio.to_thread(_decode_and_resize, image, self.max_pixels, contract.image_size)
+        decoded = await asyncio.to_thread(decode_image, image, max_pixels=self.max_pixels, field="frame.image")
         index = self._validate(session, frame_index, decoded, prompts, removals)
+        # Resized into the encoder's request itself (shared memory), not into an array first.
+        frame = ResizedFrame(decoded.rgb, contract.image_size)
         decode_s = time.perf_counter() - started
 
         try:
@@ -143,7 +148,7 @@ class TrackingEngine:
         session: TrackingSession,
         index: int,
         decoded: DecodedImage,
-        frame: np.ndarray,
+        frame: ResizedFrame,
         prompts: list[ObjectPrompt],
         removals: list[int],
         contract: Sam2Contract,
@@ -220,7 +225,7 @@ class TrackingEngine:
         session: TrackingSession,
         index: int,
         decoded: DecodedImage,
-        frame: np.ndarray,  # the frame resized to S x S, RGB
+        frame: ResizedFrame,  # the encoder's image input
         prompted: dict[int, ObjectPrompt],
         contract: Sam2Contract,
         calls: _Calls,
@@ -236,21 +241,24 @@ class TrackingEngine:
         # the frame is done, and goes to the next model by reference: the feature maps never
         # pass through the orchestrator's hands.
         async with contextlib.AsyncExitStack() as frame_scope:
-            hold = lambda model, inputs, outputs: frame_scope.enter_async_context(calls.hold(model, inputs, outputs))
+            def hold(model: str, inputs: dict[str, Input], outputs: list[str], obj: TrackedObject | None = None) -> Awaitable[Held]:
+                return frame_scope.enter_async_context(calls.hold(model, inputs, outputs, obj))
+
             candidates: dict[int, Held] = {}
             if len(ids) == 1 and not prompted:
                 # The common case, one object followed: encoder, attention and decoder in one call.
                 (object_id,) = ids
                 step = await hold(
                     sam2.FRAME_STEP,
-                    {"image": frame[None], **self._memory_inputs(session.objects[object_id], index, calls, "memory_obj_ptrs"),
+                    {"image": frame, **self._memory_inputs(session.objects[object_id], index, calls, "memory_obj_ptrs"),
                      **prompt_inputs(object_id)},
                     ["vision_feat", *_CANDIDATE_OUTPUTS],
+                    session.objects[object_id],
                 )
                 vision_feat = step.tensor("vision_feat")
                 candidates[object_id] = step
             else:
-                encoded = await hold(sam2.IMAGE_ENCODER, {"image": frame[None]}, ["vision_feat", "high_res_feat0", "high_res_feat1"])
+                encoded = await hold(sam2.IMAGE_ENCODER, {"image": frame}, ["vision_feat", "high_res_feat0", "high_res_feat1"])
                 vision_feat = encoded.tensor("vision_feat")
                 features = {"high_res_feat0": encoded.tensor("high_res_feat0"), "high_res_feat1": encoded.tensor("high_res_feat1")}
 
@@ -261,7 +269,7 @@ class TrackingEngine:
                     else:
                         memory = self._memory_inputs(session.objects[object_id], index, calls, "memory_obj_ptrs")
                         inputs = {"vision_feat": vision_feat, **features, **memory, **prompt_inputs(object_id)}
-                        candidates[object_id] = await hold(sam2.TRACK_STEP, inputs, list(_CANDIDATE_OUTPUTS))
+                        candidates[object_id] = await hold(sam2.TRACK_STEP, inputs, list(_CANDIDATE_OUTPUTS), session.objects[object_id])
 
                 await _each(ids, decode)
 
@@ -326,11 +334,15 @@ class TrackingEngine:
         selection = obj.bank.select_for(index)
         attention = calls.contract.specs[sam2.MEMORY_ATTENTION]
         memory_dtype = _numpy_dtype(attention.input("memory_feats").datatype)
+        memories = [m.astype(memory_dtype, copy=False) for m in selection.memories]
+        rows = memory_rows(obj.sent_memories, memories)
+        obj.sent_memories = [id(memories[i]) for i in rows]
+        tpos = selection.tpos_enc_index
         return {
-            "memory_feats": [m.astype(memory_dtype, copy=False) for m in selection.memories],
+            "memory_feats": [memories[i] for i in rows],
             # Row of the temporal encoding: 0 for the most recent memory (the reference's
             # num_maskmem - 1 - t_pos); prompt memories get num_maskmem - 1.
-            "memory_tpos": np.asarray(selection.tpos_enc_index, dtype=np.int32),
+            "memory_tpos": np.asarray([tpos[i] for i in rows], dtype=np.int32),
             pointers_input: np.stack(selection.obj_ptrs).astype(np.float32, copy=False),
             "obj_ptr_tdiff": np.asarray(selection.obj_ptr_tdiff, dtype=np.int32),
         }
@@ -343,6 +355,23 @@ class TrackingEngine:
         }
         async with calls.hold(sam2.MEMORY_ENCODER, inputs, ["maskmem_feat"]) as encoded:
             return np.array(encoded.array("maskmem_feat"))  # the bank keeps its own copy
+
+
+def memory_rows(sent: list[int], memories: list[np.ndarray]) -> list[int]:
+    """The order (indices into ``memories``) to send this frame's memories in: a memory sent on the
+    previous frame at a row that still exists keeps that row; the others fill the free rows in
+    the bank's order.
+
+    Memory attention attends over all memories at once, each marked by its own temporal
+    encoding row (memory_tpos), so the order of the memories does not change its result. A
+    stable order lets the runner skip writing the memories the request slot already holds: from
+    one frame to the next, one memory changes, and 0.5 MiB is written instead of 3.5 MiB."""
+    where = {id(m): i for i, m in enumerate(memories)}
+    rows: list[int | None] = [where.get(key) for key in sent[: len(memories)]]
+    rows += [None] * (len(memories) - len(rows))
+    placed = {i for i in rows if i is not None}
+    free = iter(i for i in range(len(memories)) if i not in placed)
+    return [next(free) if i is None else i for i in rows]
 
 
 _CANDIDATE_OUTPUTS = ("masks", "iou_scores", "obj_ptrs", "object_score_logits")
@@ -407,20 +436,44 @@ class _Calls:
         return sum(h.bytes_moved for h in self._held)
 
     @contextlib.asynccontextmanager
-    async def hold(self, model: str, inputs: dict[str, Input], outputs: list[str]) -> AsyncIterator[Held]:
+    async def hold(
+        self, model: str, inputs: dict[str, Input], outputs: list[str], obj: TrackedObject | None = None
+    ) -> AsyncIterator[Held]:
+        """One call; ``obj``: the object whose memories it carries, sent to the slot it used last."""
         remaining = None if self.deadline is None else self.deadline - time.perf_counter()
         async with self.runner.hold(
-            self.contract.specs[model], inputs, outputs, timeout_s=remaining, max_shapes=self.contract.shm_max_shapes(model)
+            self.contract.specs[model], inputs, outputs, timeout_s=remaining, max_shapes=self.contract.shm_max_shapes(model),
+            prefer_slot=None if obj is None else obj.slots.get(model),
         ) as held:
+            if obj is not None and held.slot is not None:
+                obj.slots[model] = held.slot
             now = time.perf_counter()
             self._intervals.append((now - held.triton_s, now))
             self._held.append(held)
             yield held
 
 
-def _decode_and_resize(image: common_pb2.Image, max_pixels: int, size: int) -> tuple[DecodedImage, np.ndarray]:
-    decoded = decode_image(image, max_pixels=max_pixels, field="frame.image")
-    return decoded, cv2.resize(decoded.rgb, (size, size), interpolation=cv2.INTER_LINEAR)
+@dataclass(frozen=True)
+class ResizedFrame:
+    """The encoder's ``image`` input [1, S, S, 3] uint8: the RGB frame bilinearly resized to S x S
+    (SAM 2 resizes without keeping the aspect ratio), computed straight into the request (a
+    runner ``Fill``)."""
+
+    rgb: np.ndarray  # H x W x 3 uint8
+    size: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (1, self.size, self.size, 3)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(np.uint8)
+
+    def write_into(self, out: np.ndarray) -> None:
+        resized = cv2.resize(self.rgb, (self.size, self.size), dst=out[0], interpolation=cv2.INTER_LINEAR)
+        if not np.shares_memory(resized, out):  # cv2 allocates when dst does not suit it
+            out[0] = resized
 
 
 def _numpy_dtype(datatype: str) -> type:

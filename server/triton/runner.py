@@ -13,9 +13,10 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import grpc
 import numpy as np
@@ -28,10 +29,27 @@ from server.triton.shm import ShmRef, ShmSlotPool
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-# An input: an array, a reference to a tensor already in shared memory, or a list of arrays
-# stacked along the first axis (written straight into the slot, without an intermediate copy).
+
+
+class Fill(Protocol):
+    """An input computed straight into where the request reads it (a shared-memory slot, or a
+    new array for gRPC): a large tensor made for one request is written once, not made and then
+    copied (a frame resized to S x S is 3 MiB; on these machines every MiB written costs ~0.1 ms)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    @property
+    def dtype(self) -> np.dtype: ...
+
+    def write_into(self, out: np.ndarray) -> None: ...
+
+
+# An input: an array, a reference to a tensor already in shared memory, a list of arrays
+# stacked along the first axis (written straight into the slot, without an intermediate copy;
+# parts already in the slot from its previous request are not written again), or a Fill.
 Tensor = np.ndarray | ShmRef
-Input = np.ndarray | ShmRef | list[np.ndarray]
+Input = np.ndarray | ShmRef | list[np.ndarray] | Fill
 
 # A slot whose request was abandoned (deadline, cancellation) may still be written by Triton;
 # it goes back to the pool only after this long.
@@ -55,6 +73,7 @@ class Held:
     shared_memory: bool
     # Bytes the orchestrator itself wrote into the request or read back (references excluded).
     bytes_moved: int = 0
+    slot: int | None = None  # the shared-memory slot used (None: gRPC), for prefer_slot
     _read: set[str] = field(default_factory=set)
 
     def tensor(self, name: str) -> Tensor:
@@ -115,15 +134,19 @@ class InferenceRunner:
         *,
         timeout_s: float | None = None,
         max_shapes: Mapping[str, tuple[int, ...]] | None = None,
+        prefer_slot: int | None = None,
     ) -> AsyncIterator[Held]:
         """Infer and keep the outputs in place for the block (the slot is released after it).
 
         `max_shapes` bounds the model's dynamic dimensions (name -> largest shape) so its slots
-        can be sized; it is read when the model's pool is made.
+        can be sized; it is read when the model's pool is made. `prefer_slot`: the slot this
+        caller used last time (`Held.slot`), taken again when free, so stacked parts it still
+        holds are not written again.
         """
         pool = await self._pool(spec, max_shapes or {})
         shapes = {name: _shape(value) for name, value in inputs.items() if not isinstance(value, ShmRef)}
-        slot = pool.acquire() if pool is not None and pool.fits_shapes(shapes, _dtypes(inputs)) else None
+        fits = pool is not None and pool.fits_shapes(shapes, _dtypes(inputs))
+        slot = pool.acquire(prefer_slot) if fits and pool is not None else None
         self.metrics.triton_transfers.labels(spec.name, "grpc" if slot is None else "shm").inc()
         if slot is None:
             plain = {name: _materialise(v) for name, v in inputs.items()}
@@ -144,13 +167,14 @@ class InferenceRunner:
                     continue
                 view = slot.inputs[name].view(shapes[name])
                 if isinstance(value, list):
-                    offset = 0
-                    for part in value:
-                        view[offset : offset + part.shape[0]] = part
-                        offset += part.shape[0]
+                    written += _write_stacked(view, value, slot.written.setdefault(name, {}))
                 else:
-                    np.copyto(view, value)
-                written += view.nbytes
+                    slot.written.pop(name, None)
+                    if isinstance(value, np.ndarray):
+                        np.copyto(view, value)
+                    else:
+                        value.write_into(view)
+                    written += view.nbytes
                 refs[name] = slot.inputs[name].ref(shapes[name])
             out_refs = {name: slot.outputs[name].ref() for name in outputs}
             started = time.perf_counter()
@@ -162,7 +186,7 @@ class InferenceRunner:
                 abandoned = exc.code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED)
                 raise
             abandoned = False
-            yield Held(dict(out_refs), time.perf_counter() - started, True, written)
+            yield Held(dict(out_refs), time.perf_counter() - started, True, written, slot.index)
         finally:
             if abandoned:
                 asyncio.get_running_loop().call_later(_ABANDONED_SLOT_QUARANTINE_S, pool.release, slot)
@@ -257,15 +281,15 @@ class InferenceRunner:
         self._pools.clear()
 
 
-def _shape(value: np.ndarray | list[np.ndarray]) -> tuple[int, ...]:
+def _shape(value: np.ndarray | list[np.ndarray] | Fill) -> tuple[int, ...]:
     if isinstance(value, list):
         return (sum(part.shape[0] for part in value), *value[0].shape[1:])
-    return value.shape
+    return tuple(value.shape)
 
 
 def _dtypes(inputs: Mapping[str, Input]) -> dict[str, np.dtype]:
     return {
-        name: (value[0].dtype if isinstance(value, list) else value.dtype)
+        name: np.dtype(value[0].dtype if isinstance(value, list) else value.dtype)
         for name, value in inputs.items()
         if not isinstance(value, ShmRef)
     }
@@ -276,4 +300,26 @@ def _materialise(value: Input) -> np.ndarray:
         return value.array()
     if isinstance(value, list):
         return np.concatenate(value)
-    return value
+    if isinstance(value, np.ndarray):
+        return value
+    out = np.empty(value.shape, value.dtype)
+    value.write_into(out)
+    return out
+
+
+def _write_stacked(view: np.ndarray, parts: list[np.ndarray], in_slot: dict[int, weakref.ref]) -> int:
+    """Writes ``parts`` one after the other along the first axis of ``view``, skipping a
+    one-row part that is the very array the slot already holds at its row. Returns the bytes
+    written."""
+    if any(part.shape[0] != 1 for part in parts):
+        in_slot.clear()  # rows of several-row parts are not tracked: write everything
+        view[...] = np.concatenate(parts)
+        return view.nbytes
+    written = 0
+    for row, part in enumerate(parts):
+        held = in_slot.get(row)
+        if held is None or held() is not part:
+            view[row] = part[0]
+            in_slot[row] = weakref.ref(part)
+            written += part.nbytes
+    return written

@@ -13,8 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+import weakref
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import shared_memory
 
 import numpy as np
@@ -99,6 +100,11 @@ class ShmSlot:
     region: str
     inputs: dict[str, ShmTensor]
     outputs: dict[str, ShmTensor]
+    # Input name -> {row: weak reference to the one-row array last written there}: a stacked
+    # input whose part at a row is still that very array (a tracked object's memory, unchanged
+    # since its previous frame used this slot) is not copied again. Weak, so the slot keeps no
+    # session's memories alive; Triton never writes into input tensors.
+    written: dict[str, dict[int, weakref.ref]] = field(default_factory=dict, compare=False, repr=False)
 
 
 class ShmSlotPool:
@@ -192,8 +198,13 @@ class ShmSlotPool:
             offset += _aligned(nbytes)
         return layout, offset
 
-    def acquire(self) -> ShmSlot | None:
-        """A free slot, or None when all are in use (the caller then sends bytes over gRPC)."""
+    def acquire(self, prefer: int | None = None) -> ShmSlot | None:
+        """A free slot (slot ``prefer`` when it is free), or None when all are in use (the caller
+        then sends bytes over gRPC)."""
+        if prefer is not None:
+            for k in range(len(self._free) - 1, -1, -1):
+                if self._free[k].index == prefer:
+                    return self._free.pop(k)
         return self._free.pop() if self._free else None
 
     def release(self, slot: ShmSlot) -> None:

@@ -9,14 +9,21 @@ difference to the count two places back.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 
 def encode(mask: np.ndarray) -> str:
     """HxW bool/0-1 mask -> COCO compressed RLE counts string."""
-    flat = np.asarray(mask, dtype=bool).ravel(order="F")
-    if flat.size == 0:
+    mask = np.asarray(mask, dtype=bool)
+    if mask.size == 0:
         return ""
+    if mask.ndim == 2:
+        # Column-major bytes: cv2.transpose is about 10x faster than numpy's order="F" copy of
+        # a bool array (50 us for a 360x240 mask on these machines, once per object per frame).
+        flat = cv2.transpose(np.ascontiguousarray(mask).view(np.uint8)).view(bool).ravel()
+    else:
+        flat = mask.ravel(order="F")
     changes = np.flatnonzero(flat[1:] != flat[:-1]) + 1
     counts = np.diff(np.concatenate(([0], changes, [flat.size])))
     if flat[0]:  # the first run is background by convention, even when empty
@@ -24,7 +31,34 @@ def encode(mask: np.ndarray) -> str:
     return _to_string(counts)
 
 
+# Up to this many runs a plain loop writes the string faster than the vectorised code (whose
+# dozen numpy calls per 5-bit group cost more than a mask's few hundred runs take one by one).
+_LOOP_MAX_RUNS = 400
+
+
 def _to_string(counts: np.ndarray) -> str:
+    if len(counts) <= _LOOP_MAX_RUNS:
+        return _to_string_loop(counts.tolist() if isinstance(counts, np.ndarray) else list(counts))
+    return _to_string_vectorised(counts)
+
+
+def _to_string_loop(runs: list[int]) -> str:
+    """pycocotools' rleToString, one count at a time: 5 bits per character, 0x20 = "more follows"."""
+    out = bytearray()
+    for i, run in enumerate(runs):
+        x = run - runs[i - 2] if i > 2 else run  # from the fourth on: the difference to two back
+        while True:
+            c = x & 0x1F
+            x >>= 5  # arithmetic shift: negative differences keep their sign
+            if (x != -1) if c & 0x10 else (x != 0):
+                out.append((c | 0x20) + 48)
+            else:
+                out.append(c + 48)
+                break
+    return out.decode("ascii")
+
+
+def _to_string_vectorised(counts: np.ndarray) -> str:
     """pycocotools' rleToString, vectorised: 5 bits per character, 0x20 = "more follows"."""
     runs = np.asarray(counts, dtype=np.int64)
     x = runs.copy()
