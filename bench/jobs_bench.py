@@ -87,8 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--inproc-events", type=int, default=400, help="events per in-process micro-benchmark cell")
     p.add_argument("--floor-events", type=int, default=150,
                    help="messages per cell of the bare grpc.aio fan-out floor (one every 20 ms)")
-    p.add_argument("--nice-others", type=int, default=0, metavar="N",
-                   help="run tritonserver and the D-ID emulator under `nice -n N` (diagnostics: CPU contention)")
+    p.add_argument("--emulator-priority", choices=("idle", "normal"), default="idle",
+                   help="CPU scheduling of the D-ID emulator process: idle (SCHED_IDLE, the default: it stands in "
+                        "for D-ID's servers, which take none of the service's cores, and only gets the CPU time "
+                        "the stack leaves) or normal (it competes with the orchestrator for the 2 cores)")
     p.add_argument("--channels", type=int, default=4, help="gRPC channels the latency streams are spread over")
     p.add_argument("--quick", action="store_true", help="smoke run: 40 events, 4 jobs, 100 in-process events")
     p.add_argument("--orchestrator-env", action="append", default=[], metavar="KEY=VALUE", help="orchestrator only")
@@ -99,6 +101,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if a.jobs > 64:
         p.error("--jobs is at most 64 (the orchestrator's default --max-queued-jobs)")
     return a
+
+
+EMULATOR_PRIORITY = {
+    "idle": "at SCHED_IDLE priority: it stands in for D-ID's servers, which do not run on this host, so it gets only "
+            "the CPU time the service leaves; its H.264 rendering (~0.2 s of CPU per talk) would otherwise take one "
+            "of the 2 cores from the service under test",
+    "normal": "at normal priority, competing with the service for the 2 cores (--emulator-priority normal)",
+}
 
 
 def tone_wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
@@ -119,7 +129,8 @@ class JobStack(Stack):
     def __init__(self, args: argparse.Namespace, work_dir: Path) -> None:
         super().__init__(args.repository, work_dir, dict(kv.split("=", 1) for kv in args.orchestrator_env))
         self.external_triton = args.triton_url
-        self.nice = ["nice", "-n", str(args.nice_others)] if args.nice_others else []
+        # chrt --idle: SCHED_IDLE for the emulator and every thread it starts (x264 rendering included).
+        self.emulator_prefix = ["chrt", "--idle", "0"] if args.emulator_priority == "idle" else []
         self.did_url = self.metrics_url = ""
 
     def start(self) -> None:
@@ -135,12 +146,12 @@ class JobStack(Stack):
             models = [d.name for d in self.repository.iterdir() if (d / "config.pbtxt").exists()]
             with triton_sync.InferenceServerClient(self.triton_url) as client:
                 ready = lambda: client.is_server_ready() and all(client.is_model_ready(m) for m in models)
-                self._start("tritonserver", [*self.nice, *launcher.command()], child_environment(TritonDistribution.from_pytriton()),
+                self._start("tritonserver", launcher.command(), child_environment(TritonDistribution.from_pytriton()),
                             ready, 180)
         # The emulator in its own process (the same code as did_emulator.start_emulator), so that its request
         # threads and video rendering do not share the bench client's GIL while receipts are timed.
         self.did_url = f"http://127.0.0.1:{free_port()}"
-        command = [*self.nice, sys.executable, "-m", "did_emulator", "--port", self.did_url.rsplit(":", 1)[1], "--api-key",
+        command = [*self.emulator_prefix, sys.executable, "-m", "did_emulator", "--port", self.did_url.rsplit(":", 1)[1], "--api-key",
                    DID_API_KEY, "--stage-delay-s", "0", "--storage-dir", str(self.work_dir / "did")]
         ready = lambda: httpx.get(f"{self.did_url}/_emulator/requests", timeout=2).status_code == 200
         self._start("did_emulator", command, env, ready, 30)
@@ -664,10 +675,9 @@ def markdown(rep: dict) -> str:
          f"{env['load_average_at_end'][0]:.2f} at end; CPU pressure some avg10 {env['cpu_pressure_avg10_at_start']} "
          f"-> {env['cpu_pressure_avg10_at_end']} %); Python {env['python']}, grpcio {env['grpcio']}, SQLite "
          f"{env['sqlite']}. Real orchestrator (default 4 job workers and slots) + Triton ({env['triton']}) + the D-ID "
-         "emulator with stage delay 0 in its own process; the tests' job settings (tests/conftest.py job_args: D-ID "
+         f"emulator with stage delay 0 in its own process ({EMULATOR_PRIORITY[env['emulator_priority']]}); the tests' job settings (tests/conftest.py job_args: D-ID "
          "polled every 0.05 s); its own job store (SQLite WAL, synchronous=FULL) and storage under .cache/bench_jobs."
-         + (f" DIAGNOSTIC RUN: tritonserver and the emulator under nice {env['nice_others']}." if env["nice_others"]
-            else "")),
+        ),
         "",
         "## Event latency over gRPC (WatchOperation), publish -> receipt", "",
         (f"Per round: {WORKERS} holder jobs fill the workers, {m['jobs_per_round']} talking-video jobs "
@@ -756,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
                         "cpu_pressure_avg10_at_start": pressure_start, "cpu_pressure_avg10_at_end": cpu_pressure(),
                         "python": platform.python_version(), "platform": platform.platform(),
                         "grpcio": grpc.__version__, "sqlite": sqlite3.sqlite_version, **code,
-                        "triton": args.triton_url or "managed, CPU repository", "nice_others": args.nice_others,
+                        "triton": args.triton_url or "managed, CPU repository", "emulator_priority": args.emulator_priority,
                         "orchestrator_command": stack.orchestrator_command[1:], "orchestrator_env": stack.extra_env},
         "method": {"events_min_per_subscriber_count": args.events, "subscribers": args.subscribers,
                    "jobs_per_round": args.jobs_per_round, "channels": args.channels, "throughput_jobs": args.jobs,

@@ -65,7 +65,10 @@ def render_talk(image_path: Path, audio_path: Path, out_path: Path) -> None:
         video = out.add_stream("libx264", rate=FPS)
         video.width, video.height = rgb.shape[1], rgb.shape[0]
         video.pix_fmt = "yuv420p"
-        video.options = {"preset": "veryfast", "crf": "23", "tune": "stillimage"}
+        # One encoder thread: x264 would otherwise burst on every core of the host, and the
+        # emulator stands in for a remote service that takes none of the service's cores.
+        video.options = {"preset": "veryfast", "crf": "23", "tune": "stillimage", "threads": "1"}
+        video.codec_context.thread_count = 1
         audio = out.add_stream("aac", rate=AUDIO_RATE)
         audio.layout = "mono"
         resampler = av.AudioResampler(format="fltp", layout="mono", rate=AUDIO_RATE)
