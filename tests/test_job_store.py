@@ -470,6 +470,30 @@ async def test_heartbeats_when_idle_carry_last_sequence(store: SqliteJobStore) -
     assert items[-1].event_type == "error"  # the iterator ended after the terminal event
 
 
+async def test_no_heartbeat_while_events_keep_coming(store: SqliteJobStore) -> None:
+    """The heartbeat is due heartbeat_s after the last item delivered: a watcher whose events come
+    more often than that gets none, and gets one once the events stop."""
+    bus = EventBus(store, heartbeat_s=0.2)
+    name = await new_op(store)
+    items: list = []
+
+    async def watch() -> None:
+        async for item in bus.subscribe(name):
+            items.append(item)
+
+    task = asyncio.create_task(watch())
+    for _ in range(12):  # 0.6 s of events, 0.05 s apart: three heartbeat periods
+        await bus.emit(name, "progress_update", b"")
+        await asyncio.sleep(0.05)
+    assert not [i for i in items if isinstance(i, Heartbeat)]
+    await asyncio.sleep(0.35)
+    beats = [i for i in items if isinstance(i, Heartbeat)]
+    assert len(beats) == 1 and beats[0].sequence == 12
+    await bus.emit(name, "complete", b"", terminal=True, update=OperationUpdate(state=JobState.SUCCEEDED))
+    await asyncio.wait_for(task, 2)
+    assert real_sequences(items) == list(range(1, 14))
+
+
 async def test_non_final_error_does_not_end_the_stream(store: SqliteJobStore) -> None:
     bus = EventBus(store, heartbeat_s=5)
     name = await new_op(store)

@@ -69,14 +69,19 @@ WatchItem = EventRecord | Heartbeat
 
 
 class _Subscriber:
-    __slots__ = ("closed", "maxsize", "overflowed", "pending", "wake")
+    """One watcher's queue and how to wake it. A watcher waiting for an event parks on a bare
+    future; the heartbeat is one timer per idle period (see Subscription._next_wait), not a
+    timeout armed and cancelled around every wait: with 100 watchers per operation, that timer
+    churn was a measurable part of every event's fan-out."""
+
+    __slots__ = ("closed", "maxsize", "overflowed", "pending", "waiter")
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self.pending: collections.deque[EventRecord] = collections.deque()
         self.overflowed = False
         self.closed = False
-        self.wake = asyncio.Event()
+        self.waiter: asyncio.Future[None] | None = None
 
     def offer(self, record: EventRecord) -> None:
         if self.overflowed:
@@ -86,7 +91,12 @@ class _Subscriber:
             self.overflowed = True
         else:
             self.pending.append(record)
-        self.wake.set()
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
 
 class Subscription:
@@ -112,6 +122,8 @@ class Subscription:
         self.finished = False
         self._bus = bus
         self._sub = _Subscriber(queue_size)
+        self._timer: asyncio.TimerHandle | None = None
+        self._quiet_until = 0.0
         bus._add(name, self._sub)
         self._gen = self._run()
 
@@ -153,12 +165,16 @@ class Subscription:
     def _advance(self, record: EventRecord) -> None:
         """The record is the next one delivered: move the cursor; a terminal event ends the stream."""
         self.cursor = record.sequence
+        self._quiet_until = asyncio.get_running_loop().time() + self.heartbeat_s
         if record.terminal:
             self.finished = True
 
     async def _run(self) -> AsyncIterator[WatchItem]:
         store = self._bus.store
         sub = self._sub
+        loop = asyncio.get_running_loop()
+        # No heartbeat before this loop time: heartbeat_s after the last item delivered.
+        self._quiet_until = loop.time() + self.heartbeat_s
         try:
             await store.get_operation(self.name)  # OperationNotFoundError for an unknown name
             async for record in self._from_store():
@@ -198,14 +214,34 @@ class Subscription:
                     if self.finished:
                         return
                     continue
-                sub.wake.clear()
-                try:
-                    async with asyncio.timeout(self.heartbeat_s):
-                        await sub.wake.wait()
-                except TimeoutError:
+                if loop.time() >= self._quiet_until:
                     yield Heartbeat(self.name, self.cursor, utcnow())
+                    self._quiet_until = loop.time() + self.heartbeat_s
+                    continue
+                await self._wait(loop)
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
             self._bus._remove(self.name, sub)
+
+    async def _wait(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Until an event is offered or the heartbeat is due. The heartbeat timer is armed once
+        per idle period: delivering an event only moves ``_quiet_until``; a timer that fires
+        before it wakes the watcher, which finds nothing to do and arms the timer again."""
+        sub = self._sub
+        if self._timer is None or self._timer.when() > self._quiet_until or self._timer.cancelled():
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(self._quiet_until, self._heartbeat_due)
+        sub.waiter = loop.create_future()
+        try:
+            await sub.waiter
+        finally:
+            sub.waiter = None
+
+    def _heartbeat_due(self) -> None:
+        self._timer = None
+        self._sub.wake()
 
 
 class EventBus:
@@ -273,7 +309,7 @@ class EventBus:
         for subs in self._subs.values():
             for sub in subs:
                 sub.closed = True
-                sub.wake.set()
+                sub.wake()
         self._subs.clear()
 
     def _add(self, name: str, sub: _Subscriber) -> None:
