@@ -171,6 +171,10 @@ def test_watchers_late_or_resuming_see_each_event_exactly_once(jobs) -> None:
         assert resumed == live[after:]
     matting = next(e.stage_update for e in live if e.stage_update.stage == S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE)
     assert "skip_matting" in matting.message
+    # Without matting, D-ID gets (and the job keeps) the plain crop as JPEG: no alpha to keep.
+    person, first = download(jobs, op.name, "person.jpg")
+    crop = cv2.imdecode(np.frombuffer(person, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert first.media_type == "image/jpeg" and crop.ndim == 3 and crop.shape[2] == 3
     with pytest.raises(grpc.RpcError) as err:
         watch(jobs, op.name, after=len(live) + 5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

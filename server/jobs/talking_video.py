@@ -208,9 +208,11 @@ class TalkingVideoPipeline:
         image = await asyncio.to_thread((ctx.workdir / "original").read_bytes)
         crop = tuple(ctx.state["crop_box"])
         if ctx.request.skip_matting:
-            png = await asyncio.to_thread(_crop_png, image, crop)
-            await asyncio.to_thread(_write, ctx.workdir / "person.png", png)
-            await ctx.save_state(matting_skipped=True)
+            # No alpha to keep: a JPEG (q95) of the crop, ~2 ms to encode and ~5x smaller than a
+            # lossless PNG, which took ~30 ms of CPU per job on these machines.
+            jpeg = await asyncio.to_thread(_crop_jpeg, image, crop)
+            await asyncio.to_thread(_write, ctx.workdir / PERSON_JPEG[0], jpeg)
+            await ctx.save_state(matting_skipped=True, person_file=PERSON_JPEG[0], person_media_type=PERSON_JPEG[1])
             message = "skipped at the client's request (skip_matting): the crop is sent as it is"
         else:
             async with ctx.slot("matting"), _inference_failures("background removal"):
@@ -218,8 +220,9 @@ class TalkingVideoPipeline:
                     common_pb2.Image(encoded=image), crop, timeout_s=self.inference_timeout_s, image_field="image"
                 )
             png = await asyncio.to_thread(encode_rgba_png, matte.rgb, matte.alpha)
-            await asyncio.to_thread(_write, ctx.workdir / "person.png", png)
-            await ctx.save_state(matting_skipped=False, matting_stand_in=matte.model.stand_in)
+            await asyncio.to_thread(_write, ctx.workdir / PERSON_PNG[0], png)
+            await ctx.save_state(matting_skipped=False, matting_stand_in=matte.model.stand_in,
+                                 person_file=PERSON_PNG[0], person_media_type=PERSON_PNG[1])
             message = "background removed" + (" (BiRefNet STAND-IN model: the alpha has no learned meaning)" if matte.model.stand_in else "")
         await ctx.stage(
             S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE, STAGE_PERCENT[S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE], message
@@ -227,10 +230,11 @@ class TalkingVideoPipeline:
 
     async def _did_upload(self, ctx: JobContext) -> None:
         await ctx.stage(S.JOB_STAGE_DID_UPLOAD, STAGE_PERCENT[S.JOB_STAGE_DID_UPLOAD], "uploading the photo and audio to D-ID")
-        image = await asyncio.to_thread((ctx.workdir / "person.png").read_bytes)
+        person, media_type = _person_file(ctx)
+        image = await asyncio.to_thread((ctx.workdir / person).read_bytes)
         audio = await asyncio.to_thread((ctx.workdir / ctx.state["audio_file"]).read_bytes)
         async with self._did_client(ctx) as did:
-            image_url = await did.upload_image(image, "person.png", "image/png")
+            image_url = await did.upload_image(image, person, media_type)
             audio_url = await did.upload_audio(audio, ctx.state["audio_file"], ctx.state["audio_media_type"])
         await ctx.save_state(did_image_url=image_url, did_audio_url=audio_url)
 
@@ -262,11 +266,12 @@ class TalkingVideoPipeline:
         await ctx.add_artifact(
             ctx.workdir / "talk.mp4", name="talking_video.mp4", kind=jobs_pb2.ARTIFACT_KIND_TALKING_VIDEO, media_type="video/mp4"
         )
+        person, media_type = _person_file(ctx)
         await ctx.add_artifact(
-            ctx.workdir / "person.png",
-            name="person.png",
+            ctx.workdir / person,
+            name=person,
             kind=jobs_pb2.ARTIFACT_KIND_MATTED_IMAGE,
-            media_type="image/png",
+            media_type=media_type,
             tier="processed",
         )
 
@@ -339,12 +344,23 @@ def _crop_box(box: tuple[float, float, float, float], width: int, height: int, m
     )
 
 
-def _crop_png(image: bytes, crop: tuple[int, ...]) -> bytes:
+# The photo sent to D-ID (and kept as an artifact): the matted RGBA cut-out as PNG, or with
+# skip_matting the plain crop as JPEG. Jobs saved before person_file existed used person.png.
+PERSON_PNG = ("person.png", "image/png")
+PERSON_JPEG = ("person.jpg", "image/jpeg")
+PERSON_JPEG_QUALITY = 95
+
+
+def _person_file(ctx: JobContext) -> tuple[str, str]:
+    return ctx.state.get("person_file", PERSON_PNG[0]), ctx.state.get("person_media_type", PERSON_PNG[1])
+
+
+def _crop_jpeg(image: bytes, crop: tuple[int, ...]) -> bytes:
     decoded = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR)
     x1, y1, x2, y2 = crop
-    ok, png = cv2.imencode(".png", decoded[y1:y2, x1:x2])
+    ok, jpeg = cv2.imencode(".jpg", decoded[y1:y2, x1:x2], [cv2.IMWRITE_JPEG_QUALITY, PERSON_JPEG_QUALITY])
     assert ok
-    return png.tobytes()
+    return jpeg.tobytes()
 
 
 def _write(path: Path, data: bytes) -> None:
