@@ -124,3 +124,33 @@ async def test_a_fill_input_is_computed_in_place_and_matches_an_array(triton) ->
         await shared.close()
         await plain.close()
         await client.close()
+
+
+def test_shm_requests_are_built_once_per_place_and_match_tritonclient() -> None:
+    """The cached shared-memory request carries exactly what tritonclient's set_shared_memory
+    writes, and a slot used again with the same shapes reuses the same bytes."""
+    from tritonclient.grpc import InferInput, InferRequestedOutput, service_pb2
+
+    from server.triton.client import ShmRequests
+    from server.triton.shm import ShmRef
+
+    buffer = memoryview(bytearray(4096))
+    image = ShmRef("region-a", 0, (1, 8, 8, 3), "UINT8", buffer)
+    memories = ShmRef("region-a", 256, (2, 4), "FP16", buffer)
+    masks = ShmRef("region-b", 1024, (1, 4, 2, 2), "FP32", buffer)
+    requests = ShmRequests(capacity=2)
+    first = requests.get("m", {"image": image, "memory_feats": memories}, {"masks": masks})
+    assert requests.get("m", {"image": image, "memory_feats": memories}, {"masks": masks}) is first
+    fewer = ShmRef("region-a", 256, (1, 4), "FP16", buffer)
+    assert requests.get("m", {"image": image, "memory_feats": fewer}, {"masks": masks}) != first
+
+    parsed = service_pb2.ModelInferRequest.FromString(first)
+    expected = service_pb2.ModelInferRequest(model_name="m")
+    for name, ref in (("image", image), ("memory_feats", memories)):
+        tensor = InferInput(name, list(ref.shape), ref.datatype)
+        tensor.set_shared_memory(ref.region, ref.nbytes, ref.offset)
+        expected.inputs.append(tensor._get_tensor())
+    output = InferRequestedOutput("masks")
+    output.set_shared_memory(masks.region, masks.nbytes, masks.offset)
+    expected.outputs.append(output._get_tensor())
+    assert parsed == expected

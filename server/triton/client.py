@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Mapping, Sequence
 
@@ -36,9 +37,18 @@ class TritonClient:
         self.control_timeout_s = control_timeout_s
         self._metrics = metrics
         self._client = triton_aio.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
+        # The shared-memory hot path (tracking: two calls per frame) bypasses tritonclient: its
+        # requests depend only on where the tensors sit, so each is built and serialised once
+        # per slot and shape (ShmRequests) and sent as bytes on a channel of our own.
+        self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_ARGS)
+        self._model_infer = self._channel.unary_unary(
+            _MODEL_INFER, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
+        )
+        self._shm_requests = ShmRequests()
 
     async def close(self) -> None:
         await self._client.close()
+        await self._channel.close()
 
     async def is_server_ready(self) -> bool:
         return await self._client.is_server_ready(client_timeout=self.control_timeout_s)
@@ -88,17 +98,20 @@ class TritonClient:
     ) -> None:
         """One inference whose tensors all live in registered shared-memory regions: Triton reads
         the inputs and writes the outputs at the given offsets; no tensor bytes cross the socket."""
-        infer_inputs = []
-        for name, ref in inputs.items():
-            infer_input = InferInput(name, list(ref.shape), ref.datatype)
-            infer_input.set_shared_memory(ref.region, ref.nbytes, ref.offset)
-            infer_inputs.append(infer_input)
-        requested = []
-        for name, ref in outputs.items():
-            output = InferRequestedOutput(name)
-            output.set_shared_memory(ref.region, ref.nbytes, ref.offset)
-            requested.append(output)
-        await self._call(model, infer_inputs, requested, timeout_s)
+        request = self._shm_requests.get(model, inputs, outputs)
+        timeout = self.default_timeout_s if timeout_s is None else timeout_s
+        if timeout <= 0:
+            raise DeadlineExceeded(f"no time left for the {model} inference before the call's deadline")
+        started = time.perf_counter()
+        outcome = "ok"
+        try:
+            await self._model_infer(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            outcome = exc.code().name
+            raise _status_error(model, outcome, exc.details() or "", timeout) from exc
+        finally:
+            if self._metrics is not None:
+                self._metrics.triton_latency.labels(model, outcome).observe(time.perf_counter() - started)
 
     async def register_shared_memory(self, pool: ShmSlotPool) -> None:
         await self._client.register_system_shared_memory(
@@ -140,13 +153,61 @@ def _status_name(exc: InferenceServerException) -> str:
 
 
 def _to_service_error(model: str, exc: InferenceServerException, timeout: float) -> ServiceError:
-    status = _status_name(exc)
+    return _status_error(model, _status_name(exc), exc.message() or "", timeout)
+
+
+def _status_error(model: str, status: str, message: str, timeout: float) -> ServiceError:
     if status == "UNAVAILABLE":
-        return Unavailable(f"Triton is unavailable ({exc.message()}); retry shortly")
+        return Unavailable(f"Triton is unavailable ({message}); retry shortly")
     if status == "DEADLINE_EXCEEDED":
         return DeadlineExceeded(f"the {model} inference did not finish within {timeout:.3f} s")
     if status == "CANCELLED":
         return ServiceError("the inference was cancelled", code=grpc.StatusCode.CANCELLED)
     # Triton rejected a request the orchestrator built: a bug or a repository mismatch, not the
     # caller's fault.
-    return ServiceError(f"Triton rejected the {model} request ({status}: {exc.message()})")
+    return ServiceError(f"Triton rejected the {model} request ({status}: {message})")
+
+
+_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+class ShmRequests:
+    """Serialised ModelInferRequests for shared-memory inferences, by model and tensor places.
+
+    A shared-memory request names, per tensor, its region, offset, byte size, shape and dtype,
+    nothing else: a slot used again with the same shapes sends the same bytes. Built as
+    tritonclient's set_shared_memory does (the KServe shared-memory parameters)."""
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.capacity = capacity
+        self._requests: collections.OrderedDict[tuple, bytes] = collections.OrderedDict()
+
+    def get(self, model: str, inputs: Mapping[str, ShmRef], outputs: Mapping[str, ShmRef]) -> bytes:
+        key = (
+            model,
+            tuple((name, ref.region, ref.offset, ref.nbytes, ref.shape, ref.datatype) for name, ref in inputs.items()),
+            tuple((name, ref.region, ref.offset, ref.nbytes) for name, ref in outputs.items()),
+        )
+        request = self._requests.get(key)
+        if request is None:
+            request = self._build(model, inputs, outputs)
+            self._requests[key] = request
+            if len(self._requests) > self.capacity:
+                self._requests.popitem(last=False)
+        return request
+
+    @staticmethod
+    def _build(model: str, inputs: Mapping[str, ShmRef], outputs: Mapping[str, ShmRef]) -> bytes:
+        request = service_pb2.ModelInferRequest(model_name=model)
+        for name, ref in inputs.items():
+            _place(request.inputs.add(name=name, datatype=ref.datatype, shape=list(ref.shape)).parameters, ref)
+        for name, ref in outputs.items():
+            _place(request.outputs.add(name=name).parameters, ref)
+        return request.SerializeToString()
+
+
+def _place(parameters, ref: ShmRef) -> None:  # noqa: ANN001 - protobuf map
+    parameters["shared_memory_region"].string_param = ref.region
+    parameters["shared_memory_byte_size"].int64_param = ref.nbytes
+    if ref.offset:
+        parameters["shared_memory_offset"].int64_param = ref.offset
