@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU scheduling of the D-ID emulator process: idle (SCHED_IDLE, the default: it stands in "
                         "for D-ID's servers, which take none of the service's cores, and only gets the CPU time "
                         "the stack leaves) or normal (it competes with the orchestrator for the 2 cores)")
+    p.add_argument("--did-poll-interval", type=float, default=0.0, metavar="S",
+                   help="the orchestrator's D-ID poll interval (default: the tests' 0.05 s; the server's own "
+                        "default is 2 s)")
     p.add_argument("--channels", type=int, default=4, help="gRPC channels the latency streams are spread over")
     p.add_argument("--quick", action="store_true", help="smoke run: 40 events, 4 jobs, 100 in-process events")
     p.add_argument("--orchestrator-env", action="append", default=[], metavar="KEY=VALUE", help="orchestrator only")
@@ -159,6 +162,7 @@ class JobStack(Stack):
         # chrt --idle: SCHED_IDLE for the emulator and every thread it starts (x264 rendering included).
         self.emulator_prefix = ["chrt", "--idle", "0"] if args.emulator_priority == "idle" else []
         self.did_url = self.metrics_url = ""
+        self.did_poll_interval = args.did_poll_interval
 
     def start(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)  # a fresh job store and storage every run
@@ -187,7 +191,8 @@ class JobStack(Stack):
         command = [sys.executable, "-m", "server", "--triton-url", self.triton_url, "--listen", self.address,
                    "--metrics-listen", metrics, "--log-level", "WARNING", "--triton-shm", "on",
                    "--job-store", str(self.work_dir / "jobs.sqlite3"), "--storage-root", str(self.work_dir / "storage"),
-                   *job_args(SimpleNamespace(url=self.did_url))]  # the tests' job settings: 0.05 s D-ID polls
+                   *job_args(SimpleNamespace(url=self.did_url)),  # the tests' job settings: 0.05 s D-ID polls
+                   *(["--did-poll-interval", str(self.did_poll_interval)] if self.did_poll_interval else [])]
         self.orchestrator_command = command
         with grpc.insecure_channel(self.address) as channel:
             check, serving = health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckResponse.SERVING
