@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry
 
 from server.metrics import Metrics
@@ -154,3 +155,52 @@ def test_shm_requests_are_built_once_per_place_and_match_tritonclient() -> None:
     output.set_shared_memory(masks.region, masks.nbytes, masks.offset)
     expected.outputs.append(output._get_tensor())
     assert parsed == expected
+
+
+async def test_concurrent_shm_requests_on_one_stream_get_their_own_responses(triton) -> None:  # noqa: ANN001
+    """Shared-memory requests share one ModelStreamInfer stream, matched to responses by id: 6
+    concurrent memory-encoder calls with different inputs each read exactly what the same call
+    over plain gRPC gives; a request that times out fails alone, and the stream keeps serving."""
+    from server.errors import DeadlineExceeded
+    from server.pipelines import sam2_contract as sam2
+
+    client = TritonClient(triton.url)
+    metrics = Metrics(CollectorRegistry())
+    spec = await client.model_spec(sam2.MEMORY_ENCODER)
+    rng = np.random.default_rng(3)
+
+    def inputs() -> dict:
+        return {name: rng.standard_normal((1, *spec.input(name).shape[1:])).astype(np.float32)
+                for name in ("vision_feat", "mask_logits", "object_score_logits")}
+
+    requests = [inputs() for _ in range(6)]
+    plain = InferenceRunner(client, metrics)
+    shared = InferenceRunner(client, metrics, shm_slots_per_model=6)
+
+    async def encode(runner: InferenceRunner, request: dict, timeout_s: float | None = None) -> np.ndarray:
+        async with runner.hold(spec, request, ["maskmem_feat"], timeout_s=timeout_s) as held:
+            return np.array(held.array("maskmem_feat"))
+
+    try:
+        expected = [await encode(plain, r) for r in requests]
+        got = await asyncio.gather(*(encode(shared, r) for r in requests))
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+        with pytest.raises(DeadlineExceeded):
+            await encode(shared, requests[0], timeout_s=1e-4)
+        np.testing.assert_array_equal(await encode(shared, requests[1]), expected[1])
+    finally:
+        await shared.close()
+        await plain.close()
+        await client.close()
+
+
+def test_the_request_id_is_appended_to_cached_request_bytes() -> None:
+    from tritonclient.grpc import service_pb2
+
+    from server.triton.stream import _id_field
+
+    request = service_pb2.ModelInferRequest(model_name="m", id="old")
+    request.inputs.add(name="x", datatype="FP32", shape=[1, 2])
+    parsed = service_pb2.ModelInferRequest.FromString(request.SerializeToString() + _id_field("1234"))
+    assert parsed.id == "1234" and parsed.model_name == "m" and parsed.inputs[0].shape == [1, 2]

@@ -16,6 +16,7 @@ from server.errors import DeadlineExceeded, ServiceError, Unavailable
 from server.metrics import Metrics
 from server.triton.model_spec import ModelSpec
 from server.triton.shm import ShmRef, ShmSlotPool
+from server.triton.stream import InferStream, StreamFailure
 
 # Reconnect quickly after Triton comes back: gRPC's default backoff grows to two minutes,
 # which would keep the service unavailable long after Triton is ready again.
@@ -39,14 +40,14 @@ class TritonClient:
         self._client = triton_aio.InferenceServerClient(url, channel_args=_CHANNEL_ARGS)
         # The shared-memory hot path (tracking: two calls per frame) bypasses tritonclient: its
         # requests depend only on where the tensors sit, so each is built and serialised once
-        # per slot and shape (ShmRequests) and sent as bytes on a channel of our own.
+        # per slot and shape (ShmRequests) and sent as bytes on one ModelStreamInfer stream of
+        # our own channel (InferStream).
         self._channel = grpc.aio.insecure_channel(url, options=_CHANNEL_ARGS)
-        self._model_infer = self._channel.unary_unary(
-            _MODEL_INFER, request_serializer=None, response_deserializer=service_pb2.ModelInferResponse.FromString
-        )
+        self._stream = InferStream(self._channel)
         self._shm_requests = ShmRequests()
 
     async def close(self) -> None:
+        await self._stream.close()
         await self._client.close()
         await self._channel.close()
 
@@ -105,10 +106,10 @@ class TritonClient:
         started = time.perf_counter()
         outcome = "ok"
         try:
-            await self._model_infer(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            outcome = exc.code().name
-            raise _status_error(model, outcome, exc.details() or "", timeout) from exc
+            await self._stream.infer(request, timeout)
+        except StreamFailure as exc:
+            outcome = exc.status
+            raise _status_error(model, exc.status, exc.message, timeout) from exc
         finally:
             if self._metrics is not None:
                 self._metrics.triton_latency.labels(model, outcome).observe(time.perf_counter() - started)
@@ -166,9 +167,6 @@ def _status_error(model: str, status: str, message: str, timeout: float) -> Serv
     # Triton rejected a request the orchestrator built: a bug or a repository mismatch, not the
     # caller's fault.
     return ServiceError(f"Triton rejected the {model} request ({status}: {message})")
-
-
-_MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
 
 
 class ShmRequests:
