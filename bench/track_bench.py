@@ -460,7 +460,7 @@ def host_costs(S: int, jpeg: bytes, box: Box, reps: int = 25) -> dict[str, float
                 np.copyto(v[name], a)
 
         steps = {
-            "decode JPEG (one thread hop in the server)":
+            "decode JPEG (on the server's event loop up to 640 x 480 pixels, else one thread hop)":
                 lambda: decode_image(image, max_pixels=50_000_000, field="frame.image"),
             "memory bank: select 7 memories + 16 pointers, stack the pointers": memory_inputs,
             "frame resized to S x S straight into the sam2_frame_step shm slot (3 MiB)":
@@ -688,8 +688,8 @@ def markdown(rep: dict) -> str:
         "## Host-side steps of one tracked frame (1 object), each timed alone in the bench process (median ms)", "",
         *_table(["step", "ms"], [[k, v] for k, v in costs.items()]),
         (f"Measured orchestrator own time (total_ms - triton_ms) at c=1: {cells[0]['orchestrator_own_ms_per_frame']} "
-         "ms per frame. Not timed here: the Track stream's messages (request parse, response build), the two "
-         "thread hops (decode, mask), the task switches around the two Triton calls. The 4-call path's steps "
+         "ms per frame. Not timed here: the Track stream's messages (request parse, response build) and the task "
+         "switches around the two Triton calls (their requests go as messages on reused ModelStreamInfer streams). The 4-call path's steps "
          "(gRPC serialisation of the attention and decoder requests, copying the encoder's outputs out of shm, "
          "np.repeat of the high-res maps) no longer exist."), "",
         "## Memory per tracked object", "",
