@@ -689,7 +689,7 @@ def markdown(rep: dict) -> str:
                                f"{x['event_loop_threads'][n]['runqueue_wait_ms_per_s']}" for n in ("orchestrator",
                                                                                                    "bench_client")),
                     round(float(np.mean(x["other_processes_cores_per_round"])), 2),
-                    x["attach_s_per_round"][0], f"{x['jobs_queued_when_all_attached']} of {x['jobs']}",
+                    x["attach_s_per_round"][0], f"{x['jobs_queued_when_all_attached']} of {x['jobs_run']}",
                     x["per_round_p99_ms"]] for x in lat]
     types = sorted({t for x in lat for t in x["by_event_type"]})
     type_rows = [[x["label"], t, x["by_event_type"][t]["n"], x["by_event_type"][t]["p50_ms"],
