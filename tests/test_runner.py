@@ -109,18 +109,22 @@ async def test_a_fill_input_is_computed_in_place_and_matches_an_array(triton) ->
     metrics = Metrics(CollectorRegistry())
     spec = await client.model_spec(sam2.IMAGE_ENCODER)
     size = spec.input("image").shape[-2]
-    rgb = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
-    resized = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)[None]
     outputs = ["vision_feat"]
     copy = lambda o: np.array(o["vision_feat"])  # noqa: E731
     plain = InferenceRunner(client, metrics)
     shared = InferenceRunner(client, metrics, shm_slots_per_model=1)
     try:
-        expected = (await plain.run(spec, {"image": resized}, outputs, copy)).value
-        for runner in (plain, shared):
-            result = await runner.run(spec, {"image": ResizedFrame(rgb, size)}, outputs, copy)
-            assert result.shared_memory is (runner is shared)
-            np.testing.assert_array_equal(result.value, expected)
+        # A small frame is resized on the event loop, a large one (offload) in a worker thread.
+        for height, width in ((37, 53), (720, 1280)):
+            rgb = np.random.default_rng(height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+            frame = ResizedFrame(rgb, size)
+            assert frame.offload is (height * width > 640 * 480)
+            resized = cv2.resize(rgb, (size, size), interpolation=cv2.INTER_LINEAR)[None]
+            expected = (await plain.run(spec, {"image": resized}, outputs, copy)).value
+            for runner in (plain, shared):
+                result = await runner.run(spec, {"image": frame}, outputs, copy)
+                assert result.shared_memory is (runner is shared)
+                np.testing.assert_array_equal(result.value, expected)
     finally:
         await shared.close()
         await plain.close()

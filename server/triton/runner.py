@@ -42,6 +42,12 @@ class Fill(Protocol):
     @property
     def dtype(self) -> np.dtype: ...
 
+    @property
+    def offload(self) -> bool:
+        """write_into takes long enough (milliseconds) to run in a worker thread, not on the
+        event loop every other stream shares."""
+        ...
+
     def write_into(self, out: np.ndarray) -> None: ...
 
 
@@ -172,6 +178,8 @@ class InferenceRunner:
                     slot.written.pop(name, None)
                     if isinstance(value, np.ndarray):
                         np.copyto(view, value)
+                    elif value.offload:
+                        await asyncio.to_thread(value.write_into, view)
                     else:
                         value.write_into(view)
                     written += view.nbytes
