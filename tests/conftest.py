@@ -20,7 +20,9 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from did_emulator import EmulatorHandle, start_emulator
 from engines.cpu_repository import build_cpu_repository
@@ -58,6 +60,20 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1) 
             return
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def bad_request_fields(error: grpc.RpcError) -> list[str] | None:
+    """The fields the google.rpc.BadRequest details of a failed call name (AIP-193), in order;
+    None when its trailers carry no google.rpc.Status at all."""
+    status = rpc_status.from_call(error)
+    if status is None:
+        return None
+    fields = []
+    for detail in status.details:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            fields += [v.field for v in bad_request.field_violations]
+    return fields
 
 
 def health_status(channel: grpc.Channel, service: str = "") -> int | None:

@@ -10,11 +10,9 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from framewise.v1 import common_pb2, vision_service_pb2, vision_service_pb2_grpc
-from tests.conftest import MAX_IMAGE_PIXELS, MAX_MESSAGE_BYTES
+from tests.conftest import MAX_IMAGE_PIXELS, MAX_MESSAGE_BYTES, bad_request_fields
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -88,13 +86,8 @@ def test_bad_input_is_rejected_clearly(vision, fields: dict, code: grpc.StatusCo
     error = info.value
     assert error.code() == code, error.details()
     assert words in error.details()
-    status = rpc_status.from_call(error)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    violations = []
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            violations += [v.field for v in bad_request.field_violations]
+    violations = bad_request_fields(error)
+    assert violations is not None, "no google.rpc.Status in the trailers"
     assert violations == [field]
     _assert_still_serving(vision)
 

@@ -19,13 +19,11 @@ import numpy as np
 import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from did_emulator import EmulatorHandle
 from framewise.v1 import common_pb2, jobs_service_pb2_grpc, vision_service_pb2, vision_service_pb2_grpc
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
-from tests.conftest import ASSETS
+from tests.conftest import ASSETS, bad_request_fields
 from tests.test_did import tone_wav
 
 S = jobs_pb2.JobStage
@@ -99,16 +97,6 @@ def download(jobs: jobs_service_pb2_grpc.JobServiceStub, name: str, artifact: st
 
 def assert_contiguous(events: list[jobs_pb2.WatchOperationResponse], first: int = 1) -> None:
     assert [e.sequence for e in events] == list(range(first, first + len(events)))
-
-
-def status_field(error: grpc.RpcError) -> list[str]:
-    status = rpc_status.from_call(error)
-    fields = []
-    for detail in status.details if status else []:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields += [v.field for v in bad.field_violations]
-    return fields
 
 
 # --------------------------------------------------------------------------- talking video
@@ -269,7 +257,8 @@ def test_bad_talking_video_requests_are_refused_at_submit(jobs, request_fields, 
     with pytest.raises(grpc.RpcError) as err:
         jobs.CreateTalkingVideo(jobs_pb2.CreateTalkingVideoRequest(**request_fields), timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
-    assert field in status_field(err.value), (err.value.details(), status_field(err.value))
+    fields = bad_request_fields(err.value) or []
+    assert field in fields, (err.value.details(), fields)
 
 
 def test_cancel_mid_job_stops_polling_and_ends_cancelled(jobs, operations, did_emulator) -> None:

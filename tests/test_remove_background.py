@@ -13,8 +13,6 @@ import cv2
 import grpc
 import numpy as np
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from framewise.v1 import (
     common_pb2,
@@ -23,7 +21,7 @@ from framewise.v1 import (
     vision_service_pb2,
     vision_service_pb2_grpc,
 )
-from tests.conftest import BIREFNET_TEST_IMAGE_SIZE, MAX_IMAGE_PIXELS, MAX_MESSAGE_BYTES
+from tests.conftest import BIREFNET_TEST_IMAGE_SIZE, MAX_IMAGE_PIXELS, MAX_MESSAGE_BYTES, bad_request_fields
 
 BUS = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "images" / "bus.jpg"
 BUS_SIZE = (810, 1080)  # width, height
@@ -147,13 +145,8 @@ def test_bad_input_is_rejected_and_the_server_keeps_serving(vision, fields: dict
     error = info.value
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
     assert words in error.details()
-    status = rpc_status.from_call(error)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    violations = []
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            violations += [v.field for v in bad_request.field_violations]
+    violations = bad_request_fields(error)
+    assert violations is not None, "no google.rpc.Status in the trailers"
     assert violations == [field]
     # The next request is answered normally.
     response = _remove(vision, crop=_box(0, 0, 64, 64), format=ALPHA)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -17,6 +18,8 @@ from server.metrics import Metrics
 from server.triton.model_spec import ModelSpec
 from server.triton.shm import ShmRef, ShmSlotPool
 from server.triton.stream import InferStream, StreamFailure
+
+T = TypeVar("T")
 
 # Reconnect quickly after Triton comes back: gRPC's default backoff grows to two minutes,
 # which would keep the service unavailable long after Triton is ready again.
@@ -100,19 +103,7 @@ class TritonClient:
         """One inference whose tensors all live in registered shared-memory regions: Triton reads
         the inputs and writes the outputs at the given offsets; no tensor bytes cross the socket."""
         request = self._shm_requests.get(model, inputs, outputs)
-        timeout = self.default_timeout_s if timeout_s is None else timeout_s
-        if timeout <= 0:
-            raise DeadlineExceeded(f"no time left for the {model} inference before the call's deadline")
-        started = time.perf_counter()
-        outcome = "ok"
-        try:
-            await self._stream.infer(request, timeout)
-        except StreamFailure as exc:
-            outcome = exc.status
-            raise _status_error(model, exc.status, exc.message, timeout) from exc
-        finally:
-            if self._metrics is not None:
-                self._metrics.triton_latency.labels(model, outcome).observe(time.perf_counter() - started)
+        await self._timed(model, timeout_s, lambda timeout: self._stream.infer(request, timeout))
 
     async def register_shared_memory(self, pool: ShmSlotPool) -> None:
         await self._client.register_system_shared_memory(
@@ -133,16 +124,26 @@ class TritonClient:
     async def _call(
         self, model: str, inputs: list[InferInput], outputs: list[InferRequestedOutput], timeout_s: float | None
     ):  # noqa: ANN202 - tritonclient's InferResult
+        return await self._timed(
+            model, timeout_s, lambda timeout: self._client.infer(model, inputs, outputs=outputs, client_timeout=timeout)
+        )
+
+    async def _timed(self, model: str, timeout_s: float | None, call: Callable[[float], Awaitable[T]]) -> T:
+        """One inference, either route: the deadline check, Triton's errors as ServiceErrors,
+        and the latency metric by outcome."""
         timeout = self.default_timeout_s if timeout_s is None else timeout_s
         if timeout <= 0:
             raise DeadlineExceeded(f"no time left for the {model} inference before the call's deadline")
         started = time.perf_counter()
         outcome = "ok"
         try:
-            return await self._client.infer(model, inputs, outputs=outputs, client_timeout=timeout)
+            return await call(timeout)
+        except StreamFailure as exc:
+            outcome = exc.status
+            raise _status_error(model, exc.status, exc.message, timeout) from exc
         except InferenceServerException as exc:
             outcome = _status_name(exc)
-            raise _to_service_error(model, exc, timeout) from exc
+            raise _status_error(model, outcome, exc.message() or "", timeout) from exc
         finally:
             if self._metrics is not None:
                 self._metrics.triton_latency.labels(model, outcome).observe(time.perf_counter() - started)
@@ -151,10 +152,6 @@ class TritonClient:
 def _status_name(exc: InferenceServerException) -> str:
     status = (exc.status() or "").replace("StatusCode.", "")
     return status or "UNKNOWN"
-
-
-def _to_service_error(model: str, exc: InferenceServerException, timeout: float) -> ServiceError:
-    return _status_error(model, _status_name(exc), exc.message() or "", timeout)
 
 
 def _status_error(model: str, status: str, message: str, timeout: float) -> ServiceError:
