@@ -27,7 +27,8 @@ from server.app_jobs import Jobs, start_jobs
 from server.config import ServerConfig
 from server.health import TritonMonitor
 from server.interceptors import ObservabilityInterceptor
-from server.metrics import Metrics
+from server.jobs.ipc import WorkerSettings
+from server.metrics import Metrics, WithChildMetrics
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.detection import DetectionPipeline
 from server.pipelines.matting import MODEL_NAME as BIREFNET
@@ -143,9 +144,16 @@ async def start(config: ServerConfig) -> RunningServer:
     tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(
         TrackingServicer(tracking, sessions, metrics, frame_timeout_s=config.triton_timeout_s), server
     )
-    jobs = await start_jobs(config.jobs, detection=detection, matting=matting, tracking=tracking, metrics=metrics)
+    worker = None
+    if config.jobs.process == "worker":
+        # Jobs run at most `workers` at a time: that many slots per model cover them.
+        shm_slots = min(config.triton_shm_slots, config.jobs.workers) if use_shm else 0
+        worker = WorkerSettings(config, triton_url, shm_slots)
+    jobs = await start_jobs(
+        config.jobs, detection=detection, matting=matting, tracking=tracking, metrics=metrics, worker=worker
+    )
     jobs.add_to_server(server)
-    monitor.conditions[SERVICES["jobs"].full_name] = jobs.low_disk_reason
+    monitor.conditions[SERVICES["jobs"].full_name] = jobs.not_serving_reason
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     enable_reflection((*service_names, OPERATIONS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
     port = server.add_insecure_port(config.listen)
@@ -155,7 +163,11 @@ async def start(config: ServerConfig) -> RunningServer:
     await server.start()
     await monitor.refresh()
 
-    metrics_port = _start_metrics(config.metrics_listen, registry)
+    worker_process = jobs.worker
+    exposed = (
+        registry if worker_process is None else WithChildMetrics(registry, lambda: worker_process.metrics_text, "job_worker")
+    )
+    metrics_port = _start_metrics(config.metrics_listen, exposed)
 
     if managed is not None:
         try:
@@ -191,7 +203,7 @@ def monitor_models() -> tuple[str, ...]:
     return tuple(dict.fromkeys(m for models in SERVICE_MODELS.values() for m in models))
 
 
-def _start_metrics(listen: str, registry: CollectorRegistry) -> int | None:
+def _start_metrics(listen: str, registry: CollectorRegistry | WithChildMetrics) -> int | None:
     if not listen:
         return None
     host, _, port_text = listen.rpartition(":")

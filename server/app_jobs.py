@@ -1,5 +1,7 @@
 """Wires the long-running jobs part of the orchestrator: durable store, event bus, storage
-tiers, uploads, the two pipelines, the runner, and the JobService / Operations servicers."""
+tiers, uploads, the two pipelines, the runner (and the job worker process it hands jobs to),
+and the JobService / Operations servicers. The worker builds its half with the same helpers
+(server/jobs/worker_main.py)."""
 
 from __future__ import annotations
 
@@ -16,12 +18,16 @@ from server.config import JobsConfig
 from server.did.client import DIDClient, OnRetry
 from server.jobs.admission import Admission
 from server.jobs.events import EventBus
-from server.jobs.runner import JobRunner, RetryPolicy
+from server.jobs.executor import RetryPolicy
+from server.jobs.ipc import WorkerSettings
+from server.jobs.pipeline import JobPipeline
+from server.jobs.runner import JobRunner
 from server.jobs.segment_video import SegmentVideoPipeline
 from server.jobs.sqlite_store import SqliteJobStore
 from server.jobs.storage import StorageConfig, StorageManager
 from server.jobs.talking_video import DIDFactory, TalkingVideoPipeline
 from server.jobs.uploads import UploadStore
+from server.jobs.worker_process import WorkerProcess
 from server.metrics import Metrics
 from server.pipelines.detection import DetectionPipeline
 from server.pipelines.matting import MattingPipeline
@@ -29,7 +35,7 @@ from server.pipelines.tracking import TrackingEngine
 from server.servicers.jobs import JobServicer
 from server.servicers.operations import OperationsServicer
 
-__all__ = ["Jobs", "start_jobs"]
+__all__ = ["Jobs", "job_admission", "job_pipelines", "start_jobs", "storage_config"]
 
 log = logging.getLogger("server.jobs")
 
@@ -42,6 +48,7 @@ class Jobs:
     uploads: UploadStore
     runner: JobRunner
     did_http: httpx.AsyncClient | None
+    worker: WorkerProcess | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         jobs_service_pb2_grpc.add_JobServiceServicer_to_server(
@@ -49,8 +56,11 @@ class Jobs:
         )
         operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.runner, self.bus), server)
 
-    def low_disk_reason(self) -> str:
-        return "free disk space is under the low-disk threshold" if self.storage.low_disk else ""
+    def not_serving_reason(self) -> str:
+        """Why the job service cannot take work now ("" when it can), for its health status."""
+        if self.storage.low_disk:
+            return "free disk space is under the low-disk threshold"
+        return self.worker.down_reason if self.worker is not None else ""
 
     async def start(self) -> None:
         """Cleanup loop, then the workers (which resume what a previous process left)."""
@@ -73,26 +83,60 @@ async def start_jobs(
     matting: MattingPipeline,
     tracking: TrackingEngine,
     metrics: Metrics,
+    worker: WorkerSettings | None = None,
 ) -> Jobs:
-    """Opens the store and builds everything; call ``Jobs.start`` once Triton is up."""
+    """Opens the store and builds everything; call ``Jobs.start`` once Triton is up. With
+    ``worker`` settings (``--job-process worker``) the jobs run in the job worker process; the
+    pipelines built here then only check submit requests."""
     config.store_path.parent.mkdir(parents=True, exist_ok=True)
     store = await SqliteJobStore(config.store_path).open()
     bus = EventBus(store, heartbeat_s=config.heartbeat_s)
-    storage = StorageManager(
-        StorageConfig(
-            root=config.storage_root,
-            uploads_retention_s=config.retention_uploads_s,
-            processed_retention_s=config.retention_processed_s,
-            videos_retention_s=config.retention_videos_s,
-            temp_retention_s=config.retention_temp_s,
-            cleanup_interval_s=config.cleanup_interval_s,
-            low_disk_bytes=config.low_disk_bytes,
-        ),
-        metrics,
-    )
+    storage = StorageManager(storage_config(config), metrics)
     uploads = UploadStore(storage, max_bytes=config.max_upload_bytes)
-    did_factory, did_http = _did_factory(config)
-    pipelines = {
+    pipelines, did_http = job_pipelines(config, detection, matting, tracking, uploads)
+    execution = None if worker is None else WorkerProcess(worker, bus)
+    runner = JobRunner(
+        bus,
+        storage,
+        job_admission(config),
+        pipelines,
+        workers=config.workers,
+        max_queued=config.max_queued,
+        retry=RetryPolicy(base_s=config.retry_base_s),
+        execution=execution,
+    )
+    return Jobs(store, bus, storage, uploads, runner, did_http, execution)
+
+
+def storage_config(config: JobsConfig) -> StorageConfig:
+    return StorageConfig(
+        root=config.storage_root,
+        uploads_retention_s=config.retention_uploads_s,
+        processed_retention_s=config.retention_processed_s,
+        videos_retention_s=config.retention_videos_s,
+        temp_retention_s=config.retention_temp_s,
+        cleanup_interval_s=config.cleanup_interval_s,
+        low_disk_bytes=config.low_disk_bytes,
+    )
+
+
+def job_admission(config: JobsConfig) -> Admission:
+    return Admission({"detection": config.detection_slots, "matting": config.matting_slots, "tracking": config.tracking_slots})
+
+
+def job_pipelines(
+    config: JobsConfig,
+    detection: DetectionPipeline,
+    matting: MattingPipeline,
+    tracking: TrackingEngine,
+    uploads: UploadStore,
+    *,
+    announce: bool = True,
+) -> tuple[dict[int, JobPipeline], httpx.AsyncClient | None]:
+    """The two pipelines by JobKind, and the D-ID connection pool they share (to close).
+    ``announce``: log where talking videos go (the serving process does; its worker need not)."""
+    did_factory, did_http = _did_factory(config, announce)
+    pipelines: dict[int, JobPipeline] = {
         jobs_pb2.JOB_KIND_SEGMENT_VIDEO: SegmentVideoPipeline(tracking, uploads, media_root=config.media_root),
         jobs_pb2.JOB_KIND_TALKING_VIDEO: TalkingVideoPipeline(
             detection,
@@ -103,34 +147,23 @@ async def start_jobs(
             did_wait_timeout_s=config.did_wait_timeout_s,
         ),
     }
-    admission = Admission(
-        {"detection": config.detection_slots, "matting": config.matting_slots, "tracking": config.tracking_slots}
-    )
-    runner = JobRunner(
-        bus,
-        storage,
-        admission,
-        pipelines,
-        workers=config.workers,
-        max_queued=config.max_queued,
-        retry=RetryPolicy(base_s=config.retry_base_s),
-    )
-    return Jobs(store, bus, storage, uploads, runner, did_http)
+    return pipelines, did_http
 
 
-def _did_factory(config: JobsConfig) -> tuple[DIDFactory | None, httpx.AsyncClient | None]:
+def _did_factory(config: JobsConfig, announce: bool) -> tuple[DIDFactory | None, httpx.AsyncClient | None]:
     if not config.did_api_key:
-        log.warning(
-            "no D-ID API key configured (FRAMEWISE_DID_API_KEY): CreateTalkingVideo answers FAILED_PRECONDITION"
-        )
+        if announce:
+            log.warning(
+                "no D-ID API key configured (FRAMEWISE_DID_API_KEY): CreateTalkingVideo answers FAILED_PRECONDITION"
+            )
         return None, None
-    if config.did_is_emulator:
+    if announce and config.did_is_emulator:
         log.warning(
             "TALKING VIDEOS GO TO THE LOCAL D-ID EMULATOR, NOT D-ID: results are the photo held still over the "
             "audio. Set FRAMEWISE_DID_API_KEY to use the real service.",
             extra={"did_url": config.did_url},
         )
-    else:
+    elif announce:
         log.info("D-ID configured", extra={"did_url": config.did_url})
     # One connection pool for every job's D-ID calls.
     http = httpx.AsyncClient(timeout=httpx.Timeout(config.did_timeout_s))

@@ -24,6 +24,11 @@ class JobsConfig:
     # SegmentVideoRequest.server_path is resolved under this folder; None disables it.
     media_root: Path | None = None
     workers: int = 4
+    # "worker": jobs run in a child process at lower CPU priority (job_worker_nice), so a job's
+    # work never delays the serving process's event loop (watch streams, tracking); "inline":
+    # in the serving process.
+    process: str = "worker"
+    worker_nice: int = 10
     max_queued: int = 64
     heartbeat_s: float = 30.0
     detection_slots: int = 2
@@ -112,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--log-format", choices=("json", "text"), default=_env("LOG_FORMAT", d.log_format))
     _add_job_flags(p, d.jobs)
     a = p.parse_args(argv)
+    if not 0 <= a.job_worker_nice <= 19:
+        p.error(f"--job-worker-nice must be within 0..19 (a child may lower its priority, not raise it), got {a.job_worker_nice}")
     return ServerConfig(
         listen=a.listen,
         metrics_listen=a.metrics_listen,
@@ -144,6 +151,11 @@ def _add_job_flags(p: argparse.ArgumentParser, d: JobsConfig) -> None:
     g.add_argument("--media-root", type=Path, default=_env("MEDIA_ROOT", d.media_root),
                    help="folder SegmentVideo's server_path may read from; unset disables server paths")
     g.add_argument("--job-workers", type=int, default=_env("JOB_WORKERS", d.workers), help="jobs running at once")
+    g.add_argument("--job-process", choices=("worker", "inline"), default=_env("JOB_PROCESS", d.process),
+                   help="where jobs run: a child worker process at lower CPU priority (default), or inline in the "
+                        "serving process")
+    g.add_argument("--job-worker-nice", type=int, default=_env("JOB_WORKER_NICE", d.worker_nice),
+                   help="niceness (0-19) of the job worker process: its CPU work yields to the serving process")
     g.add_argument("--max-queued-jobs", type=int, default=_env("MAX_QUEUED_JOBS", d.max_queued),
                    help="jobs waiting beyond this are refused with RESOURCE_EXHAUSTED")
     g.add_argument("--job-heartbeat", type=float, default=_env("JOB_HEARTBEAT", d.heartbeat_s),
@@ -175,6 +187,8 @@ def _jobs_config(a: argparse.Namespace) -> JobsConfig:
         storage_root=Path(a.storage_root),
         media_root=Path(a.media_root) if a.media_root else None,
         workers=a.job_workers,
+        process=a.job_process,
+        worker_nice=a.job_worker_nice,
         max_queued=a.max_queued_jobs,
         heartbeat_s=a.job_heartbeat,
         detection_slots=a.detection_slots,

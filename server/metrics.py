@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 # Milliseconds to tens of seconds: detection is ~10-100 ms on CPU, jobs' RPCs return at once.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -82,3 +87,45 @@ class Metrics:
             "1 while free space under the storage root is below the low-disk threshold.",
             registry=registry,
         )
+
+
+class WithChildMetrics:
+    """What /metrics serves when a child process has metrics of its own (the job worker): this
+    process's registry plus the child's latest exposition, families of the same name merged,
+    the child's samples labelled ``process=<label>``."""
+
+    def __init__(self, registry: CollectorRegistry, child_exposition: Callable[[], bytes], label: str) -> None:
+        self.registry = registry
+        self.child_exposition = child_exposition
+        self.label = label
+
+    def collect(self) -> Iterator[Metric]:
+        text = self.child_exposition()
+        child = {f.name: f for f in text_string_to_metric_families(text.decode())} if text else {}
+        for family in self.registry.collect():  # fresh Metric objects on every collect
+            theirs = child.pop(family.name, None)
+            if theirs is not None:
+                family.samples.extend(self._labelled(theirs.samples))
+            yield family
+        for family in child.values():
+            family.samples = self._labelled(family.samples)
+            yield family
+
+    def restricted_registry(self, names: Iterable[str]) -> _Restricted:
+        """For /metrics?name[]=...: only the families that have one of these sample names."""
+        return _Restricted(self, frozenset(names))
+
+    def _labelled(self, samples: list[Sample]) -> list[Sample]:
+        return [s._replace(labels={**s.labels, "process": self.label}) for s in samples]
+
+
+class _Restricted:
+    def __init__(self, source: WithChildMetrics, names: frozenset[str]) -> None:
+        self.source = source
+        self.names = names
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            family.samples = [s for s in family.samples if s.name in self.names]
+            if family.samples:
+                yield family

@@ -239,3 +239,36 @@ def channel(orchestrator: Orchestrator) -> Iterator[grpc.Channel]:
         orchestrator.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
     ) as ch:
         yield ch
+
+
+def child_pids(pid: int, command_part: str) -> list[int]:
+    """Live children of ``pid`` whose command line contains ``command_part``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        # Fields after the ")" that closes the command name: state, ppid, ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z" and command_part in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def niceness(pid: int) -> int:
+    return int((Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+JOB_WORKER = "server.jobs.worker_main"

@@ -8,7 +8,6 @@ production the orchestrator connects to an external Triton instead and none of t
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import importlib.util
 import logging
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 import tritonclient.grpc.aio as triton_aio
 
 from server.aio import cancel_and_wait
+from server.processes import child_setup
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,6 @@ def child_environment(dist: TritonDistribution) -> dict[str, str]:
     paths = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]])
     env["FRAMEWISE_TRITON_PYTHONPATH"] = os.pathsep.join(paths)
     return env
-
-
-def _die_with_parent() -> None:
-    # If the orchestrator is killed (even with SIGKILL), the kernel sends Triton SIGTERM, so no
-    # orphaned server keeps the ports.
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ManagedTriton:
@@ -179,7 +172,8 @@ class ManagedTriton:
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
                 env=child_environment(self._dist),
-                preexec_fn=_die_with_parent,
+                # If the orchestrator is killed (even with SIGKILL), Triton gets SIGTERM.
+                preexec_fn=child_setup(signal.SIGTERM),
             )
 
     async def _wait_ready(self) -> None:
