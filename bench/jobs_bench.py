@@ -714,7 +714,7 @@ def markdown(rep: dict) -> str:
          f"{env['cpu_count']} CPUs (shared; load average {env['load_average_at_start'][0]:.2f} at start, "
          f"{env['load_average_at_end'][0]:.2f} at end; CPU pressure some avg10 {env['cpu_pressure_avg10_at_start']} "
          f"-> {env['cpu_pressure_avg10_at_end']} %); Python {env['python']}, grpcio {env['grpcio']}, SQLite "
-         f"{env['sqlite']}. Real orchestrator (default 4 job workers and slots) + Triton ({env['triton']}) + the D-ID "
+         f"{env['sqlite']}. Real orchestrator (default 4 job workers and slots; the jobs run in its job worker process at nice 10, events are stored and fanned out by the serving process) + Triton ({env['triton']}) + the D-ID "
          f"emulator with stage delay 0 in its own process ({EMULATOR_PRIORITY[env['emulator_priority']]}); the tests' job settings (tests/conftest.py job_args: D-ID "
          "polled every 0.05 s); its own job store (SQLite WAL, synchronous=FULL) and storage under .cache/bench_jobs."
         ),
