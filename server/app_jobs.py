@@ -89,7 +89,7 @@ async def start_jobs(
     ``worker`` settings (``--job-process worker``) the jobs run in the job worker process; the
     pipelines built here then only check submit requests."""
     config.store_path.parent.mkdir(parents=True, exist_ok=True)
-    store = await SqliteJobStore(config.store_path).open()
+    store = await SqliteJobStore(config.store_path, synchronous=config.store_sync).open()
     bus = EventBus(store, heartbeat_s=config.heartbeat_s)
     storage = StorageManager(storage_config(config), metrics)
     uploads = UploadStore(storage, max_bytes=config.max_upload_bytes)
