@@ -111,6 +111,8 @@ class WorkerProcess:
                 process.kill()
                 await process.wait()
         await cancel_and_wait(self._reader_task)
+        # Calls the worker made before it exited finish here (the store is still open).
+        await asyncio.gather(*self._calls, return_exceptions=True)
         self._close_channel()
         for future in self._runs.values():
             future.cancel()
@@ -130,8 +132,8 @@ class WorkerProcess:
         if future is None:
             return
         self._send("cancel", name)
-        # The job ends CANCELLED (or had already ended); "done" resolves its future. Shielded:
-        # a CancelOperation call cancelled by its client must not cancel the job's own wait.
+        # The job ends CANCELLED (or had already ended); "done" resolves its future. asyncio.wait,
+        # not await: a CancelOperation call cancelled by its client must not cancel that future.
         await asyncio.wait([future])
 
     # ------------------------------------------------------------------ the child
