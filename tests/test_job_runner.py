@@ -180,7 +180,8 @@ async def test_fifo_order_queue_position_and_queue_full(tmp_path: Path) -> None:
         await runner.start()
         a = await runner.submit(SEGMENT, req("a"))
         await wait(started["a"], "job a to start")
-        b, c, d = [await runner.submit(SEGMENT, req(x)) for x in "bcd"]
+        b, c = [await runner.submit(SEGMENT, req(x)) for x in "bc"]
+        d = await runner.submit(SEGMENT, req("d"), request_id="submit-d")
 
         assert [runner.queue_position(op.name) for op in (a, b, c, d)] == [-1, 0, 1, 2]
         assert runner.queue_position("operations/" + "0" * 32) == -1
@@ -200,6 +201,10 @@ async def test_fifo_order_queue_position_and_queue_full(tmp_path: Path) -> None:
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         ops, _ = await env.store.list_operations(page_size=100)
         assert sorted(op.name for op in ops) == sorted(op.name for op in (a, b, c, d))
+        # A retry of a submission already in line gets its operation back, full queue or not.
+        again = await runner.submit(SEGMENT, req("d"), request_id="submit-d")
+        assert again.name == d.name and runner.queue_position(d.name) == 2
+        assert len((await env.store.list_operations(page_size=100))[0]) == 4
 
         # Open the gates last-first: a single worker still runs them in submission order.
         for x in "dcba":

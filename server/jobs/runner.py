@@ -99,6 +99,11 @@ class JobRunner:
         pipeline = self.pipelines[kind]
         await pipeline.validate(request)
         if len(self._queue) >= self.max_queued:
+            # A repeat of a submission that exists is answered with it, full queue or not: the
+            # client is retrying a call whose answer it lost, and its job is already in line.
+            existing = await self.store.find_request(request_id, kind) if request_id else None
+            if existing is not None:
+                return existing
             raise QueueFull(
                 f"the job queue is full ({self.max_queued} jobs waiting); retry later or raise --max-queued-jobs"
             )

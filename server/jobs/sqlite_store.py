@@ -213,15 +213,8 @@ class SqliteJobStore:
 
         def tx(conn: sqlite3.Connection) -> tuple[OperationRecord, bool]:
             if request_id is not None:
-                row = conn.execute(
-                    f"SELECT {_OP_COLUMNS} FROM operations WHERE request_id = ?", (request_id,)
-                ).fetchone()
-                if row is not None:
-                    existing = _op_from_row(row)
-                    if existing.kind != kind:
-                        raise RequestIdConflictError(
-                            f"request_id {request_id!r} was used for {existing.name} of another kind"
-                        )
+                existing = self._find_request_sync(conn, request_id, kind)
+                if existing is not None:
                     return existing, False
             name = f"operations/{uuid.uuid4().hex}"
             now = _to_us(utcnow())
@@ -233,6 +226,19 @@ class SqliteJobStore:
             return self._get_sync(conn, name), True
 
         return await self._run(self._write, tx)
+
+    async def find_request(self, request_id: str, kind: int) -> OperationRecord | None:
+        return await self._run(lambda: self._find_request_sync(self._require_conn(), request_id, kind))
+
+    @staticmethod
+    def _find_request_sync(conn: sqlite3.Connection, request_id: str, kind: int) -> OperationRecord | None:
+        row = conn.execute(f"SELECT {_OP_COLUMNS} FROM operations WHERE request_id = ?", (request_id,)).fetchone()
+        if row is None:
+            return None
+        existing = _op_from_row(row)
+        if existing.kind != kind:
+            raise RequestIdConflictError(f"request_id {request_id!r} was used for {existing.name} of another kind")
+        return existing
 
     async def get_operation(self, name: str) -> OperationRecord:
         return await self._run(lambda: self._get_sync(self._require_conn(), name))

@@ -199,6 +199,11 @@ class JobStore(Protocol):
         belongs to an operation of another kind."""
         ...
 
+    async def find_request(self, request_id: str, kind: int) -> OperationRecord | None:
+        """The operation created with this ``request_id``, or None. Raises
+        RequestIdConflictError when it belongs to an operation of another kind."""
+        ...
+
     async def get_operation(self, name: str) -> OperationRecord:
         """Raises OperationNotFoundError."""
         ...
