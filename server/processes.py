@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import logging
 import os
 import signal
 from collections.abc import Callable
+
+log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -23,3 +27,16 @@ def child_setup(death_signal: signal.Signals = signal.SIGTERM, nice: int = 0) ->
             os.nice(nice)
 
     return setup
+
+
+async def terminate(process: asyncio.subprocess.Process | None, timeout_s: float, what: str) -> None:
+    """SIGTERM, up to ``timeout_s`` for the child to exit by itself, then SIGKILL."""
+    if process is None or process.returncode is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        await asyncio.wait_for(process.wait(), timeout=timeout_s)
+    except TimeoutError:
+        log.warning(f"{what} did not stop in time; killing it", extra={"pid": process.pid})
+        process.kill()
+        await process.wait()

@@ -36,7 +36,7 @@ from server.config import REPO_ROOT
 from server.jobs.events import EventBus
 from server.jobs.ipc import WorkerSettings, read_message, write_message
 from server.jobs.store import JobStoreError
-from server.processes import child_setup
+from server.processes import child_setup, terminate
 
 __all__ = ["WorkerProcess"]
 
@@ -101,15 +101,7 @@ class WorkerProcess:
         self._stopping = True
         await cancel_and_wait(self._supervisor)
         self._supervisor = None
-        process = self._process
-        if process is not None and process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), self.stop_timeout_s)
-            except TimeoutError:
-                log.warning("job worker did not stop in time; killing it", extra={"pid": process.pid})
-                process.kill()
-                await process.wait()
+        await terminate(self._process, self.stop_timeout_s, "job worker")
         await cancel_and_wait(self._reader_task)
         # Calls the worker made before it exited finish here (the store is still open).
         await asyncio.gather(*self._calls, return_exceptions=True)

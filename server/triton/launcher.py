@@ -22,7 +22,7 @@ from pathlib import Path
 import tritonclient.grpc.aio as triton_aio
 
 from server.aio import cancel_and_wait
-from server.processes import child_setup
+from server.processes import child_setup, terminate
 
 log = logging.getLogger(__name__)
 
@@ -230,13 +230,7 @@ class ManagedTriton:
         process = self._process
         if process is None or process.returncode is not None:
             return
-        process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(process.wait(), timeout=self.stop_timeout_s + 5)
-        except asyncio.TimeoutError:
-            log.warning("triton did not stop in time; killing it", extra={"pid": process.pid})
-            process.kill()
-            await process.wait()
+        await terminate(process, self.stop_timeout_s + 5, "triton")
         log.info("triton stopped", extra={"exit_code": process.returncode})
 
     def log_tail(self, lines: int = 30) -> str:
