@@ -91,18 +91,26 @@ class Stack:
         self.procs: dict[str, subprocess.Popen] = {}
         self.triton_url = self.address = ""
 
-    def _start(self, name: str, command: list[str], env: dict, ready, timeout_s: float) -> None:  # noqa: ANN001
-        with open(self.work_dir / f"{name}.log", "wb") as log:
-            self.procs[name] = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and self.procs[name].poll() is None:
-            try:
-                if ready():
-                    return
-            except Exception:  # noqa: BLE001 - not listening yet
-                pass
-            time.sleep(0.25)
+    def _start(self, name: str, command: list[str], env: dict, ready, timeout_s: float,
+               attempts: int = 3) -> None:
+        """Start a server and wait until ready() says so; a start killed by a signal before that (a crash,
+        as ManagedTriton.start also retries) is tried again, up to `attempts` in all."""
+        for attempt in range(1, attempts + 1):
+            with open(self.work_dir / f"{name}.log", "wb" if attempt == 1 else "ab") as log:
+                self.procs[name] = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and self.procs[name].poll() is None:
+                try:
+                    if ready():
+                        return
+                except Exception:  # noqa: BLE001 - not listening yet
+                    pass
+                time.sleep(0.25)
+            code = self.procs[name].poll()
+            if code is None or code >= 0 or attempt == attempts:
+                break
+            print(f"{name} crashed during startup (exit code {code}); starting it again", flush=True)
         tail = (self.work_dir / f"{name}.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{name} did not become ready (exit code {self.procs[name].poll()}):\n{tail}")
 

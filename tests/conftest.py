@@ -96,14 +96,21 @@ class TritonProcess:
     def url(self) -> str:
         return f"127.0.0.1:{self.ports.grpc}"
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3) -> None:
+        """Like ManagedTriton.start: a start that crashes (a signal before ready) is tried again."""
         launcher = ManagedTriton(self.repository, self.work_dir, self.ports, restart_on_exit=False)
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.work_dir / "tritonserver.log", "ab")  # noqa: SIM115 - lives with the process
-        self.process = subprocess.Popen(
-            launcher.command(), stdout=log, stderr=subprocess.STDOUT, env=child_environment(TritonDistribution.from_pytriton())
-        )
-        wait_until(self.ready, 120, "Triton to become ready")
+        for attempt in range(1, attempts + 1):
+            log = open(self.work_dir / "tritonserver.log", "ab")  # noqa: SIM115 - lives with the process
+            self.process = subprocess.Popen(
+                launcher.command(), stdout=log, stderr=subprocess.STDOUT, env=child_environment(TritonDistribution.from_pytriton())
+            )
+            try:
+                wait_until(self.ready, 120, "Triton to become ready")
+                return
+            except AssertionError:
+                if attempt == attempts or self.process.returncode is None or self.process.returncode >= 0:
+                    raise
 
     def ready(self) -> bool:
         assert self.process is not None

@@ -3,6 +3,7 @@ calls on SIGTERM and stops the child. And a clear refusal to start without a rep
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from framewise.v1 import common_pb2, info_service_pb2, info_service_pb2_grpc, vision_service_pb2, vision_service_pb2_grpc
+from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, TritonStartError
 from tests.conftest import REPO, free_port, health_status, start_orchestrator, stop_process, wait_until
 
 
@@ -112,3 +114,53 @@ def test_triton_startup_failure_reports_the_log(tmp_path: Path, cpu_repository: 
     # The error says what happened and quotes Triton's own log, which names the missing file.
     assert "was not ready within 15 s" in result.stderr
     assert "model.py" in result.stderr
+
+
+def _triton_wrapper(tmp_path: Path, behaviour: str) -> tuple[ManagedTriton, Path]:
+    """A ManagedTriton (empty repository: ready in a second or two) whose binary is a shell script that
+    counts its starts in a file, does ``behaviour`` (shell), then runs the real tritonserver."""
+    real = TritonDistribution.from_pytriton()
+    starts = tmp_path / "starts"
+    wrapper = tmp_path / "tritonserver"
+    wrapper.write_text(f'#!/bin/sh\necho x >> {starts}\n{behaviour}\nexec {real.binary} "$@"\n')
+    wrapper.chmod(0o755)
+    (tmp_path / "empty-repository").mkdir()
+    triton = ManagedTriton(
+        tmp_path / "empty-repository", tmp_path / "work", TritonPorts(free_port(), free_port(), free_port()),
+        restart_on_exit=False, startup_timeout_s=60, distribution=dataclasses.replace(real, binary=wrapper),
+    )  # fmt: skip
+    return triton, starts
+
+
+def _count(starts: Path) -> int:
+    return len(starts.read_text().split()) if starts.exists() else 0
+
+
+async def test_triton_crashing_on_its_first_start_is_started_again(tmp_path: Path) -> None:
+    # The first start aborts (as Triton 2.51 once did: SIGABRT from its gRPC event engine); the next one serves.
+    triton, starts = _triton_wrapper(tmp_path, f'[ "$(wc -l < {tmp_path / "starts"})" -gt 1 ] || kill -ABRT $$')
+    await triton.start()
+    try:
+        assert _count(starts) == 2
+        assert triton.pid is not None
+        async with httpx.AsyncClient() as client:
+            ready = await client.get(f"http://127.0.0.1:{triton.ports.http}/v2/health/ready", timeout=5)
+        assert ready.status_code == 200
+    finally:
+        await triton.stop()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "attempts", "says"),
+    [("kill -ABRT $$", 3, "was killed by SIGABRT"), ("echo 'bad flag' >&2; exit 3", 1, "exited with code 3")],
+    ids=["crashes-every-time", "error-exit"],
+)
+async def test_triton_startup_gives_up(tmp_path: Path, behaviour: str, attempts: int, says: str) -> None:
+    # A crash is tried startup_attempts (3) times; an error exit (a bad repository, a bad flag) is not tried again.
+    triton, starts = _triton_wrapper(tmp_path, behaviour)
+    with pytest.raises(TritonStartError) as failure:
+        await triton.start()
+    assert _count(starts) == attempts
+    assert says in str(failure.value) and failure.value.crashed == (attempts > 1)
+    if attempts == 1:
+        assert "bad flag" in str(failure.value)  # the log's last lines are quoted

@@ -28,7 +28,13 @@ log = logging.getLogger(__name__)
 
 
 class TritonStartError(RuntimeError):
-    pass
+    """Triton did not come up. ``crashed``: the process died of a signal during startup (an
+    abort or a segfault inside Triton, which another start may not repeat), as opposed to an
+    error exit (a broken repository or model: the same error again) or a timeout."""
+
+    def __init__(self, message: str, *, crashed: bool = False) -> None:
+        super().__init__(message)
+        self.crashed = crashed
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,13 @@ def child_environment(dist: TritonDistribution) -> dict[str, str]:
     return env
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 class ManagedTriton:
     """A tritonserver child process: start, wait for readiness, supervise, stop."""
 
@@ -106,6 +119,7 @@ class ManagedTriton:
         startup_timeout_s: float = 180.0,
         stop_timeout_s: float = 30.0,
         restart_on_exit: bool = True,
+        startup_attempts: int = 3,
         extra_args: tuple[str, ...] = (),
         distribution: TritonDistribution | None = None,
     ) -> None:
@@ -115,6 +129,9 @@ class ManagedTriton:
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self.restart_on_exit = restart_on_exit
+        if startup_attempts < 1:
+            raise ValueError(f"startup_attempts must be >= 1, got {startup_attempts}")
+        self.startup_attempts = startup_attempts
         self.extra_args = extra_args
         self._dist = distribution or TritonDistribution.from_pytriton()
         self._process: asyncio.subprocess.Process | None = None
@@ -154,10 +171,25 @@ class ManagedTriton:
         ]
 
     async def start(self) -> None:
-        """Start Triton and return once it reports ready; TritonStartError otherwise."""
+        """Start Triton and return once it reports ready; TritonStartError otherwise.
+
+        A start that crashes (killed by a signal before it is ready) is tried again, up to
+        ``startup_attempts`` in all: Triton 2.51 has been seen to abort on its first second
+        (``epoll_wait error: Bad file descriptor`` in its gRPC event engine, SIGABRT) and come
+        up on the next try. An error exit or a timeout is raised at once."""
         self._stopping = False
-        await self._spawn()
-        await self._wait_ready()
+        for attempt in range(1, self.startup_attempts + 1):
+            await self._spawn()
+            try:
+                await self._wait_ready()
+                break
+            except TritonStartError as exc:
+                if not exc.crashed or attempt == self.startup_attempts:
+                    raise
+                log.warning(
+                    "triton crashed during startup; starting it again",
+                    extra={"attempt": attempt, "of": self.startup_attempts, "error": str(exc)},
+                )
         if self.restart_on_exit and self._supervisor is None:
             self._supervisor = asyncio.create_task(self._supervise(), name="triton-supervisor")
 
@@ -182,10 +214,12 @@ class ManagedTriton:
         try:
             while time.monotonic() < deadline:
                 assert self._process is not None
-                if self._process.returncode is not None:
+                code = self._process.returncode
+                if code is not None:
+                    how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
                     raise TritonStartError(
-                        f"tritonserver exited with code {self._process.returncode} during startup; "
-                        f"last lines of {self.log_path}:\n{self.log_tail()}"
+                        f"tritonserver {how} during startup; last lines of {self.log_path}:\n{self.log_tail()}",
+                        crashed=code < 0,
                     )
                 try:
                     if await client.is_server_ready(client_timeout=2.0):
