@@ -100,7 +100,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--did-poll-interval", type=float, default=0.0, metavar="S",
                    help="the orchestrator's D-ID poll interval (default: the tests' 0.05 s; the server's own "
                         "default is 2 s)")
-    p.add_argument("--channels", type=int, default=4, help="gRPC channels the latency streams are spread over")
+    p.add_argument("--channels", type=int, default=0,
+                   help="gRPC channels the latency and floor streams are spread over, each on its own TCP connection; "
+                        "0: one channel per stream (every subscriber its own connection, as separate clients)")
     p.add_argument("--quick", action="store_true", help="smoke run: 40 events, 4 jobs, 100 in-process events")
     p.add_argument("--orchestrator-env", action="append", default=[], metavar="KEY=VALUE", help="orchestrator only")
     a = p.parse_args(argv)
@@ -243,10 +245,24 @@ def pct(values, qs=(50, 95, 99)) -> dict:
             "n": int(a.size)}
 
 
+# A channel of its own per Client channel: grpc otherwise puts every channel to the same address with the same
+# options on one shared TCP connection (its global subchannel pool), and "4 channels" would be one connection.
+CLIENT_OPTIONS = [*GRPC_LIMITS, ("grpc.use_local_subchannel_pool", 1)]
+
+
+def connections_text(channels: int) -> str:
+    return "one TCP connection per stream" if channels == 0 else f"streams spread over {channels} TCP connections"
+
+
+def client_channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, options=CLIENT_OPTIONS)
+
+
 class Client:
     def __init__(self, stack: JobStack, channels: int) -> None:
         self.did_url = stack.did_url
-        self.channels = [grpc.aio.insecure_channel(stack.address, options=GRPC_LIMITS) for _ in range(max(channels, 1))]
+        self.address, self.per_stream = stack.address, channels == 0
+        self.channels = [client_channel(stack.address) for _ in range(max(channels, 1))]
         self.jobs = [jobs_service_pb2_grpc.JobServiceStub(c) for c in self.channels]
         self.ops = operations_pb2_grpc.OperationsStub(self.channels[0])
         self.http = httpx.AsyncClient(timeout=10)
@@ -319,13 +335,17 @@ async def latency_round(client: Client, k: int, jobs_per_round: int, pids: dict[
     attached, t_attach0 = asyncio.Event(), time.time()
     watched_jobs = [i for i in range(len(names)) if watched == "each" or i % WORKERS == 0]
     counter = {"pending": k * len(watched_jobs)}
-    streams, tasks = [], []
+    streams, tasks, own = [], [], []
     for i in watched_jobs:
         name = names[i]
         for j in range(k):
             stream = {"job": i, "first": None, "events": []}
             streams.append(stream)
-            stub = client.jobs[(i * k + j) % len(client.jobs)]
+            if client.per_stream:
+                own.append(client_channel(client.address))
+                stub = jobs_service_pb2_grpc.JobServiceStub(own[-1])
+            else:
+                stub = client.jobs[(i * k + j) % len(client.jobs)]
             tasks.append(asyncio.create_task(watch(stub, name, stream, counter, attached)))
     await asyncio.wait_for(attached.wait(), 120)
     t_attached = time.time()
@@ -341,6 +361,8 @@ async def latency_round(client: Client, k: int, jobs_per_round: int, pids: dict[
     sched1 = {n: loop_thread_sched(p) for n, p in loops.items()}
     ours = sum(cpu1[p] - cpu0[p] for p in cpu1)
     finals = [job_state(await client.wait(n)) for n in names]
+    for channel in own:
+        await channel.close()
     return {"streams": streams, "names": names, "attach_s": round(t_attached - t_attach0, 3),
             "queued_when_attached": queued_at_attach, "run_s": round(t_end - t_release, 3),
             "succeeded": sum(s == jobs_pb2.JOB_STATE_SUCCEEDED for s in finals), "jobs": len(watched_jobs),
@@ -569,7 +591,7 @@ async def grpc_floor(args: argparse.Namespace) -> list[dict]:
     port, n, interval_s = free_port(), args.floor_events, 0.02
     proc = multiprocessing.get_context("spawn").Process(target=_bare_server_main, args=(port,), daemon=True)
     proc.start()
-    channels = [grpc.aio.insecure_channel(f"127.0.0.1:{port}") for _ in range(max(args.channels, 1))]
+    channels = [client_channel(f"127.0.0.1:{port}") for _ in range(max(args.channels, 1))]
     count = channels[0].unary_unary(f"/{FANOUT}/Count")
     out = []
     try:
@@ -584,7 +606,8 @@ async def grpc_floor(args: argparse.Namespace) -> list[dict]:
                     per_event[i].append((received - stamped) * 1e3)
 
             quiet_collector()
-            tasks = [asyncio.create_task(stream(channels[j % len(channels)])) for j in range(k)]
+            own = [client_channel(f"127.0.0.1:{port}") for _ in range(k)] if args.channels == 0 else []
+            tasks = [asyncio.create_task(stream((own or channels)[j % len(own or channels)])) for j in range(k)]
             while struct.unpack("<i", await count(b""))[0] < k:
                 await asyncio.sleep(0.02)
             cpu0 = cpu_seconds({"server": proc.pid})
@@ -598,6 +621,8 @@ async def grpc_floor(args: argparse.Namespace) -> list[dict]:
                     "cpu_us_per_message": {p: round((cpu1[p] - cpu0[p]) / max(len(receipts), 1) * 1e6, 1)
                                            for p in cpu1}}
             out.append(cell)
+            for channel in own:
+                await channel.close()
             print(f"gRPC floor K={k:<4} p50 {cell['all_receipts']['p50_ms']} ms, p99 {cell['all_receipts']['p99_ms']} "
                   f"ms, server CPU {cell['cpu_us_per_message']['server']} us/message", flush=True)
     finally:
@@ -721,7 +746,7 @@ def markdown(rep: dict) -> str:
         "",
         "## Event latency over gRPC (WatchOperation), publish -> receipt", "",
         (f"Per round: {WORKERS} holder jobs fill the workers, {m['jobs_per_round']} talking-video jobs "
-         f"(skip_matting) queue behind them, K streams attach to each watched job ({m['channels']} channels, one "
+         f"(skip_matting) queue behind them, K streams attach to each watched job ({connections_text(m['channels'])}, one "
          "grpc.aio client process), then the holders are cancelled and the jobs run 4 at a time. Watched: every "
          "job (4 watched operations run at once: 4K streams receive at the same time), or one job of every wave of "
          "4 (K subscribers on one operation while the server runs 3 other jobs). Before each round the client "
