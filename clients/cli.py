@@ -5,7 +5,7 @@
     framewise track SOURCE --box x,y,w,h [--json] [--overlay OUT.mp4]
                                         one object through a video or a folder of frames
     framewise segment-video VIDEO --box x,y,w,h [--watch] [--json]
-    framewise talking-video IMAGE AUDIO [--skip-matting] [--watch] [--json]
+    framewise talking-video IMAGE AUDIO [--skip-matting | --require-matting] [--watch] [--json]
     framewise watch OPERATION [--after N] [--json]
     framewise download OPERATION ARTIFACT OUT
     framewise operations [--filter 'state = RUNNING']

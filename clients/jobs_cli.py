@@ -2,7 +2,7 @@
 
     framewise segment-video VIDEO --box x,y,w,h [--prompt-frame N] [--sample-fps F] [--max-frames N]
                             [--server-path] [--watch] [--json]
-    framewise talking-video IMAGE AUDIO [--person-index N | --person-point x,y] [--skip-matting] [--watch] [--json]
+    framewise talking-video IMAGE AUDIO [--person-index N | --person-point x,y] [--skip-matting | --require-matting] [--watch] [--json]
     framewise watch OPERATION [--after N] [--json]
     framewise download OPERATION ARTIFACT OUT
     framewise operations [--filter 'state = RUNNING'] [--json]
@@ -85,7 +85,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     person = talking.add_mutually_exclusive_group()
     person.add_argument("--person-index", type=int, metavar="N", help="the N-th person detected, highest score first (default: the largest)")
     person.add_argument("--person-point", metavar="X,Y", help="the person whose box contains this point")
-    talking.add_argument("--skip-matting", action="store_true", help="send the crop as it is, without background removal")
+    matting = talking.add_mutually_exclusive_group()
+    matting.add_argument("--skip-matting", action="store_true", help="send the crop as it is, without background removal")
+    matting.add_argument("--require-matting", action="store_true",
+                         help="fail the job if background removal fails (by default it goes on with the plain crop)")
     _add_submit_options(talking)
     talking.set_defaults(run=_talking_video)
 
@@ -177,6 +180,7 @@ async def _talking_video(args: argparse.Namespace) -> int:
             person_index=args.person_index,
             person_point=point,
             skip_matting=args.skip_matting,
+            require_matting=args.require_matting,
             request_id=args.request_id,
         )
         return await _submitted(client, op, args)

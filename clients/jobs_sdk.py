@@ -200,6 +200,7 @@ class JobsClient:
         person_index: int | None = None,
         person_point: tuple[float, float] | None = None,
         skip_matting: bool = False,
+        require_matting: bool = False,
         request_id: str = "",
         inline_limit_bytes: int = INLINE_LIMIT_BYTES,
         timeout_s: float | None = None,
@@ -210,7 +211,8 @@ class JobsClient:
         fit in `inline_limit_bytes` together; otherwise the larger one (then the other, if still
         needed) is sent with UploadFile first. The person is the largest one unless
         `person_index` (n-th detection, highest score first) or `person_point` (the smallest box
-        containing the point) says otherwise.
+        containing the point) says otherwise. If background removal fails the job goes on with
+        the plain crop (the result says why) unless `require_matting`.
         """
         if person_index is not None and person_point is not None:
             raise ValueError("give person_index or person_point, not both")
@@ -221,7 +223,9 @@ class JobsClient:
         for field in sorted(files, key=lambda f: len(files[f]), reverse=True):
             if sum(len(files[f]) for f in files if f not in upload) > budget:
                 upload.add(field)
-        request = jobs_service_pb2.CreateTalkingVideoRequest(skip_matting=skip_matting, request_id=request_id)
+        request = jobs_service_pb2.CreateTalkingVideoRequest(
+            skip_matting=skip_matting, require_matting=require_matting, request_id=request_id
+        )
         for field, data in files.items():
             if field not in upload:
                 setattr(request, field, data)

@@ -21,6 +21,7 @@ from server.jobs.events import EventBus
 from server.jobs.executor import RetryPolicy
 from server.jobs.ipc import WorkerSettings
 from server.jobs.pipeline import JobPipeline
+from server.jobs.retention import OperationRetention
 from server.jobs.runner import JobRunner
 from server.jobs.segment_video import SegmentVideoPipeline
 from server.jobs.sqlite_store import SqliteJobStore
@@ -48,6 +49,7 @@ class Jobs:
     uploads: UploadStore
     runner: JobRunner
     did_http: httpx.AsyncClient | None
+    retention: OperationRetention
     worker: WorkerProcess | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
@@ -65,10 +67,12 @@ class Jobs:
     async def start(self) -> None:
         """Cleanup loop, then the workers (which resume what a previous process left)."""
         await self.storage.start()
+        await self.retention.start()
         await self.runner.start()
 
     async def stop(self) -> None:
         await self.runner.stop()
+        await self.retention.stop()
         self.bus.close()
         await self.storage.stop()
         await self.store.close()
@@ -105,7 +109,10 @@ async def start_jobs(
         retry=RetryPolicy(base_s=config.retry_base_s),
         execution=execution,
     )
-    return Jobs(store, bus, storage, uploads, runner, did_http, execution)
+    retention = OperationRetention(
+        store, retention_s=config.retention_operations_s, interval_s=config.cleanup_interval_s
+    )
+    return Jobs(store, bus, storage, uploads, runner, did_http, retention, execution)
 
 
 def storage_config(config: JobsConfig) -> StorageConfig:
@@ -117,6 +124,7 @@ def storage_config(config: JobsConfig) -> StorageConfig:
         temp_retention_s=config.retention_temp_s,
         cleanup_interval_s=config.cleanup_interval_s,
         low_disk_bytes=config.low_disk_bytes,
+        disk_check_interval_s=config.disk_check_interval_s,
     )
 
 

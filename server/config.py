@@ -43,8 +43,11 @@ class JobsConfig:
     retention_processed_s: float = 3 * DAY_S
     retention_videos_s: float = 30 * DAY_S
     retention_temp_s: float = 3600.0
+    # Finished operations (row, events, artifacts) are deleted this long after they ended.
+    retention_operations_s: float = 30 * DAY_S
     cleanup_interval_s: float = 3600.0
     low_disk_bytes: int = 5 * 10**9
+    disk_check_interval_s: float = 10.0
     did_url: str = "https://api.d-id.com"
     # None: talking videos are refused with FAILED_PRECONDITION.
     did_api_key: str | None = None
@@ -176,9 +179,14 @@ def _add_job_flags(p: argparse.ArgumentParser, d: JobsConfig) -> None:
     for tier in ("uploads", "processed", "videos", "temp"):
         g.add_argument(f"--retention-{tier}", type=float, default=_env(f"RETENTION_{tier.upper()}", getattr(d, f"retention_{tier}_s")),
                        help=f"seconds files stay in the {tier} tier")
+    g.add_argument("--retention-operations", type=float,
+                   default=_env("RETENTION_OPERATIONS", d.retention_operations_s),
+                   help="seconds a finished operation (its events, artifacts and their files) is kept after it ended")
     g.add_argument("--cleanup-interval", type=float, default=_env("CLEANUP_INTERVAL", d.cleanup_interval_s))
     g.add_argument("--low-disk-bytes", type=int, default=_env("LOW_DISK_BYTES", d.low_disk_bytes),
                    help="free space under this is reported as low disk (health, metrics)")
+    g.add_argument("--disk-check-interval", type=float, default=_env("DISK_CHECK_INTERVAL", d.disk_check_interval_s),
+                   help="seconds between free-space checks (low disk turns health NOT_SERVING within this)")
     g.add_argument("--did-url", default=_env("DID_URL", d.did_url), help="D-ID API base URL (FRAMEWISE_DID_URL)")
     g.add_argument("--did-api-key", default=_env("DID_API_KEY", None), help="D-ID key; prefer FRAMEWISE_DID_API_KEY")
     g.add_argument("--did-is-emulator", action="store_true", default=_env("DID_IS_EMULATOR", "") in ("1", "true"),
@@ -208,8 +216,10 @@ def _jobs_config(a: argparse.Namespace) -> JobsConfig:
         retention_processed_s=a.retention_processed,
         retention_videos_s=a.retention_videos,
         retention_temp_s=a.retention_temp,
+        retention_operations_s=a.retention_operations,
         cleanup_interval_s=a.cleanup_interval,
         low_disk_bytes=a.low_disk_bytes,
+        disk_check_interval_s=a.disk_check_interval,
         did_url=a.did_url,
         did_api_key=a.did_api_key or None,
         did_is_emulator=bool(a.did_is_emulator),

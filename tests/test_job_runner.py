@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import random
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -216,6 +217,34 @@ async def test_fifo_order_queue_position_and_queue_full(tmp_path: Path) -> None:
         assert all(runner.queue_position(op.name) == -1 for op in (a, b, c, d))
 
 
+async def test_queue_limit_holds_for_concurrent_submits_and_a_full_queue_skips_validation(tmp_path: Path) -> None:
+    """Validation awaits (a video probe, an upload read): submits validating together must not push the
+    queue past max_queued, and once it is full a submit is refused without being validated."""
+    validated: list[str] = []
+    gate = asyncio.Event()
+
+    class SlowValidation(FakePipeline):
+        async def validate(self, request: jobs_pb2.SegmentVideoRequest) -> None:
+            validated.append(request.server_path)
+            await gate.wait()
+
+    async with environment(tmp_path) as env:
+        runner = env.runner(Stage(DECODING, lambda ctx: asyncio.sleep(0)), max_queued=3)  # not started: jobs stay queued
+        runner.pipelines[SEGMENT] = SlowValidation(runner.pipelines[SEGMENT].stages())
+        submits = [asyncio.create_task(runner.submit(SEGMENT, req(x))) for x in "abcde"]
+        await asyncio.sleep(0.05)
+        assert sorted(validated) == list("abcde")  # all five are validating at once
+        gate.set()
+        results = await asyncio.gather(*submits, return_exceptions=True)
+        assert sum(isinstance(r, OperationRecord) for r in results) == 3
+        assert sum(isinstance(r, QueueFull) for r in results) == 2
+        assert len(runner._queue) == 3 and runner._held == 0
+        assert len((await env.store.list_operations(page_size=100))[0]) == 3
+        with pytest.raises(QueueFull):
+            await runner.submit(SEGMENT, req("f"))
+        assert "f" not in validated
+
+
 async def test_repeated_request_id_returns_first_operation_and_runs_once(tmp_path: Path) -> None:
     runs: list[str] = []
     gate = asyncio.Event()
@@ -407,6 +436,37 @@ async def test_unexpected_exception_is_internal_and_worker_keeps_serving(tmp_pat
     assert succeeded.state == JobState.SUCCEEDED
     assert after.state == JobState.SUCCEEDED
     assert calls == Counter({"bug": 1, "ok": 1, "later": 1})  # a bug is never retried
+
+
+async def test_a_full_disk_is_a_resource_failure_for_the_operator(tmp_path: Path) -> None:
+    calls: Counter[str] = Counter()
+
+    async def work(ctx: JobContext) -> None:
+        calls[label(ctx)] += 1
+        (ctx.workdir / "partial.bin").write_bytes(b"x" * 10)
+        if label(ctx) == "full":
+            raise OSError(errno.ENOSPC, "No space left on device", str(ctx.workdir / "frames.png"))
+        if label(ctx) == "missing":
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "gone.bin")
+
+    async with environment(tmp_path) as env:
+        runner = env.runner(Stage(DECODING, work), workers=1)
+        await runner.start()
+        full = await runner.submit(SEGMENT, req("full"))
+        missing = await runner.submit(SEGMENT, req("missing"))
+        full_op, full_events = await wait_done(runner, full.name)
+        missing_op, missing_events = await wait_done(runner, missing.name)
+
+    assert full_op.state == JobState.FAILED
+    assert full_op.error is not None and full_op.error[0] == code_of(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    (error,) = error_events(full_events)
+    assert error.error_class == jobs_pb2.ERROR_CLASS_RESOURCE and error.kind == "disk_full" and not error.will_retry
+    assert "out of disk space" in error.description and "frames.png" in error.description
+    assert not env.workdir(full.name).exists()  # its intermediate files are rolled back
+    # Any other OSError is still a bug, reported as internal.
+    (other,) = error_events(missing_events)
+    assert other.kind == "internal" and missing_op.error[0] == code_of(grpc.StatusCode.INTERNAL)
+    assert calls == Counter({"full": 1, "missing": 1})
 
 
 # ---------------------------------------------------------------------- cancellation

@@ -27,6 +27,7 @@ from server.jobs import (
     RequestIdConflictError,
     SqliteJobStore,
 )
+from server.jobs.retention import OperationRetention
 
 REPO = Path(__file__).resolve().parents[1]
 SEGMENT = jobs_pb2.JOB_KIND_SEGMENT_VIDEO
@@ -276,6 +277,39 @@ async def test_cancel_artifacts_and_delete_only_finished(store: SqliteJobStore) 
         await store.delete_operation(name)
     with pytest.raises(OperationNotFoundError):
         await store.request_cancel(name)
+
+
+async def test_a_finished_operation_forgets_its_request(store: SqliteJobStore) -> None:
+    # The request can carry an inline photo and audio (tens of MB): kept while the job may run (a resumed job
+    # reads it), dropped with the terminal state.
+    op, _ = await store.create_operation(kind=TALKING, request=b"photo+audio" * 1000)
+    await store.update_operation(op.name, state=JobState.RUNNING)
+    assert len((await store.get_operation(op.name)).request) == 11000
+    await store.append_event(op.name, "complete", complete_payload(), update=OperationUpdate(state=JobState.SUCCEEDED))
+    done = await store.get_operation(op.name)
+    assert done.state == JobState.SUCCEEDED and done.request == b"" and done.end_time is not None
+
+
+async def test_operation_retention_deletes_what_finished_long_ago(store: SqliteJobStore, tmp_path: Path) -> None:
+    old, recent, running = await new_op(store), await new_op(store), await new_op(store)
+    artifact = tmp_path / "old.mp4"
+    artifact.write_bytes(b"mp4")
+    await store.add_artifact(ArtifactRecord(old, "talking_video.mp4", 6, "video/mp4", str(artifact), 3, "ab"))
+    ended = datetime(2026, 1, 1, tzinfo=UTC)
+    await store.update_operation(old, state=JobState.SUCCEEDED, end_time=ended)
+    await store.update_operation(recent, state=JobState.FAILED, end_time=ended + timedelta(days=29))
+    await store.update_operation(running, state=JobState.RUNNING)
+    assert await store.finished_before(ended + timedelta(days=1)) == [old]
+
+    retention = OperationRetention(store, retention_s=30 * 86400, interval_s=3600, batch=1)
+    assert await retention.purge_once(now=ended + timedelta(days=30, seconds=1)) == 1
+    with pytest.raises(OperationNotFoundError):
+        await store.get_operation(old)
+    assert not artifact.exists()  # its files go with it
+    assert (await store.get_operation(recent)).state == JobState.FAILED  # 29 days: kept
+    assert (await store.get_operation(running)).state == JobState.RUNNING  # never finished: never due
+    assert await retention.purge_once(now=ended + timedelta(days=60)) == 1  # batches of 1: loops until done
+    assert [op.name for op in (await store.list_operations())[0]] == [running]
 
 
 async def test_reopen_keeps_everything(tmp_path: Path) -> None:

@@ -180,17 +180,31 @@ def test_did_rate_limit_is_retried_and_every_retry_is_an_event(jobs, did_emulato
     assert [r["status"] for r in emulator_requests(did_emulator, "POST", "/talks")] == [429, 429, 429, 201]
 
 
-def test_retry_numbers_keep_counting_when_the_stage_itself_is_retried(jobs, did_emulator) -> None:
-    """Five 429s: the D-ID client gives up after its 5 attempts (4 retries), the runner retries
-    the stage, which then succeeds. The error events count on (1..5) instead of restarting."""
-    inject(did_emulator, path="/talks", method="POST", status=429, times=5, retry_after=0)
+def _succeeds_after_five_did_processing_retries(jobs) -> None:  # noqa: ANN001
     op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
     events = watch(jobs, op.name)
     retries = [e.error for e in events if e.WhichOneof("event") == "error"]
     assert [r.attempt for r in retries] == [1, 2, 3, 4, 5]
     assert all(r.will_retry and r.stage == S.JOB_STAGE_DID_PROCESSING for r in retries)
     assert events[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
+
+
+def test_retry_numbers_keep_counting_when_the_stage_itself_is_retried(jobs, did_emulator) -> None:
+    """Five 429s: the D-ID client gives up after its 5 attempts (4 retries), the runner retries
+    the stage, which then succeeds. The error events count on (1..5) instead of restarting."""
+    inject(did_emulator, path="/talks", method="POST", status=429, times=5, retry_after=0)
+    _succeeds_after_five_did_processing_retries(jobs)
     assert [r["status"] for r in emulator_requests(did_emulator, "POST", "/talks")] == [429] * 5 + [201]
+
+
+def test_polls_failing_past_the_client_retries_keep_the_same_talk(jobs, did_emulator) -> None:
+    """D-ID answers 500 to five polls in a row: the client gives up, the stage is retried and polls
+    the talk it already created. A second POST /talks would render (and bill) the video twice."""
+    inject(did_emulator, path="/talks/*", method="GET", status=500, times=5)
+    _succeeds_after_five_did_processing_retries(jobs)
+    assert [r["status"] for r in emulator_requests(did_emulator, "POST", "/talks")] == [201]
+    polls = [r["status"] for r in emulator_requests(did_emulator, "GET", "/talks/")]
+    assert polls[:5] == [500] * 5 and polls[-1] == 200
 
 
 def test_did_permanent_error_fails_with_its_kind_and_description(jobs, operations, did_emulator) -> None:
@@ -316,6 +330,18 @@ def test_operations_list_filter_page_wait_delete(jobs, operations) -> None:
         if not token:
             break
     assert op.name in names and len(names) == len(set(names))
+    # A token continues its own listing only (AIP-158): another filter with it is refused.
+    first = operations.ListOperations(operations_pb2.ListOperationsRequest(filter="state = SUCCEEDED", page_size=1), timeout=10)
+    if first.next_page_token:
+        same = operations.ListOperations(
+            operations_pb2.ListOperationsRequest(filter="state=SUCCEEDED", page_size=1, page_token=first.next_page_token), timeout=10
+        )
+        assert same.operations[0].name != first.operations[0].name
+        with pytest.raises(grpc.RpcError) as err:
+            operations.ListOperations(
+                operations_pb2.ListOperationsRequest(filter="state = FAILED", page_token=first.next_page_token), timeout=10
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "another filter" in err.value.details()
     failed = operations.ListOperations(
         operations_pb2.ListOperationsRequest(filter="state = FAILED OR state = CANCELLED AND kind = TALKING_VIDEO"), timeout=10
     )
@@ -446,7 +472,9 @@ def test_bad_segment_video_requests_are_refused(jobs, fields, field) -> None:
     fields.setdefault("box", common_pb2.BoundingBox(x1=10, y1=10, x2=50, y2=50)) if field != "box" else None
     with pytest.raises(grpc.RpcError) as err:
         jobs.SegmentVideo(jobs_pb2.SegmentVideoRequest(**fields), timeout=30)
-    assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND), err.value.details()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    named = bad_request_fields(err.value) or []
+    assert any(f == field or f.startswith(field + ".") for f in named), (named, err.value.details())
 
 
 def test_corrupt_video_upload_is_refused(jobs) -> None:

@@ -4,6 +4,7 @@ Pure unit tests: no Triton, no gRPC."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -293,6 +294,33 @@ async def test_low_disk_false_with_a_zero_threshold(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- periodic task
+
+
+async def test_free_space_is_checked_between_cleanups(tmp_path: Path) -> None:
+    # Cleanup runs once an hour; the free-space check every disk_check_interval_s, so health follows a
+    # disk that fills up (here: the threshold raised past the free space) or frees up within seconds.
+    registry = CollectorRegistry()
+    config = StorageConfig(root=tmp_path / "s", low_disk_bytes=0, cleanup_interval_s=3600, disk_check_interval_s=0.02)
+    storage = StorageManager(config, Metrics(registry))
+    await storage.start()
+    try:
+        await asyncio.sleep(0.1)
+        assert storage.low_disk is False
+        storage.config = dataclasses.replace(config, low_disk_bytes=10**18)
+        for _ in range(200):
+            if storage.low_disk:
+                break
+            await asyncio.sleep(0.01)
+        assert storage.low_disk is True
+        assert registry.get_sample_value("framewise_storage_low_disk") == 1
+        storage.config = config
+        for _ in range(200):
+            if not storage.low_disk:
+                break
+            await asyncio.sleep(0.01)
+        assert storage.low_disk is False
+    finally:
+        await storage.stop()
 
 
 async def test_periodic_cleanup_runs_and_survives_errors(tmp_path: Path) -> None:

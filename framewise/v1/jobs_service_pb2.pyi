@@ -428,6 +428,7 @@ class CreateTalkingVideoRequest(_message.Message):
     PERSON_FIELD_NUMBER: _builtins.int
     SKIP_MATTING_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REQUIRE_MATTING_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
     image_upload_id: _builtins.str
     audio: _builtins.bytes
@@ -438,6 +439,11 @@ class CreateTalkingVideoRequest(_message.Message):
     """
     request_id: _builtins.str
     """Optional client-chosen id making the submission idempotent."""
+    require_matting: _builtins.bool
+    """Fail the job when background removal fails (after its retries). By default the job degrades
+    instead (seed 003): the crop goes to D-ID as it is, and the result says why
+    (matting_skipped, matting_skipped_reason).
+    """
     @_builtins.property
     def person(self) -> Global___PersonSelector: ...
     def __init__(
@@ -450,10 +456,11 @@ class CreateTalkingVideoRequest(_message.Message):
         person: Global___PersonSelector | None = ...,
         skip_matting: _builtins.bool = ...,
         request_id: _builtins.str = ...,
+        require_matting: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "audio_source", b"audio_source", "audio_upload_id", b"audio_upload_id", "image", b"image", "image_source", b"image_source", "image_upload_id", b"image_upload_id", "person", b"person"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "audio_source", b"audio_source", "audio_upload_id", b"audio_upload_id", "image", b"image", "image_source", b"image_source", "image_upload_id", b"image_upload_id", "person", b"person", "request_id", b"request_id", "skip_matting", b"skip_matting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "audio_source", b"audio_source", "audio_upload_id", b"audio_upload_id", "image", b"image", "image_source", b"image_source", "image_upload_id", b"image_upload_id", "person", b"person", "request_id", b"request_id", "require_matting", b"require_matting", "skip_matting", b"skip_matting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_audio_source: _TypeAlias = _typing.Literal["audio", "audio_upload_id"]  # noqa: Y015
     _WhichOneofArgType_audio_source: _TypeAlias = _typing.Literal["audio_source", b"audio_source"]  # noqa: Y015
@@ -475,9 +482,14 @@ class CreateTalkingVideoResponse(_message.Message):
     MATTING_SKIPPED_FIELD_NUMBER: _builtins.int
     DID_TALK_ID_FIELD_NUMBER: _builtins.int
     ARTIFACTS_FIELD_NUMBER: _builtins.int
+    MATTING_SKIPPED_REASON_FIELD_NUMBER: _builtins.int
     matting_skipped: _builtins.bool
     did_talk_id: _builtins.str
     """D-ID's talk id, for support requests."""
+    matting_skipped_reason: _builtins.str
+    """Why matting was skipped: the client's skip_matting, or the background-removal failure the
+    job went on without. Empty when the background was removed.
+    """
     @_builtins.property
     def video(self) -> Global___Artifact: ...
     @_builtins.property
@@ -494,10 +506,11 @@ class CreateTalkingVideoResponse(_message.Message):
         matting_skipped: _builtins.bool = ...,
         did_talk_id: _builtins.str = ...,
         artifacts: _abc.Iterable[Global___Artifact] | None = ...,
+        matting_skipped_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["person_box", b"person_box", "video", b"video"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "did_talk_id", b"did_talk_id", "matting_skipped", b"matting_skipped", "person_box", b"person_box", "video", b"video"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "did_talk_id", b"did_talk_id", "matting_skipped", b"matting_skipped", "matting_skipped_reason", b"matting_skipped_reason", "person_box", b"person_box", "video", b"video"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -147,6 +147,7 @@ class DIDClient:
                     False,
                     operation=f"talk {talk_id}",
                     hint="D-ID refused the inputs (e.g. content moderation or no face found); use another photo or audio",
+                    talk_ended=True,
                 )
             if talk.status == "error":
                 raise DIDError(
@@ -157,6 +158,7 @@ class DIDClient:
                     False,
                     operation=f"talk {talk_id}",
                     hint="D-ID failed while rendering; creating a new talk may succeed if the cause was transient",
+                    talk_ended=True,
                 )
             remaining = deadline - time.monotonic()
             if remaining <= 0:

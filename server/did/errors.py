@@ -21,7 +21,9 @@ class DIDError(Exception):
     ``status`` is the HTTP status (``None`` for timeouts, connection errors and talks that ended
     in ``error``/``rejected``); ``kind``/``description`` come from D-ID's JSON error body when it
     sent one; ``retryable`` says whether repeating the same call may succeed; ``attempts`` is how
-    many times the client tried before giving up.
+    many times the client tried before giving up; ``talk_ended`` is true when the talk itself
+    ended in ``error``/``rejected`` (a retry needs a new talk), false when only a call failed (the
+    talk may still be rendering: a retry polls the same one).
     """
 
     def __init__(
@@ -36,6 +38,7 @@ class DIDError(Exception):
         hint: str = "",
         attempts: int = 1,
         retry_after_s: float | None = None,
+        talk_ended: bool = False,
     ) -> None:
         self.status = status
         self.kind = kind
@@ -46,6 +49,7 @@ class DIDError(Exception):
         self.hint = hint
         self.attempts = attempts
         self.retry_after_s = retry_after_s
+        self.talk_ended = talk_ended
         super().__init__(self._message())
 
     def _message(self) -> str:
@@ -70,6 +74,7 @@ class DIDError(Exception):
             hint=self.hint,
             attempts=attempts,
             retry_after_s=self.retry_after_s,
+            talk_ended=self.talk_ended,
         )
 
     def __repr__(self) -> str:

@@ -15,9 +15,7 @@ worker's forwarder, which stores each event and hands it to the serving process'
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import random
 import shutil
 from collections.abc import Mapping
@@ -30,9 +28,9 @@ from google.protobuf.message import Message
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.jobs.admission import Admission
-from server.jobs.artifacts import artifact_proto
+from server.jobs.artifacts import artifact_proto, remove_files
 from server.jobs.context import JobContext
-from server.jobs.failures import JobCancelled, JobFailure
+from server.jobs.failures import JobCancelled, JobFailure, from_os_error
 from server.jobs.pipeline import JobPipeline, Stage
 from server.jobs.storage import StorageManager
 from server.jobs.store import EventRecord, JobState, JobStore, OperationRecord, OperationUpdate
@@ -247,11 +245,24 @@ class JobExecutor:
         ctx.failed_attempts = 0
         while True:
             try:
-                await stage.run(ctx)
-                return
+                try:
+                    await stage.run(ctx)
+                    return
+                except OSError as exc:
+                    disk_full = from_os_error(exc)
+                    if disk_full is None:
+                        raise
+                    raise disk_full from exc
             except JobFailure as failure:
                 if not failure.retryable or attempt >= stage.max_attempts:
                     failure.attempts = ctx.failed_attempts + 1  # this failure included
+                    if stage.fallback is not None and await stage.fallback(ctx, failure):
+                        log.warning(
+                            "job stage failed; continuing without it (graceful degradation)",
+                            extra={"operation": ctx.name, "stage": jobs_pb2.JobStage.Name(ctx.current_stage),
+                                   "error": str(failure)},
+                        )
+                        return
                     raise
                 delay = self.retry.delay(attempt, self._rng, failure.retry_after_s)
                 log.warning(
@@ -350,10 +361,4 @@ async def rollback(store: JobStore, ctx: JobContext) -> None:
 
 
 async def remove_artifacts(store: JobStore, name: str) -> None:
-    for record in await store.list_artifacts(name):
-        await asyncio.to_thread(_unlink, record.path)
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    await asyncio.to_thread(remove_files, [record.path for record in await store.list_artifacts(name)])

@@ -5,7 +5,8 @@
   ``will_retry=true``.
 * ``PERMANENT`` (bad input: no person found, not an image, not audio): fails at once with an
   actionable message.
-* ``RESOURCE`` (out of disk, out of D-ID credits): fails with a message for the operator.
+* ``RESOURCE`` (out of disk, out of D-ID credits): fails with a message for the operator. A
+  stage that runs out of disk (ENOSPC, EDQUOT) is this class, not an internal error.
 
 A pipeline raises :class:`JobFailure`; anything else that escapes a stage is a bug and is
 reported as an INTERNAL, permanent failure (never retried: it would fail the same way).
@@ -13,12 +14,14 @@ reported as an INTERNAL, permanent failure (never retried: it would fail the sam
 
 from __future__ import annotations
 
+import errno
+
 import grpc
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.did.errors import DIDError
 
-__all__ = ["RETRYABLE_CLASSES", "JobCancelled", "JobFailure", "from_did_error"]
+__all__ = ["RETRYABLE_CLASSES", "JobCancelled", "JobFailure", "from_did_error", "from_os_error"]
 
 RETRYABLE_CLASSES = frozenset({jobs_pb2.ERROR_CLASS_RECOVERABLE, jobs_pb2.ERROR_CLASS_EXTERNAL})
 
@@ -96,3 +99,16 @@ def from_did_error(error: DIDError) -> JobFailure:
     # The D-ID client already retried transient errors itself (each retry was reported through
     # on_retry); what reaches the job is final for this attempt of the stage.
     return JobFailure(error_class, error.kind, str(error), code=code, retry_after_s=error.retry_after_s)
+
+
+def from_os_error(error: OSError) -> JobFailure | None:
+    """A full disk (or quota) is a RESOURCE failure for the operator; None for any other OSError
+    (a bug or a missing file: the caller's generic handling applies)."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f" writing {error.filename}" if error.filename else ""
+    return JobFailure.resource(
+        "disk_full",
+        f"the server ran out of disk space{where} ({error.strerror}); an operator must free space on the "
+        "storage volume (or shorten --retention-*), then the job can be submitted again",
+    )

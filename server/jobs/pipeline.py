@@ -17,6 +17,7 @@ from google.protobuf.message import Message
 
 if TYPE_CHECKING:
     from server.jobs.context import JobContext
+    from server.jobs.failures import JobFailure
 
 __all__ = ["JobPipeline", "Stage"]
 
@@ -30,6 +31,10 @@ class Stage:
     run: Callable[[JobContext], Awaitable[None]]
     # Whole-stage attempts for RECOVERABLE/EXTERNAL failures (each retry is an error event).
     max_attempts: int = 3
+    # Graceful degradation: called with the stage's final failure (retries spent, or not
+    # retryable); returns True when it completed the stage another way (the job goes on), False
+    # to let the job fail. Never called for a cancellation.
+    fallback: Callable[[JobContext, JobFailure], Awaitable[bool]] | None = None
 
 
 class JobPipeline(Protocol):

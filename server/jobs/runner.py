@@ -78,6 +78,7 @@ class JobRunner:
             bus, storage, admission, pipelines, retry=retry or RetryPolicy(), rng=rng
         )
         self._queue: collections.deque[str] = collections.deque()
+        self._held = 0  # places held by submits between their queue check and their enqueue
         self._queue_changed = asyncio.Condition()
         self._running: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
@@ -97,23 +98,40 @@ class JobRunner:
     async def submit(self, kind: int, request: Message, request_id: str = "") -> OperationRecord:
         """Validates, stores and queues a job; a repeated request_id returns the first operation."""
         pipeline = self.pipelines[kind]
+        # Checked before validation too: a full server answers at once, without probing a video
+        # or reading an upload first.
+        if self._full():
+            return await self._answer_full(kind, request_id)
         await pipeline.validate(request)
-        if len(self._queue) >= self.max_queued:
-            # A repeat of a submission that exists is answered with it, full queue or not: the
-            # client is retrying a call whose answer it lost, and its job is already in line.
-            existing = await self.store.find_request(request_id, kind) if request_id else None
-            if existing is not None:
-                return existing
-            raise QueueFull(
-                f"the job queue is full ({self.max_queued} jobs waiting); retry later or raise --max-queued-jobs"
-            )
+        if self._full():
+            return await self._answer_full(kind, request_id)
+        # A place is held from here (no await between the check and the hold), so submits that
+        # validated concurrently cannot push the queue past max_queued.
+        self._held += 1
         # Shielded: once the row may be committed (the store's thread finishes its write even
         # if this call is cancelled), the job must also be queued. A submit RPC cancelled here
         # (client deadline) left the operation QUEUED but in no queue: it never ran, and a retry
         # with the same request_id returned that stuck operation, until the next restart.
         return await asyncio.shield(asyncio.ensure_future(self._store_and_enqueue(kind, request, request_id)))
 
+    def _full(self) -> bool:
+        return len(self._queue) + self._held >= self.max_queued
+
+    async def _answer_full(self, kind: int, request_id: str) -> OperationRecord:
+        # A repeat of a submission that exists is answered with it, full queue or not: the
+        # client is retrying a call whose answer it lost, and its job is already in line.
+        existing = await self.store.find_request(request_id, kind) if request_id else None
+        if existing is not None:
+            return existing
+        raise QueueFull(f"the job queue is full ({self.max_queued} jobs waiting); retry later or raise --max-queued-jobs")
+
     async def _store_and_enqueue(self, kind: int, request: Message, request_id: str) -> OperationRecord:
+        try:
+            return await self._store_and_enqueue_held(kind, request, request_id)
+        finally:
+            self._held -= 1  # queued now (or failed): the place is the queue's, or free again
+
+    async def _store_and_enqueue_held(self, kind: int, request: Message, request_id: str) -> OperationRecord:
         op, created = await self.store.create_operation(
             kind=kind,
             request=request.SerializeToString(),

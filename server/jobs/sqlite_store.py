@@ -32,6 +32,7 @@ import sqlite3
 import uuid
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
@@ -303,6 +304,9 @@ class SqliteJobStore:
             if state.is_terminal and end_us is None and update.end_time is None:
                 sets.append("end_us = ?")
                 params.append(now_us)
+            if state.is_terminal:
+                sets.append("request = ?")  # see OperationRecord.request
+                params.append(b"")
         for attr, column, conv in (
             ("stage", "stage", int),
             ("percent", "percent", float),
@@ -371,6 +375,19 @@ class SqliteJobStore:
             return paths
 
         return await self._run(self._write, tx)
+
+    async def finished_before(self, cutoff: datetime, limit: int = 500) -> list[str]:
+        terminal = [int(s) for s in JobState if s.is_terminal]
+
+        def q() -> list[str]:
+            rows = self._require_conn().execute(
+                f"SELECT name FROM operations WHERE state IN ({','.join('?' * len(terminal))}) AND end_us < ? "
+                "ORDER BY end_us, name LIMIT ?",
+                (*terminal, _to_us(cutoff), max(1, int(limit))),
+            )
+            return [r[0] for r in rows]
+
+        return await self._run(q)
 
     async def unfinished_operations(self) -> list[OperationRecord]:
         states = [int(s) for s in UNFINISHED_STATES]

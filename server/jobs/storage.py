@@ -25,7 +25,6 @@ The file-system walks run in a worker thread, so the event loop only waits for t
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import logging
 import os
@@ -39,6 +38,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
+
+from server.aio import cancel_and_wait
 
 __all__ = [
     "KEEP_MARKER",
@@ -75,13 +76,16 @@ class StorageConfig:
     cleanup_interval_s: float = 3600.0
     # Below this many free bytes on the root's file system, ``low_disk`` turns true.
     low_disk_bytes: int = 5 * 10**9
+    # Free space is checked this often (a statvfs: cheap), apart from the cleanup passes, so
+    # health follows a filling (or freed) disk within seconds rather than a cleanup interval.
+    disk_check_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
         for tier in TIERS:
             if self.retention_s(tier) <= 0:
                 raise ValueError(f"{tier}_retention_s must be positive")
-        if self.cleanup_interval_s <= 0:
-            raise ValueError("cleanup_interval_s must be positive")
+        if self.cleanup_interval_s <= 0 or self.disk_check_interval_s <= 0:
+            raise ValueError("cleanup_interval_s and disk_check_interval_s must be positive")
         if self.low_disk_bytes < 0:
             raise ValueError("low_disk_bytes must not be negative")
 
@@ -197,6 +201,7 @@ class StorageManager:
         self._low_disk = False
         self._cleanup_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._disk_task: asyncio.Task[None] | None = None
 
     @property
     def root(self) -> Path:
@@ -204,7 +209,8 @@ class StorageManager:
 
     @property
     def low_disk(self) -> bool:
-        """Free space below ``low_disk_bytes`` at the last ``stats()`` or ``cleanup_once()``."""
+        """Free space below ``low_disk_bytes`` at the last check (every ``disk_check_interval_s``
+        while started, and at every ``stats()`` or ``cleanup_once()``)."""
         return self._low_disk
 
     # ---------------------------------------------------------------- paths
@@ -406,14 +412,20 @@ class StorageManager:
         for tier in TIERS:
             self.tier_dir(tier)
         self._task = asyncio.create_task(self._run(), name="storage-cleanup")
+        self._disk_task = asyncio.create_task(self._watch_disk(), name="storage-disk-check")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        tasks, self._task, self._disk_task = (self._task, self._disk_task), None, None
+        for task in tasks:
+            await cancel_and_wait(task)
+
+    async def _watch_disk(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.disk_check_interval_s)
+            try:
+                await self._refresh_disk()
+            except OSError:
+                log.exception("storage: free-space check failed")
 
     async def _run(self) -> None:
         while True:

@@ -108,7 +108,9 @@ class OperationRecord:
     stage: int  # framewise.v1.JobStage
     percent: float
     message: str
-    # Serialized submit request (SegmentVideoRequest / CreateTalkingVideoRequest).
+    # Serialized submit request (SegmentVideoRequest / CreateTalkingVideoRequest); emptied (b"")
+    # once the operation is finished: an inline photo and audio are kept only while the job
+    # may still run.
     request: bytes
     # Serialized response message once SUCCEEDED, else None.
     response: bytes | None
@@ -276,6 +278,11 @@ class JobStore(Protocol):
     async def unfinished_operations(self) -> list[OperationRecord]:
         """QUEUED and RUNNING operations by (create_time, name): what a restarted server must
         resume or re-queue."""
+        ...
+
+    async def finished_before(self, cutoff: datetime, limit: int = 500) -> list[str]:
+        """Names of finished operations that ended before ``cutoff``, oldest first, at most
+        ``limit``: what operation retention deletes."""
         ...
 
     async def close(self) -> None: ...

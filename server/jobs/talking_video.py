@@ -93,7 +93,7 @@ class TalkingVideoPipeline:
         return (
             Stage(S.JOB_STAGE_UPLOAD_COMPLETE, self._inputs),
             Stage(S.JOB_STAGE_DETECTION_COMPLETE, self._detect),
-            Stage(S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE, self._matte),
+            Stage(S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE, self._matte, fallback=self._matting_failed),
             Stage(S.JOB_STAGE_DID_UPLOAD, self._did_upload),
             Stage(S.JOB_STAGE_DID_COMPLETE, self._did_talk),
             Stage(S.JOB_STAGE_FINALIZING, self._finalize),
@@ -208,11 +208,7 @@ class TalkingVideoPipeline:
         image = await asyncio.to_thread((ctx.workdir / "original").read_bytes)
         crop = tuple(ctx.state["crop_box"])
         if ctx.request.skip_matting:
-            # No alpha to keep: a JPEG (q95) of the crop, ~2 ms to encode and ~5x smaller than a
-            # lossless PNG, which took ~30 ms of CPU per job on these machines.
-            jpeg = await asyncio.to_thread(_crop_jpeg, image, crop)
-            await asyncio.to_thread(_write, ctx.workdir / PERSON_JPEG[0], jpeg)
-            await ctx.save_state(matting_skipped=True, person_file=PERSON_JPEG[0], person_media_type=PERSON_JPEG[1])
+            await self._plain_crop(ctx, image, crop, SKIPPED_BY_CLIENT)
             message = "skipped at the client's request (skip_matting): the crop is sent as it is"
         else:
             async with ctx.slot("matting"), _inference_failures("background removal"):
@@ -221,12 +217,37 @@ class TalkingVideoPipeline:
                 )
             png = await asyncio.to_thread(encode_rgba_png, matte.rgb, matte.alpha)
             await asyncio.to_thread(_write, ctx.workdir / PERSON_PNG[0], png)
-            await ctx.save_state(matting_skipped=False, matting_stand_in=matte.model.stand_in,
+            await ctx.save_state(matting_skipped=False, matting_skipped_reason="", matting_stand_in=matte.model.stand_in,
                                  person_file=PERSON_PNG[0], person_media_type=PERSON_PNG[1])
             message = "background removed" + (" (BiRefNet STAND-IN model: the alpha has no learned meaning)" if matte.model.stand_in else "")
         await ctx.stage(
             S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE, STAGE_PERCENT[S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE], message
         )
+
+    async def _matting_failed(self, ctx: JobContext, failure: JobFailure) -> bool:
+        """Seed 003's graceful degradation: background removal failed for good, so the crop goes
+        to D-ID as it is, unless the client asked for require_matting. A full disk is not a
+        matting problem: the job fails with it."""
+        if ctx.request.require_matting or failure.error_class == jobs_pb2.ERROR_CLASS_RESOURCE:
+            return False
+        image = await asyncio.to_thread((ctx.workdir / "original").read_bytes)
+        reason = f"background removal failed ({failure.kind}: {failure.description})"
+        await self._plain_crop(ctx, image, tuple(ctx.state["crop_box"]), reason)
+        await ctx.stage(
+            S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE,
+            STAGE_PERCENT[S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE],
+            f"{reason}; continuing without it: the crop is sent as it is (set require_matting to fail instead)",
+        )
+        return True
+
+    @staticmethod
+    async def _plain_crop(ctx: JobContext, image: bytes, crop: tuple, reason: str) -> None:
+        # No alpha to keep: a JPEG (q95) of the crop, ~2 ms to encode and ~5x smaller than a
+        # lossless PNG, which took ~30 ms of CPU per job on these machines.
+        jpeg = await asyncio.to_thread(_crop_jpeg, image, crop)
+        await asyncio.to_thread(_write, ctx.workdir / PERSON_JPEG[0], jpeg)
+        await ctx.save_state(matting_skipped=True, matting_skipped_reason=reason,
+                             person_file=PERSON_JPEG[0], person_media_type=PERSON_JPEG[1])
 
     async def _did_upload(self, ctx: JobContext) -> None:
         await ctx.stage(S.JOB_STAGE_DID_UPLOAD, STAGE_PERCENT[S.JOB_STAGE_DID_UPLOAD], "uploading the photo and audio to D-ID")
@@ -250,8 +271,10 @@ class TalkingVideoPipeline:
                     talk_id, poll_interval_s=self.did_poll_interval_s, timeout_s=self.did_wait_timeout_s
                 )
             except DIDError as exc:
-                if exc.kind != "TalkTimeout":
-                    # The talk itself failed: a retry of this stage must create a new one.
+                if exc.talk_ended or exc.status == 404:
+                    # The talk itself failed, or D-ID no longer knows it: a retry of this stage
+                    # creates a new one. Not for a poll that failed (5xx, 429, a timeout, the
+                    # connection): the talk may still be rendering, and a new one is paid twice.
                     await ctx.save_state(did_talk_id=None)
                 raise
             assert talk.result_url is not None
@@ -282,6 +305,8 @@ class TalkingVideoPipeline:
             video=next(a for a in artifacts if a.kind == jobs_pb2.ARTIFACT_KIND_TALKING_VIDEO),
             person_box=common_pb2.BoundingBox(x1=x1, y1=y1, x2=x2, y2=y2),
             matting_skipped=bool(ctx.state.get("matting_skipped")),
+            matting_skipped_reason=ctx.state.get("matting_skipped_reason")
+            or (SKIPPED_BY_CLIENT if ctx.state.get("matting_skipped") else ""),
             did_talk_id=ctx.state.get("did_talk_id") or "",
             artifacts=artifacts,
         )
@@ -349,6 +374,7 @@ def _crop_box(box: tuple[float, float, float, float], width: int, height: int, m
 PERSON_PNG = ("person.png", "image/png")
 PERSON_JPEG = ("person.jpg", "image/jpeg")
 PERSON_JPEG_QUALITY = 95
+SKIPPED_BY_CLIENT = "skipped at the client's request (skip_matting)"
 
 
 def _person_file(ctx: JobContext) -> tuple[str, str]:

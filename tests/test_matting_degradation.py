@@ -1,0 +1,91 @@
+"""Seed 003's graceful degradation, with a real outage: BiRefNet is not served (a Triton whose
+repository holds YOLOv8 only), so background removal fails through its retries and the talking
+video goes on with the plain crop, saying so in the stage message and the result; with
+require_matting the same job fails instead."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.longrunning import operations_pb2, operations_pb2_grpc
+
+from did_emulator import EmulatorHandle
+from framewise.v1 import jobs_service_pb2 as jobs_pb2
+from framewise.v1 import jobs_service_pb2_grpc
+from server.triton.launcher import TritonPorts
+from tests.conftest import Orchestrator, TritonProcess, free_port, job_args, start_orchestrator, stop_process, wait_until
+from tests.test_jobs import TALKING_STAGES, stages, talking_request, watch
+
+S = jobs_pb2.JobStage
+
+
+@pytest.fixture(scope="module")
+def without_birefnet(tmp_path_factory: pytest.TempPathFactory, cpu_repository: Path) -> Iterator[TritonProcess]:
+    repository = tmp_path_factory.mktemp("yolo-only")
+    (repository / "yolov8").symlink_to(cpu_repository / "yolov8", target_is_directory=True)
+    triton = TritonProcess(repository, tmp_path_factory.mktemp("triton-yolo-only"), TritonPorts(free_port(), free_port(), free_port()))
+    triton.start()
+    yield triton
+    triton.stop()
+
+
+@pytest.fixture(scope="module")
+def degraded(tmp_path_factory: pytest.TempPathFactory, without_birefnet: TritonProcess, did_emulator: EmulatorHandle) -> Iterator[Orchestrator]:
+    # Not waiting for SERVING: with a model of the job service missing its health says NOT_SERVING (an operator
+    # must see the outage), while the jobs it can still do run, degraded.
+    orch = start_orchestrator(tmp_path_factory.mktemp("degraded"), ["--triton-url", without_birefnet.url, *job_args(did_emulator)], name="degraded")
+    try:
+        wait_until(lambda: '"msg": "job worker process ready"' in orch.log_text(), 60, "the job worker to start")
+        yield orch
+    finally:
+        stop_process(orch.process)
+
+
+def test_matting_outage_degrades_to_the_plain_crop(degraded: Orchestrator) -> None:
+    with grpc.insecure_channel(degraded.address) as channel:
+        jobs = jobs_service_pb2_grpc.JobServiceStub(channel)
+        op = jobs.CreateTalkingVideo(talking_request(), timeout=30)
+        events = watch(jobs, op.name)
+        done = operations_pb2_grpc.OperationsStub(channel).GetOperation(operations_pb2.GetOperationRequest(name=op.name), timeout=10)
+
+    seen = stages(events)
+    # Every stage in order, as a job that removed the background; each of the 3 matting attempts starts its stage again.
+    assert [s for i, s in enumerate(seen) if i == 0 or s != seen[i - 1]] == TALKING_STAGES
+    assert seen.count((S.JOB_STAGE_BACKGROUND_REMOVAL_RUNNING, 50)) == 3
+    retries = [e.error for e in events if e.WhichOneof("event") == "error"]
+    assert len(retries) == 2 and all(r.will_retry and r.stage == S.JOB_STAGE_BACKGROUND_REMOVAL_RUNNING for r in retries)
+    (removal,) = [e.stage_update for e in events if e.WhichOneof("event") == "stage_update"
+                  and e.stage_update.stage == S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE]
+    assert "background removal failed" in removal.message and "continuing without it" in removal.message
+    assert events[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    response = jobs_pb2.CreateTalkingVideoResponse()
+    assert done.response.Unpack(response)
+    assert response.matting_skipped and "background removal failed" in response.matting_skipped_reason
+    assert "birefnet" in response.matting_skipped_reason
+    assert {a.name for a in response.artifacts} == {"talking_video.mp4", "person.jpg"}  # the crop, not a cut-out
+
+
+def test_require_matting_fails_the_job_instead(degraded: Orchestrator) -> None:
+    with grpc.insecure_channel(degraded.address) as channel:
+        jobs = jobs_service_pb2_grpc.JobServiceStub(channel)
+        op = jobs.CreateTalkingVideo(talking_request(require_matting=True), timeout=30)
+        events = watch(jobs, op.name)
+    last = events[-1]
+    assert last.WhichOneof("event") == "error" and not last.error.will_retry
+    assert last.error.stage == S.JOB_STAGE_BACKGROUND_REMOVAL_RUNNING and last.error.attempt == 3
+    assert S.JOB_STAGE_DID_UPLOAD not in [s for s, _ in stages(events)]
+
+
+def test_a_skipped_matting_says_why(degraded: Orchestrator) -> None:
+    with grpc.insecure_channel(degraded.address) as channel:
+        jobs = jobs_service_pb2_grpc.JobServiceStub(channel)
+        op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
+        events = watch(jobs, op.name)
+        done = operations_pb2_grpc.OperationsStub(channel).GetOperation(operations_pb2.GetOperationRequest(name=op.name), timeout=10)
+    assert not [e for e in events if e.WhichOneof("event") == "error"]  # matting never ran: nothing failed
+    response = jobs_pb2.CreateTalkingVideoResponse()
+    assert done.response.Unpack(response)
+    assert response.matting_skipped and response.matting_skipped_reason == "skipped at the client's request (skip_matting)"
