@@ -58,10 +58,13 @@ SERVICES = {
 SERVICE_MODELS = {
     SERVICES["vision"].full_name: ("yolov8", BIREFNET, sam2.IMAGE_ENCODER, sam2.MASK_DECODER),
     SERVICES["tracking"].full_name: sam2.TRACKING_MODELS,
-    # Jobs queue and retry, but cannot progress without their models.
-    SERVICES["jobs"].full_name: ("yolov8", BIREFNET, *sam2.TRACKING_MODELS),
+    # Jobs queue and retry, but cannot progress without their models. BiRefNet is not one of
+    # them: without it a talking video goes on with the plain crop (seed 003's degradation).
+    SERVICES["jobs"].full_name: ("yolov8", *sam2.TRACKING_MODELS),
     SERVICES["info"].full_name: (),
 }
+# Models the jobs use but can go on without (seed 003's graceful degradation).
+JOB_DEGRADABLE_MODELS = (BIREFNET,)
 
 
 @dataclass

@@ -43,6 +43,7 @@ class TritonMonitor:
         *,
         interval_s: float = 1.0,
         conditions: dict[str, Callable[[], str]] | None = None,
+        degradable_models: tuple[str, ...] = (),
     ) -> None:
         self.client = client
         # Service full name -> a check beyond models (low disk for jobs): "" when fine, else why not.
@@ -50,6 +51,9 @@ class TritonMonitor:
         # Service full name -> the models its implemented RPCs need (empty: needs Triton only).
         self.service_models = service_models
         self.required_models = tuple(dict.fromkeys(m for models in service_models.values() for m in models))
+        # Models watched (their specs and readiness kept for callers, and the server as a whole
+        # is NOT_SERVING without them) that no listed service needs: a job goes on without them.
+        self.watched_models = tuple(dict.fromkeys((*self.required_models, *degradable_models)))
         self.health = health
         self.metrics = metrics
         self.interval_s = interval_s
@@ -60,7 +64,7 @@ class TritonMonitor:
 
     @property
     def serving(self) -> bool:
-        return self._ready(self.required_models)
+        return self._ready(self.watched_models)
 
     def _ready(self, models: tuple[str, ...]) -> bool:
         return self.state.ready and all(self.state.model_ready.get(m, False) for m in models)
@@ -86,7 +90,7 @@ class TritonMonitor:
             state.live = await self.client.is_server_live()
             state.ready = await self.client.is_server_ready()
             state.server_version = await self.client.server_version()
-            for model in self.required_models:
+            for model in self.watched_models:
                 ready = await self.client.is_model_ready(model)
                 state.model_ready[model] = ready
                 # Re-read the spec whenever a model (re)appears: a restarted Triton may serve a
@@ -94,7 +98,7 @@ class TritonMonitor:
                 if ready and (model not in self._specs or not self.state.model_ready.get(model)):
                     self._specs[model] = await self.client.model_spec(model)
             state.last_error = "" if state.ready else "server not ready"
-            missing = [m for m in self.required_models if not state.model_ready.get(m)]
+            missing = [m for m in self.watched_models if not state.model_ready.get(m)]
             if state.ready and missing:
                 state.last_error = f"models not ready: {', '.join(missing)}"
         except Exception as exc:  # any failure talking to Triton means "not ready"

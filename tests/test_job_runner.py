@@ -664,6 +664,42 @@ async def test_stop_as_a_job_finishes_stops_the_workers(tmp_path: Path) -> None:
         assert (await env.store.get_operation(op.name)).state == JobState.SUCCEEDED
 
 
+async def test_a_completing_event_stores_the_checkpoint_in_its_own_commit(tmp_path: Path) -> None:
+    """A stage whose last act is its completion event (completes=True) is checkpointed with that event: cut
+    off right after it (here: hangs, then shutdown), the restarted runner does not run it, or emit it, again."""
+    calls: Counter[int] = Counter()
+    completed = asyncio.Event()
+
+    async def decode_video(ctx: JobContext) -> None:
+        calls[DECODING] += 1
+        await ctx.save_state(frames=42)
+        await ctx.stage(DECODING, 10.0, "decoded", completes=True)
+        if calls[DECODING] == 1:
+            completed.set()
+            await asyncio.Event().wait()  # the window between the event and the runner's own checkpoint
+
+    async def track(ctx: JobContext) -> None:
+        calls[TRACKING] += 1
+        await ctx.stage(TRACKING, 50.0, "tracking")  # not completing: the runner checkpoints after it returns
+
+    stages = (Stage(DECODING, decode_video), Stage(TRACKING, track))
+    async with environment(tmp_path) as env:
+        first = env.runner(*stages)
+        await first.start()
+        op = await first.submit(SEGMENT, req("a"))
+        await wait(completed, "the completing event")
+        assert (await env.store.get_operation(op.name)).last_completed_stage == DECODING
+        await first.stop()
+        second = env.runner(*stages)
+        await second.start()
+        final, events = await wait_done(second, op.name)
+
+    assert final.state == JobState.SUCCEEDED and final.last_completed_stage == TRACKING
+    assert calls == Counter({DECODING: 1, TRACKING: 1})
+    decoded = [e for e in events if e.event_type == "stage_update" and decode(e).stage == DECODING]
+    assert len(decoded) == 1  # the history holds it once
+
+
 async def test_resume_after_restart_skips_completed_stages(tmp_path: Path) -> None:
     calls: Counter[int] = Counter()
     state_seen: list[dict] = []

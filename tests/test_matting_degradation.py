@@ -1,5 +1,5 @@
 """Seed 003's graceful degradation, with a real outage: BiRefNet is not served (a Triton whose
-repository holds YOLOv8 only), so background removal fails through its retries and the talking
+repository holds every model but birefnet), so background removal fails through its retries and the talking
 video goes on with the plain crop, saying so in the stage message and the result; with
 require_matting the same job fails instead."""
 
@@ -11,12 +11,14 @@ from pathlib import Path
 import grpc
 import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from did_emulator import EmulatorHandle
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from framewise.v1 import jobs_service_pb2_grpc
 from server.triton.launcher import TritonPorts
-from tests.conftest import Orchestrator, TritonProcess, free_port, job_args, start_orchestrator, stop_process, wait_until
+from tests.conftest import Orchestrator, TritonProcess, free_port, health_status, stop_process
+from tests.test_job_worker import _serve
 from tests.test_jobs import TALKING_STAGES, stages, talking_request, watch
 
 S = jobs_pb2.JobStage
@@ -24,9 +26,11 @@ S = jobs_pb2.JobStage
 
 @pytest.fixture(scope="module")
 def without_birefnet(tmp_path_factory: pytest.TempPathFactory, cpu_repository: Path) -> Iterator[TritonProcess]:
-    repository = tmp_path_factory.mktemp("yolo-only")
-    (repository / "yolov8").symlink_to(cpu_repository / "yolov8", target_is_directory=True)
-    triton = TritonProcess(repository, tmp_path_factory.mktemp("triton-yolo-only"), TritonPorts(free_port(), free_port(), free_port()))
+    repository = tmp_path_factory.mktemp("no-birefnet")
+    for model in cpu_repository.iterdir():
+        if model.is_dir() and model.name != "birefnet":
+            (repository / model.name).symlink_to(model, target_is_directory=True)
+    triton = TritonProcess(repository, tmp_path_factory.mktemp("triton-no-birefnet"), TritonPorts(free_port(), free_port(), free_port()))
     triton.start()
     yield triton
     triton.stop()
@@ -34,14 +38,18 @@ def without_birefnet(tmp_path_factory: pytest.TempPathFactory, cpu_repository: P
 
 @pytest.fixture(scope="module")
 def degraded(tmp_path_factory: pytest.TempPathFactory, without_birefnet: TritonProcess, did_emulator: EmulatorHandle) -> Iterator[Orchestrator]:
-    # Not waiting for SERVING: with a model of the job service missing its health says NOT_SERVING (an operator
-    # must see the outage), while the jobs it can still do run, degraded.
-    orch = start_orchestrator(tmp_path_factory.mktemp("degraded"), ["--triton-url", without_birefnet.url, *job_args(did_emulator)], name="degraded")
-    try:
-        wait_until(lambda: '"msg": "job worker process ready"' in orch.log_text(), 60, "the job worker to start")
-        yield orch
-    finally:
-        stop_process(orch.process)
+    # _serve waits for the JobService to report SERVING: BiRefNet is not among the models it needs.
+    orch = _serve(tmp_path_factory.mktemp("degraded"), without_birefnet, did_emulator, name="degraded")
+    yield orch
+    stop_process(orch.process)
+
+
+def test_health_shows_the_outage_where_it_bites(degraded: Orchestrator) -> None:
+    with grpc.insecure_channel(degraded.address) as channel:
+        assert health_status(channel, "framewise.v1.JobService") == health_pb2.HealthCheckResponse.SERVING
+        assert health_status(channel, "framewise.v1.VisionService") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING  # the whole server: a model is down
+    assert "birefnet" in degraded.log_text()  # named in the logged reason
 
 
 def test_matting_outage_degrades_to_the_plain_crop(degraded: Orchestrator) -> None:

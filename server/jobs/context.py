@@ -48,6 +48,9 @@ class JobContext:
     current_stage: int = jobs_pb2.JOB_STAGE_INITIALIZED
     # Failed attempts so far in the running stage (reset by the runner when a stage starts).
     failed_attempts: int = 0
+    # The running Stage's checkpoint (set by the runner), and whether an event already stored it.
+    checkpoint: int | None = None
+    checkpoint_stored: bool = False
     cancel_requested: bool = False
     artifact_paths: list[Path] = field(default_factory=list)
 
@@ -73,13 +76,22 @@ class JobContext:
 
     # ---------------------------------------------------------------- events
 
-    async def stage(self, stage: int, percent: float, message: str) -> None:
-        """A stage_update event; the operation's stage/percent/message follow it."""
+    async def stage(self, stage: int, percent: float, message: str, *, completes: bool = False) -> None:
+        """A stage_update event; the operation's stage/percent/message follow it.
+
+        ``completes``: this event is the running stage's last act (its files and state are
+        saved), so the stage's checkpoint is stored in the same commit. A crash can then no
+        longer fall between the two and run the stage, and its events, a second time."""
         self.check_cancelled()
         self.current_stage = stage
-        update = OperationUpdate(state=JobState.RUNNING, stage=stage, percent=percent, message=message)
+        checkpoint = self.checkpoint if completes else None
+        update = OperationUpdate(
+            state=JobState.RUNNING, stage=stage, percent=percent, message=message, last_completed_stage=checkpoint
+        )
         payload = jobs_pb2.StageUpdate(stage=stage, percent=percent, message=message)  # type: ignore[arg-type]
         await self.bus.emit(self.name, "stage_update", payload.SerializeToString(), update=update)
+        if checkpoint is not None:
+            self.checkpoint_stored = True
 
     async def progress(self, percent: float, message: str, *, done: int = 0, total: int = 0) -> None:
         """A progress_update event within the current stage."""

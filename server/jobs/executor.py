@@ -202,8 +202,10 @@ class JobExecutor:
             done = [s.checkpoint for s in stages]
             start = done.index(op.last_completed_stage) + 1 if op.last_completed_stage in done else 0
             for stage in stages[start:]:
+                ctx.checkpoint, ctx.checkpoint_stored = stage.checkpoint, False
                 await self._run_stage(stage, ctx)
-                await self.store.update_operation(name, last_completed_stage=stage.checkpoint)
+                if not ctx.checkpoint_stored:  # the stage did not end with a completing event
+                    await self.store.update_operation(name, last_completed_stage=stage.checkpoint)
             response = await pipeline.response(ctx)
             await self._finish_succeeded(ctx, response)
         except (JobCancelled, asyncio.CancelledError):

@@ -239,6 +239,7 @@ class SegmentVideoPipeline:
             STAGE_PERCENT[S.JOB_STAGE_UPLOAD_COMPLETE],
             f"video ready: {video.width}x{video.height}, {video.frame_count} frames at {video.fps:.3f} fps "
             f"({video.duration_s:.1f} s); {len(plan)} frames to process",
+            completes=True,
         )
 
     async def _decode_check(self, ctx: JobContext) -> None:

@@ -174,7 +174,9 @@ class TalkingVideoPipeline:
         await asyncio.to_thread(_write, ctx.workdir / audio_file, audio)
         await ctx.save_state(audio_file=audio_file, audio_media_type=checked.media_type)
         duration = f" ({checked.duration_s:.1f} s of audio)" if checked.duration_s else ""
-        await ctx.stage(S.JOB_STAGE_UPLOAD_COMPLETE, STAGE_PERCENT[S.JOB_STAGE_UPLOAD_COMPLETE], f"inputs stored{duration}")
+        await ctx.stage(
+            S.JOB_STAGE_UPLOAD_COMPLETE, STAGE_PERCENT[S.JOB_STAGE_UPLOAD_COMPLETE], f"inputs stored{duration}", completes=True
+        )
 
     async def _detect(self, ctx: JobContext) -> None:
         await ctx.stage(S.JOB_STAGE_DETECTION_RUNNING, STAGE_PERCENT[S.JOB_STAGE_DETECTION_RUNNING], "detecting people")
@@ -199,7 +201,7 @@ class TalkingVideoPipeline:
             f"Detected {len(people)} person{'s' if len(people) != 1 else ''}, selected person #{chosen_index + 1} "
             f"(score {person.score:.2f})"
         )
-        await ctx.stage(S.JOB_STAGE_DETECTION_COMPLETE, STAGE_PERCENT[S.JOB_STAGE_DETECTION_COMPLETE], message)
+        await ctx.stage(S.JOB_STAGE_DETECTION_COMPLETE, STAGE_PERCENT[S.JOB_STAGE_DETECTION_COMPLETE], message, completes=True)
 
     async def _matte(self, ctx: JobContext) -> None:
         await ctx.stage(
@@ -221,7 +223,10 @@ class TalkingVideoPipeline:
                                  person_file=PERSON_PNG[0], person_media_type=PERSON_PNG[1])
             message = "background removed" + (" (BiRefNet STAND-IN model: the alpha has no learned meaning)" if matte.model.stand_in else "")
         await ctx.stage(
-            S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE, STAGE_PERCENT[S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE], message
+            S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE,
+            STAGE_PERCENT[S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE],
+            message,
+            completes=True,
         )
 
     async def _matting_failed(self, ctx: JobContext, failure: JobFailure) -> bool:
@@ -237,6 +242,7 @@ class TalkingVideoPipeline:
             S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE,
             STAGE_PERCENT[S.JOB_STAGE_BACKGROUND_REMOVAL_COMPLETE],
             f"{reason}; continuing without it: the crop is sent as it is (set require_matting to fail instead)",
+            completes=True,
         )
         return True
 
@@ -281,7 +287,10 @@ class TalkingVideoPipeline:
             video = await did.download(talk.result_url)
         await asyncio.to_thread(_write, ctx.workdir / "talk.mp4", video)
         await ctx.stage(
-            S.JOB_STAGE_DID_COMPLETE, STAGE_PERCENT[S.JOB_STAGE_DID_COMPLETE], f"D-ID talk {talk_id} done ({len(video)} bytes)"
+            S.JOB_STAGE_DID_COMPLETE,
+            STAGE_PERCENT[S.JOB_STAGE_DID_COMPLETE],
+            f"D-ID talk {talk_id} done ({len(video)} bytes)",
+            completes=True,
         )
 
     async def _finalize(self, ctx: JobContext) -> None:

@@ -23,7 +23,7 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry, generate_latest
 
 from server.aio import cancel_and_wait
-from server.app import SERVICE_MODELS, SERVICES
+from server.app import JOB_DEGRADABLE_MODELS, SERVICE_MODELS, SERVICES
 from server.app_jobs import job_admission, job_pipelines, storage_config
 from server.health import TritonMonitor
 from server.jobs.executor import JobExecutor, RetryPolicy
@@ -62,6 +62,7 @@ class JobWorker:
             health_aio.HealthServicer(),
             self.metrics,
             interval_s=config.health_interval_s,
+            degradable_models=JOB_DEGRADABLE_MODELS,
         )
         self.inference = InferenceRunner(self.client, self.metrics, shm_slots_per_model=settings.triton_shm_slots)
         detection = DetectionPipeline(self.inference, self.monitor, self.metrics, max_pixels=config.max_image_pixels)

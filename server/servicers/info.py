@@ -32,9 +32,10 @@ class InfoServicer(info_service_pb2_grpc.InfoServiceServicer):
             ),
         )
         specs = self.monitor.specs()
-        for name in self.monitor.required_models:
+        for name in self.monitor.watched_models:
             spec = specs.get(name)
-            status = response.models.add(name=name, required=True, ready=state.model_ready.get(name, False))
+            required = name in self.monitor.required_models
+            status = response.models.add(name=name, required=required, ready=state.model_ready.get(name, False))
             if spec is not None:
                 status.version = spec.version
                 status.stand_in = spec.stand_in
