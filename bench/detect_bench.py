@@ -26,6 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+# The Stack starts its servers with a preexec_fn (fork, not vfork): gRPC fork handlers would restart
+# their poller threads in the child, which can then die before exec (see server/processes.py).
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+
 import cv2
 import grpc
 import numpy as np

@@ -35,6 +35,10 @@ import wave
 from pathlib import Path
 from types import SimpleNamespace
 
+# The Stack starts its servers with a preexec_fn (fork, not vfork): gRPC fork handlers would restart
+# their poller threads in the child, which can then die before exec (see server/processes.py).
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+
 import grpc
 import httpx
 import numpy as np

@@ -9,6 +9,10 @@ import os
 # numpy is imported.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
+from server.processes import no_grpc_fork_handlers  # noqa: E402 - no gRPC in it
+
+no_grpc_fork_handlers()  # before gRPC is imported: Triton and the job worker are started with a preexec_fn
+
 import asyncio  # noqa: E402
 import ctypes  # noqa: E402
 import logging  # noqa: E402

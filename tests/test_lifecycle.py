@@ -137,7 +137,7 @@ def _count(starts: Path) -> int:
 
 
 async def test_triton_crashing_on_its_first_start_is_started_again(tmp_path: Path) -> None:
-    # The first start aborts (as Triton 2.51 once did: SIGABRT from its gRPC event engine); the next one serves.
+    # The first start aborts (SIGABRT, as a forked child killed by gRPC's fork handlers before exec did); the next one serves.
     triton, starts = _triton_wrapper(tmp_path, f'[ "$(wc -l < {tmp_path / "starts"})" -gt 1 ] || kill -ABRT $$')
     await triton.start()
     try:

@@ -174,9 +174,9 @@ class ManagedTriton:
         """Start Triton and return once it reports ready; TritonStartError otherwise.
 
         A start that crashes (killed by a signal before it is ready) is tried again, up to
-        ``startup_attempts`` in all: Triton 2.51 has been seen to abort on its first second
-        (``epoll_wait error: Bad file descriptor`` in its gRPC event engine, SIGABRT) and come
-        up on the next try. An error exit or a timeout is raised at once."""
+        ``startup_attempts`` in all: a crash in its first second need not repeat (the one seen
+        here, SIGABRT with ``epoll_wait error: Bad file descriptor``, was the forked child dying
+        before exec, see server/processes.py). An error exit or a timeout is raised at once."""
         self._stopping = False
         for attempt in range(1, self.startup_attempts + 1):
             await self._spawn()
