@@ -458,6 +458,26 @@ def test_segment_video_from_a_server_path_writes_every_artifact(jobs) -> None:
         assert len(archive.namelist()) == 8
 
 
+def test_cancel_mid_tracking_ends_cancelled_and_frees_the_tracking_slot(jobs, operations) -> None:
+    request = jobs_pb2.SegmentVideoRequest(server_path="bedroom.mp4", box=common_pb2.BoundingBox(x1=100, y1=100, x2=300, y2=300))
+    op = jobs.SegmentVideo(request, timeout=60)
+    stream = jobs.WatchOperation(jobs_pb2.WatchOperationRequest(name=op.name), timeout=TIMEOUT_S)
+    for event in stream:
+        if event.WhichOneof("event") == "progress_update" and event.progress_update.stage == S.JOB_STAGE_TRACKING:
+            break  # frames are being tracked
+    stream.cancel()
+    operations.CancelOperation(operations_pb2.CancelOperationRequest(name=op.name), timeout=30)
+    done = operations.GetOperation(operations_pb2.GetOperationRequest(name=op.name), timeout=10)
+    assert done.done and metadata(done).state == jobs_pb2.JOB_STATE_CANCELLED
+    events = watch(jobs, op.name)
+    assert events[-1].complete.state == jobs_pb2.JOB_STATE_CANCELLED and not events[-1].complete.artifacts
+    tracked = [e.progress_update for e in events if e.WhichOneof("event") == "progress_update"]
+    assert tracked[-1].done < tracked[-1].total  # it stopped part-way
+    # The one tracking slot (--tracking-slots 1) is free again: the next segmentation runs to the end.
+    after = jobs.SegmentVideo(jobs_pb2.SegmentVideoRequest(server_path="bedroom.mp4", box=request.box, max_frames=4), timeout=60)
+    assert watch(jobs, after.name)[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
+
+
 @pytest.mark.parametrize(
     ("fields", "field"),
     [
