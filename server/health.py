@@ -1,6 +1,7 @@
-"""Watches Triton and the required models; drives grpc.health.v1 and the server-info answer.
+"""Watches Triton and its models; drives grpc.health.v1 and the server-info answer.
 
-SERVING only while Triton is ready and every required model is ready; NOT_SERVING otherwise.
+A service is SERVING only while Triton is ready and every model it needs is ready; the server
+as a whole ("") only while every watched model is; NOT_SERVING otherwise.
 RPCs ask `require_ready()` first, so they fail fast with UNAVAILABLE and a reason instead of
 waiting on a dead endpoint.
 """
@@ -51,8 +52,9 @@ class TritonMonitor:
         # Service full name -> the models its implemented RPCs need (empty: needs Triton only).
         self.service_models = service_models
         self.required_models = tuple(dict.fromkeys(m for models in service_models.values() for m in models))
-        # Models watched (their specs and readiness kept for callers, and the server as a whole
-        # is NOT_SERVING without them) that no listed service needs: a job goes on without them.
+        # Every model watched: the required ones and the degradable ones (no listed service
+        # needs those: a job goes on without them). All keep their specs and readiness for
+        # callers, and the server as a whole ("") is NOT_SERVING without any of them.
         self.watched_models = tuple(dict.fromkeys((*self.required_models, *degradable_models)))
         self.health = health
         self.metrics = metrics

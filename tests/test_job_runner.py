@@ -245,6 +245,28 @@ async def test_queue_limit_holds_for_concurrent_submits_and_a_full_queue_skips_v
         assert "f" not in validated
 
 
+async def test_a_queued_job_is_not_counted_twice_while_its_submit_finishes(tmp_path: Path) -> None:
+    # Submit a's last read is held open after its job is queued: the queue (1 of 2) still has room for b.
+    async with environment(tmp_path) as env:
+        runner = env.runner(Stage(DECODING, lambda ctx: asyncio.sleep(0)), max_queued=2)  # not started: jobs stay queued
+        gate, reads, real_get = asyncio.Event(), Counter(), env.store.get_operation
+
+        async def first_read_held(name: str) -> OperationRecord:
+            reads["n"] += 1
+            if reads["n"] == 1:
+                await gate.wait()
+            return await real_get(name)
+
+        env.store.get_operation = first_read_held  # type: ignore[method-assign]
+        a = asyncio.create_task(runner.submit(SEGMENT, req("a")))
+        while reads["n"] == 0:
+            await asyncio.sleep(0.001)
+        assert len(runner._queue) == 1
+        b = await runner.submit(SEGMENT, req("b"))
+        gate.set()
+        assert (await a).name != b.name and len(runner._queue) == 2 and runner._held == 0
+
+
 async def test_repeated_request_id_returns_first_operation_and_runs_once(tmp_path: Path) -> None:
     runs: list[str] = []
     gate = asyncio.Event()

@@ -207,6 +207,16 @@ def test_polls_failing_past_the_client_retries_keep_the_same_talk(jobs, did_emul
     assert polls[:5] == [500] * 5 and polls[-1] == 200
 
 
+def test_a_talk_d_id_no_longer_knows_is_created_again(jobs, did_emulator) -> None:
+    inject(did_emulator, path="/talks/*", method="GET", status=404, kind="NotFoundError", description="talk not found", times=1)
+    op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
+    events = watch(jobs, op.name)
+    (gone,) = [e.error for e in events if e.WhichOneof("event") == "error"]
+    assert gone.kind == "talk_not_found" and gone.will_retry and gone.error_class == jobs_pb2.ERROR_CLASS_EXTERNAL
+    assert events[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert [r["status"] for r in emulator_requests(did_emulator, "POST", "/talks")] == [201, 201]
+
+
 def test_did_permanent_error_fails_with_its_kind_and_description(jobs, operations, did_emulator) -> None:
     inject(did_emulator, path="/images", method="POST", status=400, kind="BadRequestError", description="image has no face", times=1)
     op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
@@ -265,6 +275,11 @@ def test_photo_without_a_person_fails_fast(jobs) -> None:
             },
             "person.point",
         ),
+        (
+            {"image": (ASSETS / "images" / "bus.jpg").read_bytes(), "audio": tone_wav(0.5), "skip_matting": True,
+             "require_matting": True},
+            "require_matting",
+        ),
     ],
 )
 def test_bad_talking_video_requests_are_refused_at_submit(jobs, request_fields, field) -> None:
@@ -310,11 +325,13 @@ def test_request_id_makes_submission_idempotent(jobs) -> None:
 
 
 def test_operations_list_filter_page_wait_delete(jobs, operations) -> None:
+    other = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)  # two SUCCEEDED at least: pages
     op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
-    waited = operations.WaitOperation(
-        operations_pb2.WaitOperationRequest(name=op.name, timeout=duration_pb2.Duration(seconds=60)), timeout=90
-    )
-    assert waited.done
+    for name in (other.name, op.name):
+        waited = operations.WaitOperation(
+            operations_pb2.WaitOperationRequest(name=name, timeout=duration_pb2.Duration(seconds=60)), timeout=90
+        )
+        assert waited.done and metadata(waited).state == jobs_pb2.JOB_STATE_SUCCEEDED
 
     names: list[str] = []
     token = ""
@@ -332,14 +349,15 @@ def test_operations_list_filter_page_wait_delete(jobs, operations) -> None:
     assert op.name in names and len(names) == len(set(names))
     # A token continues its own listing only (AIP-158): another filter with it is refused.
     first = operations.ListOperations(operations_pb2.ListOperationsRequest(filter="state = SUCCEEDED", page_size=1), timeout=10)
-    if first.next_page_token:
-        same = operations.ListOperations(
-            operations_pb2.ListOperationsRequest(filter="state=SUCCEEDED", page_size=1, page_token=first.next_page_token), timeout=10
-        )
-        assert same.operations[0].name != first.operations[0].name
+    assert first.next_page_token
+    same = operations.ListOperations(  # the same filter written another way continues the listing
+        operations_pb2.ListOperationsRequest(filter="state=SUCCEEDED", page_size=1, page_token=first.next_page_token), timeout=10
+    )
+    assert same.operations[0].name != first.operations[0].name
+    for changed in ("state = FAILED", "", "state = SUCCEEDED AND kind = SEGMENT_VIDEO"):
         with pytest.raises(grpc.RpcError) as err:
             operations.ListOperations(
-                operations_pb2.ListOperationsRequest(filter="state = FAILED", page_token=first.next_page_token), timeout=10
+                operations_pb2.ListOperationsRequest(filter=changed, page_token=first.next_page_token), timeout=10
             )
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "another filter" in err.value.details()
     failed = operations.ListOperations(

@@ -18,10 +18,10 @@ import asyncio
 import logging
 import random
 import shutil
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -38,6 +38,8 @@ from server.jobs.store import EventRecord, JobState, JobStore, OperationRecord, 
 __all__ = ["EventSink", "JobExecution", "JobExecutor", "RetryPolicy", "finish_cancelled", "workdir_of"]
 
 log = logging.getLogger("server.jobs")
+
+T = TypeVar("T")
 
 
 class EventSink(Protocol):
@@ -247,18 +249,12 @@ class JobExecutor:
         ctx.failed_attempts = 0
         while True:
             try:
-                try:
-                    await stage.run(ctx)
-                    return
-                except OSError as exc:
-                    disk_full = from_os_error(exc)
-                    if disk_full is None:
-                        raise
-                    raise disk_full from exc
+                await _disk_full_classified(stage.run(ctx))
+                return
             except JobFailure as failure:
                 if not failure.retryable or attempt >= stage.max_attempts:
                     failure.attempts = ctx.failed_attempts + 1  # this failure included
-                    if stage.fallback is not None and await stage.fallback(ctx, failure):
+                    if stage.fallback is not None and await _disk_full_classified(stage.fallback(ctx, failure)):
                         log.warning(
                             "job stage failed; continuing without it (graceful degradation)",
                             extra={"operation": ctx.name, "stage": jobs_pb2.JobStage.Name(ctx.current_stage),
@@ -360,6 +356,17 @@ async def rollback(store: JobStore, ctx: JobContext) -> None:
     already placed are deleted (their rows stay only as history of what was attempted)."""
     ctx.remove_workdir()
     await remove_artifacts(store, ctx.name)
+
+
+async def _disk_full_classified(work: Awaitable[T]) -> T:
+    """A full disk inside ``work`` as the RESOURCE failure it is; any other OSError stays a bug."""
+    try:
+        return await work
+    except OSError as exc:
+        disk_full = from_os_error(exc)
+        if disk_full is None:
+            raise
+        raise disk_full from exc
 
 
 async def remove_artifacts(store: JobStore, name: str) -> None:

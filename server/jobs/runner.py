@@ -126,29 +126,33 @@ class JobRunner:
         raise QueueFull(f"the job queue is full ({self.max_queued} jobs waiting); retry later or raise --max-queued-jobs")
 
     async def _store_and_enqueue(self, kind: int, request: Message, request_id: str) -> OperationRecord:
+        """Runs holding a place (``_held``); the place passes to the queue with the job, or is freed."""
+        queued = False
         try:
-            return await self._store_and_enqueue_held(kind, request, request_id)
+            op, created = await self.store.create_operation(
+                kind=kind,
+                request=request.SerializeToString(),
+                request_id=request_id or None,
+                stage=jobs_pb2.JOB_STAGE_INITIALIZED,
+                message="queued",
+            )
+            if not created:
+                return op
+            position = len(self._queue)
+            payload = jobs_pb2.StageUpdate(
+                stage=jobs_pb2.JOB_STAGE_INITIALIZED, percent=0.0, message=f"queued (position {position})"
+            )
+            await self.bus.emit(op.name, "stage_update", payload.SerializeToString())
+            async with self._queue_changed:
+                self._queue.append(op.name)
+                self._held -= 1  # in the same step: the job is never counted in both
+                queued = True
+                self._queue_changed.notify()
+            log.info("job queued", extra={"operation": op.name, "kind": jobs_pb2.JobKind.Name(kind), "position": position})
+            return await self.store.get_operation(op.name)
         finally:
-            self._held -= 1  # queued now (or failed): the place is the queue's, or free again
-
-    async def _store_and_enqueue_held(self, kind: int, request: Message, request_id: str) -> OperationRecord:
-        op, created = await self.store.create_operation(
-            kind=kind,
-            request=request.SerializeToString(),
-            request_id=request_id or None,
-            stage=jobs_pb2.JOB_STAGE_INITIALIZED,
-            message="queued",
-        )
-        if not created:
-            return op
-        position = len(self._queue)
-        payload = jobs_pb2.StageUpdate(
-            stage=jobs_pb2.JOB_STAGE_INITIALIZED, percent=0.0, message=f"queued (position {position})"
-        )
-        await self.bus.emit(op.name, "stage_update", payload.SerializeToString())
-        await self._enqueue(op.name)
-        log.info("job queued", extra={"operation": op.name, "kind": jobs_pb2.JobKind.Name(kind), "position": position})
-        return await self.store.get_operation(op.name)
+            if not queued:
+                self._held -= 1  # a repeat or a failure: the place is free again
 
     async def cancel(self, name: str) -> OperationRecord:
         """Requests cancellation: a queued job ends CANCELLED at once; a running one is stopped

@@ -424,7 +424,7 @@ class StorageManager:
             await asyncio.sleep(self.config.disk_check_interval_s)
             try:
                 await self._refresh_disk()
-            except OSError:
+            except Exception:  # the loop must outlive any one failed check
                 log.exception("storage: free-space check failed")
 
     async def _run(self) -> None:

@@ -109,6 +109,8 @@ class TalkingVideoPipeline:
                 "local emulator)",
                 code=grpc.StatusCode.FAILED_PRECONDITION,
             )
+        if request.skip_matting and request.require_matting:
+            raise InvalidInput("skip_matting and require_matting contradict each other; set one", "require_matting")
         image = await self._image_bytes(request)
         header = read_header(image)
         if header is None:
@@ -277,11 +279,15 @@ class TalkingVideoPipeline:
                     talk_id, poll_interval_s=self.did_poll_interval_s, timeout_s=self.did_wait_timeout_s
                 )
             except DIDError as exc:
+                # Not for a poll that failed (5xx, 429, a timeout, the connection): the talk may
+                # still be rendering, and a new one would be paid twice. Only a talk that ended
+                # in error/rejected, or one D-ID no longer knows, is created again by a retry.
                 if exc.talk_ended or exc.status == 404:
-                    # The talk itself failed, or D-ID no longer knows it: a retry of this stage
-                    # creates a new one. Not for a poll that failed (5xx, 429, a timeout, the
-                    # connection): the talk may still be rendering, and a new one is paid twice.
                     await ctx.save_state(did_talk_id=None)
+                if exc.status == 404:  # the client calls a 404 permanent; for a saved talk it is not
+                    raise JobFailure.external(
+                        "talk_not_found", f"D-ID no longer knows talk {talk_id} ({exc.description}); a new talk is created"
+                    ) from exc
                 raise
             assert talk.result_url is not None
             video = await did.download(talk.result_url)

@@ -184,7 +184,7 @@ class ManagedTriton:
                 await self._wait_ready()
                 break
             except TritonStartError as exc:
-                if not exc.crashed or attempt == self.startup_attempts:
+                if not exc.crashed or attempt == self.startup_attempts or self._stopping:
                     raise
                 log.warning(
                     "triton crashed during startup; starting it again",
