@@ -1,7 +1,7 @@
 """A local D-ID talks API over real HTTP (``http.server.ThreadingHTTPServer``), with fault injection.
 
 API (as D-ID): POST /images, POST /audios (multipart ``image``/``audio``), POST /talks, GET
-/talks/{id}; every call needs ``Authorization: Basic <api-key>``. Results are served, without
+/talks/{id}, GET /talks?limit=N (newest first); every call needs ``Authorization: Basic <api-key>``. Results are served, without
 auth, at the ``result_url`` the talk carries once done. Control (no auth, not logged):
 POST /_emulator/faults, POST /_emulator/reset, GET /_emulator/requests.
 """
@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 from did_emulator.media import MediaError, check_audio, check_image
 from did_emulator.multipart import MultipartError, parse_multipart
@@ -101,6 +101,8 @@ class Handler(BaseHTTPRequestHandler):
             return self._create_talk()
         if method == "GET" and path.startswith("/talks/") and path.count("/") == 2:
             return self._get_talk(path.removeprefix("/talks/"))
+        if method == "GET" and path == "/talks":
+            return self._list_talks()
         raise ApiError(404, f"no route for {method} {path}")
 
     def _check_auth(self) -> None:
@@ -157,6 +159,17 @@ class Handler(BaseHTTPRequestHandler):
         if talk is None:
             raise ApiError(404, f"talk {talk_id!r} not found")
         return self._send_json(200, self._talk_json(talk))
+
+    def _list_talks(self) -> int:
+        query = parse_qs(urlsplit(self.path).query)
+        try:
+            limit = int(query.get("limit", ["100"])[0])
+        except ValueError:
+            raise ApiError(400, "limit must be an integer") from None
+        if not 1 <= limit <= 100:
+            raise ApiError(400, "limit must be within 1..100")
+        talks = [self._talk_json(t) for t in self.server.state.recent_talks(limit)]
+        return self._send_json(200, {"talks": talks})
 
     def _talk_json(self, talk: TalkRecord) -> dict[str, Any]:
         status = talk.status(time.monotonic())

@@ -195,6 +195,11 @@ class EmulatorState:
         with self._lock:
             return self.talks.get(talk_id)
 
+    def recent_talks(self, limit: int) -> list[TalkRecord]:
+        """Newest first, as D-ID's GET /talks lists them."""
+        with self._lock:
+            return sorted(self.talks.values(), key=lambda t: t.created_at, reverse=True)[:limit]
+
     @staticmethod
     def _render(record: TalkRecord) -> None:
         try:

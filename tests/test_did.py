@@ -219,6 +219,42 @@ async def test_timeouts_are_retried_then_fail_as_recoverable(emulator: EmulatorH
     assert len(requests_to(emulator, "GET", "/talks/tlk_slow")) == 3
 
 
+async def test_a_talk_is_created_once_per_pair_of_uploads(emulator: EmulatorHandle) -> None:
+    # A resumed job or a retried stage asks again with the same uploads: the talk that exists is adopted.
+    async with make_client(emulator) as client:
+        image_url, audio_url = await upload_both(client)
+        first = await client.create_talk(image_url, audio_url)
+        assert await client.create_talk(image_url, audio_url) == first
+        other_audio = await client.upload_audio(tone_wav(0.5), "other.wav", "audio/wav")
+        assert await client.create_talk(image_url, other_audio) != first  # other uploads: another talk
+    assert [r["status"] for r in requests_to(emulator, "POST", "/talks")] == [201, 201]
+
+
+async def test_a_post_that_timed_out_but_landed_is_adopted_not_repeated(emulator: EmulatorHandle) -> None:
+    # D-ID creates the talk after the client's timeout fired: the client gives the request landing_wait_s,
+    # finds the talk by its uploads and does not POST again (a second talk would be billed).
+    rec = Recorder()
+    async with make_client(emulator, timeout_s=0.4, landing_wait_s=1.0, on_retry=rec.on_retry) as client:
+        image_url, audio_url = await upload_both(client)
+        inject(emulator, path="/talks", method="POST", delay_s=0.6, times=1)
+        talk_id = await client.create_talk(image_url, audio_url)
+        talk = await client.get_talk(talk_id)
+    assert talk.id == talk_id
+    assert len(requests_to(emulator, "POST", "/talks")) == 1  # only the one that timed out
+    assert [(a, e.kind) for a, e, _ in rec.retries] == [(1, "Timeout")]
+
+
+async def test_a_post_that_failed_for_sure_is_posted_again(emulator: EmulatorHandle) -> None:
+    # A 503 that created nothing: the lookup finds no talk, the POST is repeated and succeeds.
+    rec = Recorder()
+    async with make_client(emulator, rec) as client:
+        image_url, audio_url = await upload_both(client)
+        inject(emulator, path="/talks", method="POST", status=503, times=1)
+        talk_id = await client.create_talk(image_url, audio_url)
+    assert [r["status"] for r in requests_to(emulator, "POST", "/talks")] == [503, 201]
+    assert talk_id and rec.sleeps[-1] == 5.0  # landing_wait_s defaults to the timeout
+
+
 @pytest.mark.parametrize("outcome,error_class", [("rejected", "permanent"), ("error", "external")])
 async def test_a_failed_talk_raises_with_its_kind(emulator: EmulatorHandle, outcome: str, error_class: str) -> None:
     inject(emulator, talk_outcome=outcome, kind="FaceError", description="no face found in the source image")

@@ -207,14 +207,17 @@ def test_polls_failing_past_the_client_retries_keep_the_same_talk(jobs, did_emul
     assert polls[:5] == [500] * 5 and polls[-1] == 200
 
 
-def test_a_talk_d_id_no_longer_knows_is_created_again(jobs, did_emulator) -> None:
+def test_a_404_for_the_saved_talk_is_retried_through_the_talk_listing(jobs, did_emulator) -> None:
+    # GET /talks/{id} answers 404 once: the stage is retried (talk_not_found), and the retry looks for a talk
+    # made from the job's uploads before posting. The emulator still lists it, so it is adopted: one POST.
     inject(did_emulator, path="/talks/*", method="GET", status=404, kind="NotFoundError", description="talk not found", times=1)
     op = jobs.CreateTalkingVideo(talking_request(skip_matting=True), timeout=30)
     events = watch(jobs, op.name)
     (gone,) = [e.error for e in events if e.WhichOneof("event") == "error"]
     assert gone.kind == "talk_not_found" and gone.will_retry and gone.error_class == jobs_pb2.ERROR_CLASS_EXTERNAL
     assert events[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
-    assert [r["status"] for r in emulator_requests(did_emulator, "POST", "/talks")] == [201, 201]
+    assert [r["status"] for r in emulator_requests(did_emulator, "POST", "/talks")] == [201]
+    assert [r["status"] for r in emulator_requests(did_emulator, "GET", "/talks") if r["path"] == "/talks"] == [200, 200]
 
 
 def test_did_permanent_error_fails_with_its_kind_and_description(jobs, operations, did_emulator) -> None:

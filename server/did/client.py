@@ -64,6 +64,7 @@ class DIDClient:
         sleep: Sleep = asyncio.sleep,
         on_retry: OnRetry | None = None,
         http: httpx.AsyncClient | None = None,
+        landing_wait_s: float | None = None,
     ) -> None:
         if not api_key or not api_key.strip():
             raise DIDError(
@@ -88,6 +89,9 @@ class DIDClient:
         self.backoff_base_s = backoff_base_s
         self.backoff_cap_s = backoff_cap_s
         self.max_retry_after_s = max_retry_after_s
+        # How long a POST /talks that failed without a clear answer gets to land before the
+        # client looks for its talk (see create_talk); default: one timeout.
+        self.landing_wait_s = timeout_s if landing_wait_s is None else landing_wait_s
         self._rng = rng if rng is not None else random.Random()
         self._sleep = sleep
         self._on_retry = on_retry
@@ -115,14 +119,53 @@ class DIDClient:
         return await self._upload("/audios", "audio", data, filename, content_type)
 
     async def create_talk(self, source_url: str, audio_url: str) -> str:
-        """Start rendering a talk; returns its id. Note: a retried POST after a timeout may create
-        a second talk if the first request reached D-ID (the API has no idempotency key)."""
+        """Start rendering a talk from two uploads; returns its id, one talk per pair of uploads.
+
+        D-ID has no idempotency key and bills a talk when it is created. Upload URLs are unique per
+        upload, so a talk listed with these URLs is ours: the client adopts it instead of posting
+        (a job resumed after a crash, a stage retried after a failed attempt), and when a POST
+        fails without an answer that rules creation out (a timeout, a dropped connection, a 5xx)
+        it gives that request ``landing_wait_s`` to land and looks again before posting anew.
+        A talk that lands even later than that can still make a second one."""
+        try:
+            existing = await self.find_talk(source_url, audio_url)
+        except DIDError:
+            existing = None  # the lookup only avoids a duplicate; the POST says what is wrong
+        if existing is not None:
+            return existing
+
+        async def landed() -> httpx.Response | None:
+            await self._sleep(self.landing_wait_s)
+            try:
+                talk_id = await self.find_talk(source_url, audio_url)
+                if talk_id is None:
+                    return None
+                return await self._http.get(f"{self.base_url}/talks/{talk_id}", headers=self._headers, timeout=self._timeout)
+            except (DIDError, httpx.HTTPError):
+                return None  # cannot tell: post again, as without the lookup
+
         body = {"source_url": source_url, "script": {"type": "audio", "audio_url": audio_url}}
-        payload = await self._json_call("POST", "/talks", "create talk", expect=(200, 201), json=body)
+        payload = await self._json_call("POST", "/talks", "create talk", expect=(200, 201), json=body, landed=landed)
         talk_id = payload.get("id")
         if not isinstance(talk_id, str) or not talk_id:
             raise _protocol_error("create talk", f"response has no talk id: {_clip(payload)}")
         return talk_id
+
+    async def find_talk(self, source_url: str, audio_url: str) -> str | None:
+        """The newest of the account's latest 100 talks made from these uploads; None if none."""
+        payload = await self._json_call("GET", "/talks", "list talks", expect=(200,), params={"limit": 100})
+        talks = payload.get("talks")
+        if not isinstance(talks, list):
+            raise _protocol_error("list talks", f"response has no talks list: {_clip(payload)}")
+        for talk in talks:
+            if (
+                isinstance(talk, dict)
+                and talk.get("source_url") == source_url
+                and talk.get("audio_url", audio_url) == audio_url  # not every listing carries it
+                and isinstance(talk.get("id"), str)
+            ):
+                return str(talk["id"])
+        return None
 
     async def get_talk(self, talk_id: str) -> Talk:
         payload = await self._json_call("GET", f"/talks/{talk_id}", f"get talk {talk_id}", expect=(200,))
@@ -202,14 +245,21 @@ class DIDClient:
         return url
 
     async def _json_call(
-        self, method: str, path: str, operation: str, *, expect: tuple[int, ...], **kwargs: Any
+        self,
+        method: str,
+        path: str,
+        operation: str,
+        *,
+        expect: tuple[int, ...],
+        landed: Callable[[], Awaitable[httpx.Response | None]] | None = None,
+        **kwargs: Any,
     ) -> dict[str, Any]:
         url = f"{self.base_url}{path}"
 
         async def call() -> httpx.Response:
             return await self._http.request(method, url, headers=self._headers, timeout=self._timeout, **kwargs)
 
-        response = await self._with_retries(operation, call, expect=expect)
+        response = await self._with_retries(operation, call, expect=expect, landed=landed)
         try:
             payload = response.json()
         except ValueError:
@@ -219,8 +269,16 @@ class DIDClient:
         return payload
 
     async def _with_retries(
-        self, operation: str, call: Callable[[], Awaitable[httpx.Response]], *, expect: tuple[int, ...]
+        self,
+        operation: str,
+        call: Callable[[], Awaitable[httpx.Response]],
+        *,
+        expect: tuple[int, ...],
+        landed: Callable[[], Awaitable[httpx.Response | None]] | None = None,
     ) -> httpx.Response:
+        """``call`` until it answers one of ``expect``, retrying what may succeed. ``landed``: for
+        a call that is not idempotent, asked before a retry of a failure that may have done the
+        work anyway (no answer, or a 5xx); a response it returns is the call's result."""
         attempt = 1
         while True:
             try:
@@ -257,6 +315,10 @@ class DIDClient:
                 if asyncio.iscoroutine(result):
                     await result
             await self._sleep(delay)
+            if landed is not None and (error.status is None or error.status >= 500):
+                found = await landed()
+                if found is not None and found.status_code in expect:
+                    return found
             attempt += 1
 
     def _backoff(self, attempt: int, retry_after_s: float | None) -> float:

@@ -281,12 +281,13 @@ class TalkingVideoPipeline:
             except DIDError as exc:
                 # Not for a poll that failed (5xx, 429, a timeout, the connection): the talk may
                 # still be rendering, and a new one would be paid twice. Only a talk that ended
-                # in error/rejected, or one D-ID no longer knows, is created again by a retry.
+                # in error/rejected, or one D-ID answers 404 for, is forgotten; the retry's
+                # create_talk then adopts a talk still listed for these uploads, or posts one.
                 if exc.talk_ended or exc.status == 404:
                     await ctx.save_state(did_talk_id=None)
                 if exc.status == 404:  # the client calls a 404 permanent; for a saved talk it is not
                     raise JobFailure.external(
-                        "talk_not_found", f"D-ID no longer knows talk {talk_id} ({exc.description}); a new talk is created"
+                        "talk_not_found", f"D-ID answered 404 for talk {talk_id} ({exc.description}); looking it up again"
                     ) from exc
                 raise
             assert talk.result_url is not None
