@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-# The Stack starts its servers with a preexec_fn (fork, not vfork): gRPC fork handlers would restart
-# their poller threads in the child, which can then die before exec (see server/processes.py).
-os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+from server.processes import no_grpc_fork_handlers  # no gRPC in it
+
+no_grpc_fork_handlers()  # before gRPC loads: the Stack starts its servers with a preexec_fn
 
 import cv2
 import grpc

@@ -35,9 +35,9 @@ import wave
 from pathlib import Path
 from types import SimpleNamespace
 
-# The Stack starts its servers with a preexec_fn (fork, not vfork): gRPC fork handlers would restart
-# their poller threads in the child, which can then die before exec (see server/processes.py).
-os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+from server.processes import no_grpc_fork_handlers  # no gRPC in it
+
+no_grpc_fork_handlers()  # before gRPC loads: the Stack starts its servers with a preexec_fn
 
 import grpc
 import httpx

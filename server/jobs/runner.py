@@ -143,11 +143,8 @@ class JobRunner:
                 stage=jobs_pb2.JOB_STAGE_INITIALIZED, percent=0.0, message=f"queued (position {position})"
             )
             await self.bus.emit(op.name, "stage_update", payload.SerializeToString())
-            async with self._queue_changed:
-                self._queue.append(op.name)
-                self._held -= 1  # in the same step: the job is never counted in both
-                queued = True
-                self._queue_changed.notify()
+            await self._enqueue(op.name, from_hold=True)
+            queued = True
             log.info("job queued", extra={"operation": op.name, "kind": jobs_pb2.JobKind.Name(kind), "position": position})
             return await self.store.get_operation(op.name)
         finally:
@@ -194,9 +191,11 @@ class JobRunner:
 
     # ------------------------------------------------------------------ workers
 
-    async def _enqueue(self, name: str) -> None:
+    async def _enqueue(self, name: str, *, from_hold: bool = False) -> None:
         async with self._queue_changed:
             self._queue.append(name)
+            if from_hold:
+                self._held -= 1  # in the same step: the job is never counted in both
             self._queue_changed.notify()
 
     async def _worker(self) -> None:

@@ -132,20 +132,25 @@ def _artifact_from_row(r: tuple[Any, ...]) -> ArtifactRecord:
     )
 
 
-def _encode_token(create_us: int, name: str) -> str:
-    raw = json.dumps([create_us, name], separators=(",", ":")).encode()
+def _encode_token(create_us: int, name: str, scope: list) -> str:
+    """A page token: where the page ended, and the filter (``scope``) of the listing it continues."""
+    raw = json.dumps([create_us, name, scope], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_token(token: str) -> tuple[int, str]:
+def _decode_token(token: str, scope: list) -> tuple[int, str]:
+    """Where the previous page ended; ValueError for a token this store did not issue, or one issued
+    for another filter (AIP-158: the next page would silently mix two listings)."""
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        create_us, name = json.loads(raw)
+        create_us, name, issued_for = json.loads(raw)
         if not isinstance(create_us, int) or not isinstance(name, str):
             raise TypeError
-        return create_us, name
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"invalid page_token {token!r}") from exc
+        raise ValueError(f"page_token {token!r} is not one this server issued") from exc
+    if issued_for != scope:
+        raise ValueError("page_token was issued for another filter; list again from the first page with this filter")
+    return create_us, name
 
 
 def _split_sql(script: str) -> list[str]:

@@ -255,17 +255,20 @@ class SqliteJobStore:
         size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
         where: list[str] = []
         params: list[Any] = []
+        state_list: list[int] | None = None
         if states is not None:
             state_list = [int(states)] if isinstance(states, int) else [int(s) for s in states]
             if not state_list:
                 return [], ""
             where.append(f"state IN ({','.join('?' * len(state_list))})")
             params.extend(state_list)
+        # The filter as the token records it (state order does not matter).
+        scope = [None if state_list is None else sorted(set(state_list)), None if kind is None else int(kind)]
         if kind is not None:
             where.append("kind = ?")
             params.append(int(kind))
         if page_token:
-            after_us, after_name = _decode_token(page_token)
+            after_us, after_name = _decode_token(page_token, scope)
             where.append("(create_us > ? OR (create_us = ? AND name > ?))")
             params.extend([after_us, after_us, after_name])
         sql = f"SELECT {_OP_COLUMNS} FROM operations"
@@ -282,7 +285,7 @@ class SqliteJobStore:
             return rows, ""
         items = rows[:size]
         last = items[-1]
-        return items, _encode_token(_to_us(last.create_time), last.name)
+        return items, _encode_token(_to_us(last.create_time), last.name, scope)
 
     @staticmethod
     def _apply_update_sync(conn: sqlite3.Connection, name: str, update: OperationUpdate, now_us: int) -> None:

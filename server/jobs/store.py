@@ -220,8 +220,9 @@ class JobStore(Protocol):
     ) -> tuple[list[OperationRecord], str]:
         """One page, ordered by (create_time, name); returns ``(items, next_page_token)`` with
         ``""`` on the last page. A token stays valid while operations are added or deleted.
-        ``page_size`` <= 0 means the default (50); it is capped at 1000. Raises ValueError on a
-        malformed token."""
+        ``page_size`` <= 0 means the default (50); it is capped at 1000. A token continues only
+        the listing it came from: ValueError for a malformed token or one issued for another
+        ``states``/``kind`` filter (AIP-158)."""
         ...
 
     async def update_operation(

@@ -5,9 +5,7 @@ share."""
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import json
 import re
 from collections.abc import Iterator
 
@@ -154,24 +152,14 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         if request.page_size < 0:
             raise InvalidInput("page_size must be >= 0", "page_size")
         states, kind = parse_filter(request.filter)
-        scope = _filter_scope(states, kind)
         try:
-            store_token = _unwrap_page_token(request.page_token, scope)
             ops, token = await self.store.list_operations(
-                states=states, kind=kind, page_size=request.page_size, page_token=store_token
+                states=states, kind=kind, page_size=request.page_size, page_token=request.page_token
             )
-        except ValueError as exc:
-            raise InvalidInput(f"page_token is not one this server issued ({exc})", "page_token") from None
-        except _FilterChanged:
-            # AIP-158: a token continues the listing it came from; with another filter the next
-            # page would silently mix two listings.
-            raise InvalidInput(
-                "page_token was issued for another filter; list again from the first page with this filter",
-                "page_token",
-            ) from None
+        except ValueError as exc:  # not our token, or one issued for another filter (AIP-158)
+            raise InvalidInput(str(exc), "page_token") from None
         return operations_pb2.ListOperationsResponse(
-            operations=[operation_proto(op, self.runner.queue_position(op.name)) for op in ops],
-            next_page_token=_wrap_page_token(token, scope) if token else "",
+            operations=[operation_proto(op, self.runner.queue_position(op.name)) for op in ops], next_page_token=token
         )
 
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
@@ -210,34 +198,3 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             with store_errors():
                 op = await self.store.get_operation(request.name)
         return operation_proto(op, self.runner.queue_position(op.name))
-
-
-class _FilterChanged(Exception):
-    pass
-
-
-def _filter_scope(states: tuple[JobState, ...] | None, kind: int | None) -> list:
-    """The parsed filter (so ``state = RUNNING`` and ``state=RUNNING`` are one listing)."""
-    return [None if states is None else sorted(int(s) for s in states), kind]
-
-
-def _wrap_page_token(store_token: str, scope: list) -> str:
-    raw = json.dumps({"filter": scope, "after": store_token}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _unwrap_page_token(token: str, scope: list) -> str:
-    """The store's token inside ``token`` (ValueError if it is not ours; _FilterChanged if it
-    belongs to another filter)."""
-    if not token:
-        return ""
-    try:
-        wrapped = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        after, issued_for = wrapped["after"], wrapped["filter"]
-        if not isinstance(after, str):
-            raise TypeError
-    except (ValueError, TypeError, KeyError) as exc:
-        raise ValueError(f"invalid page_token {token!r}") from exc
-    if issued_for != scope:
-        raise _FilterChanged
-    return after
