@@ -70,12 +70,12 @@ def test_job_state_mirrors_proto() -> None:
 
 async def test_protocol_and_schema(store: SqliteJobStore, tmp_path: Path) -> None:
     assert isinstance(store, JobStore)
-    assert await store.schema_version() == 1
+    assert await store.schema_version() == 2
     conn = sqlite3.connect(tmp_path / "jobs.db")
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"schema_version", "operations", "events", "artifacts"} <= tables
+        assert {"schema_version", "operations", "operation_requests", "events", "artifacts"} <= tables
     finally:
         conn.close()
 
@@ -87,7 +87,7 @@ async def test_create_get_and_update(store: SqliteJobStore) -> None:
     assert op.create_time.tzinfo is not None and op.create_time.utcoffset() == timedelta(0)
     assert op.start_time is None and op.end_time is None and op.last_sequence == 0
     got = await store.get_operation(op.name)
-    assert got == op and got.request == b"\x01\x02"
+    assert got == op and await store.get_request(op.name) == b"\x01\x02"
 
     running = await store.update_operation(
         op.name, state=JobState.RUNNING, stage=jobs_pb2.JOB_STAGE_DETECTION_RUNNING, percent=10.0
@@ -284,10 +284,29 @@ async def test_a_finished_operation_forgets_its_request(store: SqliteJobStore) -
     # reads it), dropped with the terminal state.
     op, _ = await store.create_operation(kind=TALKING, request=b"photo+audio" * 1000)
     await store.update_operation(op.name, state=JobState.RUNNING)
-    assert len((await store.get_operation(op.name)).request) == 11000
+    assert len(await store.get_request(op.name)) == 11000
     await store.append_event(op.name, "complete", complete_payload(), update=OperationUpdate(state=JobState.SUCCEEDED))
     done = await store.get_operation(op.name)
-    assert done.state == JobState.SUCCEEDED and done.request == b"" and done.end_time is not None
+    assert done.state == JobState.SUCCEEDED and await store.get_request(op.name) == b"" and done.end_time is not None
+    with pytest.raises(OperationNotFoundError):
+        await store.get_request("operations/unknown")
+
+
+async def test_an_event_does_not_rewrite_the_request(store: SqliteJobStore, tmp_path: Path) -> None:
+    # A talking video's request carries its photo and audio. Kept in the operations row, every
+    # stage event rewrote it (the stage message changes the row's size): 400 KB written and fsynced
+    # per event for a 200 KB photo. Each event now writes a few pages, whatever the request's size.
+    op, _ = await store.create_operation(kind=TALKING, request=os.urandom(200_000))
+    wal = tmp_path / "jobs.db-wal"
+    written = []
+    for i, message in enumerate(["Running person detection", "Person found", "Removing the background", "x"]):
+        before = wal.stat().st_size
+        payload = jobs_pb2.StageUpdate(stage=jobs_pb2.JOB_STAGE_DETECTION_RUNNING, message=message).SerializeToString()
+        update = OperationUpdate(state=JobState.RUNNING, percent=25.0 + i, message=message)
+        await store.append_event(op.name, "stage_update", payload, update=update)
+        written.append(wal.stat().st_size - before)
+    assert max(written) < 40_000, written  # 4 KB pages: the event, the operation row, the indexes
+    assert len(await store.get_request(op.name)) == 200_000
 
 
 async def test_operation_retention_deletes_what_finished_long_ago(store: SqliteJobStore, tmp_path: Path) -> None:
@@ -321,7 +340,54 @@ async def test_reopen_keeps_everything(tmp_path: Path) -> None:
         again, created = await s.create_operation(kind=SEGMENT, request=b"r", request_id="idem")
         assert not created and again.name == op.name and again.last_sequence == 1
         assert (await s.append_event(op.name, "progress_update", b"2")).sequence == 2
-        assert await s.schema_version() == 1
+        assert await s.schema_version() == 2
+
+
+_V1_SCHEMA = """
+CREATE TABLE schema_version (version INTEGER NOT NULL);
+INSERT INTO schema_version (version) VALUES (1);
+CREATE TABLE operations (
+    name TEXT PRIMARY KEY, kind INTEGER NOT NULL, state INTEGER NOT NULL, stage INTEGER NOT NULL DEFAULT 0,
+    percent REAL NOT NULL DEFAULT 0, message TEXT NOT NULL DEFAULT '', request BLOB NOT NULL, response BLOB,
+    error_code INTEGER, error_message TEXT, create_us INTEGER NOT NULL, update_us INTEGER NOT NULL, start_us INTEGER,
+    end_us INTEGER, last_sequence INTEGER NOT NULL DEFAULT 0, last_completed_stage INTEGER NOT NULL DEFAULT 0,
+    request_id TEXT UNIQUE, cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX operations_by_create ON operations (create_us, name);
+CREATE INDEX operations_by_state ON operations (state, create_us, name);
+CREATE TABLE events (
+    operation TEXT NOT NULL REFERENCES operations (name) ON DELETE CASCADE, sequence INTEGER NOT NULL,
+    time_us INTEGER NOT NULL, event_type TEXT NOT NULL, terminal INTEGER NOT NULL DEFAULT 0, payload BLOB NOT NULL,
+    PRIMARY KEY (operation, sequence)
+) WITHOUT ROWID;
+CREATE TABLE artifacts (
+    operation TEXT NOT NULL REFERENCES operations (name) ON DELETE CASCADE, name TEXT NOT NULL,
+    kind INTEGER NOT NULL, media_type TEXT NOT NULL, path TEXT NOT NULL, size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL, expire_us INTEGER, PRIMARY KEY (operation, name)
+) WITHOUT ROWID;
+INSERT INTO operations (name, kind, state, message, request, create_us, update_us, last_sequence, request_id)
+    VALUES ('operations/running', 2, 2, 'Detecting', x'0102', 1, 2, 1, 'idem'),
+           ('operations/done', 1, 3, 'Done', x'09', 1, 3, 1, NULL);
+INSERT INTO events VALUES ('operations/running', 1, 2, 'stage_update', 0, x'08'),
+                          ('operations/done', 1, 3, 'complete', 1, x'08');
+"""
+
+
+async def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
+    # A store written by the previous release (the request inside the operations row) opens with
+    # every operation and event, the running job's request moved out and the finished one's gone.
+    path = tmp_path / "v1.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_V1_SCHEMA)
+    conn.close()
+    async with SqliteJobStore(path) as s:
+        assert await s.schema_version() == 2
+        running = await s.get_operation("operations/running")
+        assert running.state == JobState.RUNNING and running.message == "Detecting" and running.last_sequence == 1
+        assert running.request_id == "idem" and await s.get_request("operations/running") == b"\x01\x02"
+        assert await s.get_request("operations/done") == b""
+        assert [e.sequence for e in await s.events_after("operations/running")] == [1]
+        assert (await s.append_event("operations/running", "progress_update", b"2")).sequence == 2
 
 
 _CHILD = """

@@ -184,7 +184,7 @@ class JobExecutor:
         if op.done:
             return
         try:
-            ctx = self._context(op)
+            ctx = self._context(op, await self.store.get_request(name))
         except Exception as exc:
             # Disk full, an unreadable state file, a request this version cannot parse: fail the
             # operation instead of leaving it QUEUED/RUNNING for ever.
@@ -229,13 +229,13 @@ class JobExecutor:
         finally:
             self.storage.release(ctx.workdir)
 
-    def _context(self, op: OperationRecord) -> JobContext:
+    def _context(self, op: OperationRecord, request: bytes) -> JobContext:
         pipeline = self.pipelines[op.kind]
         workdir = workdir_of(self.storage, op.name)
         self.storage.keep(workdir)
         return JobContext(
             operation=op,
-            request=pipeline.request_type.FromString(op.request),
+            request=pipeline.request_type.FromString(request),
             bus=self.bus,
             storage=self.storage,
             admission=self.admission,

@@ -220,10 +220,11 @@ class SqliteJobStore:
             name = f"operations/{uuid.uuid4().hex}"
             now = _to_us(utcnow())
             conn.execute(
-                "INSERT INTO operations (name, kind, state, stage, message, request, create_us, "
-                "update_us, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, int(kind), int(JobState.QUEUED), int(stage), message, bytes(request), now, now, request_id),
+                "INSERT INTO operations (name, kind, state, stage, message, create_us, update_us, request_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, int(kind), int(JobState.QUEUED), int(stage), message, now, now, request_id),
             )
+            conn.execute("INSERT INTO operation_requests (name, request) VALUES (?, ?)", (name, bytes(request)))
             return self._get_sync(conn, name), True
 
         return await self._run(self._write, tx)
@@ -243,6 +244,17 @@ class SqliteJobStore:
 
     async def get_operation(self, name: str) -> OperationRecord:
         return await self._run(lambda: self._get_sync(self._require_conn(), name))
+
+    async def get_request(self, name: str) -> bytes:
+        def q() -> bytes:
+            conn = self._require_conn()
+            row = conn.execute("SELECT request FROM operation_requests WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                return bytes(row[0])
+            self._get_sync(conn, name)  # OperationNotFoundError for an unknown name
+            return b""  # finished: dropped with the terminal state
+
+        return await self._run(q)
 
     async def list_operations(
         self,
@@ -289,8 +301,7 @@ class SqliteJobStore:
 
     @staticmethod
     def _apply_update_sync(conn: sqlite3.Connection, name: str, update: OperationUpdate, now_us: int) -> None:
-        # Only the two columns the update depends on: the whole row carries the request blob
-        # (an inline photo and audio), and this runs inside every stage event's transaction.
+        # Only the two columns the update depends on: this runs inside every event's transaction.
         times = conn.execute("SELECT start_us, end_us FROM operations WHERE name = ?", (name,)).fetchone()
         if times is None:
             raise OperationNotFoundError(name)
@@ -307,9 +318,8 @@ class SqliteJobStore:
             if state.is_terminal and end_us is None and update.end_time is None:
                 sets.append("end_us = ?")
                 params.append(now_us)
-            if state.is_terminal:
-                sets.append("request = ?")  # see OperationRecord.request
-                params.append(b"")
+            if state.is_terminal:  # see JobStore.get_request
+                conn.execute("DELETE FROM operation_requests WHERE name = ?", (name,))
         for attr, column, conv in (
             ("stage", "stage", int),
             ("percent", "percent", float),
@@ -374,6 +384,7 @@ class SqliteJobStore:
             # foreign keys were left off.
             conn.execute("DELETE FROM events WHERE operation = ?", (name,))
             conn.execute("DELETE FROM artifacts WHERE operation = ?", (name,))
+            conn.execute("DELETE FROM operation_requests WHERE name = ?", (name,))
             conn.execute("DELETE FROM operations WHERE name = ?", (name,))
             return paths
 

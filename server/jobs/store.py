@@ -108,10 +108,7 @@ class OperationRecord:
     stage: int  # framewise.v1.JobStage
     percent: float
     message: str
-    # Serialized submit request (SegmentVideoRequest / CreateTalkingVideoRequest); emptied (b"")
-    # once the operation is finished: an inline photo and audio are kept only while the job
-    # may still run.
-    request: bytes
+    # (The serialized submit request is not part of the record: JobStore.get_request.)
     # Serialized response message once SUCCEEDED, else None.
     response: bytes | None
     # (google.rpc.Code value, message) once FAILED/CANCELLED, else None.
@@ -208,6 +205,12 @@ class JobStore(Protocol):
 
     async def get_operation(self, name: str) -> OperationRecord:
         """Raises OperationNotFoundError."""
+        ...
+
+    async def get_request(self, name: str) -> bytes:
+        """The serialized submit request (SegmentVideoRequest / CreateTalkingVideoRequest), which
+        the job reads when it starts or resumes; b"" once the operation finished: an inline photo
+        and audio are kept only while the job may still run. Raises OperationNotFoundError."""
         ...
 
     async def list_operations(

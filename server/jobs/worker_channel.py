@@ -59,6 +59,9 @@ class RemoteStore:
     async def get_operation(self, name: str) -> OperationRecord:
         return await self._channel.call("get_operation", name)
 
+    async def get_request(self, name: str) -> bytes:
+        return await self._channel.call("get_request", name)
+
     async def update_operation(
         self, name: str, update: OperationUpdate | None = None, /, **fields: object
     ) -> OperationRecord:

@@ -75,6 +75,7 @@ class WorkerProcess:
         self._handlers: dict[str, Callable[..., Awaitable[Any]]] = {
             "emit": bus.emit,
             "get_operation": store.get_operation,
+            "get_request": store.get_request,
             "update_operation": store.update_operation,
             "add_artifact": store.add_artifact,
             "list_artifacts": store.list_artifacts,
