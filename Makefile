@@ -9,17 +9,26 @@ BUF_VERSION := 1.75.0
 REPO_CPU := .cache/model_repository_cpu
 PYTEST_ARGS ?=
 
-.PHONY: install tools system-deps repository serve test lint proto proto-check bench clean
+.PHONY: install tools system-deps bench-deps repository serve test lint proto proto-check bench clean
 
 install: $(VENV)/.installed
 
+# $(call debian-package,FILE,PACKAGE,WHY): installs the Debian package unless FILE is there.
+define debian-package
+	@if [ ! -e $(1) ]; then \
+	  echo "installing $(2) ($(3))"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(2); \
+	  else sudo apt-get update -qq && sudo apt-get install -y -qq $(2); fi; \
+	fi
+endef
+
 # The Triton python-backend stub (shipped by nvidia-pytriton) links the system libpython3.11.
 system-deps:
-	@if [ ! -e /usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0 ]; then \
-	  echo "installing libpython3.11 (needed by Triton's python backend stub)"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libpython3.11; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq libpython3.11; fi; \
-	fi
+	$(call debian-package,/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0,libpython3.11,needed by the Triton python backend stub)
+
+# The jobs benchmark's native watcher (bench/native/grpc_watch_fanout.c) is C on libnghttp2.
+bench-deps:
+	$(call debian-package,/usr/include/nghttp2/nghttp2.h,libnghttp2-dev,the jobs benchmark's native watcher)
 
 $(VENV)/.installed: pyproject.toml | system-deps
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -58,8 +67,8 @@ lint: install tools
 test: install tools lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Detection (orchestrator vs direct Triton) and tracking benchmarks; ~6 minutes on 2 cores.
-bench: repository
+# Detection (orchestrator vs direct Triton), tracking and jobs benchmarks; ~15 minutes on 2 cores.
+bench: repository bench-deps
 	$(PY) bench/detect_bench.py --output bench/results
 	$(PY) bench/track_bench.py --output bench/results
 	$(PY) bench/jobs_bench.py --output bench/results

@@ -50,6 +50,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))  # tests.conftest: the job settings the tests use
 from detect_bench import GRPC_LIMITS, Stack, _git, _table, cpu_seconds, free_port
+from native_watcher import NativeWatch, Usage
+from native_watcher import build as build_native_watcher
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from framewise.v1 import jobs_service_pb2_grpc
@@ -69,7 +71,8 @@ TARGET_P99_MS = 20.0
 ISOLATION_S = 0.05
 SEEDS_TARGET_MS = 5000.0
 LATENCY_DEFINITION = (
-    "latency = time.time() in the bench client when a WatchOperationResponse is handed to the stream's reader - "
+    "latency = the receipt time (python: time.time() in the bench client when a WatchOperationResponse is handed to "
+    "the stream's reader; native: the watcher's CLOCK_REALTIME after the read() that completed the message) - "
     "WatchOperationResponse.time. The server stamps that time inside the append transaction, before the INSERT and "
     "the COMMIT (fsync), so the figure covers commit + the store thread's hand-back to the event loop + EventBus "
     "fan-out + each subscriber's generator + protobuf + gRPC (HTTP/2 over loopback) + the client's own event loop: it "
@@ -87,10 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="at least this many distinct live events measured per subscriber count (rounds of jobs)")
     p.add_argument("--subscribers", default="1,100",
                    help="comma-separated subscriber counts of the in-process and floor cells")
-    p.add_argument("--latency-cells", default="1:each,100:one,100:each",
-                   help="comma-separated K:WATCHED cells of the gRPC latency measurement: K WatchOperation streams on "
-                        "each watched operation; WATCHED each = every job of the round (4 watched operations run at "
-                        "once), one = one job in each wave of 4 (the other 3 run unwatched)")
+    p.add_argument("--latency-cells", default="1:each,100:one,100:each,1:each:native,100:one:native,100:each:native",
+                   help="comma-separated K:WATCHED[:WATCHER] cells of the gRPC latency measurement: K WatchOperation "
+                        "streams on each watched operation; WATCHED each = every job of the round (4 watched "
+                        "operations run at once), one = one job in each wave of 4 (the other 3 run unwatched); "
+                        "WATCHER python (grpc.aio streams in this process, the default) or native (one "
+                        "grpc_watch_fanout process, bench/native_watcher.py)")
     p.add_argument("--jobs-per-round", type=int, default=8,
                    help="talking-video jobs watched per latency round (they run 4 at a time)")
     p.add_argument("--jobs", type=int, default=16, help="jobs per throughput variant (submitted at once)")
@@ -112,11 +117,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = p.parse_args(argv)
     a.subscribers = sorted({int(k) for k in a.subscribers.split(",")})
     try:
-        a.latency_cells = [(int(k), w) for k, w in (c.split(":") for c in a.latency_cells.split(","))]
+        cells = [c.split(":") for c in a.latency_cells.split(",")]
+        if not all(2 <= len(c) <= 3 for c in cells):
+            raise ValueError
+        a.latency_cells = [(int(c[0]), c[1], c[2] if len(c) > 2 else "python") for c in cells]
     except ValueError:
-        p.error("--latency-cells: K:WATCHED items, e.g. 1:each,100:one")
-    if any(w not in WATCHED for _, w in a.latency_cells):
-        p.error(f"--latency-cells: WATCHED is one of {', '.join(WATCHED)}")
+        p.error("--latency-cells: K:WATCHED[:WATCHER] items, e.g. 1:each,100:one:native")
+    if any(w not in WATCHED or c not in WATCHERS for _, w, c in a.latency_cells):
+        p.error(f"--latency-cells: WATCHED is one of {', '.join(WATCHED)}; WATCHER one of {', '.join(WATCHERS)}")
     if a.quick:
         a.events, a.jobs, a.inproc_events, a.jobs_per_round, a.floor_events = 40, 4, 100, 4, 30
     if a.jobs > 64:
@@ -133,6 +141,16 @@ EMULATOR_PRIORITY = {
 
 
 WATCHED = {"each": "on every running operation", "one": "on one of the 4 running operations"}
+WATCHERS = {"python": "", "native": ", native watcher"}
+NATIVE_WATCHER = (
+    "every stream in one grpc_watch_fanout process (bench/native/grpc_watch_fanout.c: HTTP/2 by libnghttp2, one "
+    "epoll loop, one TCP connection per stream, ~12 us of CPU per message against ~60-100 for grpc.aio), which "
+    "stamps each message with CLOCK_REALTIME right after the read() that completed it and keeps its bytes; the "
+    "bench decodes them after the round. Real watchers are separate clients on other machines: 100 grpc.aio "
+    "streams in one process spend ~10 ms of CPU per event on the 2 cores the server runs on, and the last of the "
+    "100 receipts waits behind the other 99 in one GIL; the native watcher leaves those cores to the server, so "
+    "its figure is mostly the service's own."
+)
 
 
 def quiet_collector() -> None:
@@ -143,8 +161,8 @@ def quiet_collector() -> None:
     gc.freeze()
 
 
-def cell_label(k: int, watched: str) -> str:
-    return f"{k} subscriber{'s' * (k != 1)} {WATCHED[watched]}"
+def cell_label(k: int, watched: str, watcher: str = "python") -> str:
+    return f"{k} subscriber{'s' * (k != 1)} {WATCHED[watched]}{WATCHERS[watcher]}"
 
 
 def tone_wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
@@ -303,24 +321,99 @@ def job_state(op: operations_pb2.Operation) -> int:
 # ------------------------------------------------------------------------------------------ event latency
 
 
-async def watch(stub, name: str, stream: dict, counter: dict, attached: asyncio.Event) -> None:
-    """One WatchOperation stream: records (sequence, event, stored time, receipt time) of every message; counts
-    down `counter` at its first message."""
-    call = stub.WatchOperation(jobs_pb2.WatchOperationRequest(name=name), timeout=600)
-    async for msg in call:
-        received = time.time()
-        if stream["first"] is None:
-            stream["first"] = received
-            counter["pending"] -= 1
-            if counter["pending"] == 0:
-                attached.set()
-        kind = msg.WhichOneof("event")
-        if kind != "heartbeat":
-            stream["events"].append((msg.sequence, kind, msg.time.seconds + msg.time.nanos * 1e-9, received))
+WATCH_METHOD = f"/{JOB_SERVICE}/WatchOperation"
 
 
+def watch_event(stream: dict, msg: jobs_pb2.WatchOperationResponse, received: float) -> None:
+    """Records (sequence, event, stored time, receipt time) of a message (heartbeats aside) in `stream`."""
+    if stream["first"] is None:
+        stream["first"] = received
+    kind = msg.WhichOneof("event")
+    if kind != "heartbeat":
+        stream["events"].append((msg.sequence, kind, msg.time.seconds + msg.time.nanos * 1e-9, received))
 
-async def latency_round(client: Client, k: int, jobs_per_round: int, pids: dict[str, int], watched: str) -> dict:
+
+class PythonWatchers:
+    """Every stream a grpc.aio WatchOperation call in this process (one TCP connection each, or the client's
+    --channels); the client's CPU and event-loop figures are this process's."""
+
+    def __init__(self, client: Client, streams: list[dict], names: list[str]) -> None:
+        self.client, self.streams, self.names = client, streams, names
+        self.own: list[grpc.aio.Channel] = []
+        self.tasks: list[asyncio.Task] = []
+        self.pending, self.all_attached = len(streams), asyncio.Event()
+
+    async def _watch(self, stub, name: str, stream: dict) -> None:
+        async for msg in stub.WatchOperation(jobs_pb2.WatchOperationRequest(name=name), timeout=600):
+            first = stream["first"] is None
+            watch_event(stream, msg, time.time())
+            if first:
+                self.pending -= 1
+                if self.pending == 0:
+                    self.all_attached.set()
+
+    async def attach(self) -> None:
+        for n, (stream, name) in enumerate(zip(self.streams, self.names, strict=True)):
+            if self.client.per_stream:
+                self.own.append(client_channel(self.client.address))
+                stub = jobs_service_pb2_grpc.JobServiceStub(self.own[-1])
+            else:
+                stub = self.client.jobs[n % len(self.client.jobs)]
+            self.tasks.append(asyncio.create_task(self._watch(stub, name, stream)))
+        await asyncio.wait_for(self.all_attached.wait(), 120)
+
+    def usage(self) -> Usage:
+        """This process's event-loop thread's scheduler times; its CPU is the bench_client of cpu_seconds()."""
+        return Usage(0.0, 0.0, *loop_thread_sched(os.getpid()))
+
+    async def finish(self) -> None:
+        await asyncio.wait_for(asyncio.gather(*self.tasks), 300)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for channel in self.own:
+            await channel.close()
+
+
+class NativeWatchers:
+    """Every stream in one grpc_watch_fanout process (bench/native_watcher.py, one TCP connection per stream); the
+    client's CPU and event-loop figures are that process's (this one only decodes the messages afterwards)."""
+
+    def __init__(self, client: Client, streams: list[dict], names: list[str]) -> None:
+        self.client, self.streams, self.names = client, streams, names
+        self.watch: NativeWatch | None = None
+        self.last_usage = Usage(0.0, 0.0, 0.0, 0.0)
+
+    async def attach(self) -> None:
+        requests = [jobs_pb2.WatchOperationRequest(name=name).SerializeToString() for name in self.names]
+        self.watch = await NativeWatch.start(self.client.address, WATCH_METHOD, requests, timeout_s=600)
+        self.last_usage = await asyncio.wait_for(self.watch.attached(), 120)
+
+    def usage(self) -> Usage:
+        """The watcher process's CPU and scheduler times, as it last reported them (at attachment, at its end)."""
+        return self.last_usage
+
+    async def finish(self) -> None:
+        assert self.watch is not None
+        results, self.last_usage = await asyncio.wait_for(self.watch.finish(), 300)
+        for stream, result in zip(self.streams, results, strict=True):
+            if result.status != 0:
+                raise RuntimeError(f"native watcher: a WatchOperation stream ended with status {result.status}: "
+                                   f"{result.details}")
+            for received, raw in result.messages:
+                watch_event(stream, jobs_pb2.WatchOperationResponse.FromString(raw), received)
+
+    async def close(self) -> None:
+        if self.watch is not None:
+            await self.watch.kill()
+
+
+WATCHER_CLASSES = {"python": PythonWatchers, "native": NativeWatchers}
+
+
+async def latency_round(client: Client, k: int, jobs_per_round: int, pids: dict[str, int], watched: str,
+                        watcher: str) -> dict:
     """Holders fill the workers (their D-ID talk never finishes); `jobs_per_round` jobs queue behind them; K streams
     attach to each watched job (all, or the first of every wave of 4); once every stream has its first message (the
     replayed INITIALIZED event, proof the subscription is registered) the holders are cancelled and the jobs run,
@@ -336,48 +429,41 @@ async def latency_round(client: Client, k: int, jobs_per_round: int, pids: dict[
             raise RuntimeError("holder jobs did not reach D-ID processing within 60 s")
         await asyncio.sleep(0.05)
     names = [await client.submit(True) for _ in range(jobs_per_round)]
-    attached, t_attach0 = asyncio.Event(), time.time()
+    t_attach0 = time.time()
     watched_jobs = [i for i in range(len(names)) if watched == "each" or i % WORKERS == 0]
-    counter = {"pending": k * len(watched_jobs)}
-    streams, tasks, own = [], [], []
-    for i in watched_jobs:
-        name = names[i]
-        for j in range(k):
-            stream = {"job": i, "first": None, "events": []}
-            streams.append(stream)
-            if client.per_stream:
-                own.append(client_channel(client.address))
-                stub = jobs_service_pb2_grpc.JobServiceStub(own[-1])
-            else:
-                stub = client.jobs[(i * k + j) % len(client.jobs)]
-            tasks.append(asyncio.create_task(watch(stub, name, stream, counter, attached)))
-    await asyncio.wait_for(attached.wait(), 120)
-    t_attached = time.time()
-    states = [job_state(await client.ops.GetOperation(operations_pb2.GetOperationRequest(name=n))) for n in names]
-    queued_at_attach = sum(s == jobs_pb2.JOB_STATE_QUEUED for s in states)
-    loops = {"orchestrator": pids["orchestrator"], "bench_client": os.getpid()}
-    cpu0, busy0, sched0 = cpu_seconds(pids), machine_busy_s(), {n: loop_thread_sched(p) for n, p in loops.items()}
-    for h in holders:
-        await client.ops.CancelOperation(operations_pb2.CancelOperationRequest(name=h))
-    t_release = time.time()
-    await asyncio.wait_for(asyncio.gather(*tasks), 300)
-    t_end, cpu1, busy1 = time.time(), cpu_seconds(pids), machine_busy_s()
-    sched1 = {n: loop_thread_sched(p) for n, p in loops.items()}
-    ours = sum(cpu1[p] - cpu0[p] for p in cpu1)
+    streams = [{"job": i, "first": None, "events": []} for i in watched_jobs for _ in range(k)]
+    watchers = WATCHER_CLASSES[watcher](client, streams, [names[s["job"]] for s in streams])
+    try:
+        await watchers.attach()
+        t_attached = time.time()
+        states = [job_state(await client.ops.GetOperation(operations_pb2.GetOperationRequest(name=n))) for n in names]
+        queued_at_attach = sum(s == jobs_pb2.JOB_STATE_QUEUED for s in states)
+        cpu0, busy0, usage0 = cpu_seconds(pids), machine_busy_s(), watchers.usage()
+        sched0 = loop_thread_sched(pids["orchestrator"])
+        for h in holders:
+            await client.ops.CancelOperation(operations_pb2.CancelOperationRequest(name=h))
+        t_release = time.time()
+        await watchers.finish()
+        t_end, cpu1, busy1 = time.time(), cpu_seconds(pids), machine_busy_s()
+        sched1, usage1 = loop_thread_sched(pids["orchestrator"]), watchers.usage()
+    finally:
+        await watchers.close()
+    watcher_usage = usage1 - usage0  # a native watcher's CPU; this process's is cpu_seconds()' bench_client
+    run_cpu = {p: cpu1[p] - cpu0[p] for p in cpu1}
+    run_cpu["bench_client"] += watcher_usage.cpu_s
+    ours = sum(run_cpu.values())
     finals = [job_state(await client.wait(n)) for n in names]
-    for channel in own:
-        await channel.close()
     return {"streams": streams, "names": names, "attach_s": round(t_attached - t_attach0, 3),
             "queued_when_attached": queued_at_attach, "run_s": round(t_end - t_release, 3),
             "succeeded": sum(s == jobs_pb2.JOB_STATE_SUCCEEDED for s in finals), "jobs": len(watched_jobs),
-            "jobs_run": len(names),
-            "run_cpu_s": {p: cpu1[p] - cpu0[p] for p in cpu1},
+            "jobs_run": len(names), "run_cpu_s": run_cpu,
             "other_processes_cores": round(max(busy1 - busy0 - ours, 0.0) / (t_end - t_release), 2),
             "cpu_pressure_avg10": cpu_pressure(),
-            "loop_sched_s": {n: [sched1[n][i] - sched0[n][i] for i in (0, 1)] for n in loops}}
+            "loop_sched_s": {"orchestrator": [sched1[i] - sched0[i] for i in (0, 1)],
+                             "bench_client": [watcher_usage.run_s, watcher_usage.wait_s]}}
 
 
-def latency_summary(k: int, rounds: list[dict], watched: str = "each") -> dict:
+def latency_summary(k: int, rounds: list[dict], watched: str = "each", watcher: str = "python") -> dict:
     receipts, excluded = [], 0
     per_event: dict[tuple, list[float]] = collections.defaultdict(list)
     stored_at: dict[tuple, float] = {}
@@ -417,7 +503,8 @@ def latency_summary(k: int, rounds: list[dict], watched: str = "each") -> dict:
             for n in rounds[0]["loop_sched_s"]}
     jobs = sum(r["jobs"] for r in rounds)
     return {
-        "subscribers": k, "watched": watched, "label": cell_label(k, watched), "rounds": len(rounds), "jobs": jobs,
+        "subscribers": k, "watched": watched, "watcher": watcher, "label": cell_label(k, watched, watcher),
+        "rounds": len(rounds), "jobs": jobs,
         "jobs_run": sum(r["jobs_run"] for r in rounds),
         "jobs_succeeded": sum(r["succeeded"] for r in rounds), "distinct_events": len(per_event),
         "events_seen_by_every_subscriber": full, "receipts": len(receipts), "excluded_not_live": excluded,
@@ -441,21 +528,22 @@ def latency_summary(k: int, rounds: list[dict], watched: str = "each") -> dict:
     }
 
 
-async def latency(client: Client, args: argparse.Namespace, pids: dict[str, int], k: int, watched: str) -> dict:
+async def latency(client: Client, args: argparse.Namespace, pids: dict[str, int], k: int, watched: str,
+                  watcher: str) -> dict:
     rounds, cpu0, t0 = [], cpu_seconds(pids), time.perf_counter()
     distinct = 0
     while distinct < args.events and len(rounds) < 60:
-        r = await latency_round(client, k, args.jobs_per_round, pids, watched)
+        r = await latency_round(client, k, args.jobs_per_round, pids, watched, watcher)
         rounds.append(r)
-        distinct = latency_summary(k, rounds, watched)["distinct_events"]
+        distinct = latency_summary(k, rounds, watched, watcher)["distinct_events"]
         print(f"  K={k:<4} round {len(rounds):2}: attach {r['attach_s']:.2f} s, run {r['run_s']:.2f} s, "
               f"{distinct} events so far", flush=True)
     cpu1, wall = cpu_seconds(pids), time.perf_counter() - t0
-    summary = latency_summary(k, rounds, watched)
+    summary = latency_summary(k, rounds, watched, watcher)
     summary["wall_s"] = round(wall, 2)
     summary["cpu_s"] = {name: round(cpu1[name] - cpu0[name], 2) for name in cpu1}
     a = summary["all_receipts"]
-    print(f"K={k}: {summary['distinct_events']} events, {summary['receipts']} receipts, p50 {a['p50_ms']} ms, "
+    print(f"{summary['label']}: {summary['distinct_events']} events, {summary['receipts']} receipts, p50 {a['p50_ms']} ms, "
           f"p99 {a['p99_ms']} ms, max {a['max_ms']} ms", flush=True)
     return summary
 
@@ -684,8 +772,8 @@ async def run(args: argparse.Namespace, stack: JobStack) -> dict:
                 raise RuntimeError(f"warm-up job failed: {op}")
         through = [await throughput(client, pids, args.jobs, skip) for skip in (True, False)]
         lat = []
-        for k, watched in args.latency_cells:
-            lat.append(await latency(client, args, pids, k, watched))
+        for k, watched, watcher in args.latency_cells:
+            lat.append(await latency(client, args, pids, k, watched, watcher))
     finally:
         await client.close()
     return {"throughput": through, "latency": lat}
@@ -713,7 +801,7 @@ def markdown(rep: dict) -> str:
     detail_rows = [[x["label"], f"{_pq(x['isolated_events'])} ({x['isolated_events']['n']})",
                     f"{_pq(x['crowded_events'])} ({x['crowded_events']['n']})",
                     " / ".join(str(x["run_cpu_ms_per_job"].get(p)) for p in ("orchestrator", "bench_client")),
-                    _extra_cpu(x, lat[0]),
+                    _extra_cpu(x, next(b for b in lat if b["watcher"] == x["watcher"])),
                     " / ".join(f"{x['event_loop_threads'][n]['on_cpu_ms_per_s']} + "
                                f"{x['event_loop_threads'][n]['runqueue_wait_ms_per_s']}" for n in ("orchestrator",
                                                                                                    "bench_client")),
@@ -750,12 +838,12 @@ def markdown(rep: dict) -> str:
         "",
         "## Event latency over gRPC (WatchOperation), publish -> receipt", "",
         (f"Per round: {WORKERS} holder jobs fill the workers, {m['jobs_per_round']} talking-video jobs "
-         f"(skip_matting) queue behind them, K streams attach to each watched job ({connections_text(m['channels'])}, one "
-         "grpc.aio client process), then the holders are cancelled and the jobs run 4 at a time. Watched: every "
-         "job (4 watched operations run at once: 4K streams receive at the same time), or one job of every wave of "
-         "4 (K subscribers on one operation while the server runs 3 other jobs). Before each round the client "
-         "collects and freezes its garbage collector's heap (the receipts timed so far), so that its own full "
-         "collections do not stamp receipts late. Only "
+         "(skip_matting) queue behind them, K streams attach to each watched job, then the holders are cancelled "
+         "and the jobs run 4 at a time. Watched: every job (4 watched operations run at once: 4K streams receive at "
+         "the same time), or one job of every wave of 4 (K subscribers on one operation while the server runs 3 "
+         f"other jobs). Watchers: python = grpc.aio streams in the bench process ({connections_text(m['channels'])}; "
+         "before each round it collects and freezes its garbage collector's heap, so that its own full collections "
+         "do not stamp receipts late); native = " + NATIVE_WATCHER + " Only "
          "events stored after a stream's first message count (the replayed INITIALIZED event is excluded). "
          + LATENCY_DEFINITION), "",
         *_table(["subscribers per watched operation (watched operations)", "watched jobs", "distinct events", "receipts", "p50 ms", "p95 ms", "p99 ms",
@@ -766,7 +854,7 @@ def markdown(rep: dict) -> str:
         *_table(["subscribers", "isolated events p50 / p99 ms (receipts)",
                  "events < 50 ms after another p50 / p99 ms (receipts)",
                  "CPU ms per job run (watched or not) while they run, orch / client",
-                 f"extra CPU us per extra receipt vs {lat[0]['label']}, orch / client",
+                 "extra CPU us per extra receipt vs the first cell with the same watcher, orch / client",
                  "event-loop thread on CPU + waiting for a CPU, ms per s: orch / client",
                  "other people's CPU, cores", "attach s (round 1)", "jobs still queued when all attached",
                  "p99 per round ms"], detail_rows),
@@ -820,6 +908,8 @@ def main(argv: list[str] | None = None) -> int:
     load_start, pressure_start = os.getloadavg(), cpu_pressure()
     code = {"git_commit": _git("rev-parse", "--short", "HEAD"),
             "git_uncommitted_server_changes": bool(_git("status", "--porcelain", "--", "server"))}
+    if any(watcher == "native" for *_, watcher in args.latency_cells):
+        build_native_watcher()
     in_process = asyncio.run(inproc(args, work.with_name("bench_jobs_inproc")))
     shutil.rmtree(work.with_name("bench_jobs_inproc"), ignore_errors=True)
     stack = JobStack(args, work)
