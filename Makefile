@@ -28,6 +28,7 @@ system-deps:
 
 # The jobs benchmark's native watcher (bench/native/grpc_watch_fanout.c) is C on libnghttp2.
 bench-deps:
+	$(call debian-package,/usr/bin/cc,gcc,the jobs benchmark's native watcher)
 	$(call debian-package,/usr/include/nghttp2/nghttp2.h,libnghttp2-dev,the jobs benchmark's native watcher)
 
 $(VENV)/.installed: pyproject.toml | system-deps

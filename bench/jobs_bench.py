@@ -123,8 +123,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         a.latency_cells = [(int(c[0]), c[1], c[2] if len(c) > 2 else "python") for c in cells]
     except ValueError:
         p.error("--latency-cells: K:WATCHED[:WATCHER] items, e.g. 1:each,100:one:native")
-    if any(w not in WATCHED or c not in WATCHERS for _, w, c in a.latency_cells):
-        p.error(f"--latency-cells: WATCHED is one of {', '.join(WATCHED)}; WATCHER one of {', '.join(WATCHERS)}")
+    if any(k < 1 or w not in WATCHED or c not in WATCHERS for k, w, c in a.latency_cells):
+        p.error(f"--latency-cells: K >= 1; WATCHED is one of {', '.join(WATCHED)}; WATCHER one of {', '.join(WATCHERS)}")
     if a.quick:
         a.events, a.jobs, a.inproc_events, a.jobs_per_round, a.floor_events = 40, 4, 100, 4, 30
     if a.jobs > 64:
@@ -367,7 +367,11 @@ class PythonWatchers:
         return Usage(0.0, 0.0, *loop_thread_sched(os.getpid()))
 
     async def finish(self) -> None:
+        """Until every stream has ended."""
         await asyncio.wait_for(asyncio.gather(*self.tasks), 300)
+
+    async def collect(self) -> None:
+        """After the round's figures are taken: nothing left to decode."""
 
     async def close(self) -> None:
         for task in self.tasks:
@@ -395,8 +399,14 @@ class NativeWatchers:
         return self.last_usage
 
     async def finish(self) -> None:
+        """Until every stream has ended (the watcher's usage then; its messages are read by collect())."""
         assert self.watch is not None
-        results, self.last_usage = await asyncio.wait_for(self.watch.finish(), 300)
+        self.last_usage = await asyncio.wait_for(self.watch.ended(), 300)
+
+    async def collect(self) -> None:
+        """Reads and decodes every message, after the round's CPU and time figures are taken."""
+        assert self.watch is not None
+        results = await asyncio.wait_for(self.watch.results(), 120)
         for stream, result in zip(self.streams, results, strict=True):
             if result.status != 0:
                 raise RuntimeError(f"native watcher: a WatchOperation stream ended with status {result.status}: "
@@ -446,6 +456,7 @@ async def latency_round(client: Client, k: int, jobs_per_round: int, pids: dict[
         await watchers.finish()
         t_end, cpu1, busy1 = time.time(), cpu_seconds(pids), machine_busy_s()
         sched1, usage1 = loop_thread_sched(pids["orchestrator"]), watchers.usage()
+        await watchers.collect()
     finally:
         await watchers.close()
     watcher_usage = usage1 - usage0  # a native watcher's CPU; this process's is cpu_seconds()' bench_client
@@ -456,7 +467,7 @@ async def latency_round(client: Client, k: int, jobs_per_round: int, pids: dict[
     return {"streams": streams, "names": names, "attach_s": round(t_attached - t_attach0, 3),
             "queued_when_attached": queued_at_attach, "run_s": round(t_end - t_release, 3),
             "succeeded": sum(s == jobs_pb2.JOB_STATE_SUCCEEDED for s in finals), "jobs": len(watched_jobs),
-            "jobs_run": len(names), "run_cpu_s": run_cpu,
+            "jobs_run": len(names), "run_cpu_s": run_cpu, "watcher_process_cpu_s": watcher_usage.cpu_s,
             "other_processes_cores": round(max(busy1 - busy0 - ours, 0.0) / (t_end - t_release), 2),
             "cpu_pressure_avg10": cpu_pressure(),
             "loop_sched_s": {"orchestrator": [sched1[i] - sched0[i] for i in (0, 1)],
@@ -542,6 +553,8 @@ async def latency(client: Client, args: argparse.Namespace, pids: dict[str, int]
     summary = latency_summary(k, rounds, watched, watcher)
     summary["wall_s"] = round(wall, 2)
     summary["cpu_s"] = {name: round(cpu1[name] - cpu0[name], 2) for name in cpu1}
+    # a native watcher's own process, from attachment to the streams' end of every round
+    summary["cpu_s"]["bench_client"] += round(sum(r["watcher_process_cpu_s"] for r in rounds), 2)
     a = summary["all_receipts"]
     print(f"{summary['label']}: {summary['distinct_events']} events, {summary['receipts']} receipts, p50 {a['p50_ms']} ms, "
           f"p99 {a['p99_ms']} ms, max {a['max_ms']} ms", flush=True)

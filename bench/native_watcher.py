@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class StreamResult:
 
 class NativeWatch:
     """One grpc_watch_fanout process: start it with every stream's request, ``await attached()`` (every stream has
-    its first message), then ``await finish()`` once the streams are due to end."""
+    its first message), ``await ended()`` once the streams are due to end, then ``await results()``."""
 
     def __init__(self, process: asyncio.subprocess.Process) -> None:
         self._process = process
@@ -89,13 +90,22 @@ class NativeWatch:
         return self._process.pid
 
     async def attached(self) -> Usage:
+        """Once every stream has its first message: the watcher's usage then."""
         line = await self._line()
         if not line.startswith(b"attached "):
-            raise RuntimeError(f"native watcher: expected 'attached', got {line[:200]!r}")
+            raise RuntimeError("native watcher: the streams did not all get a first message before its deadline "
+                               f"({line[:200]!r})")
         return Usage.parse(line.split()[1:])
 
-    async def finish(self) -> tuple[list[StreamResult], Usage]:
-        """Every stream's messages, and the watcher's usage at its end."""
+    async def ended(self) -> Usage:
+        """Once every stream has ended: the watcher's usage then (before it prints what it received)."""
+        line = await self._line()
+        if not line.startswith(b"ended "):
+            raise RuntimeError(f"native watcher: expected 'ended', got {line[:200]!r}")
+        return Usage.parse(line.split()[1:])
+
+    async def results(self) -> list[StreamResult]:
+        """Every stream's status and messages, after ``ended``."""
         streams: dict[int, StreamResult] = {}
         while True:
             line = await self._line()
@@ -105,14 +115,14 @@ class NativeWatch:
                 streams[int(sid)].messages.append((float(t), bytes.fromhex(hexed.strip().decode())))
             elif kind == b"S":
                 sid, status, _count, details = (rest.rstrip(b"\n").split(b" ", 3) + [b""])[:4]
-                streams[int(sid)] = StreamResult(int(sid), int(status), details.decode(errors="replace"))
-            elif kind == b"end":
-                usage = Usage.parse(rest.split())
+                # grpc-message is percent-encoded on the wire
+                streams[int(sid)] = StreamResult(int(sid), int(status), urllib.parse.unquote(details.decode()))
+            elif line == b"end\n":
                 break
             else:
                 raise RuntimeError(f"native watcher: unexpected output {line[:200]!r}")
         await self._process.wait()
-        return [streams[i] for i in sorted(streams)], usage
+        return [streams[i] for i in sorted(streams)]
 
     async def kill(self) -> None:
         if self._process.returncode is None:

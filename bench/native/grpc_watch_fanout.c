@@ -11,10 +11,12 @@
  * stdin: one line per stream, "ID HEX" (ID an integer, HEX the serialized request message); end of input
  * starts the calls.
  * stdout, while running: "attached USAGE" once every stream has its first message (or has ended).
- * stdout, when every stream has ended (or TIMEOUT_S passed): per stream "S ID STATUS MESSAGE_COUNT GRPC_MESSAGE"
- * (STATUS is grpc-status, -1 if the stream ended without one), then per message "M ID SECONDS HEX", SECONDS the
- * CLOCK_REALTIME time (as Python's time.time()) right after the read that completed the message; then
- * "end USAGE". USAGE is this process's CPU seconds so far, user and system, then its (only) thread's seconds on a
+ * stdout, when every stream has ended (or TIMEOUT_S passed): "ended USAGE" (before anything is printed, so the
+ * dump is not in it), then per stream "S ID STATUS MESSAGE_COUNT GRPC_MESSAGE" (STATUS is grpc-status, -1 if the
+ * stream ended without one; GRPC_MESSAGE percent-encoded as sent), then per message "M ID SECONDS HEX", SECONDS
+ * the CLOCK_REALTIME time (as Python's time.time()) right after the read that completed the message (a message
+ * waiting in its socket while the loop serves other streams is stamped when read, as a client would see it);
+ * then "end". USAGE is this process's CPU seconds so far, user and system, then its (only) thread's seconds on a
  * CPU and runnable but waiting for one (/proc/self/schedstat).
  * Exit code 0 if every stream ended with grpc-status 0, 1 otherwise, 2 on bad usage or a connection failure.
  *
@@ -118,6 +120,7 @@ static int on_data(nghttp2_session *session, uint8_t flags, int32_t stream_id, c
                    void *user) {
     (void)session; (void)flags; (void)stream_id;
     Stream *s = user;
+    if (len == 0) return 0;
     s->pending = grow(s->pending, &s->pending_cap, s->pending_len + len, 1);
     memcpy(s->pending + s->pending_len, data, len);
     s->pending_len += len;
@@ -126,8 +129,8 @@ static int on_data(nghttp2_session *session, uint8_t flags, int32_t stream_id, c
         const uint8_t *p = s->pending + at;
         size_t mlen = ((size_t)p[1] << 24) | ((size_t)p[2] << 16) | ((size_t)p[3] << 8) | p[4];
         if (s->pending_len - at < 5 + mlen) break;
-        s->bytes = grow(s->bytes, &s->bytes_cap, s->bytes_len + mlen, 1);
-        memcpy(s->bytes + s->bytes_len, p + 5, mlen);
+        s->bytes = grow(s->bytes, &s->bytes_cap, s->bytes_len + mlen + 1, 1);
+        if (mlen) memcpy(s->bytes + s->bytes_len, p + 5, mlen);
         s->messages = grow(s->messages, &s->cap, s->count + 1, sizeof(Message));
         s->messages[s->count++] = (Message){s->now, s->bytes_len, mlen};
         s->bytes_len += mlen;
@@ -248,6 +251,7 @@ int main(int argc, char **argv) {
                     if (nghttp2_session_mem_recv(s->session, buf, (size_t)got) < 0) s->closed = 1;
                     continue;
                 }
+                if (got < 0 && errno == EINTR) continue;
                 if (got == 0 || (errno != EAGAIN && errno != EWOULDBLOCK)) s->closed = 1;
                 break;
             }
@@ -276,6 +280,8 @@ int main(int argc, char **argv) {
         }
     }
 
+    printf("ended");
+    print_usage();
     int failed = 0;
     for (size_t i = 0; i < n; i++) {
         Stream *s = &streams[i];
@@ -288,7 +294,6 @@ int main(int argc, char **argv) {
             putchar('\n');
         }
     }
-    printf("end");
-    print_usage();
+    printf("end\n");
     return failed;
 }
