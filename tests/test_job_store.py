@@ -21,6 +21,7 @@ from server.jobs import (
     Heartbeat,
     JobState,
     JobStore,
+    JobStoreError,
     OperationNotFinishedError,
     OperationNotFoundError,
     OperationUpdate,
@@ -290,6 +291,17 @@ async def test_a_finished_operation_forgets_its_request(store: SqliteJobStore) -
     assert done.state == JobState.SUCCEEDED and await store.get_request(op.name) == b"" and done.end_time is not None
     with pytest.raises(OperationNotFoundError):
         await store.get_request("operations/unknown")
+
+
+async def test_an_unfinished_operation_without_its_request_is_an_error(store: SqliteJobStore, tmp_path: Path) -> None:
+    # b"" would parse as a valid default request and run a job nobody asked for.
+    op, _ = await store.create_operation(kind=TALKING, request=b"photo+audio")
+    conn = sqlite3.connect(tmp_path / "jobs.db")
+    conn.execute("DELETE FROM operation_requests WHERE name = ?", (op.name,))
+    conn.commit()
+    conn.close()
+    with pytest.raises(JobStoreError, match="request is not stored"):
+        await store.get_request(op.name)
 
 
 async def test_an_event_does_not_rewrite_the_request(store: SqliteJobStore, tmp_path: Path) -> None:

@@ -59,6 +59,7 @@ from server.jobs.store import (
     ArtifactRecord,
     EventRecord,
     JobState,
+    JobStoreError,
     OperationNotFinishedError,
     OperationNotFoundError,
     OperationRecord,
@@ -251,7 +252,10 @@ class SqliteJobStore:
             row = conn.execute("SELECT request FROM operation_requests WHERE name = ?", (name,)).fetchone()
             if row is not None:
                 return bytes(row[0])
-            self._get_sync(conn, name)  # OperationNotFoundError for an unknown name
+            op = self._get_sync(conn, name)  # OperationNotFoundError for an unknown name
+            if not op.state.is_terminal:
+                # Never written that way; an empty request would parse as a valid default one.
+                raise JobStoreError(f"{name} is {op.state.name} but its request is not stored")
             return b""  # finished: dropped with the terminal state
 
         return await self._run(q)
