@@ -144,7 +144,7 @@ WATCHED = {"each": "on every running operation", "one": "on one of the 4 running
 WATCHERS = {"python": "", "native": ", native watcher"}
 NATIVE_WATCHER = (
     "every stream in one grpc_watch_fanout process (bench/native/grpc_watch_fanout.c: HTTP/2 by libnghttp2, one "
-    "epoll loop, one TCP connection per stream, ~12 us of CPU per message against ~60-100 for grpc.aio), which "
+    "epoll loop, one TCP connection per stream, ~10-17 us of CPU per message against ~60-110 for grpc.aio), which "
     "stamps each message with CLOCK_REALTIME right after the read() that completed it and keeps its bytes; the "
     "bench decodes them after the round. Real watchers are separate clients on other machines: 100 grpc.aio "
     "streams in one process spend ~10 ms of CPU per event on the 2 cores the server runs on, and the last of the "

@@ -3,7 +3,7 @@
 Why: a grpc.aio client spends ~60-100 us of CPU per message it receives. With 100 watchers in one Python process
 on the benchmark's 2 shared cores, the watchers' own work (~10 ms per event fanned out to 100) competes with the
 service they are timing, and the last of the 100 receipts waits behind the other 99 in one GIL. Real watchers are
-separate clients on other machines. grpc_watch_fanout (libnghttp2, one epoll loop, ~12 us per message) keeps the
+separate clients on other machines. grpc_watch_fanout (libnghttp2, one epoll loop, ~10-17 us per message) keeps the
 bytes and arrival time of every message and does nothing else; the benchmark decodes them after the round.
 """
 
