@@ -7,6 +7,7 @@ in test_lifecycle.py.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -140,6 +141,13 @@ class Orchestrator:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict]:
+        """The JSON log records written so far. The text after the last newline is left out: the server may be
+        in the middle of writing that record, and a reader can see a write cut at a page boundary."""
+        text = self.log_text()
+        complete = text[: text.rfind("\n") + 1]
+        return [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
 
 
 def start_orchestrator(tmp: Path, extra_args: list[str], name: str = "orchestrator") -> Orchestrator:
