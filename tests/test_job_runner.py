@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import random
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,9 +21,10 @@ import grpc
 import pytest
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
-from server.jobs import EventBus, EventRecord, JobState, OperationRecord, SqliteJobStore
+from server.jobs import EventBus, EventRecord, JobState, OperationRecord, OperationUpdate, SqliteJobStore
 from server.jobs.admission import Admission
 from server.jobs.context import JobContext
+from server.jobs.durable_files import write_atomically
 from server.jobs.failures import JobFailure
 from server.jobs.pipeline import Stage
 from server.jobs.runner import JobRunner, QueueFull, RetryPolicy
@@ -861,3 +863,69 @@ async def test_stage_events_drive_the_operation_row(tmp_path: Path) -> None:
     assert final.last_sequence == stored[-1].sequence
     assert final.last_completed_stage == WRITING
     assert final.error is None and final.end_time is not None
+
+
+# ---------------------------------------------------------------------- durability of a stage's files
+
+
+class _CheckpointTrace(SqliteJobStore):
+    """Records, in ``trace``, each stored checkpoint (from a completing event or the runner's own update)."""
+
+    def __init__(self, path: Path, trace: list[tuple[str, object]]) -> None:
+        super().__init__(path)
+        self.trace = trace
+
+    async def update_operation(self, name: str, update: OperationUpdate | None = None, /, **fields: object) -> OperationRecord:
+        checkpoint = fields.get("last_completed_stage", getattr(update, "last_completed_stage", None))
+        record = await super().update_operation(name, update, **fields)
+        if checkpoint is not None:
+            self.trace.append(("checkpoint", checkpoint))
+        return record
+
+    async def append_event(self, name: str, event_type: str, payload: bytes, **kwargs: object) -> EventRecord:
+        record = await super().append_event(name, event_type, payload, **kwargs)  # type: ignore[arg-type]
+        update = kwargs.get("update")
+        if update is not None and update.last_completed_stage is not None:  # type: ignore[attr-defined]
+            self.trace.append(("checkpoint", update.last_completed_stage))  # type: ignore[attr-defined]
+        return record
+
+
+async def test_a_stage_s_files_reach_the_disk_before_its_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Power loss, not only kill -9: the working folder (the renames that put a stage's files in place) is
+    fsynced before the checkpoint that lets a resumed job skip the stage, whether the stage ends with a
+    completing event or the runner stores the checkpoint after it."""
+    trace: list[tuple[str, object]] = []
+    real_fsync = os.fsync
+
+    def traced_fsync(fd: int) -> None:
+        trace.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", traced_fsync)
+
+    async def decode_video(ctx: JobContext) -> None:
+        await asyncio.to_thread(write_atomically, ctx.workdir / "frames.bin", b"x" * 1000)
+        await ctx.stage(DECODING, 10.0, "decoded", completes=True)
+
+    async def track(ctx: JobContext) -> None:
+        await asyncio.to_thread(write_atomically, ctx.workdir / "tracks.bin", b"y" * 1000)
+
+    async with environment(tmp_path, _CheckpointTrace(tmp_path / "jobs.db", trace)) as env:
+        runner = env.runner(Stage(DECODING, decode_video), Stage(TRACKING, track))
+        await runner.start()
+        op = await runner.submit(SEGMENT, req("a"))
+        final, _ = await wait_done(runner, op.name)
+        workdir = env.workdir(op.name)
+    assert final.state == JobState.SUCCEEDED
+
+    for stage, written in ((DECODING, "frames.bin"), (TRACKING, "tracks.bin")):
+        checkpoint = ("checkpoint", stage)
+        assert checkpoint in trace, trace
+        before = trace[: trace.index(checkpoint)]
+        assert ("fsync", workdir / f"{written}.tmp") in before  # the data, before its rename
+        # The folder, after the file's rename and before the checkpoint.
+        written_at = before.index(("fsync", workdir / f"{written}.tmp"))
+        assert ("fsync", workdir) in before[written_at:], trace
+    # The job's folders, made when it started, with its first checkpoint.
+    first = trace[: trace.index(("checkpoint", DECODING))]
+    assert ("fsync", workdir.parent) in first and ("fsync", workdir.parent.parent) in first

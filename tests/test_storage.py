@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -120,6 +121,49 @@ async def test_place_moves_atomically_and_restamps(storage: StorageManager) -> N
     src2 = make_file(storage.temp_path(), size=5, now=time.time())
     assert await storage.place(src2, "videos", "abc/out.bin") == dest
     assert dest.read_bytes() == b"xxxxx"
+
+
+def _trace_fsync_and_replace(monkeypatch: pytest.MonkeyPatch, *, cross_device: bool = False) -> list[tuple[str, str]]:
+    """Records os.fsync (by path) and os.replace calls in order; ``cross_device`` makes a rename of a
+    temp file fail with EXDEV, as a tier on another file system would."""
+    trace: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        trace.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src: str | Path, dest: str | Path) -> None:
+        if cross_device and "/temp/" in str(src):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        trace.append(("replace", str(dest)))
+        real_replace(src, dest)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return trace
+
+
+@pytest.mark.parametrize("cross_device", [False, True])
+async def test_place_syncs_the_data_before_the_rename_and_the_folder_after(
+    storage: StorageManager, monkeypatch: pytest.MonkeyPatch, cross_device: bool
+) -> None:
+    """A caller records a placed file in the store next (an artifact, an upload's meta.json): after a power
+    loss the file must be there, whole."""
+    src = make_file(storage.temp_path(".bin"), size=123, now=time.time())
+    trace = _trace_fsync_and_replace(monkeypatch, cross_device=cross_device)
+    dest = await storage.place(src, "videos", "abc/out.bin")
+    assert dest.read_bytes() == b"x" * 123 and not src.exists()
+    renamed = trace.index(("replace", str(dest)))
+    synced_data = [path for kind, path in trace[:renamed] if kind == "fsync"]
+    # The bytes that get the destination's name were synced: the source, or the copy made beside the destination.
+    if cross_device:
+        assert synced_data[-1].endswith(".part") and Path(synced_data[-1]).parent == dest.parent, trace
+    else:
+        assert synced_data[-1] == str(src), trace
+    assert ("fsync", str(dest.parent)) in trace[renamed:]
+    # abc/ was made for it: its own entry in the tier folder is synced too.
+    assert ("fsync", str(storage.root / "videos")) in trace[renamed:]
 
 
 @pytest.mark.parametrize("relative", ["../escape", "a/../../escape", "/abs/path", "a//b", "a/./b", "a/", "", "a\\b"])

@@ -23,6 +23,7 @@ from google.protobuf.message import Message
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.jobs.admission import Admission
+from server.jobs.durable_files import fsync_path, write_json_atomically
 from server.jobs.events import EventBus
 from server.jobs.failures import JobCancelled, JobFailure
 from server.jobs.storage import StorageManager, validate_relative_path
@@ -52,6 +53,8 @@ class JobContext:
     checkpoint: int | None = None
     checkpoint_stored: bool = False
     cancel_requested: bool = False
+    # Whether the folders holding the workdir have been fsynced in this run (see sync_workdir).
+    workdir_entries_synced: bool = False
     artifact_paths: list[Path] = field(default_factory=list)
 
     @property
@@ -72,7 +75,20 @@ class JobContext:
         a crash leaves either the old or the new state, never half of one. The fsync runs in a
         thread: it can take tens of ms on a busy disk, and the event loop serves every watcher."""
         self.state.update(values)
-        await asyncio.to_thread(_write_json_atomically, self.workdir / _STATE_FILE, dict(self.state))
+        await asyncio.to_thread(write_json_atomically, self.workdir / _STATE_FILE, dict(self.state))
+
+    async def sync_workdir(self) -> None:
+        """fsyncs the working folder's entries before a checkpoint is stored. The files a stage
+        leaves there are fsynced when written (``write_atomically``, ``save_state``, uploads,
+        tracks.jsonl); their renames reach the disk only with the folder. Without this, a power
+        loss after the checkpoint's commit could resume a job past a stage whose files are gone.
+        The two folders above (processed/<id>/ and the tier) hold the entries made when the job
+        started: they are synced with this run's first checkpoint."""
+        folders = [self.workdir]
+        if not self.workdir_entries_synced:
+            folders += [self.workdir.parent, self.workdir.parent.parent]
+        await asyncio.to_thread(_fsync_all, folders)
+        self.workdir_entries_synced = True
 
     # ---------------------------------------------------------------- events
 
@@ -85,6 +101,8 @@ class JobContext:
         self.check_cancelled()
         self.current_stage = stage
         checkpoint = self.checkpoint if completes else None
+        if checkpoint is not None:
+            await self.sync_workdir()
         update = OperationUpdate(
             state=JobState.RUNNING, stage=stage, percent=percent, message=message, last_completed_stage=checkpoint
         )
@@ -177,10 +195,6 @@ def _size_and_sha256(path: Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _write_json_atomically(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _fsync_all(paths: list[Path]) -> None:
+    for path in paths:
+        fsync_path(path)

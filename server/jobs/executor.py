@@ -207,6 +207,7 @@ class JobExecutor:
                 ctx.checkpoint, ctx.checkpoint_stored = stage.checkpoint, False
                 await self._run_stage(stage, ctx)
                 if not ctx.checkpoint_stored:  # the stage did not end with a completing event
+                    await ctx.sync_workdir()
                     await self.store.update_operation(name, last_completed_stage=stage.checkpoint)
             response = await pipeline.response(ctx)
             await self._finish_succeeded(ctx, response)

@@ -34,6 +34,7 @@ from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.errors import InvalidInput, ServiceError, TooLarge
 from server.jobs.artifacts import artifact_proto
 from server.jobs.context import JobContext
+from server.jobs.durable_files import fsync_path
 from server.jobs.failures import JobFailure
 from server.jobs.pipeline import Stage
 from server.jobs.segment_artifacts import ARTIFACTS, ArtifactSpec, describe_artifact, write_artifacts
@@ -376,4 +377,5 @@ def _link_or_copy(src: Path, dest: Path) -> None:
             raise
         part = dest.with_name(dest.name + ".part")
         shutil.copyfile(src, part)
+        fsync_path(part)  # the folder itself is synced with the stage's checkpoint
         os.replace(part, dest)

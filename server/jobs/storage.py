@@ -40,6 +40,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Protocol
 
 from server.aio import cancel_and_wait
+from server.jobs.durable_files import fsync_path
 
 __all__ = [
     "KEEP_MARKER",
@@ -269,10 +270,14 @@ class StorageManager:
     @staticmethod
     def _place_sync(src: Path, tier_dir: Path, rel: PurePosixPath) -> Path:
         dest = tier_dir.joinpath(*rel.parts)
+        new_folders = [folder for folder in (dest.parent, *dest.parent.parents) if not folder.exists()]
         dest.parent.mkdir(parents=True, exist_ok=True)
         # A symlinked folder inside the tier must not carry the file out of the root.
         if not dest.parent.resolve().is_relative_to(tier_dir.resolve()):
             raise ValueError(f"{rel} leaves the {tier_dir.name} tier")
+        # The file's data, then its new name, reach the disk before the caller records it (an
+        # artifact row, an upload's meta.json): see durable_files.
+        fsync_path(src)
         try:
             os.replace(src, dest)
         except OSError as exc:
@@ -283,11 +288,14 @@ class StorageManager:
             part = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.part")
             try:
                 shutil.copyfile(src, part)
+                fsync_path(part)
                 os.replace(part, dest)
             finally:
                 part.unlink(missing_ok=True)
             src.unlink()
         os.utime(dest)
+        for folder in (dest, *new_folders):
+            fsync_path(folder.parent)
         return dest
 
     # ---------------------------------------------------------------- cleanup and stats

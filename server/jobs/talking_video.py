@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import cv2
@@ -28,6 +27,7 @@ from server.did.errors import DIDError
 from server.errors import InvalidInput, ServiceError, Unavailable
 from server.jobs.artifacts import artifact_proto
 from server.jobs.context import JobContext
+from server.jobs.durable_files import write_atomically
 from server.jobs.failures import JobFailure, from_did_error
 from server.jobs.pipeline import Stage
 from server.jobs.uploads import UploadError, UploadStore, upload_status
@@ -172,8 +172,8 @@ class TalkingVideoPipeline:
         except NotAudio as exc:
             raise JobFailure.permanent("not_audio", f"audio: {exc}") from None
         audio_file = f"audio.{checked.format}"
-        await asyncio.to_thread(_write, ctx.workdir / "original", image)
-        await asyncio.to_thread(_write, ctx.workdir / audio_file, audio)
+        await asyncio.to_thread(write_atomically, ctx.workdir / "original", image)
+        await asyncio.to_thread(write_atomically, ctx.workdir / audio_file, audio)
         await ctx.save_state(audio_file=audio_file, audio_media_type=checked.media_type)
         duration = f" ({checked.duration_s:.1f} s of audio)" if checked.duration_s else ""
         await ctx.stage(
@@ -220,7 +220,7 @@ class TalkingVideoPipeline:
                     common_pb2.Image(encoded=image), crop, timeout_s=self.inference_timeout_s, image_field="image"
                 )
             png = await asyncio.to_thread(encode_rgba_png, matte.rgb, matte.alpha)
-            await asyncio.to_thread(_write, ctx.workdir / PERSON_PNG[0], png)
+            await asyncio.to_thread(write_atomically, ctx.workdir / PERSON_PNG[0], png)
             await ctx.save_state(matting_skipped=False, matting_skipped_reason="", matting_stand_in=matte.model.stand_in,
                                  person_file=PERSON_PNG[0], person_media_type=PERSON_PNG[1])
             message = "background removed" + (" (BiRefNet STAND-IN model: the alpha has no learned meaning)" if matte.model.stand_in else "")
@@ -253,7 +253,7 @@ class TalkingVideoPipeline:
         # No alpha to keep: a JPEG (q95) of the crop, ~2 ms to encode and ~5x smaller than a
         # lossless PNG, which took ~30 ms of CPU per job on these machines.
         jpeg = await asyncio.to_thread(_crop_jpeg, image, crop)
-        await asyncio.to_thread(_write, ctx.workdir / PERSON_JPEG[0], jpeg)
+        await asyncio.to_thread(write_atomically, ctx.workdir / PERSON_JPEG[0], jpeg)
         await ctx.save_state(matting_skipped=True, matting_skipped_reason=reason,
                              person_file=PERSON_JPEG[0], person_media_type=PERSON_JPEG[1])
 
@@ -292,7 +292,7 @@ class TalkingVideoPipeline:
                 raise
             assert talk.result_url is not None
             video = await did.download(talk.result_url)
-        await asyncio.to_thread(_write, ctx.workdir / "talk.mp4", video)
+        await asyncio.to_thread(write_atomically, ctx.workdir / "talk.mp4", video)
         await ctx.stage(
             S.JOB_STAGE_DID_COMPLETE,
             STAGE_PERCENT[S.JOB_STAGE_DID_COMPLETE],
@@ -403,12 +403,6 @@ def _crop_jpeg(image: bytes, crop: tuple[int, ...]) -> bytes:
     ok, jpeg = cv2.imencode(".jpg", decoded[y1:y2, x1:x2], [cv2.IMWRITE_JPEG_QUALITY, PERSON_JPEG_QUALITY])
     assert ok
     return jpeg.tobytes()
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 @contextlib.asynccontextmanager
