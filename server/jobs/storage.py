@@ -270,7 +270,11 @@ class StorageManager:
     @staticmethod
     def _place_sync(src: Path, tier_dir: Path, rel: PurePosixPath) -> Path:
         dest = tier_dir.joinpath(*rel.parts)
-        new_folders = [folder for folder in (dest.parent, *dest.parent.parents) if not folder.exists()]
+        new_folders = []  # the folders mkdir makes here: their names are synced with the file's
+        folder = dest.parent
+        while not folder.exists():
+            new_folders.append(folder)
+            folder = folder.parent
         dest.parent.mkdir(parents=True, exist_ok=True)
         # A symlinked folder inside the tier must not carry the file out of the root.
         if not dest.parent.resolve().is_relative_to(tier_dir.resolve()):
