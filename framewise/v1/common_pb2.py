@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66ramewise/v1/common.proto\x12\x0c\x66ramewise.v1\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.framewise.v1.RawFrameH\x00\x42\x08\n\x06source\"h\n\x08RawFrame\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12/\n\x0cpixel_format\x18\x03 \x01(\x0e\x32\x19.framewise.v1.PixelFormat\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"=\n\x0b\x42oundingBox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"Z\n\x0bPointPrompt\x12\"\n\x05point\x18\x01 \x01(\x0b\x32\x13.framewise.v1.Point\x12\'\n\x05label\x18\x02 \x01(\x0e\x32\x18.framewise.v1.PointLabel\"8\n\x07RleMask\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ounts\x18\x03 \x01(\t\";\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08stand_in\x18\x03 \x01(\x08\"p\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x11\n\ttriton_ms\x18\x03 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01*\xa1\x01\n\x0bPixelFormat\x12\x1c\n\x18PIXEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11PIXEL_FORMAT_RGB8\x10\x01\x12\x15\n\x11PIXEL_FORMAT_BGR8\x10\x02\x12\x16\n\x12PIXEL_FORMAT_RGBA8\x10\x03\x12\x16\n\x12PIXEL_FORMAT_BGRA8\x10\x04\x12\x16\n\x12PIXEL_FORMAT_GRAY8\x10\x05*]\n\nPointLabel\x12\x1b\n\x17POINT_LABEL_UNSPECIFIED\x10\x00\x12\x18\n\x14POINT_LABEL_POSITIVE\x10\x01\x12\x18\n\x14POINT_LABEL_NEGATIVE\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x66ramewise/v1/common.proto\x12\x0c\x66ramewise.v1\"K\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12%\n\x03raw\x18\x02 \x01(\x0b\x32\x16.framewise.v1.RawFrameH\x00\x42\x08\n\x06source\"h\n\x08RawFrame\x12\r\n\x05width\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12/\n\x0cpixel_format\x18\x03 \x01(\x0e\x32\x19.framewise.v1.PixelFormat\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"=\n\x0b\x42oundingBox\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"Z\n\x0bPointPrompt\x12\"\n\x05point\x18\x01 \x01(\x0b\x32\x13.framewise.v1.Point\x12\'\n\x05label\x18\x02 \x01(\x0e\x32\x18.framewise.v1.PointLabel\"8\n\x07RleMask\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06\x63ounts\x18\x03 \x01(\t\"L\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08stand_in\x18\x03 \x01(\x08\x12\x0f\n\x07network\x18\x04 \x01(\t\"\xc2\x01\n\nBackground\x12*\n\x04mode\x18\x01 \x01(\x0e\x32\x1c.framewise.v1.BackgroundMode\x12\r\n\x05\x63olor\x18\x02 \x01(\t\x12$\n\x05image\x18\x03 \x01(\x0b\x32\x13.framewise.v1.ImageH\x00\x12\x19\n\x0fimage_upload_id\x18\x04 \x01(\tH\x00\x12(\n\x03\x66it\x18\x05 \x01(\x0e\x32\x1b.framewise.v1.BackgroundFitB\x0e\n\x0cimage_source\"p\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x15\n\rpreprocess_ms\x18\x02 \x01(\x01\x12\x11\n\ttriton_ms\x18\x03 \x01(\x01\x12\x16\n\x0epostprocess_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01*\xa1\x01\n\x0bPixelFormat\x12\x1c\n\x18PIXEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11PIXEL_FORMAT_RGB8\x10\x01\x12\x15\n\x11PIXEL_FORMAT_BGR8\x10\x02\x12\x16\n\x12PIXEL_FORMAT_RGBA8\x10\x03\x12\x16\n\x12PIXEL_FORMAT_BGRA8\x10\x04\x12\x16\n\x12PIXEL_FORMAT_GRAY8\x10\x05*]\n\nPointLabel\x12\x1b\n\x17POINT_LABEL_UNSPECIFIED\x10\x00\x12\x18\n\x14POINT_LABEL_POSITIVE\x10\x01\x12\x18\n\x14POINT_LABEL_NEGATIVE\x10\x02*\xa2\x01\n\x0e\x42\x61\x63kgroundMode\x12\x1f\n\x1b\x42\x41\x43KGROUND_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41\x43KGROUND_MODE_KEEP\x10\x01\x12\x1f\n\x1b\x42\x41\x43KGROUND_MODE_TRANSPARENT\x10\x02\x12\x19\n\x15\x42\x41\x43KGROUND_MODE_COLOR\x10\x03\x12\x19\n\x15\x42\x41\x43KGROUND_MODE_IMAGE\x10\x04*e\n\rBackgroundFit\x12\x1e\n\x1a\x42\x41\x43KGROUND_FIT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41\x43KGROUND_FIT_COVER\x10\x01\x12\x1a\n\x16\x42\x41\x43KGROUND_FIT_CONTAIN\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'framewise.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PIXELFORMAT']._serialized_start=646
-  _globals['_PIXELFORMAT']._serialized_end=807
-  _globals['_POINTLABEL']._serialized_start=809
-  _globals['_POINTLABEL']._serialized_end=902
+  _globals['_PIXELFORMAT']._serialized_start=860
+  _globals['_PIXELFORMAT']._serialized_end=1021
+  _globals['_POINTLABEL']._serialized_start=1023
+  _globals['_POINTLABEL']._serialized_end=1116
+  _globals['_BACKGROUNDMODE']._serialized_start=1119
+  _globals['_BACKGROUNDMODE']._serialized_end=1281
+  _globals['_BACKGROUNDFIT']._serialized_start=1283
+  _globals['_BACKGROUNDFIT']._serialized_end=1384
   _globals['_IMAGE']._serialized_start=43
   _globals['_IMAGE']._serialized_end=118
   _globals['_RAWFRAME']._serialized_start=120
@@ -48,7 +52,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RLEMASK']._serialized_start=412
   _globals['_RLEMASK']._serialized_end=468
   _globals['_MODELREF']._serialized_start=470
-  _globals['_MODELREF']._serialized_end=529
-  _globals['_TIMINGS']._serialized_start=531
-  _globals['_TIMINGS']._serialized_end=643
+  _globals['_MODELREF']._serialized_end=546
+  _globals['_BACKGROUND']._serialized_start=549
+  _globals['_BACKGROUND']._serialized_end=743
+  _globals['_TIMINGS']._serialized_start=745
+  _globals['_TIMINGS']._serialized_end=857
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,58 @@ POINT_LABEL_POSITIVE: PointLabel.ValueType  # 1
 POINT_LABEL_NEGATIVE: PointLabel.ValueType  # 2
 Global___PointLabel: _TypeAlias = PointLabel  # noqa: Y015
 
+class _BackgroundMode:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BackgroundModeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BackgroundMode.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BACKGROUND_MODE_UNSPECIFIED: _BackgroundMode.ValueType  # 0
+    BACKGROUND_MODE_KEEP: _BackgroundMode.ValueType  # 1
+    """The original pixels stay (no compositing)."""
+    BACKGROUND_MODE_TRANSPARENT: _BackgroundMode.ValueType  # 2
+    """The background becomes transparent (an RGBA cut-out)."""
+    BACKGROUND_MODE_COLOR: _BackgroundMode.ValueType  # 3
+    """The subject over a solid colour."""
+    BACKGROUND_MODE_IMAGE: _BackgroundMode.ValueType  # 4
+    """The subject over a picture."""
+
+class BackgroundMode(_BackgroundMode, metaclass=_BackgroundModeEnumTypeWrapper):
+    """How the background is treated."""
+
+BACKGROUND_MODE_UNSPECIFIED: BackgroundMode.ValueType  # 0
+BACKGROUND_MODE_KEEP: BackgroundMode.ValueType  # 1
+"""The original pixels stay (no compositing)."""
+BACKGROUND_MODE_TRANSPARENT: BackgroundMode.ValueType  # 2
+"""The background becomes transparent (an RGBA cut-out)."""
+BACKGROUND_MODE_COLOR: BackgroundMode.ValueType  # 3
+"""The subject over a solid colour."""
+BACKGROUND_MODE_IMAGE: BackgroundMode.ValueType  # 4
+"""The subject over a picture."""
+Global___BackgroundMode: _TypeAlias = BackgroundMode  # noqa: Y015
+
+class _BackgroundFit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _BackgroundFitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BackgroundFit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    BACKGROUND_FIT_UNSPECIFIED: _BackgroundFit.ValueType  # 0
+    BACKGROUND_FIT_COVER: _BackgroundFit.ValueType  # 1
+    """Scaled to cover the whole frame, centred, the overflow cropped."""
+    BACKGROUND_FIT_CONTAIN: _BackgroundFit.ValueType  # 2
+    """Scaled to fit inside the frame, centred, bars of `color` around it."""
+
+class BackgroundFit(_BackgroundFit, metaclass=_BackgroundFitEnumTypeWrapper):
+    """How a background image is fitted to the subject's frame."""
+
+BACKGROUND_FIT_UNSPECIFIED: BackgroundFit.ValueType  # 0
+BACKGROUND_FIT_COVER: BackgroundFit.ValueType  # 1
+"""Scaled to cover the whole frame, centred, the overflow cropped."""
+BACKGROUND_FIT_CONTAIN: BackgroundFit.ValueType  # 2
+"""Scaled to fit inside the frame, centred, bars of `color` around it."""
+Global___BackgroundFit: _TypeAlias = BackgroundFit  # noqa: Y015
+
 @_typing.final
 class Image(_message.Message):
     """Types shared by every Framewise service.
@@ -248,6 +300,7 @@ class ModelRef(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     STAND_IN_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Triton model name, for example "yolov8"."""
     version: _builtins.str
@@ -257,20 +310,71 @@ class ModelRef(_message.Message):
     (CPU default without real weights). Its outputs have the right shape and type but carry
     no learned meaning.
     """
+    network: _builtins.str
+    """The network behind the Triton model, as its authors name it, for example "YOLOv8n",
+    "U2-Netp", "BiRefNet-lite" or "SAM 2.1 hiera-tiny"; a stand-in says "stand-in".
+    The Triton model name names the job (for example "matting"), this field the network.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version: _builtins.str = ...,
         stand_in: _builtins.bool = ...,
+        network: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "stand_in", b"stand_in", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "network", b"network", "stand_in", b"stand_in", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelRef: _TypeAlias = ModelRef  # noqa: Y015
+
+@_typing.final
+class Background(_message.Message):
+    """What replaces the background of a cut-out subject (background removal, talking videos)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODE_FIELD_NUMBER: _builtins.int
+    COLOR_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    IMAGE_UPLOAD_ID_FIELD_NUMBER: _builtins.int
+    FIT_FIELD_NUMBER: _builtins.int
+    mode: Global___BackgroundMode.ValueType
+    """Unset: BACKGROUND_MODE_TRANSPARENT for RemoveBackground, BACKGROUND_MODE_KEEP for a
+    talking video.
+    """
+    color: _builtins.str
+    """BACKGROUND_MODE_COLOR: the colour, "#RRGGBB" or "#RGB" (hex) or a CSS basic colour name
+    ("white", "black", "green", ...). BACKGROUND_MODE_IMAGE with BACKGROUND_FIT_CONTAIN: the
+    colour of the bars around the image (unset: black).
+    """
+    image_upload_id: _builtins.str
+    """An uploaded image (JobService.UploadFile, FILE_KIND_IMAGE); jobs only."""
+    fit: Global___BackgroundFit.ValueType
+    """How a background image is fitted. Unset: BACKGROUND_FIT_COVER."""
+    @_builtins.property
+    def image(self) -> Global___Image: ...
+    def __init__(
+        self,
+        *,
+        mode: Global___BackgroundMode.ValueType = ...,
+        color: _builtins.str = ...,
+        image: Global___Image | None = ...,
+        image_upload_id: _builtins.str = ...,
+        fit: Global___BackgroundFit.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["image", b"image", "image_source", b"image_source", "image_upload_id", b"image_upload_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["color", b"color", "fit", b"fit", "image", b"image", "image_source", b"image_source", "image_upload_id", b"image_upload_id", "mode", b"mode"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_image_source: _TypeAlias = _typing.Literal["image", "image_upload_id"]  # noqa: Y015
+    _WhichOneofArgType_image_source: _TypeAlias = _typing.Literal["image_source", b"image_source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_image_source) -> _WhichOneofReturnType_image_source | None: ...
+
+Global___Background: _TypeAlias = Background  # noqa: Y015
 
 @_typing.final
 class Timings(_message.Message):
