@@ -5,14 +5,16 @@
     python build_engines.py --target onnx       # export the real networks to ONNX (export env)
     python build_engines.py --target tensorrt   # FP16 TensorRT plans into model_repository/ (on the GPU)
 
-cpu: yolov8 (the real int8 weights), the four SAM 2 parts and birefnet as STAND-IN contract
-models (exact tensor contracts, no learned meaning: no SAM 2 or BiRefNet weights on these
-machines), sized by --sam2-image-size and --birefnet-image-size.
+cpu: yolov8 (the real int8 weights, --yolo-onnx), matting (the real U^2-Netp weights,
+--u2netp-onnx; S = 320 from the graph) and the four SAM 2 parts as STAND-IN contract models
+(exact tensor contracts, no learned meaning: no SAM 2 weights on these machines), sized by
+--sam2-image-size.
 
 onnx (needs the export environment: `make export-env`, then `.venv-export/bin/python
 build_engines.py --target onnx ...`): YOLOv8 through Ultralytics (--yolo-weights FILE.pt, or
---random-init: yolov8n.yaml with seeded random weights), BiRefNet from a local Hugging Face
-snapshot folder (--birefnet-snapshot DIR; there is no BiRefNet without one), the SAM 2 parts
+--random-init: yolov8n.yaml with seeded random weights), the GPU's matting network, BiRefNet,
+from a local Hugging Face snapshot folder (--birefnet-snapshot DIR; there is no BiRefNet without
+one; written as matting.onnx, the Triton model it serves), the SAM 2 parts
 through engines/export/sam2_parts.py. Every graph has the contract of the CPU repository (uint8
 NHWC images in, preprocessing inside), is checked by onnx.checker and compared with PyTorch in
 ONNX Runtime on random inputs (max abs/rel errors printed, tolerances stated), and EXPORT.json
@@ -43,7 +45,9 @@ DEFAULT_OUTPUT = {
     "tensorrt": REPO_ROOT / "model_repository",
 }
 SAM2_PARTS = ("sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention", "sam2_memory_encoder")
-ALL_MODELS = ("yolov8", "birefnet", *SAM2_PARTS)
+ALL_MODELS = ("yolov8", "matting", *SAM2_PARTS)
+# --models also takes the network the GPU serves as `matting`.
+MODEL_ALIASES = {"birefnet": "matting"}
 BIREFNET_SNAPSHOT_ENV = "FRAMEWISE_BIREFNET_SNAPSHOT"
 EXPORT_REPORT = "EXPORT.json"
 
@@ -69,20 +73,14 @@ def _sam2_image_size(text: str) -> int:
     return value
 
 
-def _birefnet_image_size(text: str) -> int:
-    value = int(text)
-    if value < 64 or value % 64:
-        raise argparse.ArgumentTypeError(f"must be a multiple of 64, >= 64; got {value}")
-    return value
-
-
 def _models(text: str) -> tuple[str, ...]:
     chosen: list[str] = []
     for item in (t.strip() for t in text.split(",") if t.strip()):
-        names = SAM2_PARTS if item == "sam2" else ALL_MODELS if item == "all" else (item,)
+        names = SAM2_PARTS if item == "sam2" else ALL_MODELS if item == "all" else (MODEL_ALIASES.get(item, item),)
         for name in names:
             if name not in ALL_MODELS:
-                raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose from all, sam2, {', '.join(ALL_MODELS)}")
+                raise argparse.ArgumentTypeError(f"unknown model {name!r}; choose from all, sam2, {', '.join(ALL_MODELS)} "
+                                                 f"(birefnet = matting)")
             if name not in chosen:
                 chosen.append(name)
     if not chosen:
@@ -103,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--yolo-onnx", type=Path,
                      help="YOLOv8 ONNX weights (default: $FRAMEWISE_YOLO_ONNX, else "
                           "../shared/assets/models/yolov8n_int8.onnx next to the repo)")
+    cpu.add_argument("--u2netp-onnx", type=Path,
+                     help="U^2-Netp ONNX weights served as `matting` (default: $FRAMEWISE_U2NETP_ONNX, else "
+                          "../shared/assets/models/u2netp.onnx next to the repo)")
     cpu.add_argument("--instances", type=_positive_int, default=2,
                      help="Triton instances of yolov8 (the SAM 2 parts have fixed counts for 2 cores)")
     cpu.add_argument("--intra-op-threads", type=_positive_int, default=1,
@@ -116,12 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "engines/export/sam2_parts.py or --target onnx) instead of the stand-ins")
     parser.add_argument("--sam2-image-size", type=_sam2_image_size, default=1024,
                         help="SAM 2 model size S: image S x S, features S/16, masks S/4 (default 1024)")
-    parser.add_argument("--birefnet-image-size", type=_birefnet_image_size, default=1024,
-                        help="BiRefNet model size S: image and matte S x S (default 1024, the real one)")
 
     onnx = parser.add_argument_group("--target onnx (and --models for tensorrt)")
     onnx.add_argument("--models", type=_models, default=ALL_MODELS,
-                      help="comma-separated: all (default), yolov8, birefnet, sam2 (the four parts) or a part")
+                      help="comma-separated: all (default), yolov8, matting (BiRefNet on the GPU; `birefnet` "
+                           "works too), sam2 (the four parts) or a part")
     onnx.add_argument("--random-init", action="store_true",
                       help="seeded random weights: YOLOv8 from yolov8n.yaml, SAM 2 from its config; BiRefNet "
                            "only with --birefnet-snapshot (its architecture code lives in the snapshot)")
@@ -163,7 +163,13 @@ def main(argv: list[str] | None = None) -> int:
 # --- cpu ------------------------------------------------------------------------------------------
 
 def _run_cpu(args: argparse.Namespace) -> int:
-    from engines.cpu_repository import MissingWeightsError, build_cpu_repository, default_yolo_onnx, read_manifest
+    from engines.cpu_repository import (
+        MissingWeightsError,
+        build_cpu_repository,
+        default_u2netp_onnx,
+        default_yolo_onnx,
+        read_manifest,
+    )
 
     output = args.output or DEFAULT_OUTPUT["cpu"]
     before = read_manifest(output)
@@ -172,8 +178,8 @@ def _run_cpu(args: argparse.Namespace) -> int:
             output, args.yolo_onnx or default_yolo_onnx(),
             instances=args.instances, intra_op_threads=args.intra_op_threads,
             max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
-            sam2_image_size=args.sam2_image_size, birefnet_image_size=args.birefnet_image_size,
-            force=args.force, sam2_onnx_dir=args.sam2_onnx_dir,
+            sam2_image_size=args.sam2_image_size, force=args.force, sam2_onnx_dir=args.sam2_onnx_dir,
+            u2netp_onnx=args.u2netp_onnx or default_u2netp_onnx(),
         )
     except (MissingWeightsError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"build_engines.py: {exc}", file=sys.stderr)
@@ -210,7 +216,7 @@ def onnx_preflight(args: argparse.Namespace) -> list[str]:
     needed = ["torch", "onnxruntime"]
     if "yolov8" in models:
         needed.append("ultralytics")
-    if "birefnet" in models:
+    if "matting" in models:
         needed.append("safetensors")
     missing = _missing_modules(*needed)
     if missing:
@@ -222,13 +228,13 @@ def onnx_preflight(args: argparse.Namespace) -> list[str]:
             problems.append("yolov8: pass --yolo-weights FILE.pt (an Ultralytics checkpoint) or --random-init")
         elif args.yolo_weights is not None and not args.yolo_weights.expanduser().is_file():
             problems.append(f"yolov8: --yolo-weights {args.yolo_weights} does not exist")
-    if "birefnet" in models:
+    if "matting" in models:
         if args.birefnet_snapshot is None:
             problems.append(
-                "birefnet: BiRefNet export needs --birefnet-snapshot DIR (or $" + BIREFNET_SNAPSHOT_ENV + "), a "
+                "matting: the GPU's matting network, BiRefNet, needs --birefnet-snapshot DIR (or $" + BIREFNET_SNAPSHOT_ENV + "), a "
                 "local Hugging Face snapshot folder (e.g. ZhengPeng7/BiRefNet_lite: config.json, birefnet.py, "
                 "BiRefNet_config.py, model.safetensors). --random-init cannot replace it: no package on PyPI "
-                "ships BiRefNet's modelling code, it comes with the snapshot. Leave birefnet out with "
+                "ships BiRefNet's modelling code, it comes with the snapshot. Leave matting out with "
                 "--models yolov8,sam2")
         else:
             from engines.export.birefnet import SnapshotError, describe_snapshot
@@ -236,14 +242,14 @@ def onnx_preflight(args: argparse.Namespace) -> list[str]:
             try:
                 info = describe_snapshot(args.birefnet_snapshot)
                 if info["weights"] is None and not args.random_init:
-                    problems.append(f"birefnet: {info['path']} has no model.safetensors or pytorch_model.bin "
+                    problems.append(f"matting (BiRefNet): {info['path']} has no model.safetensors or pytorch_model.bin "
                                     f"(pass --random-init to export its architecture with random weights)")
             except SnapshotError as exc:
-                problems.append(f"birefnet: {exc}")
+                problems.append(f"matting (BiRefNet): {exc}")
     if any(m in SAM2_PARTS for m in models):
         if _missing_modules("engines.export.sam2_parts"):
             problems.append("sam2: the SAM 2 exporter engines/export/sam2_parts.py is not in this checkout; "
-                            "leave the parts out with --models yolov8,birefnet")
+                            "leave the parts out with --models yolov8,matting")
         elif args.sam2_checkpoint is None and not args.random_init:
             problems.append("sam2: pass --sam2-checkpoint FILE.pt (SAM 2.1) or --random-init")
         elif args.sam2_checkpoint is not None and not args.sam2_checkpoint.expanduser().is_file():
@@ -280,12 +286,12 @@ def _run_onnx(args: argparse.Namespace) -> int:
         run("yolov8", lambda: export_yolov8(output, check_batch=args.check_batch or 2, **yolo))
         if args.yolo_end2end:
             run("yolov8_end2end", lambda: export_yolov8_end2end(output, **yolo))
-    if "birefnet" in args.models:
+    if "matting" in args.models:
         from engines.export.birefnet import export_birefnet
 
-        run("birefnet", lambda: export_birefnet(
+        run("matting (BiRefNet)", lambda: export_birefnet(
             output, snapshot=args.birefnet_snapshot, random_init=args.random_init, seed=args.seed,
-            image_size=args.birefnet_image_size, opset=args.opset, check_batch=args.check_batch or 1, log=log))
+            opset=args.opset, check_batch=args.check_batch or 1, log=log))
     parts = tuple(m for m in args.models if m in SAM2_PARTS)
     if parts:
         run("sam2", lambda: _export_sam2(args, output, parts, log))

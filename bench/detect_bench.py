@@ -130,7 +130,9 @@ class Stack:
         # Triton runs on this host, as with the managed default: tensors go through shared memory.
         command = [sys.executable, "-m", "server", "--triton-url", self.triton_url, "--listen", self.address,
                    "--metrics-listen", f"127.0.0.1:{free_port()}", "--log-level", "WARNING",
-                   "--triton-shm", self.transport]
+                   "--triton-shm", self.transport,
+                   # Every request sends the same image: without this they would be cache hits.
+                   "--result-cache-bytes", "0"]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         with grpc.insecure_channel(self.address) as channel:
             check, serving = health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckResponse.SERVING

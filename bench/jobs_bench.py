@@ -214,6 +214,8 @@ class JobStack(Stack):
         self.metrics_url = f"http://{metrics}/metrics"
         command = [sys.executable, "-m", "server", "--triton-url", self.triton_url, "--listen", self.address,
                    "--metrics-listen", metrics, "--log-level", "WARNING", "--triton-shm", "on",
+                   # Every job sends the same photo: without this its detection and matte would be cache hits.
+                   "--result-cache-bytes", "0",
                    "--job-store", str(self.work_dir / "jobs.sqlite3"), "--storage-root", str(self.work_dir / "storage"),
                    *job_args(SimpleNamespace(url=self.did_url)),  # the tests' job settings: 0.05 s D-ID polls
                    *(["--did-poll-interval", str(self.did_poll_interval)] if self.did_poll_interval else [])]
@@ -914,7 +916,7 @@ def markdown(rep: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.triton_url and not (args.repository / "birefnet" / "config.pbtxt").exists():
+    if not args.triton_url and not (args.repository / "matting" / "config.pbtxt").exists():
         sys.exit(f"no up-to-date model repository at {args.repository}: run "
                  "`.venv/bin/python build_engines.py --target cpu --output .cache/model_repository_cpu`")
     work = REPO / ".cache" / "bench_jobs"

@@ -2,10 +2,13 @@
 
     framewise info                      service, Triton and model state (exit 1 unless serving)
     framewise detect IMAGE [--json]     people (or other classes) in a photo
+    framewise remove-background IMAGE -o OUT.png [--background transparent|keep|COLOR|PICTURE]
+              [--fit cover|contain] [--bar-color COLOR] [--feather PX] [--crop-person [--person-index N]] [--alpha]
+                                        a cut-out, or the subject on a new background, as PNG
     framewise track SOURCE --box x,y,w,h [--json] [--overlay OUT.mp4]
                                         one object through a video or a folder of frames
     framewise segment-video VIDEO --box x,y,w,h [--watch] [--json]
-    framewise talking-video IMAGE AUDIO [--skip-matting | --require-matting] [--watch] [--json]
+    framewise talking-video IMAGE AUDIO [--all-persons [--max-persons N]] [--background ...] [--skip-matting | --require-matting] [--watch] [--json]
     framewise watch OPERATION [--after N] [--json]
     framewise download OPERATION ARTIFACT OUT
     framewise operations [--filter 'state = RUNNING']
@@ -29,8 +32,9 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from clients import jobs_cli, track_cli
+from clients.backgrounds import add_background_options, background_option
 from clients.sdk import DEFAULT_ADDRESS, FramewiseClient
-from framewise.v1 import info_service_pb2, vision_service_pb2
+from framewise.v1 import common_pb2, info_service_pb2, vision_service_pb2
 
 _USER_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND}
 
@@ -73,6 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     detect.add_argument("--max-detections", type=int, default=0, help="at most this many (default 100)")
     detect.set_defaults(run=_detect)
 
+    remove = commands.add_parser(
+        "remove-background", help="cut the subject out of a photo, or put it on a new background (writes a PNG)"
+    )
+    remove.add_argument("image", type=Path, help="JPEG, PNG or WebP file")
+    remove.add_argument("-o", "--output", type=Path, required=True, help="where to write the PNG")
+    add_background_options(remove)
+    remove.add_argument("--feather", type=float, default=0.0, metavar="PX", help="soften the matte's edges over PX pixels (0..64)")
+    remove.add_argument("--crop-person", action="store_true", help="detect persons first and cut out the largest one")
+    remove.add_argument("--person-index", type=int, default=None, metavar="N", help="with --crop-person: the N-th person, highest score first (0-based)")
+    remove.add_argument("--alpha", action="store_true", help="write the matte alone (grayscale PNG); no --background")
+    remove.set_defaults(run=_remove_background)
+
     track_cli.add_parser(commands)
     jobs_cli.add_parsers(commands)
     return parser
@@ -97,10 +113,20 @@ def _print_info(address: str, health: str, info: info_service_pb2.GetServerInfoR
     mode = "started by the orchestrator" if triton.managed else "external"
     state = "ready" if triton.ready else ("live, not ready" if triton.live else "unreachable")
     print(f"triton {triton.server_version or '?'} at {triton.url} ({mode}): {state}" + (f" - {triton.last_error}" if triton.last_error else ""))
-    print(f"{'model':<24} {'version':<8} {'ready':<6} {'kind':<9} {'backend':<14} source")
+    print(f"{'model (network)':<48} {'ready':<6} {'backend':<14} source")
     for model in info.models:
-        kind = "STAND-IN" if model.stand_in else "real"
-        print(f"{model.name:<24} {model.version:<8} {'yes' if model.ready else 'no':<6} {kind:<9} {model.backend:<14} {model.source}")
+        print(f"{_model_label(model):<48} {'yes' if model.ready else 'no':<6} {model.backend:<14} {model.source}")
+
+
+def _model_label(model: info_service_pb2.ModelStatus) -> str:
+    """"matting v1 U2-Netp (real)", "sam2_image_encoder v1 STAND-IN": the Triton name says the
+    job, the network which weights do it."""
+    label = model.name + (f" v{model.version}" if model.version else "")
+    if model.stand_in:
+        return f"{label} STAND-IN"
+    if not model.version:  # not loaded: nothing is known about it yet
+        return f"{label} (not loaded)"
+    return f"{label} {model.network or 'unnamed network'} (real)"
 
 
 async def _detect(args: argparse.Namespace) -> int:
@@ -142,6 +168,48 @@ def _print_detections(path: Path, response: vision_service_pb2.DetectResponse) -
     for i, d in enumerate(response.detections, 1):
         b = d.box
         print(f"{i:>3}  {d.label:<14} {d.score:>6.3f}  {b.x1:>7.1f} {b.y1:>7.1f} {b.x2:>7.1f} {b.y2:>7.1f}")
+
+
+async def _remove_background(args: argparse.Namespace) -> int:
+    data = args.image.read_bytes()
+    background = background_option(args.background)
+    async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
+        response = await client.remove_background(
+            data,
+            background=background,
+            fit=args.fit,
+            bar_color=args.bar_color,
+            alpha_only=args.alpha,
+            feather_px=args.feather,
+            crop_person=args.crop_person,
+            person_index=args.person_index,
+        )
+    args.output.write_bytes(response.png)
+    print(_removal_summary(args.image, args.output, response))
+    return 0
+
+
+_KINDS = {1: "alpha matte", 3: "RGB", 4: "RGBA cut-out"}
+
+
+def _removal_summary(source: Path, output: Path, response: vision_service_pb2.RemoveBackgroundResponse) -> str:
+    """One line: what was written, by which model (real or stand-in), and where the time went."""
+    mode = common_pb2.BackgroundMode.Name(response.background_mode).removeprefix("BACKGROUND_MODE_").lower()
+    what = _KINDS.get(response.channels, f"{response.channels}-channel") + ("" if response.channels == 1 else f", background {mode}")
+    if response.HasField("model"):
+        m = response.model
+        model = f"{m.name} v{m.version} = {m.network or '?'} ({'STAND-IN' if m.stand_in else 'real'})"
+    else:
+        model = "no matting (background kept)"
+    person = ""
+    if response.HasField("person_box"):
+        b = response.person_box
+        person = f", person #{response.person_index} of {response.persons_found} at ({b.x1:.0f},{b.y1:.0f})-({b.x2:.0f},{b.y2:.0f})"
+    t = response.timings
+    return (
+        f"{source.name} -> {output}: {response.width}x{response.height} {what}, {len(response.png)} bytes; {model}{person}; "
+        f"{t.total_ms:.0f} ms (decode {t.decode_ms:.1f}, preprocess {t.preprocess_ms:.1f}, triton {t.triton_ms:.1f}, post {t.postprocess_ms:.1f})"
+    )
 
 
 def _describe(exc: grpc.aio.AioRpcError, address: str) -> str:

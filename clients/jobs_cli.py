@@ -2,7 +2,9 @@
 
     framewise segment-video VIDEO --box x,y,w,h [--prompt-frame N] [--sample-fps F] [--max-frames N]
                             [--server-path] [--watch] [--json]
-    framewise talking-video IMAGE AUDIO [--person-index N | --person-point x,y] [--skip-matting | --require-matting] [--watch] [--json]
+    framewise talking-video IMAGE AUDIO [--person-index N | --person-point x,y | --all-persons [--max-persons N]]
+                            [--background transparent|keep|COLOR|PICTURE] [--fit cover|contain] [--bar-color COLOR]
+                            [--skip-matting | --require-matting] [--watch] [--json]
     framewise watch OPERATION [--after N] [--json]
     framewise download OPERATION ARTIFACT OUT
     framewise operations [--filter 'state = RUNNING'] [--json]
@@ -19,6 +21,11 @@ stdout gets one JSON object per event instead:
      "description": "...", "will_retry": true, "attempt": 1}
     {"sequence": 9, "type": "heartbeat"}
     {"sequence": 14, "type": "complete", "state": "SUCCEEDED", "operation": "operations/...", "artifacts": [...]}
+
+A talking video's "complete" line (and its operation's JSON once done) adds the per-person results:
+"persons_found", "background" and "persons": [{"person": 1, "box": [x1, y1, x2, y2], "score",
+"state", "artifacts", "did_talk_id", "matting_skipped", "matting_skipped_reason", "background",
+"error" (only when the person failed)}]; the human summary prints one row per person.
 
 Exit codes: 0 the job succeeded (or the request was accepted), 1 the job FAILED or was CANCELLED,
 an RPC failed or the operation is unknown (NOT_FOUND), 2 bad input or usage. The watch stream
@@ -40,20 +47,27 @@ from pathlib import Path
 import grpc
 from google.longrunning import operations_pb2
 
+from clients.backgrounds import add_background_options, background_option
 from clients.jobs_sdk import (
     DownloadResult,
     IntegrityError,
+    JobResponse,
     StreamBroken,
     artifact_kind_name,
+    background_fit_name,
+    background_mode_name,
     error_class_name,
     job_metadata,
     kind_name,
     operation_response,
+    person_artifacts,
     stage_name,
     state_name,
     status_code,
+    talking_video_persons,
 )
 from clients.sdk import FramewiseClient
+from framewise.v1 import common_pb2
 from framewise.v1 import jobs_service_pb2 as pb
 
 # Without an event or heartbeat (every 30 s by default) for this long, the watch stream is taken
@@ -85,6 +99,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     person = talking.add_mutually_exclusive_group()
     person.add_argument("--person-index", type=int, metavar="N", help="the N-th person detected, highest score first (default: the largest)")
     person.add_argument("--person-point", metavar="X,Y", help="the person whose box contains this point")
+    person.add_argument("--all-persons", action="store_true", help="one video per detected person, highest score first")
+    talking.add_argument("--max-persons", type=int, metavar="N", help="with --all-persons: at most N persons (default: the server's limit)")
+    add_background_options(talking)
     matting = talking.add_mutually_exclusive_group()
     matting.add_argument("--skip-matting", action="store_true", help="send the crop as it is, without background removal")
     matting.add_argument("--require-matting", action="store_true",
@@ -173,12 +190,20 @@ async def _talking_video(args: argparse.Namespace) -> int:
     _check_file(args.image, "IMAGE")
     _check_file(args.audio, "AUDIO")
     point = _parse_point(args.person_point, "--person-point") if args.person_point else None
+    if args.max_persons is not None and not args.all_persons:
+        raise ValueError("--max-persons applies with --all-persons")
+    background = background_option(args.background)
     async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
         op = await client.create_talking_video(
             args.image,
             args.audio,
             person_index=args.person_index,
             person_point=point,
+            all_persons=args.all_persons,
+            max_persons=args.max_persons,
+            background=background,
+            fit=args.fit,
+            bar_color=args.bar_color,
             skip_matting=args.skip_matting,
             require_matting=args.require_matting,
             request_id=args.request_id,
@@ -274,6 +299,8 @@ async def _follow(client: FramewiseClient, name: str, after: int, as_json: bool)
     started = time.monotonic()
     last_event: pb.WatchOperationResponse | None = None
     last_sequence = after
+    # With --json the "complete" line waits for the operation, whose results it carries.
+    complete: pb.WatchOperationResponse | None = None
 
     def on_retry(attempt: int, error: BaseException, delay: float) -> None:
         progress.note(
@@ -285,7 +312,9 @@ async def _follow(client: FramewiseClient, name: str, after: int, as_json: bool)
         events = client.watch(name, after, idle_timeout_s=WATCH_IDLE_TIMEOUT_S, on_retry=on_retry)
         async for event in events:
             kind = event.WhichOneof("event")
-            if as_json:
+            if as_json and kind == "complete":
+                complete = event
+            elif as_json:
                 print(json.dumps(event_json(event)), flush=True)
             else:
                 progress.event(event)
@@ -301,7 +330,14 @@ async def _follow(client: FramewiseClient, name: str, after: int, as_json: bool)
         print(f"\nstopped watching; the job goes on. Resume with: framewise watch {name} --after {last_sequence}", file=sys.stderr)
         raise
     progress.close()
-    op = await client.get_operation(name)
+    try:
+        op = await client.get_operation(name)
+    except BaseException:
+        if complete is not None:  # the event as it came, without the results it could not get
+            print(json.dumps(event_json(complete)), flush=True)
+        raise
+    if complete is not None:
+        print(json.dumps(event_json(complete) | _results_json(operation_response(op))), flush=True)
     meta = job_metadata(op)
     if last_event is not None and last_event.WhichOneof("event") == "error":
         error = last_event.error
@@ -330,6 +366,7 @@ def _print_summary(op: operations_pb2.Operation, meta: pb.JobMetadata, watched_s
         b = response.person_box
         matting = "matting skipped" if response.matting_skipped else "background removed"
         print(f"  person box {b.x1:.0f},{b.y1:.0f},{b.x2:.0f},{b.y2:.0f}; {matting}; D-ID talk {response.did_talk_id}")
+        _print_persons(response)
     elif isinstance(response, pb.SegmentVideoResponse):
         print(
             f"  {response.frames_processed} frames of a {response.width}x{response.height} video "
@@ -345,6 +382,34 @@ def _print_summary(op: operations_pb2.Operation, meta: pb.JobMetadata, watched_s
         print(f"  {a.name:<24} {artifact_kind_name(a.kind):<16} {a.media_type:<18} {_size(a.size_bytes):>10}  {a.sha256[:16]}")
     main = next((a for a in artifacts if a.kind in (pb.ARTIFACT_KIND_TALKING_VIDEO, pb.ARTIFACT_KIND_OVERLAY_MP4)), artifacts[0])
     print(f"download one with: framewise download {op.name} {main.name} OUT")
+
+
+def _print_persons(response: pb.CreateTalkingVideoResponse) -> None:
+    """One row per person tried (rank, state, box, background, artifacts), with the error of a
+    person who failed beneath it."""
+    persons = talking_video_persons(response)
+    made = sum(p.state == pb.JOB_STATE_SUCCEEDED for p in persons)
+    print(f"  persons: {response.persons_found} found, {len(persons)} tried, {made} video(s) made")
+    print(f"  {'#':>3}  {'state':<10} {'box x1,y1,x2,y2':<20} {'background':<24} artifacts")
+    for p in persons:
+        b = p.box
+        box = f"{b.x1:.0f},{b.y1:.0f},{b.x2:.0f},{b.y2:.0f}"
+        names = ", ".join(a.name for a in person_artifacts(p)) or "-"
+        print(f"  {p.person:>3}  {state_name(p.state):<10} {box:<20} {_background_text(p.background):<24} {names}")
+        if p.HasField("error"):
+            e = p.error
+            print(f"       error at {stage_name(e.stage)}: {e.kind}: {e.description} ({error_class_name(e.error_class)})")
+
+
+def _background_text(background: common_pb2.Background) -> str:
+    """"color #00ff00", "image (contain, bars #000000)", "transparent", ..."""
+    mode = background_mode_name(background.mode or common_pb2.BACKGROUND_MODE_TRANSPARENT).lower()
+    if background.mode == common_pb2.BACKGROUND_MODE_COLOR:
+        return f"{mode} {background.color}"
+    if background.mode == common_pb2.BACKGROUND_MODE_IMAGE:
+        fit = background_fit_name(background.fit or common_pb2.BACKGROUND_FIT_COVER).lower()
+        return f"{mode} ({fit}, bars {background.color})" if background.color else f"{mode} ({fit})"
+    return mode
 
 
 class _Progress:
@@ -455,6 +520,54 @@ def artifact_json(a: pb.Artifact) -> dict[str, object]:
     }
 
 
+def background_json(background: common_pb2.Background) -> dict[str, object]:
+    """{"mode": "COLOR", "color": "#00ff00"}; "fit" with an IMAGE background (the picture itself
+    is never echoed)."""
+    out: dict[str, object] = {"mode": background_mode_name(background.mode or common_pb2.BACKGROUND_MODE_TRANSPARENT)}
+    if background.color:
+        out["color"] = background.color
+    if background.mode == common_pb2.BACKGROUND_MODE_IMAGE:
+        out["fit"] = background_fit_name(background.fit or common_pb2.BACKGROUND_FIT_COVER)
+    return out
+
+
+def person_json(p: pb.TalkingVideoPerson) -> dict[str, object]:
+    """One person of a talking video: rank, box (corners, original pixels), state, artifacts, and
+    its error when it failed."""
+    out: dict[str, object] = {
+        "person": p.person,
+        "box": [round(v, 1) for v in (p.box.x1, p.box.y1, p.box.x2, p.box.y2)],
+        "score": round(p.score, 4),
+        "state": state_name(p.state),
+        "artifacts": [artifact_json(a) for a in person_artifacts(p)],
+        "did_talk_id": p.did_talk_id,
+        "matting_skipped": p.matting_skipped,
+        "matting_skipped_reason": p.matting_skipped_reason,
+        "background": background_json(p.background),
+    }
+    if p.HasField("error"):
+        e = p.error
+        out["error"] = {
+            "stage": stage_name(e.stage),
+            "error_class": error_class_name(e.error_class),
+            "kind": e.kind,
+            "description": e.description,
+            "attempt": e.attempt,
+        }
+    return out
+
+
+def _results_json(response: JobResponse | None) -> dict[str, object]:
+    """What a finished job's JSON adds beyond its artifacts: a talking video's persons."""
+    if not isinstance(response, pb.CreateTalkingVideoResponse):
+        return {}
+    return {
+        "persons_found": response.persons_found,
+        "background": background_json(response.background),
+        "persons": [person_json(p) for p in talking_video_persons(response)],
+    }
+
+
 def operation_json(op: operations_pb2.Operation) -> dict[str, object]:
     meta = job_metadata(op)
     out: dict[str, object] = {
@@ -476,6 +589,7 @@ def operation_json(op: operations_pb2.Operation) -> dict[str, object]:
     response = operation_response(op)
     if response is not None:
         out["artifacts"] = [artifact_json(a) for a in response.artifacts]
+        out.update(_results_json(response))
     return out
 
 

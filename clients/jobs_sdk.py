@@ -21,6 +21,7 @@ import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2, message
 
+from clients.backgrounds import BackgroundLike, background_message
 from framewise.v1 import common_pb2, jobs_service_pb2, jobs_service_pb2_grpc
 
 T = TypeVar("T")
@@ -199,6 +200,11 @@ class JobsClient:
         *,
         person_index: int | None = None,
         person_point: tuple[float, float] | None = None,
+        all_persons: bool = False,
+        max_persons: int | None = None,
+        background: BackgroundLike | None = None,
+        fit: str = "cover",
+        bar_color: str = "",
         skip_matting: bool = False,
         require_matting: bool = False,
         request_id: str = "",
@@ -207,24 +213,44 @@ class JobsClient:
     ) -> operations_pb2.Operation:
         """Start a photo + audio -> talking-head video job; returns the Operation at once.
 
-        `image` and `audio` are local files or bytes. They travel inside the request while they
-        fit in `inline_limit_bytes` together; otherwise the larger one (then the other, if still
-        needed) is sent with UploadFile first. The person is the largest one unless
-        `person_index` (n-th detection, highest score first) or `person_point` (the smallest box
-        containing the point) says otherwise. If background removal fails the job goes on with
-        the plain crop (the result says why) unless `require_matting`.
+        `image` and `audio` are local files or bytes. They (and a background picture) travel
+        inside the request while they fit in `inline_limit_bytes` together; otherwise the largest
+        (then the next, while still needed) is sent with UploadFile first. The person is the
+        largest one unless `person_index` (n-th detection, highest score first) or `person_point`
+        (the smallest box containing the point) says otherwise; `all_persons` makes one video per
+        detected person instead, highest score first, at most `max_persons` (None: the server's
+        limit). `background` is what the photo sent to D-ID shows around the person, as for
+        remove_background: None or "transparent" (the cut-out), "keep" (the original pixels, no
+        matting), a colour ("#RRGGBB", "#RGB", "white", ...), a picture's bytes fitted by `fit`
+        ("cover" or "contain", bars of `bar_color`), or a Background. If background removal fails
+        the job goes on with the plain crop (the result says why) unless `require_matting`.
+        The per-person results: talking_video_persons(operation) once it is done.
         """
         if person_index is not None and person_point is not None:
             raise ValueError("give person_index or person_point, not both")
+        if all_persons and (person_index is not None or person_point is not None):
+            raise ValueError("all_persons makes a video for every person: give no person_index or person_point")
+        if max_persons is not None and not all_persons:
+            raise ValueError("max_persons applies with all_persons")
+        resolved = background_message(background, fit=fit, bar_color=bar_color)
         sources = {"image": image, "audio": audio}
         files = {field: await _load(source) for field, source in sources.items()}
+        sizes = {field: len(data) for field, data in files.items()}
+        # A background picture counts against the inline budget as the photo does (it is an
+        # image under the same limits) and is uploaded the same way when it does not fit.
+        if resolved is not None and resolved.WhichOneof("image_source") == "image" and resolved.image.WhichOneof("source") == "encoded":
+            sizes["background"] = len(resolved.image.encoded)
         budget = max(inline_limit_bytes - _INLINE_OVERHEAD_BYTES, 0)
         upload: set[str] = set()
-        for field in sorted(files, key=lambda f: len(files[f]), reverse=True):
-            if sum(len(files[f]) for f in files if f not in upload) > budget:
+        for field in sorted(sizes, key=sizes.__getitem__, reverse=True):
+            if sum(size for f, size in sizes.items() if f not in upload) > budget:
                 upload.add(field)
         request = jobs_service_pb2.CreateTalkingVideoRequest(
-            skip_matting=skip_matting, require_matting=require_matting, request_id=request_id
+            skip_matting=skip_matting,
+            require_matting=require_matting,
+            request_id=request_id,
+            all_persons=all_persons,
+            max_persons=max_persons or 0,
         )
         for field, data in files.items():
             if field not in upload:
@@ -234,6 +260,11 @@ class JobsClient:
             filename = "" if isinstance(source, bytes | bytearray | memoryview) else Path(source).name
             uploaded = await self.upload_file(data, field, filename=filename)
             setattr(request, f"{field}_upload_id", uploaded.upload_id)
+        if resolved is not None:
+            request.background.CopyFrom(resolved)  # a copy: the caller's message stays as it was
+            if "background" in upload:
+                uploaded = await self.upload_file(resolved.image.encoded, "image", filename="background")
+                request.background.image_upload_id = uploaded.upload_id  # replaces `image` (a oneof)
         if person_index is not None:
             request.person.index = person_index
         elif person_point is not None:
@@ -480,6 +511,26 @@ def operation_result(op: operations_pb2.Operation) -> JobResponse:
     return response
 
 
+def talking_video_persons(
+    result: operations_pb2.Operation | jobs_service_pb2.CreateTalkingVideoResponse,
+) -> list[jobs_service_pb2.TalkingVideoPerson]:
+    """What happened for each person of a finished talking video (an Operation or its response),
+    in detection rank: the one chosen person, or with all_persons every person tried, failed ones
+    included (state FAILED and their `error`; the operation still SUCCEEDS while one video was
+    made). OperationFailed if the whole operation failed, ValueError if it is still running or
+    is not a talking video."""
+    response = result if isinstance(result, jobs_service_pb2.CreateTalkingVideoResponse) else operation_result(result)
+    if not isinstance(response, jobs_service_pb2.CreateTalkingVideoResponse):
+        raise ValueError(f"not a talking video: {type(response).__name__}")
+    return list(response.persons)
+
+
+def person_artifacts(person: jobs_service_pb2.TalkingVideoPerson) -> list[jobs_service_pb2.Artifact]:
+    """One person's artifacts, to pass to download_artifact: the video (unless the person
+    failed), then the photo sent to D-ID (unless the job failed before making it)."""
+    return [a for a in (person.video, person.photo) if a.name]
+
+
 def status_code(code: int) -> grpc.StatusCode:
     """grpc.StatusCode for a google.rpc.Status code number."""
     return _STATUS_CODES.get(code, grpc.StatusCode.UNKNOWN)
@@ -508,6 +559,16 @@ def error_class_name(error_class: int) -> str:
 def artifact_kind_name(kind: int) -> str:
     """"OVERLAY_MP4" for ARTIFACT_KIND_OVERLAY_MP4."""
     return _enum_name(jobs_service_pb2.ArtifactKind, kind, "ARTIFACT_KIND_")
+
+
+def background_mode_name(mode: int) -> str:
+    """"COLOR" for BACKGROUND_MODE_COLOR."""
+    return _enum_name(common_pb2.BackgroundMode, mode, "BACKGROUND_MODE_")
+
+
+def background_fit_name(fit: int) -> str:
+    """"CONTAIN" for BACKGROUND_FIT_CONTAIN."""
+    return _enum_name(common_pb2.BackgroundFit, fit, "BACKGROUND_FIT_")
 
 
 def is_terminal(event: jobs_service_pb2.WatchOperationResponse) -> bool:

@@ -15,6 +15,14 @@ Long-running jobs (JobService + google.longrunning.Operations):
         response = operation_result(done)               # CreateTalkingVideoResponse, or raises OperationFailed
         await client.download_artifact(op.name, response.video.name, Path("talk.mp4"))
 
+One video per person in the photo, each over a green background (inside the same `async with`):
+
+        op = await client.create_talking_video(Path("team.jpg"), Path("voice.wav"), all_persons=True, background="#00ff00")
+        done = await client.wait_operation(op.name)
+        for person in talking_video_persons(done):      # rank, box, state, video, photo, error
+            for artifact in person_artifacts(person):   # "person-1.mp4", "person-1-matted.png", ...
+                await client.download_artifact(op.name, artifact.name, Path(artifact.name))
+
 The job methods and helpers (operation_result, job_metadata, stage_name, ...) are defined in
 clients/jobs_sdk.py and importable from here too.
 
@@ -33,6 +41,7 @@ import grpc
 from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients.backgrounds import BackgroundLike, background_message
 from clients.jobs_sdk import (
     INLINE_LIMIT_BYTES,
     UPLOAD_CHUNK_BYTES,
@@ -46,16 +55,21 @@ from clients.jobs_sdk import (
     RetryCallback,
     Source,
     StreamBroken,
+    _box,
     artifact_kind_name,
+    background_fit_name,
+    background_mode_name,
     error_class_name,
     is_terminal,
     job_metadata,
     kind_name,
     operation_response,
     operation_result,
+    person_artifacts,
     stage_name,
     state_name,
     status_code,
+    talking_video_persons,
 )
 from framewise.v1 import (
     common_pb2,
@@ -68,12 +82,14 @@ from framewise.v1 import (
     vision_service_pb2_grpc,
 )
 
-# The job names are defined in clients/jobs_sdk.py; they stay importable from here.
+# The job names are defined in clients/jobs_sdk.py and the background short forms in
+# clients/backgrounds.py; they stay importable from here.
 __all__ = [
     "DEFAULT_ADDRESS",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "INLINE_LIMIT_BYTES",
     "UPLOAD_CHUNK_BYTES",
+    "BackgroundLike",
     "BoxLike",
     "DownloadResult",
     "FramewiseClient",
@@ -86,15 +102,20 @@ __all__ = [
     "Source",
     "StreamBroken",
     "artifact_kind_name",
+    "background_fit_name",
+    "background_message",
+    "background_mode_name",
     "error_class_name",
     "is_terminal",
     "job_metadata",
     "kind_name",
     "operation_response",
     "operation_result",
+    "person_artifacts",
     "stage_name",
     "state_name",
     "status_code",
+    "talking_video_persons",
 ]
 
 T = TypeVar("T")
@@ -163,6 +184,44 @@ class FramewiseClient(JobsClient):
         if iou is not None:
             request.iou_threshold = iou
         return await self.vision.Detect(request, timeout=timeout_s or self.timeout_s)
+
+    async def remove_background(
+        self,
+        image: bytes | common_pb2.RawFrame,
+        *,
+        background: BackgroundLike | None = None,
+        fit: str = "cover",
+        bar_color: str = "",
+        alpha_only: bool = False,
+        feather_px: float = 0.0,
+        crop: BoxLike | None = None,
+        crop_person: bool = False,
+        person_index: int | None = None,
+        timeout_s: float | None = None,
+    ) -> vision_service_pb2.RemoveBackgroundResponse:
+        """Remove the background of an image; the answer's `png` is the result.
+
+        background: None or "transparent" for the RGBA cut-out, "keep" for the original pixels,
+        a colour string ("#RRGGBB", "#RGB", "white", ...) for a solid fill, the bytes of a
+        picture (JPEG/PNG/WebP) fitted by `fit` ("cover" or "contain", bars of `bar_color`),
+        or a ready Background message. alpha_only: the matte alone (grayscale PNG), no
+        background allowed. crop_person: detect persons first and cut out the largest one (or
+        `person_index`, highest score first), with a margin.
+        """
+        request = vision_service_pb2.RemoveBackgroundRequest(
+            image=_image(image),
+            feather_px=feather_px,
+            crop_person=crop_person,
+            format=vision_service_pb2.MATTE_FORMAT_ALPHA_PNG if alpha_only else vision_service_pb2.MATTE_FORMAT_RGBA_PNG,
+        )
+        resolved = background_message(background, fit=fit, bar_color=bar_color)
+        if resolved is not None:
+            request.background.CopyFrom(resolved)
+        if crop is not None:
+            request.crop.CopyFrom(_box(crop))
+        if person_index is not None:
+            request.person_index = person_index
+        return await self.vision.RemoveBackground(request, timeout=timeout_s or self.timeout_s)
 
     async def track(
         self,

@@ -4,6 +4,11 @@ API (as D-ID): POST /images, POST /audios (multipart ``image``/``audio``), POST 
 /talks/{id}, GET /talks?limit=N (newest first); every call needs ``Authorization: Basic <api-key>``. Results are served, without
 auth, at the ``result_url`` the talk carries once done. Control (no auth, not logged):
 POST /_emulator/faults, POST /_emulator/reset, GET /_emulator/requests.
+
+A fault spec is either an HTTP fault ({method, path, status | delay_s, kind, description,
+retry_after, times}) or a talk outcome ({talk_outcome: done|error|rejected, kind, description,
+stage_delay_s}): the next talk's, or, with ``source_url`` (fnmatch pattern) and/or
+``talk_index`` (n-th talk since reset, from 1), the matching talks' (``times`` of them).
 """
 
 from __future__ import annotations

@@ -40,10 +40,30 @@ class Fault:
 
 @dataclass
 class TalkOutcome:
+    """How a talk ends. Without a target it is the next talk's (first in, first used); with
+    ``source_url`` (an fnmatch pattern on the talk's source_url) and/or ``talk_index`` (the n-th
+    talk created since the last reset, from 1) it is the outcome of the talks it matches, ``times``
+    of them, whatever the order: a test can fail one person's talk of several."""
+
     outcome: str = "done"
     kind: str | None = None
     description: str | None = None
     stage_delay_s: float | None = None
+    source_url: str | None = None
+    talk_index: int | None = None
+    times: int = 1
+    fired: int = 0
+
+    @property
+    def targeted(self) -> bool:
+        return self.source_url is not None or self.talk_index is not None
+
+    def matches(self, source_url: str, index: int) -> bool:
+        return (
+            self.fired < self.times
+            and (self.source_url is None or fnmatch.fnmatchcase(source_url, self.source_url))
+            and (self.talk_index is None or self.talk_index == index)
+        )
 
 
 @dataclass
@@ -91,8 +111,10 @@ class EmulatorState:
         self.talks: dict[str, TalkRecord] = {}
         self.faults: list[Fault] = []
         self.outcomes: list[TalkOutcome] = []
+        self.targeted_outcomes: list[TalkOutcome] = []
         self.requests: list[dict[str, Any]] = []
         self._next_fault = 1
+        self._talks_created = 0
 
     def reset(self) -> None:
         with self._lock:
@@ -101,7 +123,8 @@ class EmulatorState:
     # --------------------------------------------------------------------- faults and log
 
     def add_fault(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """Register a fault or a next-talk outcome from the control endpoint's JSON."""
+        """Register a fault or a talk outcome (the next talk's, or with ``source_url`` /
+        ``talk_index`` the matching talks') from the control endpoint's JSON."""
         with self._lock:
             if "talk_outcome" in spec:
                 outcome = TalkOutcome(
@@ -109,10 +132,15 @@ class EmulatorState:
                     kind=spec.get("kind"),
                     description=spec.get("description"),
                     stage_delay_s=None if spec.get("stage_delay_s") is None else float(spec["stage_delay_s"]),
+                    source_url=None if spec.get("source_url") is None else str(spec["source_url"]),
+                    talk_index=None if spec.get("talk_index") is None else int(spec["talk_index"]),
+                    times=int(spec.get("times", 1)),
                 )
                 if outcome.outcome not in TALK_OUTCOMES:
                     raise ValueError(f"talk_outcome must be one of {TALK_OUTCOMES}")
-                self.outcomes.append(outcome)
+                if outcome.talk_index is not None and outcome.talk_index < 1:
+                    raise ValueError("talk_index counts talks from 1")
+                (self.targeted_outcomes if outcome.targeted else self.outcomes).append(outcome)
                 return {"talk_outcome": asdict(outcome)}
             if spec.get("status") is None and not spec.get("delay_s"):
                 raise ValueError("a fault needs 'status', 'delay_s' or 'talk_outcome'")
@@ -151,6 +179,7 @@ class EmulatorState:
                 "requests": [dict(r) for r in self.requests],
                 "faults": [asdict(f) for f in self.faults],
                 "pending_talk_outcomes": [asdict(o) for o in self.outcomes],
+                "targeted_talk_outcomes": [asdict(o) for o in self.targeted_outcomes],
             }
 
     # ----------------------------------------------------------------- uploads and talks
@@ -173,7 +202,10 @@ class EmulatorState:
 
     def create_talk(self, source: Upload, audio: Upload) -> TalkRecord:
         with self._lock:
-            outcome = self.outcomes.pop(0) if self.outcomes else TalkOutcome()
+            self._talks_created += 1
+            outcome = self._targeted_outcome(source.url, self._talks_created)
+            if outcome is None:
+                outcome = self.outcomes.pop(0) if self.outcomes else TalkOutcome()
         talk_id = f"tlk_{secrets.token_urlsafe(12).replace('-', 'x').replace('_', 'y')}"
         delay = self.stage_delay_s if outcome.stage_delay_s is None else outcome.stage_delay_s
         record = TalkRecord(
@@ -190,6 +222,14 @@ class EmulatorState:
         if outcome.outcome == "done":
             threading.Thread(target=self._render, args=(record,), name=f"render-{talk_id}", daemon=True).start()
         return record
+
+    def _targeted_outcome(self, source_url: str, index: int) -> TalkOutcome | None:
+        """The first targeted outcome matching this talk (under the lock)."""
+        for outcome in self.targeted_outcomes:
+            if outcome.matches(source_url, index):
+                outcome.fired += 1
+                return outcome
+        return None
 
     def talk(self, talk_id: str) -> TalkRecord | None:
         with self._lock:

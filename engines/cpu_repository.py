@@ -10,10 +10,13 @@ Layout written at ``output``::
     sam2_mask_decoder/...     the same three files each; no SAM 2 weights exist on these
     sam2_memory_attention/... machines, so the graphs are deterministic arithmetic with the
     sam2_memory_encoder/...   real tensor names, ranks and dtypes, reported as stand-ins
-    birefnet/...              BiRefNet: a STAND-IN contract model too (engines/birefnet_standin),
-                              same three files; ``birefnet_image_size`` is its S
+    matting/...               background removal: the REAL U^2-Netp weights (u2netp.onnx) behind
+                              the matting contract, same three files; S = 320, read from the graph
 
-Same model names and tensor contracts as the GPU repository (DESIGN.md sections 3 and 4).
+Same model names and tensor contracts as the GPU repository (DESIGN.md sections 3 and 4), with
+one difference by design: the matting model is a different network per repository (U^2-Netp at
+S = 320 here, BiRefNet-lite at S = 1024 on the GPU), so its S differs; the orchestrator reads S
+from Triton's metadata. Every config says which network it serves (parameter ``network``).
 Every SAM 2 size follows from the model size S (``sam2_image_size``): features S/16, high-res
 features S/4 and S/8, masks S/4.
 """
@@ -34,16 +37,20 @@ from pathlib import Path
 
 import onnx
 
-from engines import birefnet_standin, sam2_standin, sam2_steps
+from engines import onnx_wrap, sam2_standin, sam2_steps
 from engines.hashing import sha256_file
-from engines.onnx_wrap import prepend_uint8_nhwc_preprocessing
+from engines.onnx_wrap import prepend_uint8_nhwc_preprocessing, wrap_u2net_matting
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 4  # 3: birefnet stand-in added; 4: SAM 2 step ensembles
+# 3: birefnet stand-in added; 4: SAM 2 step ensembles; 5: real U^2-Netp as `matting` (the
+# birefnet stand-in is gone), a `network` parameter in every config
+BUILDER_VERSION = 5
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_YOLO_ONNX = REPO_ROOT.parent / "shared" / "assets" / "models" / "yolov8n_int8.onnx"
 YOLO_ONNX_ENV = "FRAMEWISE_YOLO_ONNX"
+DEFAULT_U2NETP_ONNX = REPO_ROOT.parent / "shared" / "assets" / "models" / "u2netp.onnx"
+U2NETP_ONNX_ENV = "FRAMEWISE_U2NETP_ONNX"
 PYTHON_MODEL_TEMPLATE = Path(__file__).resolve().parent / "python_backend" / "onnx_model.py"
 MANIFEST = "MANIFEST.json"
 ONNX_FILE = "model.onnx"
@@ -51,6 +58,7 @@ LETTERBOX_PAD_VALUE = 114
 INPUT_LAYOUT = "NHWC_RGB_UINT8"
 DEFAULT_SAM2_IMAGE_SIZE = 1024
 SAM2_STAND_IN_SOURCE = "stand-in contract model (no SAM 2 weights on this machine)"
+STAND_IN_NETWORK = "stand-in"
 # Instances per SAM 2 part, sized for 2 CPU cores (one ORT thread each): the parts a tracked
 # frame spends its time in get one instance per core; the memory encoder takes ~0.1 ms.
 SAM2_INSTANCES = {
@@ -59,12 +67,16 @@ SAM2_INSTANCES = {
     "sam2_memory_attention": 2,
     "sam2_memory_encoder": 1,
 }
-DEFAULT_BIREFNET_IMAGE_SIZE = 1024
-BIREFNET_STAND_IN_SOURCE = "stand-in contract model (no BiRefNet weights on this machine)"
+# Background removal. The Triton model is named for its job, not its network: U^2-Netp here,
+# BiRefNet-lite in the GPU repository, behind the same contract (the `network` parameter says which).
+MATTING = "matting"
 # One instance per core, like the busy SAM 2 parts: a matte is one call, the whole request.
-BIREFNET_INSTANCES = 2
-STAND_IN_MODELS = (*(part.name for part in sam2_standin.PARTS), birefnet_standin.NAME)
-MODEL_NAMES = ("yolov8", *STAND_IN_MODELS)
+MATTING_INSTANCES = 2
+MATTING_MAX_BATCH_SIZE = 4
+# The network each known U^2-Net file (rembg's names) is; another file is labelled by its name.
+U2NET_NETWORKS = {"u2netp": "U2-Netp", "u2net": "U2-Net", "u2net_human_seg": "U2-Net (human segmentation)"}
+STAND_IN_MODELS = tuple(part.name for part in sam2_standin.PARTS)
+MODEL_NAMES = ("yolov8", *STAND_IN_MODELS, MATTING)
 # Triton ensembles over the SAM 2 parts (engines/sam2_steps.py): configuration only.
 ENSEMBLE_MODELS = sam2_steps.STEP_MODELS
 
@@ -80,13 +92,14 @@ _ONNX_TO_TRITON = {
 class MissingWeightsError(FileNotFoundError):
     """The ONNX weights the repository is built from are not where we looked."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, network: str = "YOLOv8", flag: str = "--yolo-onnx",
+                 env: str = YOLO_ONNX_ENV, default: Path = DEFAULT_YOLO_ONNX):
         self.path = Path(path)
         super().__init__(
-            f"YOLOv8 ONNX weights not found at {self.path}. Provide the file with "
-            f"--yolo-onnx PATH or the {YOLO_ONNX_ENV} environment variable "
-            f"(default: ../shared/assets/models/yolov8n_int8.onnx relative to the repo root, "
-            f"i.e. {DEFAULT_YOLO_ONNX})."
+            f"{network} ONNX weights not found at {self.path}. Provide the file with "
+            f"{flag} PATH or the {env} environment variable "
+            f"(default: ../shared/assets/models/{default.name} relative to the repo root, "
+            f"i.e. {default})."
         )
 
 
@@ -94,6 +107,12 @@ def default_yolo_onnx() -> Path:
     """``$FRAMEWISE_YOLO_ONNX`` when set, else the shared asset next to the repo."""
     env = os.environ.get(YOLO_ONNX_ENV)
     return Path(env).expanduser() if env else DEFAULT_YOLO_ONNX
+
+
+def default_u2netp_onnx() -> Path:
+    """``$FRAMEWISE_U2NETP_ONNX`` when set, else the shared asset next to the repo."""
+    env = os.environ.get(U2NETP_ONNX_ENV)
+    return Path(env).expanduser() if env else DEFAULT_U2NETP_ONNX
 
 
 def read_manifest(output: Path) -> dict | None:
@@ -115,18 +134,18 @@ def build_cpu_repository(
     # instance is busy.
     max_queue_delay_us: int = 0,
     sam2_image_size: int = DEFAULT_SAM2_IMAGE_SIZE,
-    birefnet_image_size: int = DEFAULT_BIREFNET_IMAGE_SIZE,
     force: bool = False,
     sam2_onnx_dir: Path | None = None,
+    u2netp_onnx: Path | None = None,
 ) -> Path:
     """Write the CPU model repository at ``output`` and return its path.
 
     ``instances`` and ``max_batch_size`` apply to yolov8; the SAM 2 parts have fixed batch limits
     (their contract) and ``SAM2_INSTANCES``. ``sam2_image_size`` is the SAM 2 model size S (a
-    multiple of 16); ``birefnet_image_size`` the BiRefNet stand-in's S (a multiple of 64).
-    A no-op when ``output/MANIFEST.json`` already records the same builder
-    version, source weights (sha256), stand-in graph code, python model and parameters, unless
-    ``force``. The repository is written into a temporary sibling directory and renamed into place.
+    multiple of 16). ``u2netp_onnx``: the U^2-Netp weights the matting model serves (None:
+    ``default_u2netp_onnx()``); its S comes from the graph (320). A no-op when
+    ``output/MANIFEST.json`` already records the same builder version, source weights (sha256),
+    stand-in graph code, python model and parameters, unless ``force``. The repository is written into a temporary sibling directory and renamed into place.
 
     ``sam2_onnx_dir``: a folder with the four real SAM 2 part exports (``<part>.onnx``, from
     engines/export/sam2_parts.py); they are served instead of the stand-ins (``stand_in: false``,
@@ -135,15 +154,18 @@ def build_cpu_repository(
     """
     output = Path(output).expanduser().absolute()
     yolo_onnx = Path(yolo_onnx).expanduser().absolute()
+    u2netp_onnx = Path(u2netp_onnx if u2netp_onnx is not None else default_u2netp_onnx()).expanduser().absolute()
     for name, value, low in (("instances", instances, 1), ("intra_op_threads", intra_op_threads, 1),
                              ("max_batch_size", max_batch_size, 1),
                              ("max_queue_delay_us", max_queue_delay_us, 0)):
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     sam2_standin.check_image_size(sam2_image_size)
-    birefnet_standin.check_image_size(birefnet_image_size)
     if not yolo_onnx.is_file():
         raise MissingWeightsError(yolo_onnx)
+    if not u2netp_onnx.is_file():
+        raise MissingWeightsError(u2netp_onnx, network="U^2-Netp", flag="--u2netp-onnx", env=U2NETP_ONNX_ENV,
+                                  default=DEFAULT_U2NETP_ONNX)
 
     standin_sha = _sha256_files(sam2_standin.SOURCE_FILES)
     sam2_real = _real_sam2_parts(Path(sam2_onnx_dir).expanduser().absolute(), sam2_image_size) \
@@ -152,13 +174,13 @@ def build_cpu_repository(
         "builder_version": BUILDER_VERSION,
         "python_model_sha256": sha256_file(PYTHON_MODEL_TEMPLATE),
         "sam2_steps_sha256": sha256_file(Path(sam2_steps.__file__)),
+        "onnx_wrap_sha256": sha256_file(Path(onnx_wrap.__file__)),
         "models": {
             "yolov8": {"source": yolo_onnx.name, "source_sha256": sha256_file(yolo_onnx)},
             **{part.name: ({"source": sam2_real[part.name].path.name, "source_sha256": sam2_real[part.name].sha256}
                            if sam2_real else {"source": "stand-in", "code_sha256": standin_sha})
                for part in sam2_standin.PARTS},
-            birefnet_standin.NAME: {"source": "stand-in",
-                                    "code_sha256": _sha256_files(birefnet_standin.SOURCE_FILES)},
+            MATTING: {"source": u2netp_onnx.name, "source_sha256": sha256_file(u2netp_onnx)},
         },
         "parameters": {
             "instances": instances,
@@ -167,8 +189,8 @@ def build_cpu_repository(
             "max_queue_delay_us": max_queue_delay_us,
             "sam2_image_size": sam2_image_size,
             "sam2_instances": dict(SAM2_INSTANCES),
-            "birefnet_image_size": birefnet_image_size,
-            "birefnet_instances": BIREFNET_INSTANCES,
+            "matting_instances": MATTING_INSTANCES,
+            "matting_max_batch_size": MATTING_MAX_BATCH_SIZE,
         },
     }
     existing = read_manifest(output)
@@ -188,13 +210,14 @@ def build_cpu_repository(
         _write_yolov8(staging / "yolov8", yolo_onnx, fingerprint)
         for part in sam2_standin.PARTS:
             _write_sam2_part(staging / part.name, part, fingerprint, sam2_real[part.name] if sam2_real else None)
-        _write_sam2_steps(staging, stand_in=sam2_real is None)
-        _write_birefnet(staging / birefnet_standin.NAME, fingerprint)
+        _write_sam2_steps(staging, stand_in=sam2_real is None,
+                          network=next(iter(sam2_real.values())).network if sam2_real else STAND_IN_NETWORK)
+        _write_matting(staging / MATTING, u2netp_onnx, fingerprint)
         manifest = {
             "fingerprint": fingerprint,
             "build_id": uuid.uuid4().hex,
             "built_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source_paths": {"yolov8": str(yolo_onnx),
+            "source_paths": {"yolov8": str(yolo_onnx), MATTING: str(u2netp_onnx),
                              **({n: str(r.path) for n, r in sam2_real.items()} if sam2_real else {})},
             "models": [*MODEL_NAMES, *ENSEMBLE_MODELS],
             "stand_in_models": [m for m in STAND_IN_MODELS if not (sam2_real and m in sam2_real)],
@@ -233,6 +256,7 @@ def _write_yolov8(model_dir: Path, source: Path, fingerprint: dict) -> None:
         "intra_op_threads": str(params["intra_op_threads"]),
         "stand_in": "false",
         "source": f"{source.name} sha256:{sha}",
+        "network": _yolo_network(model),
         # One image per ORT call: see engines/python_backend/onnx_model.py.
         "per_item_execution": "true",
         "class_names": json.dumps(class_names),
@@ -273,6 +297,7 @@ def _write_sam2_part(model_dir: Path, part: sam2_standin.StandInPart, fingerprin
         "intra_op_threads": str(params["intra_op_threads"]),
         "stand_in": "true" if real is None else "false",
         "source": SAM2_STAND_IN_SOURCE if real is None else real.source,
+        "network": STAND_IN_NETWORK if real is None else real.network,
         "image_size": str(size),
         # The stand-ins treat every batch item on its own, so a whole batch is one ORT call.
         "per_item_execution": "false",
@@ -291,7 +316,7 @@ def _write_sam2_part(model_dir: Path, part: sam2_standin.StandInPart, fingerprin
     (model_dir / "config.pbtxt").write_text(text)
 
 
-def _write_sam2_steps(repository: Path, *, stand_in: bool) -> None:
+def _write_sam2_steps(repository: Path, *, stand_in: bool, network: str) -> None:
     """The step ensembles, from the part configs just written (the same generator builds the GPU
     repository's, so both chain the parts identically)."""
     parts = {
@@ -301,6 +326,7 @@ def _write_sam2_steps(repository: Path, *, stand_in: bool) -> None:
     parameters = {
         "stand_in": "true" if stand_in else "false",
         "source": "Triton ensemble of the SAM 2 parts" + (" (stand-in parts)" if stand_in else ""),
+        "network": network,
     }
     for name, text in sam2_steps.step_configs(parts, parameters).items():
         (repository / name / "1").mkdir(parents=True)  # an ensemble still needs a version folder
@@ -312,6 +338,7 @@ class _RealSam2Part:
     path: Path
     sha256: str
     source: str  # for the config's "source" parameter
+    network: str  # for the config's "network" parameter, e.g. "SAM 2.1 hiera-tiny"
     model: onnx.ModelProto  # graph only (no weights loaded)
 
 
@@ -341,38 +368,67 @@ def _real_sam2_parts(folder: Path, image_size: int) -> dict[str, _RealSam2Part]:
                              f"(--sam2-image-size): inputs/outputs {got}, expected {want}")
         sha = sha256_file(path)
         origin = described.get("source", "SAM 2 export")
-        parts[part.name] = _RealSam2Part(path, sha, f"{path.name} sha256:{sha} ({origin})", model)
+        parts[part.name] = _RealSam2Part(path, sha, f"{path.name} sha256:{sha} ({origin})",
+                                         _sam2_network(described.get("source")), model)
     return parts
 
 
-def _write_birefnet(model_dir: Path, fingerprint: dict) -> None:
+def _sam2_network(source: object) -> str:
+    """The network the export's description names (engines/export/sam2_parts.source_description:
+    "hiera tiny checkpoint ..." or "hiera tiny RANDOM weights ..."), else plain "SAM 2"."""
+    words = source.split() if isinstance(source, str) else []
+    if len(words) < 2 or words[0] != "hiera":
+        return "SAM 2"
+    network = f"SAM 2.1 hiera-{words[1].replace('_', '-')}"
+    return network + (" (random weights)" if "RANDOM" in words else "")
+
+
+def _yolo_network(model: onnx.ModelProto) -> str:
+    """"YOLOv8n" from Ultralytics' metadata ("Ultralytics YOLOv8n model trained on coco.yaml")."""
+    description = {p.key: p.value for p in model.metadata_props}.get("description", "")
+    words = description.split()
+    if len(words) >= 2 and words[0] == "Ultralytics" and words[1].upper().startswith("YOLO"):
+        return words[1]
+    return "YOLOv8 (variant not recorded in the ONNX metadata)"
+
+
+def _write_matting(model_dir: Path, source: Path, fingerprint: dict) -> None:
+    """U^2-Netp behind the matting contract (engines/onnx_wrap.wrap_u2net_matting): uint8 in, the
+    per-image normalisation and the min-max scaling inside the graph, S from the graph."""
     params = fingerprint["parameters"]
-    size = params["birefnet_image_size"]
-    model = birefnet_standin.build(size)  # checked by onnx.checker (full_check) while building
+    wrapped = wrap_u2net_matting(onnx.load(str(source)))
+    onnx.checker.check_model(wrapped, full_check=True)
+    inputs, outputs = _tensors(wrapped.graph.input, wrapped.graph.initializer), _tensors(wrapped.graph.output)
+    size = inputs[0][2][0] if len(inputs) == 1 and len(inputs[0][2]) == 3 else -1
+    if size < 1 or inputs != [("image", "TYPE_UINT8", [size, size, 3])] \
+            or outputs != [("alpha", "TYPE_FP32", [1, size, size])]:
+        raise ValueError(f"{source}: the wrapped graph is not image [B,S,S,3] -> alpha [B,1,S,S]: {inputs} -> {outputs}")
 
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True)
-    onnx.save(model, str(version_dir / ONNX_FILE))
+    onnx.save(wrapped, str(version_dir / ONNX_FILE))
     shutil.copyfile(PYTHON_MODEL_TEMPLATE, version_dir / "model.py")
 
+    sha = fingerprint["models"][MATTING]["source_sha256"]
     parameters = {
         "onnx_file": ONNX_FILE,
         "intra_op_threads": str(params["intra_op_threads"]),
-        "stand_in": "true",
-        "source": BIREFNET_STAND_IN_SOURCE,
+        "stand_in": "false",
+        "source": f"{source.name} sha256:{sha}",
+        "network": U2NET_NETWORKS.get(source.stem, f"U2-Net family ({source.name})"),
         "image_size": str(size),
-        # Every batch item is computed on its own, so a whole batch is one ORT call.
+        # The normalisation and the min-max are per batch item, so a whole batch is one ORT call.
         "per_item_execution": "false",
         "input_layout": INPUT_LAYOUT,
-        # ImageNet normalisation and the final sigmoid happen inside the graph, as in the real export.
-        "output_activation": "sigmoid",
+        # What the graph ends with; the matte is 0..1 either way (BiRefNet on the GPU: "sigmoid").
+        "output_activation": "sigmoid, min-max per image",
     }
     text = _config_pbtxt(
-        name=birefnet_standin.NAME,
-        max_batch_size=birefnet_standin.MAX_BATCH_SIZE,
-        inputs=_tensors(model.graph.input, model.graph.initializer),
-        outputs=_tensors(model.graph.output),
-        instances=params["birefnet_instances"],
+        name=MATTING,
+        max_batch_size=params["matting_max_batch_size"],
+        inputs=inputs,
+        outputs=outputs,
+        instances=params["matting_instances"],
         max_queue_delay_us=params["max_queue_delay_us"],
         parameters=parameters,
     )

@@ -36,7 +36,7 @@ from engines.hashing import sha256_file
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_REPOSITORY = REPO_ROOT / "model_repository"
 DEFAULT_ONNX_DIR = REPO_ROOT / ".cache" / "onnx"
-MODELS = ("yolov8", "birefnet", "sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention",
+MODELS = ("yolov8", "matting", "sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention",
           "sam2_memory_encoder")
 
 # The container whose TensorRT builds the plans and whose Triton serves them (same release).
@@ -62,7 +62,7 @@ RANGE_PARAMETERS = {
     ("sam2_memory_attention", "obj_ptr_tdiff", 0): "max_object_pointers",
 }
 # Batch size the kernels are tuned for (the common case under load), per batching model.
-OPT_BATCH = {"yolov8": 4, "birefnet": 1, "sam2_image_encoder": 1, "sam2_mask_decoder": 2}
+OPT_BATCH = {"yolov8": 4, "matting": 1, "sam2_image_encoder": 1, "sam2_mask_decoder": 2}
 WORKSPACE_BYTES = 2 << 30  # builder scratch; the T4 has 16 GB and the build runs alone
 
 _TRT_DTYPES = {"TYPE_FP32": "FLOAT", "TYPE_FP16": "HALF", "TYPE_UINT8": "UINT8", "TYPE_INT32": "INT32",

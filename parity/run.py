@@ -334,7 +334,7 @@ def build_repository(onnx_dir: Path, output: Path, s: int, threads: int) -> Path
     from engines.cpu_repository import build_cpu_repository
 
     return build_cpu_repository(output, YOLO_ONNX, sam2_image_size=s, sam2_onnx_dir=onnx_dir,
-                                intra_op_threads=max(1, threads), birefnet_image_size=256)
+                                intra_op_threads=max(1, threads))
 
 
 def _free_port() -> int:

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -24,6 +25,7 @@ from framewise.v1 import (
 )
 from server import __version__
 from server.app_jobs import Jobs, start_jobs
+from server.cache.result_cache import ResultCache, result_cache_for
 from server.config import ServerConfig
 from server.health import TritonMonitor
 from server.interceptors import ObservabilityInterceptor
@@ -31,7 +33,7 @@ from server.jobs.ipc import WorkerSettings
 from server.metrics import Metrics, WithChildMetrics
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.detection import DetectionPipeline
-from server.pipelines.matting import MODEL_NAME as BIREFNET
+from server.pipelines.matting import MODEL_NAME as MATTING
 from server.pipelines.matting import MattingPipeline
 from server.pipelines.segmentation import SegmentationPipeline
 from server.pipelines.sessions import SessionRegistry
@@ -56,15 +58,18 @@ SERVICES = {
 # Models each service's implemented RPCs need: a service is SERVING only while its models are
 # ready, the server as a whole ("") only while all of them are.
 SERVICE_MODELS = {
-    SERVICES["vision"].full_name: ("yolov8", BIREFNET, sam2.IMAGE_ENCODER, sam2.MASK_DECODER),
+    SERVICES["vision"].full_name: ("yolov8", MATTING, sam2.IMAGE_ENCODER, sam2.MASK_DECODER),
     SERVICES["tracking"].full_name: sam2.TRACKING_MODELS,
-    # Jobs queue and retry, but cannot progress without their models. BiRefNet is not one of
+    # Jobs queue and retry, but cannot progress without their models. Matting is not one of
     # them: without it a talking video goes on with the plain crop (seed 003's degradation).
     SERVICES["jobs"].full_name: ("yolov8", *sam2.TRACKING_MODELS),
     SERVICES["info"].full_name: (),
 }
 # Models the jobs use but can go on without (seed 003's graceful degradation).
-JOB_DEGRADABLE_MODELS = (BIREFNET,)
+JOB_DEGRADABLE_MODELS = (MATTING,)
+# Models whose results the result cache keeps: both processes' monitors read their specs again
+# on every refresh, so a reload in Triton changes the cache keys within one health interval.
+CACHED_MODELS = ("yolov8", MATTING)
 
 
 @dataclass
@@ -81,17 +86,27 @@ class RunningServer:
     managed_triton: ManagedTriton | None
     metrics_port: int | None
     jobs: Jobs
+    interceptor: ObservabilityInterceptor
+    result_cache: ResultCache | None = None
 
     async def stop(self) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new RPCs, drain in-flight ones, stop Triton."""
         log.info("shutting down", extra={"grace_s": self.config.shutdown_grace_s})
+        started = time.monotonic()
         await self.monitor.stop()
         # Watch streams end now (cleanly: a client resumes with after_sequence elsewhere or after
         # the restart) instead of holding the whole grace period and ending CANCELLED.
         self.jobs.bus.close()
-        await self.grpc_server.stop(self.config.shutdown_grace_s)
+        # The listener stays open while the calls in progress finish: new calls are refused with
+        # UNAVAILABLE, but health keeps answering NOT_SERVING, so a load balancer or a probe sees
+        # the drain instead of a CANCELLED check and then a refused connection.
+        drained = await self.interceptor.drain(self.config.shutdown_grace_s)
+        log.info("drained" if drained else "grace period over; cancelling the calls still running")
+        await self.grpc_server.stop(max(self.config.shutdown_grace_s - (time.monotonic() - started), 0.0))
         # Running jobs stay RUNNING in the store and resume on the next start.
         await self.jobs.stop()
+        if self.result_cache is not None:
+            await self.result_cache.close()
         await self.sessions.stop()
         await self.runner.close()
         await self.triton_client.close()
@@ -123,10 +138,13 @@ async def start(config: ServerConfig) -> RunningServer:
 
     health = health_aio.HealthServicer()
     service_names = tuple(d.full_name for d in SERVICES.values())
-    monitor = TritonMonitor(client, SERVICE_MODELS, health, metrics, interval_s=config.health_interval_s)
+    monitor = TritonMonitor(
+        client, SERVICE_MODELS, health, metrics, interval_s=config.health_interval_s, reread_models=CACHED_MODELS
+    )
 
+    interceptor = ObservabilityInterceptor(metrics)
     server = grpc.aio.server(
-        interceptors=[ObservabilityInterceptor(metrics)],
+        interceptors=[interceptor],
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -135,9 +153,13 @@ async def start(config: ServerConfig) -> RunningServer:
     )
     use_shm = config.triton_shm == "on" or (config.triton_shm == "auto" and managed is not None)
     runner = InferenceRunner(client, metrics, shm_slots_per_model=config.triton_shm_slots if use_shm else 0)
-    detection = DetectionPipeline(runner, monitor, metrics, max_pixels=config.max_image_pixels)
+    # Emptied here, before the job worker (which opens the same file) starts: see server/cache.
+    result_cache = result_cache_for(config, metrics)
+    if result_cache is not None:
+        await result_cache.open(clear=True)
+    detection = DetectionPipeline(runner, monitor, metrics, max_pixels=config.max_image_pixels, cache=result_cache)
     segmentation = SegmentationPipeline(runner, monitor, max_pixels=config.max_image_pixels)
-    matting = MattingPipeline(runner, monitor, max_pixels=config.max_image_pixels, metrics=metrics)
+    matting = MattingPipeline(runner, monitor, max_pixels=config.max_image_pixels, metrics=metrics, cache=result_cache)
     vision_service_pb2_grpc.add_VisionServiceServicer_to_server(
         VisionServicer(detection, segmentation, matting, max_response_bytes=config.max_message_bytes), server
     )
@@ -181,6 +203,8 @@ async def start(config: ServerConfig) -> RunningServer:
             await runner.close()
             await client.close()
             await jobs.stop()
+            if result_cache is not None:
+                await result_cache.close()
             raise
     await monitor.start()
     await sessions.start()
@@ -199,7 +223,10 @@ async def start(config: ServerConfig) -> RunningServer:
             "triton_shared_memory": use_shm,
         },
     )
-    return RunningServer(config, server, port, monitor, sessions, runner, client, managed, metrics_port, jobs)
+    return RunningServer(
+        config, server, port, monitor, sessions, runner, client, managed, metrics_port, jobs, interceptor,
+        result_cache=result_cache,
+    )
 
 
 def monitor_models() -> tuple[str, ...]:

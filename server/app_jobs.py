@@ -153,6 +153,7 @@ def job_pipelines(
             did_factory,
             did_poll_interval_s=config.did_poll_interval_s,
             did_wait_timeout_s=config.did_wait_timeout_s,
+            max_persons=config.max_talk_persons,
         ),
     }
     return pipelines, did_http

@@ -56,6 +56,8 @@ class JobsConfig:
     did_timeout_s: float = 30.0
     did_poll_interval_s: float = 2.0
     did_wait_timeout_s: float = 600.0
+    # A talking video with all_persons makes at most this many D-ID talks (each one is billed).
+    max_talk_persons: int = 4
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class ServerConfig:
     max_objects_per_session: int = 8
     session_idle_ttl_s: float = 300.0
     health_interval_s: float = 1.0
+    # Bound of the detection / matting result cache (server/cache/), in bytes; 0 disables it.
+    result_cache_bytes: int = 256 * 1024**2
     log_level: str = "INFO"
     log_format: str = "json"  # or "text"
     jobs: JobsConfig = JobsConfig()
@@ -119,10 +123,17 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--session-idle-ttl", type=float, default=_env("SESSION_IDLE_TTL", d.session_idle_ttl_s),
                    help="seconds a tracking session without a stream is kept for resume")
     p.add_argument("--health-interval", type=float, default=_env("HEALTH_INTERVAL", d.health_interval_s))
+    p.add_argument("--result-cache-bytes", type=int, default=_env("RESULT_CACHE_BYTES", d.result_cache_bytes),
+                   help="bytes of detection / matting results kept for identical requests (least recently used "
+                        "evicted first), in <storage-root>/cache, per replica; 0 disables (FRAMEWISE_RESULT_CACHE_BYTES)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
     p.add_argument("--log-format", choices=("json", "text"), default=_env("LOG_FORMAT", d.log_format))
     _add_job_flags(p, d.jobs)
     a = p.parse_args(argv)
+    if a.max_talk_persons < 1:
+        p.error(f"--max-talk-persons must be >= 1, got {a.max_talk_persons}")
+    if a.result_cache_bytes < 0:
+        p.error(f"--result-cache-bytes must be >= 0 (0 disables the cache), got {a.result_cache_bytes}")
     if not 0 <= a.job_worker_nice <= 19:
         p.error(f"--job-worker-nice must be within 0..19 (a child may lower its priority, not raise it), got {a.job_worker_nice}")
     return ServerConfig(
@@ -140,6 +151,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         max_image_pixels=a.max_image_pixels,
         shutdown_grace_s=a.shutdown_grace,
         health_interval_s=a.health_interval,
+        result_cache_bytes=a.result_cache_bytes,
         max_tracking_sessions=a.max_tracking_sessions,
         max_objects_per_session=a.max_objects_per_session,
         session_idle_ttl_s=a.session_idle_ttl,
@@ -194,6 +206,8 @@ def _add_job_flags(p: argparse.ArgumentParser, d: JobsConfig) -> None:
     g.add_argument("--did-timeout", type=float, default=_env("DID_TIMEOUT", d.did_timeout_s))
     g.add_argument("--did-poll-interval", type=float, default=_env("DID_POLL_INTERVAL", d.did_poll_interval_s))
     g.add_argument("--did-wait-timeout", type=float, default=_env("DID_WAIT_TIMEOUT", d.did_wait_timeout_s))
+    g.add_argument("--max-talk-persons", type=int, default=_env("MAX_TALK_PERSONS", d.max_talk_persons),
+                   help="most persons (so D-ID talks, each billed) one all_persons talking video may make")
 
 
 def _jobs_config(a: argparse.Namespace) -> JobsConfig:
@@ -226,4 +240,5 @@ def _jobs_config(a: argparse.Namespace) -> JobsConfig:
         did_timeout_s=a.did_timeout,
         did_poll_interval_s=a.did_poll_interval,
         did_wait_timeout_s=a.did_wait_timeout,
+        max_talk_persons=a.max_talk_persons,
     )

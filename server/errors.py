@@ -12,6 +12,33 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+# A status travels in the response trailers (grpc-message, percent-encoded: up to 3 bytes per
+# byte; grpc-status-details-bin, base64), and a client refuses trailers over its metadata limit
+# (16 KiB in grpcio) with RESOURCE_EXHAUSTED "Stream removed", hiding the real status. These
+# bounds keep a whole status under ~6 KiB on the wire whatever the message holds.
+MAX_MESSAGE_BYTES = 1024
+MAX_VIOLATION_BYTES = 512
+MAX_VIOLATIONS = 4
+# How much of a client's value an error message quotes.
+SHOWN_CHARS = 64
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """A client's value quoted in an error message, shortened: a message echoes what it got so the
+    caller can find the mistake, but must never grow with the input (see MAX_MESSAGE_BYTES)."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def bounded(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8, on a character boundary, marked as cut."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= max_bytes:
+        return text
+    return encoded[: max_bytes - 3].decode("utf-8", errors="ignore") + "..."
+
 
 @dataclass
 class FieldViolation:
@@ -33,12 +60,16 @@ class ServiceError(Exception):
         super().__init__(self.message)
 
     def to_status(self) -> status_pb2.Status:
+        """The status with the message and details bounded (MAX_MESSAGE_BYTES and friends)."""
         details: list[any_pb2.Any] = []
         if self.violations:
             bad_request = error_details_pb2.BadRequest(
                 field_violations=[
-                    error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                    for v in self.violations
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field=bounded(v.field, MAX_VIOLATION_BYTES // 4),
+                        description=bounded(v.description, MAX_VIOLATION_BYTES),
+                    )
+                    for v in self.violations[:MAX_VIOLATIONS]
                 ]
             )
             details.append(_pack(bad_request))
@@ -46,7 +77,9 @@ class ServiceError(Exception):
             retry = error_details_pb2.RetryInfo()
             retry.retry_delay.FromNanoseconds(int(self.retry_after_s * 1e9))
             details.append(_pack(retry))
-        return status_pb2.Status(code=_CODE_NUMBER[self.code], message=self.message, details=details)
+        return status_pb2.Status(
+            code=_CODE_NUMBER[self.code], message=bounded(self.message, MAX_MESSAGE_BYTES), details=details
+        )
 
 
 def _pack(message) -> any_pb2.Any:

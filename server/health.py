@@ -45,8 +45,14 @@ class TritonMonitor:
         interval_s: float = 1.0,
         conditions: dict[str, Callable[[], str]] | None = None,
         degradable_models: tuple[str, ...] = (),
+        reread_models: tuple[str, ...] = (),
     ) -> None:
         self.client = client
+        # Models whose spec is read again on every refresh, not only when they (re)appear: a
+        # Triton with model control (poll or explicit) reloads a model in place, still ready
+        # throughout, with a new version or config. The result cache keys on the spec, so it
+        # must see such a reload within one interval. Two RPCs per model and refresh.
+        self.reread_models = frozenset(reread_models)
         # Service full name -> a check beyond models (low disk for jobs): "" when fine, else why not.
         self.conditions = dict(conditions or {})
         # Service full name -> the models its implemented RPCs need (empty: needs Triton only).
@@ -99,6 +105,8 @@ class TritonMonitor:
                 # different configuration.
                 if ready and (model not in self._specs or not self.state.model_ready.get(model)):
                     self._specs[model] = await self.client.model_spec(model)
+                elif ready and model in self.reread_models:
+                    await self._reread(model)
             state.last_error = "" if state.ready else "server not ready"
             missing = [m for m in self.watched_models if not state.model_ready.get(m)]
             if state.ready and missing:
@@ -109,6 +117,19 @@ class TritonMonitor:
         changed = (state.ready, state.model_ready) != (self.state.ready, self.state.model_ready)
         self.state = state
         await self._publish(changed)
+
+    async def _reread(self, model: str) -> None:
+        spec = await self.client.model_spec(model)
+        old = self._specs[model]
+        # A new object only when something changed: callers (the runner's shared-memory pools,
+        # the pipelines' contracts, the result cache) recompute what they derive from a spec
+        # when its identity changes.
+        if spec != old:
+            self._specs[model] = spec
+            log.info(
+                "model changed in Triton",
+                extra={"model": model, "version": spec.version, "previous_version": old.version, "source": spec.source},
+            )
 
     async def _publish(self, changed: bool) -> None:
         serving = self.serving and not self._shutting_down

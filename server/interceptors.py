@@ -1,4 +1,5 @@
-"""One place for what every RPC needs: metrics, error mapping (AIP-193) and access logs.
+"""One place for what every RPC needs: metrics, error mapping (AIP-193), access logs, the
+bounds on a request's strings, and refusing new calls while the server drains.
 
 Servicers raise server.errors.ServiceError subclasses; this interceptor turns them into a
 gRPC status with google.rpc details. Anything else is logged with its traceback and answered
@@ -7,6 +8,7 @@ INTERNAL with an incident id, never with the traceback itself.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import inspect
 import logging
@@ -16,17 +18,37 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import Message
 from grpc_status import rpc_status
 
-from server.errors import ServiceError
+from server.errors import ServiceError, Unavailable
 from server.metrics import Metrics
+from server.request_limits import check_string_lengths
 
 log = logging.getLogger("server.rpc")
+
+# Services that keep answering while the server drains: health says NOT_SERVING (so a load
+# balancer moves on), reflection lets a client still read the API.
+DRAIN_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._draining = False
+        # Calls in progress, the drain-exempt ones (health watches) left out: what a drain waits for.
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """From now on refuse new calls (UNAVAILABLE) except health and reflection, which keep
+        answering; wait up to ``timeout_s`` for the calls in progress to end. True when they did."""
+        self._draining = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                await self._idle.wait()
+        return self._in_flight == 0
 
     async def intercept_service(
         self,
@@ -37,47 +59,48 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return handler
         method = handler_call_details.method
+        exempt = method.startswith(DRAIN_EXEMPT_PREFIXES)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary),
+                self._wrap_unary(method, handler.unary_unary, exempt, streaming_requests=False),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=_accept_bytes(handler.response_serializer),
             )
         if handler.stream_unary:
             return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary),
+                self._wrap_unary(method, handler.stream_unary, exempt, streaming_requests=True),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=_accept_bytes(handler.response_serializer),
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream),
+                self._wrap_stream(method, handler.unary_stream, exempt, streaming_requests=False),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=_accept_bytes(handler.response_serializer),
             )
         return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, handler.stream_stream),
+            self._wrap_stream(method, handler.stream_stream, exempt, streaming_requests=True),
             request_deserializer=handler.request_deserializer,
             response_serializer=_accept_bytes(handler.response_serializer),
         )
 
-    def _wrap_unary(self, method: str, behavior):  # noqa: ANN001, ANN202 - grpc handler types
+    def _wrap_unary(self, method: str, behavior, exempt: bool, *, streaming_requests: bool):  # noqa: ANN001, ANN202 - grpc handler types
         async def wrapped(request, context: grpc.aio.ServicerContext):  # noqa: ANN001, ANN202
-            started, peer = self._begin(method, context)
+            started, peer = self._begin(method, context, exempt)
             try:
-                return await behavior(request, context)
+                return await behavior(self._admit(request, exempt, streaming_requests), context)
             except Exception as exc:  # noqa: BLE001 - mapped to a status below
                 await self._abort(method, exc, context)
             finally:
-                self._end(method, started, peer, context)
+                self._end(method, started, peer, context, exempt)
 
         return wrapped
 
-    def _wrap_stream(self, method: str, behavior):  # noqa: ANN001, ANN202
+    def _wrap_stream(self, method: str, behavior, exempt: bool, *, streaming_requests: bool):  # noqa: ANN001, ANN202
         async def wrapped(request, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:  # noqa: ANN001
-            started, peer = self._begin(method, context)
+            started, peer = self._begin(method, context, exempt)
             try:
-                result = behavior(request, context)
+                result = behavior(self._admit(request, exempt, streaming_requests), context)
                 if inspect.isasyncgen(result):
                     # aclosing: if this stream is closed early, the handler's own cleanup (a
                     # tracking session's detach) runs now, not when it is garbage-collected.
@@ -89,18 +112,36 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             except Exception as exc:  # noqa: BLE001
                 await self._abort(method, exc, context)
             finally:
-                self._end(method, started, peer, context)
+                self._end(method, started, peer, context, exempt)
 
         return wrapped
 
-    def _begin(self, method: str, context: grpc.aio.ServicerContext) -> tuple[float, str]:
+    def _admit(self, request, exempt: bool, streaming_requests: bool):  # noqa: ANN001, ANN202 - a message or an iterator of them
+        """The request as the servicer gets it: refused while draining, its strings bounded (each
+        message of a client stream as it arrives)."""
+        if self._draining and not exempt:
+            raise Unavailable("the server is shutting down; retry on another replica or after its restart", retry_after_s=5.0)
+        if streaming_requests:
+            return _bounded_stream(request)
+        if isinstance(request, Message):
+            check_string_lengths(request)
+        return request
+
+    def _begin(self, method: str, context: grpc.aio.ServicerContext, exempt: bool) -> tuple[float, str]:
+        if not exempt:
+            self._in_flight += 1
+            self._idle.clear()
         self.metrics.rpc_in_flight.labels(method).inc()
         # The peer is read now, while the call is alive: context.peer() reaches into the C core,
         # and on a call the client has just cancelled it dereferenced a freed call and
         # segfaulted the server (grpcio 1.85, WatchOperation cancelled as it ended).
         return time.perf_counter(), context.peer()
 
-    def _end(self, method: str, started: float, peer: str, context: grpc.aio.ServicerContext) -> None:
+    def _end(self, method: str, started: float, peer: str, context: grpc.aio.ServicerContext, exempt: bool) -> None:
+        if not exempt:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
         elapsed = time.perf_counter() - started
         code = _code_name(context)
         self.metrics.rpc_in_flight.labels(method).dec()
@@ -122,6 +163,13 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         incident = uuid.uuid4().hex[:12]
         log.exception("unhandled error", extra={"method": method, "incident": incident})
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server logs hold the details")
+
+
+async def _bounded_stream(requests: AsyncIterator[Message]) -> AsyncIterator[Message]:
+    async for message in requests:
+        if isinstance(message, Message):
+            check_string_lengths(message)
+        yield message
 
 
 def _accept_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:

@@ -87,6 +87,36 @@ class Metrics:
             "1 while free space under the storage root is below the low-disk threshold.",
             registry=registry,
         )
+        # The result cache (server/cache/): `kind` is "detection" or "matting", nothing else.
+        self.result_cache_hits = Counter(
+            "framewise_result_cache_hits_total",
+            "Detection / matting results served from the result cache (no Triton request).",
+            ["kind"],
+            registry=registry,
+        )
+        self.result_cache_misses = Counter(
+            "framewise_result_cache_misses_total",
+            "Result cache lookups that found nothing usable (computed by Triton, then stored).",
+            ["kind"],
+            registry=registry,
+        )
+        self.result_cache_evictions = Counter(
+            "framewise_result_cache_evictions_total",
+            "Entries evicted, least recently used first, to keep the cache within --result-cache-bytes.",
+            ["kind"],
+            registry=registry,
+        )
+        self.result_cache_errors = Counter(
+            "framewise_result_cache_errors_total",
+            "Result cache reads or writes that failed (the request went on without the cache).",
+            ["kind"],
+            registry=registry,
+        )
+        self.result_cache_bytes = Gauge(
+            "framewise_result_cache_bytes",
+            "Bytes held in this replica's result cache (values plus a per-entry overhead), as of this process's last write.",
+            registry=registry,
+        )
 
 
 class WithChildMetrics:

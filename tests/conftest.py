@@ -41,8 +41,8 @@ MAX_IMAGE_PIXELS = 3_000_000
 SHARED_MEMORY_ARGS = ["--triton-shm", "on", "--triton-shm-slots", "4"]
 # SAM 2 stand-ins at a small model size keep the tracking tests fast; the benchmark uses 1024.
 SAM2_TEST_IMAGE_SIZE = 256
-# The BiRefNet stand-in likewise (the real model, and the default build, use 1024).
-BIREFNET_TEST_IMAGE_SIZE = 256
+# The matting model is the real U^2-Netp: its size is its own (320), fixed by its weights.
+MATTING_IMAGE_SIZE = 320
 SESSION_IDLE_TTL_S = 3.0
 DID_API_KEY = "test-did-key"
 MAX_TRACKING_SESSIONS = 16
@@ -92,6 +92,8 @@ class TritonProcess:
     work_dir: Path
     ports: TritonPorts
     process: subprocess.Popen | None = None
+    # More tritonserver flags (model control for the tests that reload a model).
+    extra_args: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -99,7 +101,7 @@ class TritonProcess:
 
     def start(self, attempts: int = 3) -> None:
         """Like ManagedTriton.start: a start that crashes (a signal before ready) is tried again."""
-        launcher = ManagedTriton(self.repository, self.work_dir, self.ports, restart_on_exit=False)
+        launcher = ManagedTriton(self.repository, self.work_dir, self.ports, restart_on_exit=False, extra_args=self.extra_args)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         for attempt in range(1, attempts + 1):
             log = open(self.work_dir / "tritonserver.log", "ab")  # noqa: SIM115 - lives with the process
@@ -165,6 +167,9 @@ def start_orchestrator(tmp: Path, extra_args: list[str], name: str = "orchestrat
         # Every orchestrator gets its own job store and storage folder (extra_args may override).
         "--job-store", str(tmp / f"{name}-jobs.sqlite3"),
         "--storage-root", str(tmp / f"{name}-storage"),
+        # No result cache unless a test asks for one (tests/test_result_cache_server.py): the
+        # other tests send the same image again and count what Triton ran for it.
+        "--result-cache-bytes", "0",
         *extra_args,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -197,7 +202,6 @@ def cpu_repository(tmp_path_factory: pytest.TempPathFactory, assets: Path) -> Pa
         tmp_path_factory.mktemp("repo") / "model_repository_cpu",
         YOLO_ONNX,
         sam2_image_size=SAM2_TEST_IMAGE_SIZE,
-        birefnet_image_size=BIREFNET_TEST_IMAGE_SIZE,
     )
 
 

@@ -4,6 +4,7 @@ field named in google.rpc.BadRequest, and the server answers the next request no
 from __future__ import annotations
 
 import math
+import struct
 from pathlib import Path
 
 import cv2
@@ -30,6 +31,12 @@ def _png(height: int, width: int) -> bytes:
 def _raw(width: int, height: int, data_len: int | None = None, fmt: int = common_pb2.PIXEL_FORMAT_RGB8) -> common_pb2.Image:
     size = width * height * 3 if data_len is None else data_len
     return common_pb2.Image(raw=common_pb2.RawFrame(width=width, height=height, pixel_format=fmt, data=b"\0" * max(size, 0)))
+
+
+def _tiff_header(width: int, height: int) -> bytes:
+    """A TIFF of a few dozen bytes whose first directory declares width x height (no pixel data)."""
+    entries = struct.pack("<HHII", 256, 4, 1, width) + struct.pack("<HHII", 257, 4, 1, height)
+    return b"II*\x00" + struct.pack("<IH", 8, 2) + entries + struct.pack("<I", 0)
 
 
 def _corrupt_jpeg() -> bytes:
@@ -59,9 +66,12 @@ CASES = [
     ("negative max detections", {"max_detections": -1}, INVALID, "max_detections", "max_detections"),
     ("huge max detections", {"max_detections": 50_000}, INVALID, "max_detections", "max_detections"),
     ("unknown class name", {"class_names": ["unicorn"]}, INVALID, "unknown class name 'unicorn'", "class_names"),
+    ("long unknown class name", {"class_names": ["u" * 250]}, INVALID, "... (250 characters); known names", "class_names"),
+    ("oversized class name", {"class_names": ["bus", "x" * 20_000]}, INVALID, "class_names[1] is 20000 characters long", "class_names[1]"),
     ("unknown class id", {"class_ids": [80]}, INVALID, "0..79", "class_ids"),
     ("all classes and a filter", {"all_classes": True, "class_names": ["bus"]}, INVALID, "all_classes", "all_classes"),
     ("png over the pixel limit", {"image": common_pb2.Image(encoded=_png(2000, 2000))}, EXHAUSTED, f"limit of {MAX_IMAGE_PIXELS}", "image.encoded"),
+    ("TIFF over the pixel limit", {"image": common_pb2.Image(encoded=_tiff_header(12000, 12000))}, EXHAUSTED, "12000x12000", "image.encoded"),
     ("raw over the pixel limit", {"image": _raw(1800, 1800, fmt=common_pb2.PIXEL_FORMAT_GRAY8, data_len=1800 * 1800 // 3)}, EXHAUSTED, "pixels", "image.raw"),
 ]  # fmt: skip
 

@@ -41,6 +41,7 @@ def test_environment_variable_names_the_server(orchestrator: Orchestrator) -> No
     result = subprocess.run([FRAMEWISE, "info"], capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
     assert "SERVING" in result.stdout and "yolov8" in result.stdout and "real" in result.stdout
+    assert "matting v1 U2-Netp (real)" in result.stdout  # the Triton name, then the network behind it
 
 
 def test_info_fails_when_unreachable() -> None:

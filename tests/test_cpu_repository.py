@@ -20,9 +20,12 @@ from engines.cpu_repository import MissingWeightsError, build_cpu_repository  # 
 
 ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 YOLO_ONNX = ASSETS / "models" / "yolov8n_int8.onnx"
+U2NETP_ONNX = ASSETS / "models" / "u2netp.onnx"
 BUS = ASSETS / "images" / "bus.jpg"
+GIRL = ASSETS / "images" / "girl-1.jpg"
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-needs_assets = pytest.mark.skipif(not (YOLO_ONNX.is_file() and BUS.is_file()),
+needs_assets = pytest.mark.skipif(not (YOLO_ONNX.is_file() and U2NETP_ONNX.is_file() and BUS.is_file()),
                                   reason=f"shared assets not found under {ASSETS}")
 
 
@@ -81,6 +84,7 @@ def test_config_parses_with_contract_and_parameters(repo):
     assert params["intra_op_threads"] == "1"
     assert params["stand_in"] == "false"
     assert params["source"].startswith("yolov8n_int8.onnx sha256:")
+    assert params["network"] == "YOLOv8n"  # from the weights' own Ultralytics metadata
     assert params["letterbox_pad_value"] == "114"
     assert params["input_layout"] == "NHWC_RGB_UINT8"
     assert params["per_item_execution"] == "true"
@@ -209,13 +213,14 @@ def test_python_model_runs_a_stand_in_batch_in_one_call_and_says_stand_in(repo, 
 @needs_assets
 def test_sam2_stand_ins_are_written_beside_yolov8(repo):
     manifest = json.loads((repo / "MANIFEST.json").read_text())
-    assert manifest["models"] == ["yolov8", *SAM2_PARTS, "birefnet", "sam2_frame_step", "sam2_track_step"]
-    assert manifest["stand_in_models"] == [*SAM2_PARTS, "birefnet"]
+    assert manifest["models"] == ["yolov8", *SAM2_PARTS, "matting", "sam2_frame_step", "sam2_track_step"]
+    assert manifest["stand_in_models"] == [*SAM2_PARTS]
     assert manifest["fingerprint"]["parameters"]["sam2_image_size"] == 1024
     for name in SAM2_PARTS:
         config = parse_config(repo, name)
         params = {k: v.string_value for k, v in config.parameters.items()}
         assert params["stand_in"] == "true" and params["image_size"] == "1024"
+        assert params["network"] == "stand-in"
         assert params["per_item_execution"] == "false"
         assert (repo / name / "1" / "model.onnx").is_file()
         assert (repo / name / "1" / "model.py").read_text() == (repo / "yolov8" / "1" / "model.py").read_text()
@@ -254,20 +259,23 @@ def test_second_build_is_a_noop_and_force_rebuilds(tmp_path):
     build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512)
     assert manifest.stat().st_mtime_ns == stamp
 
-    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512, birefnet_image_size=256)
-    assert json.loads(manifest.read_text())["fingerprint"]["parameters"]["birefnet_image_size"] == 256
-    assert list(parse_config(out, "birefnet").output[0].dims) == [1, 256, 256]
+    other_u2netp = tmp_path / "weights" / "u2netp_copy.onnx"  # other matting weights rebuild it
+    other_u2netp.parent.mkdir()
+    other_u2netp.write_bytes(U2NETP_ONNX.read_bytes())
+    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512, u2netp_onnx=other_u2netp)
+    assert json.loads(manifest.read_text())["fingerprint"]["models"]["matting"]["source"] == "u2netp_copy.onnx"
+    assert parse_config(out, "matting").parameters["source"].string_value.startswith("u2netp_copy.onnx sha256:")
     stamp = manifest.stat().st_mtime_ns
-    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512, birefnet_image_size=256)
+    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512, u2netp_onnx=other_u2netp)
     assert manifest.stat().st_mtime_ns == stamp
 
-    (out / "birefnet" / "1" / "model.onnx").unlink()  # an incomplete repository is rebuilt
-    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512, birefnet_image_size=256)
-    assert (out / "birefnet" / "1" / "model.onnx").is_file()
+    (out / "matting" / "1" / "model.onnx").unlink()  # an incomplete repository is rebuilt
+    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512, u2netp_onnx=other_u2netp)
+    assert (out / "matting" / "1" / "model.onnx").is_file()
     (out / "sam2_memory_encoder" / "1" / "model.onnx").unlink()
-    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512, birefnet_image_size=256)
+    build_cpu_repository(out, YOLO_ONNX, instances=4, sam2_image_size=512, u2netp_onnx=other_u2netp)
     assert (out / "sam2_memory_encoder" / "1" / "model.onnx").is_file()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo"]  # no staging dirs left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["repo", "weights"]  # no staging dirs left
 
 
 @pytest.mark.parametrize("size", [100, 32, 0, 1024.0])
@@ -288,64 +296,98 @@ def test_missing_weights_raise_with_the_path(tmp_path):
     assert not (tmp_path / "repo").exists()
 
 
-@pytest.mark.parametrize("size", [100, 32, 0, 1024.0, 1000])
-def test_bad_birefnet_image_size_is_refused_before_writing(tmp_path, size):
-    with pytest.raises(ValueError, match="multiple of 64"):
-        build_cpu_repository(tmp_path / "repo", YOLO_ONNX, birefnet_image_size=size)
+def test_missing_u2netp_weights_raise_with_the_path(tmp_path, monkeypatch):
+    missing = tmp_path / "nowhere" / "u2netp.onnx"
+    monkeypatch.setenv("FRAMEWISE_U2NETP_ONNX", str(missing))  # the default follows the variable
+    with pytest.raises(MissingWeightsError) as info:
+        build_cpu_repository(tmp_path / "repo", YOLO_ONNX)
+    message = str(info.value)
+    assert str(missing) in message and "U^2-Netp" in message
+    assert "--u2netp-onnx" in message and "FRAMEWISE_U2NETP_ONNX" in message
     assert not (tmp_path / "repo").exists()
 
 
 @needs_assets
-def test_birefnet_stand_in_config_is_labelled_and_batches(repo, monkeypatch):
-    config = parse_config(repo, "birefnet")
-    assert config.name == "birefnet" and config.backend == "python" and config.max_batch_size == 4
+def test_matting_is_the_real_u2netp_labelled_and_batched(repo, monkeypatch):
+    config = parse_config(repo, "matting")
+    assert config.name == "matting" and config.backend == "python" and config.max_batch_size == 4
     assert config.HasField("dynamic_batching")
     (inp,) = config.input
-    assert (inp.name, inp.data_type, list(inp.dims)) == ("image", model_config_pb2.TYPE_UINT8, [1024, 1024, 3])
+    assert (inp.name, inp.data_type, list(inp.dims)) == ("image", model_config_pb2.TYPE_UINT8, [320, 320, 3])
     (out,) = config.output
-    assert (out.name, out.data_type, list(out.dims)) == ("alpha", model_config_pb2.TYPE_FP32, [1, 1024, 1024])
+    assert (out.name, out.data_type, list(out.dims)) == ("alpha", model_config_pb2.TYPE_FP32, [1, 320, 320])
     params = {k: v.string_value for k, v in config.parameters.items()}
-    assert params["stand_in"] == "true" and "stand-in" in params["source"] and "BiRefNet" in params["source"]
-    assert params["image_size"] == "1024" and params["per_item_execution"] == "false"
+    assert params["stand_in"] == "false" and params["network"] == "U2-Netp"
+    assert params["source"] == "u2netp.onnx sha256:309c8469258dda742793dce0ebea8e6dd393174f89934733ecc8b14c76f4ddd8"
+    assert params["image_size"] == "320" and params["per_item_execution"] == "false"
 
     utils = FakeTritonUtils(monkeypatch)
-    model = utils.load(repo, "birefnet")
-    warnings = [m for level, m in utils.logged if level == "warn"]
-    assert len(warnings) == 1 and "STAND-IN" in warnings[0] and "birefnet" in warnings[0]
+    Tensor = utils.Tensor
+    model = utils.load(repo, "matting")
+    assert not [m for level, m in utils.logged if level == "warn"]  # a real model: no stand-in warning
+    calls = []
+    run = model.session.run
+    model.session = types.SimpleNamespace(run=lambda names, feeds: calls.append(feeds) or run(names, feeds))
+    girl, bus = _at(GIRL, 320), _at(BUS, 320)
+    (response,) = model.execute([{"image": Tensor("image", np.stack([girl, bus]))}])
+    assert response.error is None and len(calls) == 1  # the whole batch in one ORT call
+    (alpha,) = [t.as_numpy() for t in response.output_tensors]
+    assert alpha.shape == (2, 1, 320, 320) and alpha.dtype == np.float32
+    (alone,) = model.execute([{"image": Tensor("image", bus[None])}])
+    np.testing.assert_allclose(alone.output_tensors[0].as_numpy()[0], alpha[1], atol=1e-5)  # items independent
     model.finalize()
 
 
-def _bus_at(size: int) -> np.ndarray:
+def _at(path: Path, size: int) -> np.ndarray:
     cv2 = pytest.importorskip("cv2")
-    return np.ascontiguousarray(cv2.resize(cv2.imread(str(BUS)), (size, size))[..., ::-1])
+    return np.ascontiguousarray(cv2.resize(cv2.imread(str(path)), (size, size), interpolation=cv2.INTER_AREA)[..., ::-1])
+
+
+def _reference_u2netp(original: ort.InferenceSession, rgb: np.ndarray) -> np.ndarray:
+    """The reference steps around the raw network (rembg's u2netp session), in float64 numpy."""
+    x = rgb / np.max(rgb)
+    x = (x - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    (saliency, *_) = original.run(None, {original.get_inputs()[0].name: x.transpose(2, 0, 1)[None].astype(np.float32)})
+    prediction = saliency[:, 0]
+    return (prediction - prediction.min()) / (prediction.max() - prediction.min())
 
 
 @needs_assets
-def test_birefnet_stand_in_graph_contract_and_numerics():
-    from engines import birefnet_standin
+def test_matting_graph_is_u2netp_with_the_reference_steps_inside(repo):
+    wrapped = session(repo / "matting" / "1" / "model.onnx")
+    original = session(U2NETP_ONNX)
+    (inp,), (out,) = wrapped.get_inputs(), wrapped.get_outputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(uint8)", [320, 320, 3])
+    assert (out.name, out.type, out.shape[1:]) == ("alpha", "tensor(float)", [1, 320, 320])
 
-    size = 256
-    model = birefnet_standin.build(size)
-    props = {p.key: p.value for p in model.metadata_props}
-    assert props["stand_in"] == "true" and props["image_size"] == str(size)
-    assert birefnet_standin.build(size).SerializeToString() == model.SerializeToString()  # reproducible build
+    girl, bus = _at(GIRL, 320), _at(BUS, 320)
+    dim = (girl // 2).astype(np.uint8)  # max 127: the per-image maximum, not 255, is the divisor
+    (alpha,) = wrapped.run(["alpha"], {"image": np.stack([girl, bus, dim])})
+    for got, image in zip(alpha, (girl, bus, dim)):
+        want = _reference_u2netp(original, image)
+        assert np.abs(got - want).max() < 1e-4
+        assert got.min() == 0.0 and abs(got.max() - 1.0) < 1e-6  # min-max per image, inside the graph
+    # A real matte of the portrait: the person's torso is foreground, the corners background.
+    girl_alpha = wrapped.run(["alpha"], {"image": girl[None]})[0][0, 0]
+    (height, width), s = cv2_shape(GIRL), 320
+    torso = girl_alpha[250 * s // height:330 * s // height, 200 * s // width:260 * s // width]
+    assert torso.mean() > 0.9
+    for corner in (girl_alpha[:30, :30], girl_alpha[:30, -30:], girl_alpha[-30:, :30], girl_alpha[-30:, -30:]):
+        assert corner.max() < 0.05
+    # No NaN for the cases the reference divides by zero in: an all-black image.
+    (black,) = wrapped.run(["alpha"], {"image": np.zeros((1, 320, 320, 3), np.uint8)})
+    assert np.isfinite(black).all() and 0.0 <= black.min() and black.max() <= 1.0
 
-    path_bytes = model.SerializeToString()
-    sess = ort.InferenceSession(path_bytes, providers=["CPUExecutionProvider"])
-    (inp,), (out,) = sess.get_inputs(), sess.get_outputs()
-    assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(uint8)", [size, size, 3])
-    assert (out.name, out.type, out.shape[1:]) == ("alpha", "tensor(float)", [1, size, size])
 
-    image = _bus_at(size)
-    batch = np.stack([image, image[:, ::-1], np.zeros_like(image)])
-    (alpha,) = sess.run(["alpha"], {"image": batch})
-    assert alpha.shape == (3, 1, size, size) and alpha.dtype == np.float32
-    assert 0.0 <= alpha.min() and alpha.max() <= 1.0  # sigmoid applied inside the graph
-    assert alpha[0].std() > 0.1 and alpha[0].max() > 0.9 and alpha[0].min() < 0.1  # a two-sided matte
-    # Items are independent (a batch is one ORT call) and the arithmetic is mirror-symmetric.
-    (single,) = sess.run(["alpha"], {"image": image[None]})
-    np.testing.assert_allclose(alpha[:1], single, atol=1e-6)
-    np.testing.assert_allclose(alpha[1, 0], alpha[0, 0, :, ::-1], atol=1e-5)
-    # A flat image has no colour distance: only the centre prior is left, the same for any colour.
-    assert np.isfinite(alpha[2]).all()
-    assert alpha[2, 0, size // 2, size // 2] > 0.5 > alpha[2, 0, 0, 0]
+def cv2_shape(path: Path) -> tuple[int, int]:
+    cv2 = pytest.importorskip("cv2")
+    return cv2.imread(str(path)).shape[:2]
+
+
+def test_real_sam2_exports_are_labelled_with_their_network():
+    from engines.cpu_repository import _sam2_network
+
+    assert _sam2_network("hiera tiny checkpoint sam2.1_hiera_tiny.pt sha256:0123") == "SAM 2.1 hiera-tiny"
+    assert _sam2_network("hiera base_plus RANDOM weights (torch.manual_seed(0); no checkpoint)") == \
+        "SAM 2.1 hiera-base-plus (random weights)"
+    assert _sam2_network(None) == _sam2_network("something else") == "SAM 2"

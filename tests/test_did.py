@@ -269,6 +269,29 @@ async def test_a_failed_talk_raises_with_its_kind(emulator: EmulatorHandle, outc
     assert (talk.status, talk.error_kind, talk.result_url) == (outcome, "FaceError", None)
 
 
+async def test_a_talk_outcome_can_target_one_talk_by_source_or_by_number(emulator: EmulatorHandle) -> None:
+    # The emulator's fault injection for a video per person: one talk of several fails, whatever
+    # the order they are created in; the untargeted "next talk" outcome keeps its meaning.
+    inject(emulator, talk_outcome="rejected", source_url="*/second.jpg", kind="FaceError", description="no face")
+    inject(emulator, talk_outcome="error", talk_index=3, kind="RenderError", description="third talk")
+    inject(emulator, talk_outcome="done", stage_delay_s=0.01)
+    statuses = {}
+    async with make_client(emulator) as client:
+        audio_url = await client.upload_audio(tone_wav(0.5), "voice.wav", "audio/wav")
+        for name in ("first.jpg", "second.jpg", "third.jpg", "fourth.jpg"):
+            image_url = await client.upload_image(IMAGE.read_bytes(), name, "image/jpeg")
+            talk_id = await client.create_talk(image_url, audio_url)
+            try:
+                await client.wait_for_talk(talk_id, poll_interval_s=0.02, timeout_s=20)
+                statuses[name] = "done"
+            except DIDError as error:
+                statuses[name] = error.kind
+    assert statuses == {"first.jpg": "done", "second.jpg": "FaceError", "third.jpg": "RenderError", "fourth.jpg": "done"}
+    pending = httpx.get(f"{emulator.url}/_emulator/requests", timeout=5).json()
+    assert [o["fired"] for o in pending["targeted_talk_outcomes"]] == [1, 1]  # each used once (times=1)
+    assert pending["pending_talk_outcomes"] == []  # the untargeted one went to the first talk
+
+
 async def test_wait_gives_up_after_its_timeout(emulator: EmulatorHandle) -> None:
     inject(emulator, talk_outcome="done", stage_delay_s=30)
     async with make_client(emulator) as client:

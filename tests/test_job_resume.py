@@ -106,6 +106,35 @@ def test_talking_video_survives_kill_9_and_polls_the_same_talk(tmp_path, triton,
     assert stage_names[-1] == S.JOB_STAGE_COMPLETED
 
 
+def test_all_persons_talking_video_survives_kill_9_and_pays_no_second_talk(tmp_path, triton, did_emulator) -> None:
+    """The same for a video per person: each person's talk id is saved the moment the talk exists,
+    so the resumed job polls both talks and creates none."""
+    httpx.post(f"{did_emulator.url}/_emulator/reset", timeout=5).raise_for_status()
+    for _ in range(2):
+        inject(did_emulator, talk_outcome="done", stage_delay_s=2.0)
+    orch = _serve(tmp_path, triton, did_emulator)
+    with grpc.insecure_channel(orch.address) as channel:
+        request = jobs_pb2.CreateTalkingVideoRequest(
+            image=(ASSETS / "images" / "zidane.jpg").read_bytes(), audio=tone_wav(1.0), all_persons=True
+        )
+        op = jobs_service_pb2_grpc.JobServiceStub(channel).CreateTalkingVideo(request, timeout=30)
+        before = _watch_until(channel, op.name, lambda e: e.stage_update.stage == S.JOB_STAGE_DID_PROCESSING)
+    wait_until(lambda: len(emulator_requests(did_emulator, "POST", "/talks")) == 2, 10, "both talks to be created")
+    time.sleep(0.3)
+    events = _kill_restart_and_finish(tmp_path, triton, did_emulator, orch, op.name, before)
+    assert events[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
+    assert len(emulator_requests(did_emulator, "POST", "/talks")) == 2, "the resumed job paid for a second talk"
+    assert len(emulator_requests(did_emulator, "POST", "/images")) == 2  # the uploads were not redone either
+    updates = [e for e in events if e.WhichOneof("event") in ("stage_update", "progress_update")]
+    percents = [getattr(e, e.WhichOneof("event")).percent for e in updates]
+    assert percents == sorted(percents), percents  # monotone across the crash too
+    done = [e.progress_update.person for e in updates if e.progress_update.message.endswith(" bytes)")]
+    assert sorted(done) == [1, 2]
+    stage_names = [e.stage_update.stage for e in events if e.WhichOneof("event") == "stage_update"]
+    assert stage_names.count(S.JOB_STAGE_DETECTION_RUNNING) == 1
+    assert stage_names.count(S.JOB_STAGE_DID_PROCESSING) == 2  # cut off once, then resumed
+
+
 @pytest.mark.timeout(300)
 def test_video_segmentation_survives_kill_9_mid_tracking(tmp_path, triton, did_emulator) -> None:
     orch = _serve(tmp_path, triton, did_emulator)

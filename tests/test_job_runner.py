@@ -462,6 +462,19 @@ async def test_unexpected_exception_is_internal_and_worker_keeps_serving(tmp_pat
     assert calls == Counter({"bug": 1, "ok": 1, "later": 1})  # a bug is never retried
 
 
+def test_a_job_failure_never_shows_a_server_path() -> None:
+    from server.jobs.failures import JobFailure
+
+    failure = JobFailure.permanent(
+        "internal",
+        "FileNotFoundError: [Errno 2] No such file or directory: '/srv/framewise/processed/ab12/work/frames.png'; "
+        "D-ID said https://api.d-id.com/talks/tlk_1 at 1/2 of HTTP/1.1",
+    )
+    assert "/srv" not in failure.description and "'.../frames.png'" in failure.description
+    assert "https://api.d-id.com/talks/tlk_1" in failure.description and "1/2 of HTTP/1.1" in failure.description
+    assert "/srv" not in str(failure)
+
+
 async def test_a_full_disk_is_a_resource_failure_for_the_operator(tmp_path: Path) -> None:
     calls: Counter[str] = Counter()
 
@@ -471,7 +484,7 @@ async def test_a_full_disk_is_a_resource_failure_for_the_operator(tmp_path: Path
         if label(ctx) == "full":
             raise OSError(errno.ENOSPC, "No space left on device", str(ctx.workdir / "frames.png"))
         if label(ctx) == "missing":
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", "gone.bin")
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(ctx.workdir / "gone.bin"))
 
     async with environment(tmp_path) as env:
         runner = env.runner(Stage(DECODING, work), workers=1)
@@ -486,10 +499,13 @@ async def test_a_full_disk_is_a_resource_failure_for_the_operator(tmp_path: Path
     (error,) = error_events(full_events)
     assert error.error_class == jobs_pb2.ERROR_CLASS_RESOURCE and error.kind == "disk_full" and not error.will_retry
     assert "out of disk space" in error.description and "frames.png" in error.description
+    # The client learns which file, never where the server keeps it.
+    assert str(tmp_path) not in error.description and str(tmp_path) not in full_op.error[1]
     assert not env.workdir(full.name).exists()  # its intermediate files are rolled back
-    # Any other OSError is still a bug, reported as internal.
+    # Any other OSError is still a bug, reported as internal, without the server's path either.
     (other,) = error_events(missing_events)
     assert other.kind == "internal" and missing_op.error[0] == code_of(grpc.StatusCode.INTERNAL)
+    assert "gone.bin" in other.description and str(tmp_path) not in other.description
     assert calls == Counter({"full": 1, "missing": 1})
 
 

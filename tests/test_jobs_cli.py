@@ -12,14 +12,18 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import cv2
 import grpc
 import httpx
+import numpy as np
 import pytest
 from google.longrunning import operations_pb2
 
+from clients.backgrounds import background_option
 from clients.jobs_sdk import IntegrityError, StreamBroken, job_metadata, operation_result
 from clients.sdk import FramewiseClient
 from did_emulator import EmulatorHandle
+from framewise.v1 import common_pb2
 from framewise.v1 import jobs_service_pb2 as pb
 from tests.conftest import Orchestrator, free_port
 from tests.test_cli import FRAMEWISE
@@ -192,6 +196,91 @@ def test_talking_video_submit_json_prints_the_operation(orchestrator: Orchestrat
     assert cli("watch", op["name"], server=orchestrator.address).returncode == 0
 
 
+# --------------------------------------------------------------------------- talking video: every person, backgrounds
+
+
+def test_talking_video_all_persons_over_a_colour(
+    orchestrator: Orchestrator, assets: Path, voice: Path, tmp_path: Path
+) -> None:
+    result = cli(
+        "talking-video", str(assets / "images" / "zidane.jpg"), str(voice), "--all-persons", "--background", "#00ff00",
+        "--watch", "--json",
+        server=orchestrator.address,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    complete = real_events(json_lines(result.stdout))[-1]
+    assert complete["type"] == "complete" and complete["state"] == "SUCCEEDED"
+    name, persons = complete["operation"], complete["persons"]
+    assert complete["persons_found"] == 2 and [p["person"] for p in persons] == [1, 2]
+    assert all(p["state"] == "SUCCEEDED" and "error" not in p for p in persons), persons
+    assert [[a["name"] for a in p["artifacts"]] for p in persons] == [
+        ["person-1.mp4", "person-1-matted.png"], ["person-2.mp4", "person-2-matted.png"],
+    ]  # fmt: skip
+    green = {"mode": "COLOR", "color": "#00ff00"}
+    assert complete["background"] == green and all(p["background"] == green and not p["matting_skipped"] for p in persons)
+    assert len({p["did_talk_id"] for p in persons}) == 2 and all(p["did_talk_id"] for p in persons)
+    boxes = [p["box"] for p in persons]
+    assert boxes[0] != boxes[1] and all(0 <= x1 < x2 <= 1280 and 0 <= y1 < y2 <= 720 for x1, y1, x2, y2 in boxes)
+    # The per-person artifacts are the operation's own (same sizes and sha256), ready to download.
+    listed = {a["name"]: a for a in complete["artifacts"]}
+    assert all(listed[a["name"]] == a for p in persons for a in p["artifacts"])
+    photo = cli("download", name, "person-2-matted.png", str(tmp_path), server=orchestrator.address)
+    assert photo.returncode == 0, photo.stderr
+    pixels = cv2.imread(str(tmp_path / "person-2-matted.png"), cv2.IMREAD_UNCHANGED)
+    assert pixels.ndim == 3 and pixels.shape[2] == 3  # RGB: composited, no alpha left
+    near_green = (np.abs(pixels.astype(int) - (0, 255, 0)).max(axis=2) <= 8).mean()  # BGR
+    assert 0.2 < near_green < 0.9, f"{near_green:.1%} of the photo D-ID got is the green background"
+
+    # The human summary (replayed by `watch`, no new job): a row per person.
+    human = cli("watch", name, server=orchestrator.address)
+    assert human.returncode == 0, human.stderr
+    assert "persons: 2 found, 2 tried, 2 video(s) made" in human.stdout
+    for p in persons:
+        row = next(line for line in human.stdout.splitlines() if line.startswith(f"  {p['person']:>3}  SUCCEEDED"))
+        shown_box = [float(v) for v in row.split()[2].split(",")]
+        assert shown_box == pytest.approx(p["box"], abs=1), row
+        assert "color #00ff00" in row and row.endswith(f"person-{p['person']}.mp4, person-{p['person']}-matted.png"), row
+    # The finished operation's JSON carries the same persons.
+    listed_ops = json_lines(cli("operations", "--filter", "kind = TALKING_VIDEO", "--json", server=orchestrator.address).stdout)
+    assert next(o for o in listed_ops if o["name"] == name)["persons"] == persons
+
+
+def test_talking_video_prints_a_failed_persons_error(
+    orchestrator: Orchestrator, did_emulator: EmulatorHandle, assets: Path, voice: Path
+) -> None:
+    # D-ID rejects person 2's talk (permanent: no retry); person 1's video is still made.
+    inject(did_emulator, talk_outcome="rejected", source_url="*/person-2-*", kind="FaceError", description="no face in person 2")
+    result = cli(
+        "talking-video", str(assets / "images" / "zidane.jpg"), str(voice), "--all-persons", "--max-persons", "2",
+        "--skip-matting", "--watch",
+        server=orchestrator.address,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "  persons: 2 found, 2 tried, 1 video(s) made" in lines
+    first = next(i for i, line in enumerate(lines) if line.startswith("    1  SUCCEEDED"))
+    assert "keep" in lines[first] and lines[first].endswith("person-1.mp4, person-1-crop.jpg"), lines[first]
+    second = next(i for i, line in enumerate(lines) if line.startswith("    2  FAILED"))
+    assert lines[second].endswith("person-2-crop.jpg"), lines[second]  # the photo is kept, no video
+    error = lines[second + 1].strip()
+    assert error.startswith("error at DID_PROCESSING: FaceError: ") and "no face in person 2" in error, error
+    assert error.endswith("(PERMANENT)"), error
+
+
+def test_talking_video_refused_options_print_the_status(orchestrator: Orchestrator, assets: Path, voice: Path) -> None:
+    photo = str(assets / "images" / "zidane.jpg")
+    cases = [
+        (["--background", "blurple"], ["INVALID_ARGUMENT", "field background.color", "not a colour"]),
+        (["--all-persons", "--max-persons", "99"], ["INVALID_ARGUMENT", "field max_persons"]),
+        (["--skip-matting", "--background", "white"], ["INVALID_ARGUMENT", "field background.mode"]),
+    ]
+    for extra, words in cases:
+        result = cli("talking-video", photo, str(voice), *extra, server=orchestrator.address, timeout=60)
+        assert result.returncode == 2, (extra, result.stdout, result.stderr)
+        assert all(w in result.stderr for w in words), (extra, result.stderr)
+        assert result.stdout == ""  # nothing was submitted
+
+
 # --------------------------------------------------------------------------- video segmentation
 
 
@@ -241,6 +330,10 @@ def test_segment_video_server_path_human_output(orchestrator: Orchestrator) -> N
         (["talking-video", "{images}/zidane.jpg", "{tmp}/missing.wav"], 2, "missing.wav does not exist"),
         (["talking-video", "{tmp}/notes.txt", "{voice}"], 2, "INVALID_ARGUMENT"),
         (["talking-video", "{images}/zidane.jpg", "{voice}", "--person-point", "5,x"], 2, "--person-point"),
+        (["talking-video", "{images}/zidane.jpg", "{voice}", "--max-persons", "2"], 2, "--max-persons applies with --all-persons"),
+        (["talking-video", "{images}/zidane.jpg", "{voice}", "--all-persons", "--person-index", "1"], 2, "not allowed with"),
+        (["talking-video", "{images}/zidane.jpg", "{voice}", "--background", "{tmp}/beach.png"], 2, "beach.png: no such file"),
+        (["talking-video", "{images}/zidane.jpg", "{voice}", "--background", "{tmp}/notes.txt"], 2, "background.image.encoded"),
         (["watch", "operations/0123456789abcdef"], 1, "NOT_FOUND"),
         (["watch", "nosuchjob", "--json"], 1, "NOT_FOUND"),
         (["download", "operations/0123456789abcdef", "talking_video.mp4", "{tmp}/out.mp4"], 1, "NOT_FOUND"),
@@ -424,6 +517,64 @@ async def test_download_resumes_from_the_offset_and_verifies(tmp_path: Path) -> 
         with pytest.raises(IntegrityError):
             await client.download_artifact("operations/x", "blob.bin", tmp_path / "bad.bin")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["blob.bin"]
+
+
+class _SubmitRecorder:
+    """Stands in for client.jobs: records CreateTalkingVideo requests and UploadFile streams."""
+
+    def __init__(self) -> None:
+        self.requests: list[pb.CreateTalkingVideoRequest] = []
+        self.uploads: list[tuple[pb.UploadHeader, bytes]] = []
+
+    async def CreateTalkingVideo(self, request: pb.CreateTalkingVideoRequest, **_: object) -> operations_pb2.Operation:
+        self.requests.append(request)
+        return operations_pb2.Operation(name="operations/x")
+
+    async def UploadFile(self, requests: AsyncIterator[pb.UploadFileRequest], **_: object) -> pb.UploadFileResponse:
+        messages = [m async for m in requests]
+        self.uploads.append((messages[0].header, b"".join(m.chunk for m in messages[1:])))
+        return pb.UploadFileResponse(upload_id=f"upload-{len(self.uploads)}")
+
+
+async def test_sdk_talking_video_options_build_the_request(tmp_path: Path) -> None:
+    picture = tmp_path / "beach.png"
+    picture.write_bytes(cv2.imencode(".png", np.full((40, 60, 3), (200, 150, 50), np.uint8))[1].tobytes())
+    background = background_option(str(picture))  # what `--background beach.png` reads
+    assert background == picture.read_bytes()
+    async with FramewiseClient(f"127.0.0.1:{free_port()}") as client:
+        jobs = _SubmitRecorder()
+        client.jobs = jobs  # type: ignore[assignment]
+        await client.create_talking_video(
+            b"photo", b"audio", all_persons=True, max_persons=2, background=background, fit="contain", bar_color="#202020"
+        )
+        request = jobs.requests[-1]
+        assert request.all_persons and request.max_persons == 2 and not request.HasField("person")
+        assert request.background == common_pb2.Background(
+            mode=common_pb2.BACKGROUND_MODE_IMAGE, image=common_pb2.Image(encoded=picture.read_bytes()),
+            fit=common_pb2.BACKGROUND_FIT_CONTAIN, color="#202020",
+        )  # fmt: skip
+        assert request.image == b"photo" and request.audio == b"audio" and not jobs.uploads
+
+        # A picture too big to travel inline is uploaded, as the photo would be; a ready
+        # Background passed in is left as it was.
+        ready = common_pb2.Background(mode=common_pb2.BACKGROUND_MODE_IMAGE, image=common_pb2.Image(encoded=bytes(200_000)))
+        await client.create_talking_video(b"photo", b"audio", background=ready, inline_limit_bytes=150_000)
+        request = jobs.requests[-1]
+        header, data = jobs.uploads[-1]
+        assert header.kind == pb.FILE_KIND_IMAGE and data == bytes(200_000)
+        assert request.background.WhichOneof("image_source") == "image_upload_id"
+        assert request.background.image_upload_id == "upload-1" and request.image == b"photo"
+        assert ready.WhichOneof("image_source") == "image"
+
+        for word, mode in (("transparent", common_pb2.BACKGROUND_MODE_TRANSPARENT), ("keep", common_pb2.BACKGROUND_MODE_KEEP)):
+            await client.create_talking_video(b"photo", b"audio", background=background_option(word))
+            assert jobs.requests[-1].background == common_pb2.Background(mode=mode)
+        await client.create_talking_video(b"photo", b"audio")
+        assert not jobs.requests[-1].HasField("background") and not jobs.requests[-1].all_persons
+        with pytest.raises(ValueError, match="max_persons applies with all_persons"):
+            await client.create_talking_video(b"photo", b"audio", max_persons=2)
+        with pytest.raises(ValueError, match="all_persons"):
+            await client.create_talking_video(b"photo", b"audio", all_persons=True, person_index=1)
 
 
 # --------------------------------------------------------------------------- SDK against the server

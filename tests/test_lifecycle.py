@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +21,15 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2
 
-from framewise.v1 import common_pb2, info_service_pb2, info_service_pb2_grpc, vision_service_pb2, vision_service_pb2_grpc
+from framewise.v1 import (
+    common_pb2,
+    info_service_pb2,
+    info_service_pb2_grpc,
+    tracking_service_pb2,
+    tracking_service_pb2_grpc,
+    vision_service_pb2,
+    vision_service_pb2_grpc,
+)
 from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, TritonStartError
 from tests.conftest import REPO, free_port, health_status, start_orchestrator, stop_process, wait_until
 
@@ -75,6 +87,45 @@ def test_managed_triton_serves_drains_and_stops(tmp_path: Path, cpu_repository: 
         log = orch.log_text()
         assert '"msg": "triton stopped"' in log and '"msg": "stopped"' in log
     finally:
+        stop_process(orch.process)
+
+
+def test_health_answers_not_serving_through_a_sigterm_drain(tmp_path: Path, triton, assets: Path) -> None:  # noqa: ANN001
+    """SIGTERM with a call still in flight (an open Track stream): until that call ends, health
+    answers NOT_SERVING (a load balancer or probe sees the drain; it used to get CANCELLED and
+    then a refused connection), new work is refused UNAVAILABLE, and the server then exits 0."""
+    orch = start_orchestrator(tmp_path, ["--triton-url", triton.url], name="draining")
+    requests: queue.Queue = queue.Queue()
+
+    def track_requests() -> Iterator[tracking_service_pb2.TrackRequest]:
+        yield tracking_service_pb2.TrackRequest(open=tracking_service_pb2.OpenSession())
+        yield from iter(requests.get, None)
+
+    try:
+        with grpc.insecure_channel(orch.address) as channel:
+            wait_until(lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING, 60, "the orchestrator to serve")
+            stream = tracking_service_pb2_grpc.TrackingServiceStub(channel).Track(track_requests(), timeout=120)
+            assert next(stream).session.session_id  # the stream is open: a call in flight
+            orch.process.send_signal(signal.SIGTERM)
+            wait_until(
+                lambda: health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 10, "health to say NOT_SERVING"
+            )
+            for _ in range(5):
+                assert health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+                assert health_status(channel, "framewise.v1.VisionService") == health_pb2.HealthCheckResponse.NOT_SERVING
+                time.sleep(0.2)
+            vision = vision_service_pb2_grpc.VisionServiceStub(channel)
+            request = vision_service_pb2.DetectRequest(image=common_pb2.Image(encoded=(assets / "images" / "bus.jpg").read_bytes()))
+            with pytest.raises(grpc.RpcError) as refused:
+                vision.Detect(request, timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.details()
+            assert orch.process.poll() is None, "the drain waits for the stream"
+
+            requests.put(None)  # the client ends its stream; nothing is left to drain
+            assert list(stream) == []
+            assert orch.process.wait(timeout=60) == 0
+    finally:
+        requests.put(None)
         stop_process(orch.process)
 
 

@@ -28,7 +28,7 @@ from engines import tensorrt_build as trtb
 
 GPU_REPO = REPO_ROOT / "model_repository"
 YOLO_ONNX = REPO_ROOT.parent / "shared" / "assets" / "models" / "yolov8n_int8.onnx"
-MODELS = ("yolov8", "birefnet", "sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention",
+MODELS = ("yolov8", "matting", "sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention",
           "sam2_memory_encoder")
 # Configuration-only Triton ensembles over the SAM 2 parts (engines/sam2_steps.py): no plan.
 ENSEMBLES = sam2_steps.STEP_MODELS
@@ -36,6 +36,9 @@ ENSEMBLES = sam2_steps.STEP_MODELS
 # describe the contract: identical in both repositories.
 SHARED_PARAMETERS = ("class_names", "letterbox_pad_value", "input_layout", "image_size", "num_candidates",
                      "max_memories", "max_object_pointers", "output_activation")
+# `matting` is one contract served by a different network per repository (U^2-Netp at S = 320 on
+# CPU, BiRefNet-lite at S = 1024 on the GPU): these describe the network, not the contract.
+NETWORK_PARAMETERS = {"matting": ("image_size", "output_activation")}
 
 
 def parse(path: Path) -> model_config_pb2.ModelConfig:
@@ -56,7 +59,7 @@ def cpu_repo(tmp_path_factory) -> Path:
         pytest.skip(f"no YOLOv8 weights at {YOLO_ONNX} (the CPU repository needs them)")
     from engines.cpu_repository import build_cpu_repository
 
-    # The defaults: S = 1024 for SAM 2 and BiRefNet, as the GPU configs.
+    # The defaults: S = 1024 for SAM 2, as the GPU configs; the matting network's own S.
     return build_cpu_repository(tmp_path_factory.mktemp("cpu") / "repo", YOLO_ONNX)
 
 
@@ -78,7 +81,8 @@ def test_one_tensorrt_config_per_model():
 
 def test_step_ensembles_are_generated_from_the_part_configs(cpu_repo):
     parts = {n: gpu_config(n) for n in (sam2_steps.IMAGE_ENCODER, sam2_steps.MEMORY_ATTENTION, sam2_steps.MASK_DECODER)}
-    expected = sam2_steps.step_configs(parts, {"stand_in": "false", "source": "Triton ensemble of the SAM 2 parts"})
+    expected = sam2_steps.step_configs(parts, {"stand_in": "false", "source": "Triton ensemble of the SAM 2 parts",
+                                               "network": "SAM 2.1 hiera-tiny"})
     for name in ENSEMBLES:
         committed = (GPU_REPO / name / "config.pbtxt").read_text()
         assert committed == expected[name], f"{name}: regenerate with engines/sam2_steps.py"
@@ -116,17 +120,34 @@ def test_plans_are_ignored_by_git():
 def test_same_contract_as_the_cpu_repository(cpu_repo):
     for name in MODELS:
         cpu, gpu = parse(cpu_repo / name / "config.pbtxt"), gpu_config(name)
+        cpu_params, gpu_params = params(cpu), params(gpu)
 
-        def tensors(items):
-            return [(t.name, t.data_type, list(t.dims)) for t in items]
+        def tensors(config, size):
+            # A network-specific model size S is compared as the symbol "S": the orchestrator
+            # reads it from Triton's metadata, so only where it appears is the contract.
+            return [(t.name, t.data_type, ["S" if size and d == size else d for d in t.dims])
+                    for t in (*config.input, *config.output)]
 
-        assert tensors(gpu.input) == tensors(cpu.input), name
-        assert tensors(gpu.output) == tensors(cpu.output), name
+        sized = "image_size" in NETWORK_PARAMETERS.get(name, ())
+        cpu_size, gpu_size = (int(cpu_params["image_size"]), int(gpu_params["image_size"])) if sized else (0, 0)
+        assert tensors(gpu, gpu_size) == tensors(cpu, cpu_size), name
         # Same batching semantics: with max_batch_size > 0 the dims exclude the batch.
         assert (gpu.max_batch_size > 0) == (cpu.max_batch_size > 0), name
-        cpu_params, gpu_params = params(cpu), params(gpu)
         for key in SHARED_PARAMETERS:
-            assert cpu_params.get(key) == gpu_params.get(key), f"{name}: parameter {key}"
+            if key not in NETWORK_PARAMETERS.get(name, ()):
+                assert cpu_params.get(key) == gpu_params.get(key), f"{name}: parameter {key}"
+        # Every model says which network serves it, in both repositories.
+        assert cpu_params.get("network") and gpu_params.get("network"), name
+
+
+def test_matting_is_a_different_network_per_repository(cpu_repo):
+    cpu, gpu = params(parse(cpu_repo / "matting" / "config.pbtxt")), params(gpu_config("matting"))
+    assert (cpu["network"], cpu["image_size"], cpu["stand_in"]) == ("U2-Netp", "320", "false")
+    assert (gpu["network"], gpu["image_size"], gpu["stand_in"]) == ("BiRefNet-lite", "1024", "false")
+    # The matting contract's dims: image [S, S, 3] -> alpha [1, S, S], with each repository's S.
+    for config, size in ((parse(cpu_repo / "matting" / "config.pbtxt"), 320), (gpu_config("matting"), 1024)):
+        assert [list(t.dims) for t in config.input] == [[size, size, 3]]
+        assert [list(t.dims) for t in config.output] == [[1, size, size]]
 
 
 def test_batch_limits_fit_the_orchestrator():
@@ -135,7 +156,7 @@ def test_batch_limits_fit_the_orchestrator():
     from server.config import ServerConfig
 
     assert gpu_config("sam2_mask_decoder").max_batch_size >= ServerConfig().max_objects_per_session
-    for name in ("yolov8", "birefnet", "sam2_image_encoder"):
+    for name in ("yolov8", "matting", "sam2_image_encoder"):
         assert gpu_config(name).max_batch_size >= 1
 
 
@@ -302,13 +323,14 @@ def test_onnx_target_without_export_environment_exit_2(tmp_path, capsys, monkeyp
     assert not out.exists()
 
 
-def test_birefnet_without_snapshot_says_so(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("model", ["matting", "birefnet"])  # the GPU's matting network is BiRefNet
+def test_birefnet_without_snapshot_says_so(tmp_path, capsys, monkeypatch, model):
     monkeypatch.setattr(build_engines, "_missing_modules", lambda *names: [])
     monkeypatch.delenv(build_engines.BIREFNET_SNAPSHOT_ENV, raising=False)
-    code = build_engines.main(["--target", "onnx", "--output", str(tmp_path / "o"), "--models", "birefnet",
+    code = build_engines.main(["--target", "onnx", "--output", str(tmp_path / "o"), "--models", model,
                                "--random-init"])
     err = capsys.readouterr().err
-    assert code == 2 and "--birefnet-snapshot" in err and "PyPI" in err
+    assert code == 2 and "--birefnet-snapshot" in err and "PyPI" in err and "BiRefNet" in err
 
 
 def test_birefnet_snapshot_layout_is_checked(tmp_path, capsys, monkeypatch):
@@ -317,7 +339,7 @@ def test_birefnet_snapshot_layout_is_checked(tmp_path, capsys, monkeypatch):
     snapshot.mkdir()
     (snapshot / "config.json").write_text(json.dumps({"auto_map": {
         "AutoConfig": "BiRefNet_config.BiRefNetConfig", "AutoModelForImageSegmentation": "birefnet.BiRefNet"}}))
-    args = ["--target", "onnx", "--output", str(tmp_path / "o"), "--models", "birefnet",
+    args = ["--target", "onnx", "--output", str(tmp_path / "o"), "--models", "matting",
             "--birefnet-snapshot", str(snapshot)]
     assert build_engines.main(args) == 2
     assert "birefnet.py" in capsys.readouterr().err

@@ -1,7 +1,9 @@
 """VisionService.RemoveBackground: image (or a crop) -> alpha or RGBA PNG, against the real Triton.
 
-The CPU repository's `birefnet` is a STAND-IN contract model (colour arithmetic, no learned
-meaning): sizes, formats, labelling, determinism and errors are checked, not matting quality.
+The CPU repository's `matting` model is the real U^2-Netp (S = 320): sizes, formats, labelling,
+determinism and errors are checked here, and that the matte means something (the person of a
+portrait is foreground, its corners background); tests/test_matting_faithfulness.py compares it
+with the reference pre/post-processing.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from framewise.v1 import (
     vision_service_pb2,
     vision_service_pb2_grpc,
 )
-from tests.conftest import BIREFNET_TEST_IMAGE_SIZE, MAX_IMAGE_PIXELS, MAX_MESSAGE_BYTES, bad_request_fields
+from tests.conftest import MATTING_IMAGE_SIZE, MAX_IMAGE_PIXELS, MAX_MESSAGE_BYTES, bad_request_fields
 
 BUS = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "images" / "bus.jpg"
+GIRL = BUS.with_name("girl-1.jpg")  # 600x399, one person in the middle, arms raised
 BUS_SIZE = (810, 1080)  # width, height
 ALPHA = vision_service_pb2.MATTE_FORMAT_ALPHA_PNG
 RGBA = vision_service_pb2.MATTE_FORMAT_RGBA_PNG
@@ -60,8 +63,8 @@ def test_rgba_cut_out_of_the_whole_image_is_the_default(vision) -> None:
     np.testing.assert_array_equal(bgra[..., :3], cv2.imread(str(BUS)))
     alpha = bgra[..., 3]
     assert alpha.std() > 20 and alpha.min() < 32 and alpha.max() > 224, "the matte should vary across the image"
-    assert response.model.name == "birefnet" and response.model.version == "1"
-    assert response.model.stand_in, "the CPU BiRefNet is a stand-in and must say so"
+    assert response.model.name == "matting" and response.model.version == "1"
+    assert not response.model.stand_in and response.model.network == "U2-Netp"
     assert response.timings.triton_ms > 0 and response.timings.total_ms >= response.timings.triton_ms
 
 
@@ -95,20 +98,31 @@ def test_raw_frame_matches_encoded_image(vision) -> None:
 
 def test_small_image_is_upsampled_for_the_model_and_back(vision) -> None:
     small = cv2.imencode(".png", cv2.resize(cv2.imread(str(BUS)), (60, 80)))[1].tobytes()
-    assert 60 < BIREFNET_TEST_IMAGE_SIZE
+    assert 60 < MATTING_IMAGE_SIZE
     response = _remove(vision, common_pb2.Image(encoded=small), format=ALPHA)
     assert _decode_png(response.png).shape == (80, 60)
 
 
-def test_server_info_lists_birefnet_as_a_stand_in(channel: grpc.Channel) -> None:
+def test_the_person_of_a_portrait_is_foreground(vision) -> None:
+    response = _remove(vision, common_pb2.Image(encoded=GIRL.read_bytes()), format=ALPHA)
+    alpha = _decode_png(response.png).astype(np.float32) / 255
+    assert alpha.shape == (399, 600)
+    assert alpha[250:330, 200:260].mean() > 0.9  # her torso (white T-shirt)
+    for corner in (alpha[:60, :60], alpha[:60, -60:], alpha[-60:, :60], alpha[-60:, -60:]):  # sky, mountains
+        assert corner.max() < 0.05
+    assert 0.03 < (alpha > 0.5).mean() < 0.3  # a person, not the whole picture
+
+
+def test_server_info_lists_matting_as_the_real_u2netp(channel: grpc.Channel) -> None:
     info = info_service_pb2_grpc.InfoServiceStub(channel).GetServerInfo(
         info_service_pb2.GetServerInfoRequest(), timeout=5
     )
-    (birefnet,) = [m for m in info.models if m.name == "birefnet"]
-    assert birefnet.ready and birefnet.required and birefnet.stand_in and "stand-in" in birefnet.source
-    size = BIREFNET_TEST_IMAGE_SIZE
-    assert [(t.name, t.datatype, list(t.shape)) for t in birefnet.inputs] == [("image", "UINT8", [-1, size, size, 3])]
-    assert [(t.name, t.datatype, list(t.shape)) for t in birefnet.outputs] == [("alpha", "FP32", [-1, 1, size, size])]
+    (matting,) = [m for m in info.models if m.name == "matting"]
+    assert matting.ready and matting.required and not matting.stand_in and matting.network == "U2-Netp"
+    assert matting.source.startswith("u2netp.onnx sha256:")
+    size = MATTING_IMAGE_SIZE
+    assert [(t.name, t.datatype, list(t.shape)) for t in matting.inputs] == [("image", "UINT8", [-1, size, size, 3])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in matting.outputs] == [("alpha", "FP32", [-1, 1, size, size])]
 
 
 def _corrupt_jpeg() -> bytes:

@@ -41,13 +41,15 @@ def test_server_info_reports_models_and_triton(channel: grpc.Channel, triton) ->
     assert info.triton.server_version == "2.51.0"
     models = {m.name: m for m in info.models}
     assert set(models) == {
-        "yolov8", "birefnet", "sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention", "sam2_memory_encoder",
+        "yolov8", "matting", "sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention", "sam2_memory_encoder",
         "sam2_frame_step", "sam2_track_step",
     }
     assert all(m.ready and m.required for m in models.values())
-    # Real weights for YOLOv8; BiRefNet and the SAM 2 parts are contract stand-ins and say so.
-    assert [name for name, m in models.items() if m.stand_in] == [n for n in models if n != "yolov8"]
-    assert all("stand-in" in models[n].source for n in models if n != "yolov8")
+    # Real weights for YOLOv8 and matting (U^2-Netp); the SAM 2 parts are contract stand-ins and say so.
+    real = {"yolov8": "YOLOv8n", "matting": "U2-Netp"}
+    assert [name for name, m in models.items() if m.stand_in] == [n for n in models if n not in real]
+    assert all("stand-in" in models[n].source and models[n].network == "stand-in" for n in models if n not in real)
+    assert {n: models[n].network for n in real} == real
     yolo = models["yolov8"]
     assert yolo.backend == "python" and "sha256:" in yolo.source and yolo.max_batch_size == 8
     assert [(t.name, t.datatype, list(t.shape)) for t in yolo.inputs] == [("images", "UINT8", [-1, 640, 640, 3])]

@@ -1,13 +1,19 @@
-"""Shared-memory slot layout, without Triton: which models can use slots, and their shapes."""
+"""Shared-memory slot layout, without Triton: which models can use slots, and their shapes; and
+the reclaiming of regions a killed process left behind."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 
 from server.triton.model_spec import TensorSpec
-from server.triton.shm import ShmSlotPool
+from server.triton.shm import SHM_DIR, RegionOwner, ShmSlotPool, reclaim_orphaned_regions
+from tests.conftest import REPO
 
 IMAGE = TensorSpec("images", "UINT8", (-1, 640, 640, 3))
 HEAD = TensorSpec("output0", "FP32", (-1, 84, 8400))
@@ -52,3 +58,62 @@ def test_dynamic_dimensions_get_room_for_their_limit() -> None:
         assert tensor.nbytes_for(three.shape) == three.nbytes < tensor.capacity
     finally:
         pool.close()
+
+
+# A process that makes a real region the way the orchestrator does, says its name and waits.
+_REGION_OWNER = """
+import signal, sys, time
+from server.triton.model_spec import TensorSpec
+from server.triton.shm import ShmSlotPool
+pool = ShmSlotPool("yolov8", (TensorSpec("images", "UINT8", (-1, 64, 64, 3)),), (), 1, batched=True)
+signal.signal(signal.SIGTERM, lambda *_: (pool.close(), sys.exit(0)))
+print(pool.region, flush=True)
+time.sleep(600)
+"""
+
+
+def _start_region_owner() -> tuple[subprocess.Popen, str]:
+    # A session of its own, so that the kill below takes multiprocessing's resource tracker
+    # with it, as a container or process-group kill does (the tracker would unlink the region).
+    child = subprocess.Popen(
+        [sys.executable, "-c", _REGION_OWNER], cwd=REPO, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert child.stdout is not None
+    return child, child.stdout.readline().strip()
+
+
+def test_regions_of_killed_processes_are_reclaimed_and_live_ones_kept() -> None:
+    killed, dead_region = _start_region_owner()
+    alive, live_region = _start_region_owner()
+    own = ShmSlotPool("yolov8", (IMAGE,), (HEAD,), 1, batched=True)
+    try:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=30)
+        assert (SHM_DIR / dead_region).exists(), "kill -9 leaves the region behind"
+
+        reclaimed = reclaim_orphaned_regions()
+
+        assert dead_region in reclaimed and not (SHM_DIR / dead_region).exists()
+        assert (SHM_DIR / live_region).exists() and (SHM_DIR / own.region).exists()
+        assert live_region not in reclaimed and own.region not in reclaimed
+    finally:
+        own.close()
+        os.killpg(alive.pid, signal.SIGTERM)
+        alive.wait(timeout=30)
+        (SHM_DIR / dead_region).unlink(missing_ok=True)
+
+
+def test_a_reused_pid_does_not_keep_a_dead_owners_region(tmp_path: Path) -> None:
+    """The owner's start time is part of the name: a new process that got the dead owner's
+    PID (here: this very process, with another start time) does not keep the region alive."""
+    me = RegionOwner.current()
+    assert me is not None
+    ours = tmp_path / f"framewise-yolov8-{me.tag}-0123abcd"
+    reused = tmp_path / f"framewise-yolov8-{me.pid_namespace}.{me.pid}.{me.start_ticks + 1}-0123abcd"
+    other_namespace = tmp_path / f"framewise-yolov8-{me.pid_namespace + 1}.999999.1-0123abcd"
+    not_ours = tmp_path / "triton_python_backend_shm_region_1"
+    for path in (ours, reused, other_namespace, not_ours):
+        path.write_bytes(b"x")
+
+    assert reclaim_orphaned_regions(tmp_path) == [reused.name]
+    assert ours.exists() and other_namespace.exists() and not_ours.exists() and not reused.exists()

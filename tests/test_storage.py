@@ -19,13 +19,18 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from server.jobs.storage import KEEP_MARKER, TIERS, CleanupReport, StorageConfig, StorageManager
+import grpc
+
+from server.jobs import uploads as uploads_module
 from server.jobs.uploads import (
     UploadError,
     UploadInvalid,
+    UploadNoSpace,
     UploadNotFound,
     UploadStore,
     UploadTooLarge,
     resolve_server_path,
+    upload_status,
 )
 from server.metrics import Metrics
 
@@ -455,6 +460,29 @@ async def test_upload_with_wrong_sha_leaves_nothing(storage: StorageManager, upl
     assert list((storage.root / "uploads").iterdir()) == []
 
 
+async def test_a_disk_filling_up_during_an_upload_is_resource_exhausted_and_leaves_nothing(
+    storage: StorageManager, uploads: UploadStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The disk fills up after the first batch: the caller learns the server is out of space
+    (RESOURCE_EXHAUSTED, retry later), not INTERNAL, and no path of the server is shown."""
+    write_batch, batches = uploads_module._write_batch, []
+
+    def filling_up(handle, hasher, batch, *, sync=False) -> None:  # noqa: ANN001
+        if batches:
+            raise OSError(errno.ENOSPC, "No space left on device", handle.name)
+        batches.append(len(batch))
+        write_batch(handle, hasher, batch, sync=sync)
+
+    monkeypatch.setattr(uploads_module, "_write_batch", filling_up)
+    data = os.urandom(300_000)
+    with pytest.raises(UploadNoSpace) as caught:
+        await uploads.receive(1, "clip.mp4", len(data), hashlib.sha256(data).hexdigest(), chunks_of(data, 40_000))
+    status = upload_status(caught.value)
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED and status.retry_after_s
+    assert "out of disk space" in status.message and str(storage.root) not in status.message
+    assert batches and files_under(storage.root) == []
+
+
 async def test_upload_shorter_than_declared(storage: StorageManager, uploads: UploadStore) -> None:
     data = b"abc" * 100
     with pytest.raises(UploadInvalid) as caught:
@@ -578,6 +606,28 @@ def test_server_path_traversal_is_invalid(media: Path, relative: str) -> None:
 def test_server_path_absolute_is_invalid(media: Path) -> None:
     with pytest.raises(UploadInvalid):
         resolve_server_path(media, str(media / "videos" / "clip.mp4"))
+
+
+@pytest.mark.parametrize(
+    "relative",
+    [
+        pytest.param("a" * 3000, id="one-part-over-NAME_MAX"),
+        pytest.param("videos/" + "b" * 300 + ".mp4", id="last-part-over-NAME_MAX"),
+        pytest.param("/".join(["c" * 250] * 17), id="whole-over-PATH_MAX"),
+    ],
+)
+def test_server_path_too_long_is_invalid_and_not_echoed_whole(media: Path, relative: str) -> None:
+    with pytest.raises(UploadInvalid, match="too long") as caught:
+        resolve_server_path(media, relative)
+    assert caught.value.field == "server_path"
+    assert len(str(caught.value)) < 300 and str(media) not in str(caught.value)
+
+
+def test_server_path_symlink_loop_is_invalid(media: Path) -> None:
+    (media / "loop").symlink_to(media / "loop")
+    with pytest.raises(UploadInvalid, match="loops") as caught:
+        resolve_server_path(media, "loop/clip.mp4")
+    assert caught.value.field == "server_path"
 
 
 @pytest.mark.parametrize("relative", ["videos/missing.mp4", "videos"])

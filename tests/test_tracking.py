@@ -4,6 +4,7 @@ service's behaviour — ordering, sizes, state, isolation, errors — not tracki
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -151,6 +152,16 @@ def _error(stub, requests) -> grpc.RpcError:  # noqa: ANN001
     return info.value
 
 
+def _with_points(request: pb.TrackRequest, count: int) -> pb.TrackRequest:
+    point = common_pb2.PointPrompt(point=common_pb2.Point(x=100, y=100), label=common_pb2.POINT_LABEL_POSITIVE)
+    request.frame.prompts.add(object_id=1, points=[point] * count)
+    return request
+
+
+def _open_with(**options: float) -> pb.TrackRequest:
+    return pb.TrackRequest(open=pb.OpenSession(options=pb.TrackerOptions(**options)))
+
+
 @pytest.mark.parametrize(
     ("case", "code", "words"),
     [
@@ -164,6 +175,12 @@ def _error(stub, requests) -> grpc.RpcError:  # noqa: ANN001
         ("corrupt frame", grpc.StatusCode.INVALID_ARGUMENT, "truncated"),
         ("frame out of order", grpc.StatusCode.INVALID_ARGUMENT, "out of order"),
         ("frame before open", grpc.StatusCode.INVALID_ARGUMENT, "first message"),
+        ("NaN box", grpc.StatusCode.INVALID_ARGUMENT, "is not made of finite numbers"),
+        ("too many points", grpc.StatusCode.INVALID_ARGUMENT, "65 points in one prompt; at most 64"),
+        ("infinite tracker option", grpc.StatusCode.INVALID_ARGUMENT, "memory_bank_iou_threshold must be a finite number"),
+        ("tracker option out of range", grpc.StatusCode.INVALID_ARGUMENT, "stable_ious_threshold must be in [-1, 1]"),
+        ("oversized session id", grpc.StatusCode.INVALID_ARGUMENT, "open.resume_session_id is 5000 characters long"),
+        ("unknown session id", grpc.StatusCode.NOT_FOUND, "... (250 characters) does not exist"),
     ],
 )
 def test_bad_input_keeps_the_session(stub, sequence, assets: Path, case: str, code: grpc.StatusCode, words: str) -> None:  # noqa: ANN001
@@ -180,6 +197,12 @@ def test_bad_input_keeps_the_session(stub, sequence, assets: Path, case: str, co
         "corrupt frame": good + [frame_request(frames[1][: len(frames[1]) // 2])],
         "frame out of order": good + [frame_request(frames[1], index=5)],
         "frame before open": [frame_request(frames[0], box=boxes[0])],
+        "NaN box": good[:1] + [frame_request(frames[0], box=(math.nan, 10, 50, 50))],
+        "too many points": good[:1] + [_with_points(frame_request(frames[0]), 65)],
+        "infinite tracker option": [_open_with(memory_bank_iou_threshold=math.inf), frame_request(frames[0], box=boxes[0])],
+        "tracker option out of range": [_open_with(stable_ious_threshold=3.0), frame_request(frames[0], box=boxes[0])],
+        "oversized session id": [open_request(resume="s" * 5000)],
+        "unknown session id": [open_request(resume="s" * 250)],
     }[case]
     if bad is None:
         request = frame_request(frames[0])

@@ -6,6 +6,7 @@ sam2/sam2/utils/kalman_filter.py (see the module docstrings in server/tracking/)
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -290,6 +291,29 @@ def test_absent_object_blanks_every_candidate_box():
     # The reference then updates the filter with the empty box (0.5 >= 0.3): centre pulled to the origin.
     assert s.filter_updated and sel.mean[0] < 150
     assert CandidateSelector().select_boxes(np.array([B0, FAR, B0]), np.array([0.2, 0.5, 0.4]), -0.5).present
+
+
+@pytest.mark.parametrize(
+    ("knob", "value", "says"),
+    [
+        ("memory_bank_iou_threshold", float("inf"), "finite"),
+        ("memory_bank_iou_threshold", float("nan"), "finite"),
+        ("memory_bank_obj_score_threshold", float("-inf"), "finite"),
+        ("present_logit_threshold", float("nan"), "finite"),
+        ("stable_ious_threshold", 1.5, "[-1, 1]"),
+        ("memory_bank_iou_threshold", -1.5, "[-1, 1]"),
+        ("memory_bank_kf_score_threshold", 2.0, "[-1, 1]"),
+        ("kf_score_weight", 1.5, "[0, 1]"),
+        ("kf_score_weight", float("nan"), "finite"),
+    ],
+)
+def test_config_refuses_non_finite_and_out_of_range_knobs(knob: str, value: float, says: str) -> None:
+    with pytest.raises(ValueError, match=f"{knob} must be .*{re.escape(says)}"):
+        SamuraiConfig(**{knob: value})
+
+
+def test_config_accepts_any_finite_logit_threshold() -> None:
+    assert SamuraiConfig(memory_bank_obj_score_threshold=-3.0, present_logit_threshold=2.0).present_logit_threshold == 2.0
 
 
 def test_selector_reset_forgets_the_filter():

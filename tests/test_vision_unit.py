@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+
 import cv2
 import numpy as np
 import pytest
@@ -75,13 +77,71 @@ def test_no_detection_above_threshold() -> None:
     assert result.boxes.shape == (0, 4)
 
 
-@pytest.mark.parametrize("ext", [".jpg", ".png", ".webp", ".bmp"])
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".webp", ".bmp", ".tiff"])
 def test_header_reads_size_without_decoding(ext: str) -> None:
     ok, encoded = cv2.imencode(ext, np.zeros((37, 53, 3), np.uint8))
     assert ok
     header = read_header(encoded.tobytes())
     assert header is not None
     assert (header.width, header.height) == (53, 37)
+
+
+def _tiff_header(width: int, height: int, endian: str = "<", kind: int = 4) -> bytes:
+    """A TIFF that is only a header: IFD 0 with ImageWidth and ImageLength, no pixel data."""
+    value = (lambda v: struct.pack(endian + "HH", v, 0)) if kind == 3 else (lambda v: struct.pack(endian + "I", v))
+    entries = [struct.pack(endian + "HHI", 256, kind, 1) + value(width), struct.pack(endian + "HHI", 257, kind, 1) + value(height)]
+    magic = b"II*\x00" if endian == "<" else b"MM\x00*"
+    return magic + struct.pack(endian + "IH", 8, len(entries)) + b"".join(entries) + struct.pack(endian + "I", 0)
+
+
+@pytest.mark.parametrize(("endian", "kind"), [("<", 3), ("<", 4), (">", 3), (">", 4)])
+def test_tiff_header_size_in_either_byte_order_and_type(endian: str, kind: int) -> None:
+    header = read_header(_tiff_header(1200, 345, endian, kind))
+    assert header is not None and header.format == "tiff" and (header.width, header.height) == (1200, 345)
+
+
+def test_bmp_core_header_size() -> None:
+    # OS/2 BITMAPCOREHEADER: a 12-byte info header with 16-bit sizes.
+    data = b"BM" + struct.pack("<IHHI", 26, 0, 0, 26) + struct.pack("<IHHHH", 12, 640, 480, 1, 24)
+    header = read_header(data)
+    assert header is not None and (header.width, header.height) == (640, 480)
+
+
+@pytest.mark.parametrize("ext", [".jpg", ".png", ".webp", ".bmp", ".tiff"])
+def test_pixel_limit_refuses_every_format_before_decoding(ext: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    ok, encoded = cv2.imencode(ext, np.zeros((1000, 1000, 3), np.uint8))
+    assert ok
+
+    def must_not_decode(*_args: object) -> None:
+        raise AssertionError(f"{ext} was decoded before its size was checked")
+
+    monkeypatch.setattr(cv2, "imdecode", must_not_decode)
+    with pytest.raises(TooLarge, match="1000x1000"):
+        decode_image(_encoded(encoded.tobytes()), max_pixels=999_999)
+
+
+def test_a_huge_tiff_is_refused_from_its_header() -> None:
+    # 12000x12000 declared in a few dozen bytes: refused with the size, never handed to the decoder.
+    with pytest.raises(TooLarge, match="12000x12000"):
+        decode_image(_encoded(_tiff_header(12000, 12000)), max_pixels=50_000_000)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"II*\x00" + struct.pack("<I", 4000), id="tiff-directory-past-the-end"),
+        pytest.param(_tiff_header(10, 10)[:20], id="tiff-directory-cut"),
+        pytest.param(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR", id="png-without-size"),
+        pytest.param(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", id="jpeg-without-frame-header"),
+        pytest.param(b"RIFF\x00\x00\x00\x00WEBPVP8 ", id="webp-without-size"),
+        pytest.param(b"BM\x00\x00", id="bmp-without-size"),
+    ],
+)
+def test_an_image_whose_size_cannot_be_read_is_refused_undecoded(data: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cv2, "imdecode", lambda *_: pytest.fail("decoded an image of unknown size"))
+    with pytest.raises(InvalidInput, match="header is truncated or corrupt") as refused:
+        decode_image(_encoded(data), max_pixels=10**7)
+    assert refused.value.violations[0].field == "image.encoded"
 
 
 def test_header_rejects_non_images() -> None:

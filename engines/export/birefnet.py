@@ -1,6 +1,9 @@
-"""BiRefNet -> ONNX with the Framewise contract (build_engines.py --target onnx).
+"""BiRefNet -> ONNX with the Framewise matting contract (build_engines.py --target onnx).
 
     image UINT8 [batch, 1024, 1024, 3] (RGB) -> alpha FP32 [batch, 1, 1024, 1024] in 0..1
+
+Written as ``matting.onnx``: the GPU repository's Triton model ``matting`` serves BiRefNet-lite
+(the CPU repository's serves U^2-Netp behind the same contract, at its own S).
 
 ImageNet normalisation (mean 0.485/0.456/0.406, std 0.229/0.224/0.225 on 0..1 pixels) and the
 final sigmoid are inside the graph; only the batch is dynamic.
@@ -39,7 +42,7 @@ from typing import Any
 from engines.export import checks
 from engines.export.common import DEFAULT_OPSET, ExportResult, offline, seed_everything, set_dims, torch_export_onnx
 
-NAME = "birefnet"
+NAME = "matting"  # the Triton model (and ONNX file) this network is exported for
 IMAGE_SIZE = 1024
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -164,7 +167,7 @@ def contract_module(network: Any, image_size: int = IMAGE_SIZE) -> Any:
 def export_birefnet(output_dir: Path, *, snapshot: Path, random_init: bool = False, seed: int = 0,
                     image_size: int = IMAGE_SIZE, opset: int = DEFAULT_OPSET, check_batch: int = 1,
                     rtol: float = RTOL, atol: float = ATOL, log=print) -> list[ExportResult]:
-    """Write ``birefnet.onnx`` into ``output_dir``, checked by onnx.checker and against PyTorch."""
+    """Write ``matting.onnx`` (BiRefNet) into ``output_dir``, checked by onnx.checker and against PyTorch."""
     import numpy as np
     import torch
 
@@ -177,7 +180,7 @@ def export_birefnet(output_dir: Path, *, snapshot: Path, random_init: bool = Fal
     path = output_dir / f"{NAME}.onnx"
     dummy = torch.zeros((1, image_size, image_size, 3), dtype=torch.uint8)
     with exportable_deform_conv2d(network) as patched:
-        log(f"[{NAME}] exporting {source} at {image_size}x{image_size} (opset {opset}, dynamic batch; "
+        log(f"[{NAME}: BiRefNet] exporting {source} at {image_size}x{image_size} (opset {opset}, dynamic batch; "
             f"{count_deform_convs(network)} deformable-conv modules via grid_sample, {patched} bindings patched)")
         with torch.inference_mode():
             exporter = torch_export_onnx(module, (dummy,), path, input_names=["image"], output_names=["alpha"],

@@ -32,7 +32,7 @@ _ONNX_TO_TRITON = {
 class ExportResult:
     """One exported graph: where it is, what it is, and how it compared with PyTorch."""
 
-    name: str  # Triton model name (yolov8, birefnet, sam2_image_encoder, ...) or a variant
+    name: str  # Triton model name (yolov8, matting, sam2_image_encoder, ...) or a variant
     path: Path
     source: str  # weights / snapshot / "random-init (seed N)"
     report: CompareReport | None = None

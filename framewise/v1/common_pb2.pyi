@@ -126,8 +126,10 @@ class Image(_message.Message):
     ENCODED_FIELD_NUMBER: _builtins.int
     RAW_FIELD_NUMBER: _builtins.int
     encoded: _builtins.bytes
-    """An encoded image: JPEG, PNG or WebP (BMP and TIFF are decoded too). The format is detected
-    from the bytes, not from a name.
+    """An encoded image: JPEG, PNG, WebP, BMP or TIFF (the first image of a multi-page TIFF),
+    nothing else. The format is detected from the bytes, not from a name, and the size is read
+    from the header before anything is decoded: an image over the server's pixel limit is
+    refused with RESOURCE_EXHAUSTED, one whose header cannot be read with INVALID_ARGUMENT.
     """
     @_builtins.property
     def raw(self) -> Global___RawFrame:
@@ -343,8 +345,8 @@ class Background(_message.Message):
     IMAGE_UPLOAD_ID_FIELD_NUMBER: _builtins.int
     FIT_FIELD_NUMBER: _builtins.int
     mode: Global___BackgroundMode.ValueType
-    """Unset: BACKGROUND_MODE_TRANSPARENT for RemoveBackground, BACKGROUND_MODE_KEEP for a
-    talking video.
+    """Unset: BACKGROUND_MODE_TRANSPARENT (the cut-out), for RemoveBackground and for a talking
+    video alike.
     """
     color: _builtins.str
     """BACKGROUND_MODE_COLOR: the colour, "#RRGGBB" or "#RGB" (hex) or a CSS basic colour name

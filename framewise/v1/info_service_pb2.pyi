@@ -147,6 +147,7 @@ class ModelStatus(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.str
     ready: _builtins.bool
@@ -159,6 +160,12 @@ class ModelStatus(_message.Message):
     source: _builtins.str
     """Where the weights come from (file name and sha256, or "stand-in contract model")."""
     max_batch_size: _builtins.int
+    network: _builtins.str
+    """The network behind the model, as its authors name it (the model config's "network"
+    parameter), for example "YOLOv8n", "U2-Netp" or "BiRefNet-lite"; a stand-in says
+    "stand-in". The name says the job (for example "matting"), this field the network: the
+    same Triton model name is served by different networks in different repositories.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -176,10 +183,11 @@ class ModelStatus(_message.Message):
         max_batch_size: _builtins.int = ...,
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
+        network: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "inputs", b"inputs", "max_batch_size", b"max_batch_size", "name", b"name", "outputs", b"outputs", "ready", b"ready", "required", b"required", "source", b"source", "stand_in", b"stand_in", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "inputs", b"inputs", "max_batch_size", b"max_batch_size", "name", b"name", "network", b"network", "outputs", b"outputs", "ready", b"ready", "required", b"required", "source", b"source", "stand_in", b"stand_in", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -58,7 +58,9 @@ class _ArtifactKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Artifact
     ARTIFACT_KIND_TALKING_VIDEO: _ArtifactKind.ValueType  # 5
     """The talking-head video."""
     ARTIFACT_KIND_MATTED_IMAGE: _ArtifactKind.ValueType  # 6
-    """The matted person (RGBA PNG) sent to D-ID."""
+    """The photo of the person sent to D-ID: the RGBA cut-out, the person over a new background
+    (RGB PNG) or the plain crop (JPEG), as CreateTalkingVideoRequest.background says.
+    """
 
 class ArtifactKind(_ArtifactKind, metaclass=_ArtifactKindEnumTypeWrapper):
     """What an artifact holds."""
@@ -74,7 +76,9 @@ ARTIFACT_KIND_FRAMES_JSON: ArtifactKind.ValueType  # 4
 ARTIFACT_KIND_TALKING_VIDEO: ArtifactKind.ValueType  # 5
 """The talking-head video."""
 ARTIFACT_KIND_MATTED_IMAGE: ArtifactKind.ValueType  # 6
-"""The matted person (RGBA PNG) sent to D-ID."""
+"""The photo of the person sent to D-ID: the RGBA cut-out, the person over a new background
+(RGB PNG) or the plain crop (JPEG), as CreateTalkingVideoRequest.background says.
+"""
 Global___ArtifactKind: _TypeAlias = ArtifactKind  # noqa: Y015
 
 class _JobStage:
@@ -429,6 +433,9 @@ class CreateTalkingVideoRequest(_message.Message):
     SKIP_MATTING_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     REQUIRE_MATTING_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    ALL_PERSONS_FIELD_NUMBER: _builtins.int
+    MAX_PERSONS_FIELD_NUMBER: _builtins.int
     image: _builtins.bytes
     image_upload_id: _builtins.str
     audio: _builtins.bytes
@@ -444,8 +451,37 @@ class CreateTalkingVideoRequest(_message.Message):
     instead (seed 003): the crop goes to D-ID as it is, and the result says why
     (matting_skipped, matting_skipped_reason).
     """
+    all_persons: _builtins.bool
+    """Make one talking video per detected person (highest detection score first, at most
+    `max_persons` of them) instead of one for the person `person` selects; `person` must then be
+    unset. Each person gets its own matting, D-ID upload and talk, and its own artifacts
+    ("person-1.mp4", "person-1-matted.png", ... numbered by detection rank). When one person's
+    talk fails (after its retries) the others are kept: the operation SUCCEEDS if at least one
+    person's video was made, and CreateTalkingVideoResponse.persons says which failed and why.
+    When every person fails, the operation fails with the first person's error.
+    """
+    max_persons: _builtins.int
+    """With all_persons: the most persons to make videos for, within 1 and the server's limit
+    (--max-talk-persons, 4 by default). 0: the server's limit.
+    """
     @_builtins.property
     def person(self) -> Global___PersonSelector: ...
+    @_builtins.property
+    def background(self) -> _common_pb2.Background:
+        """What the photo sent to D-ID (and kept as the matted-image artifact) shows around the person:
+          unset or BACKGROUND_MODE_TRANSPARENT: the RGBA cut-out (8-bit RGBA PNG), as before this
+            option existed;
+          BACKGROUND_MODE_KEEP: the crop's original pixels (JPEG), and no matting model is run;
+          BACKGROUND_MODE_COLOR / BACKGROUND_MODE_IMAGE: the person composited over the colour or
+            the picture fitted (cover/contain) to the crop (8-bit RGB PNG).
+        The picture is `background.image` or an uploaded image (`background.image_upload_id`, from
+        UploadFile with FILE_KIND_IMAGE), under the same size limits as `image`. A colour that is
+        not a colour, a picture that is not an image or a missing upload fail the submit with
+        INVALID_ARGUMENT naming the field. With skip_matting only KEEP (or unset) is accepted. When
+        background removal fails and the job degrades, the original pixels are sent whatever the
+        mode: the result's `background` says what was applied.
+        """
+
     def __init__(
         self,
         *,
@@ -457,10 +493,13 @@ class CreateTalkingVideoRequest(_message.Message):
         skip_matting: _builtins.bool = ...,
         request_id: _builtins.str = ...,
         require_matting: _builtins.bool = ...,
+        background: _common_pb2.Background | None = ...,
+        all_persons: _builtins.bool = ...,
+        max_persons: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "audio_source", b"audio_source", "audio_upload_id", b"audio_upload_id", "image", b"image", "image_source", b"image_source", "image_upload_id", b"image_upload_id", "person", b"person"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "audio_source", b"audio_source", "audio_upload_id", b"audio_upload_id", "background", b"background", "image", b"image", "image_source", b"image_source", "image_upload_id", b"image_upload_id", "person", b"person"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audio", b"audio", "audio_source", b"audio_source", "audio_upload_id", b"audio_upload_id", "image", b"image", "image_source", b"image_source", "image_upload_id", b"image_upload_id", "person", b"person", "request_id", b"request_id", "require_matting", b"require_matting", "skip_matting", b"skip_matting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_persons", b"all_persons", "audio", b"audio", "audio_source", b"audio_source", "audio_upload_id", b"audio_upload_id", "background", b"background", "image", b"image", "image_source", b"image_source", "image_upload_id", b"image_upload_id", "max_persons", b"max_persons", "person", b"person", "request_id", b"request_id", "require_matting", b"require_matting", "skip_matting", b"skip_matting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_audio_source: _TypeAlias = _typing.Literal["audio", "audio_upload_id"]  # noqa: Y015
     _WhichOneofArgType_audio_source: _TypeAlias = _typing.Literal["audio_source", b"audio_source"]  # noqa: Y015
@@ -475,6 +514,10 @@ Global___CreateTalkingVideoRequest: _TypeAlias = CreateTalkingVideoRequest  # no
 
 @_typing.final
 class CreateTalkingVideoResponse(_message.Message):
+    """With all_persons, the fields 1 to 4, 6 and 7 describe the first person (in detection rank)
+    whose video was made; `persons` describes every person, failed ones included.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     VIDEO_FIELD_NUMBER: _builtins.int
@@ -483,13 +526,19 @@ class CreateTalkingVideoResponse(_message.Message):
     DID_TALK_ID_FIELD_NUMBER: _builtins.int
     ARTIFACTS_FIELD_NUMBER: _builtins.int
     MATTING_SKIPPED_REASON_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    PERSONS_FIELD_NUMBER: _builtins.int
+    PERSONS_FOUND_FIELD_NUMBER: _builtins.int
     matting_skipped: _builtins.bool
     did_talk_id: _builtins.str
     """D-ID's talk id, for support requests."""
     matting_skipped_reason: _builtins.str
-    """Why matting was skipped: the client's skip_matting, or the background-removal failure the
-    job went on without. Empty when the background was removed.
+    """Why matting was skipped: the client's skip_matting, the BACKGROUND_MODE_KEEP background
+    (which needs no matte), or the background-removal failure the job went on without. Empty
+    when the background was removed.
     """
+    persons_found: _builtins.int
+    """Persons the detector found in the photo (at least the entries of `persons`)."""
     @_builtins.property
     def video(self) -> Global___Artifact: ...
     @_builtins.property
@@ -498,6 +547,19 @@ class CreateTalkingVideoResponse(_message.Message):
 
     @_builtins.property
     def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Artifact]: ...
+    @_builtins.property
+    def background(self) -> _common_pb2.Background:
+        """The background the photo sent to D-ID shows: its mode (BACKGROUND_MODE_KEEP when matting
+        was skipped), the colour as "#rrggbb" (COLOR, and the bars of an IMAGE contain fit) and the
+        fit (IMAGE). The picture itself is not echoed.
+        """
+
+    @_builtins.property
+    def persons(self) -> _containers.RepeatedCompositeFieldContainer[Global___TalkingVideoPerson]:
+        """One entry per person a video was attempted for: the chosen person, or with all_persons
+        every person up to max_persons, in detection rank.
+        """
+
     def __init__(
         self,
         *,
@@ -507,14 +569,91 @@ class CreateTalkingVideoResponse(_message.Message):
         did_talk_id: _builtins.str = ...,
         artifacts: _abc.Iterable[Global___Artifact] | None = ...,
         matting_skipped_reason: _builtins.str = ...,
+        background: _common_pb2.Background | None = ...,
+        persons: _abc.Iterable[Global___TalkingVideoPerson] | None = ...,
+        persons_found: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["person_box", b"person_box", "video", b"video"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "person_box", b"person_box", "video", b"video"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "did_talk_id", b"did_talk_id", "matting_skipped", b"matting_skipped", "matting_skipped_reason", b"matting_skipped_reason", "person_box", b"person_box", "video", b"video"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts", "background", b"background", "did_talk_id", b"did_talk_id", "matting_skipped", b"matting_skipped", "matting_skipped_reason", b"matting_skipped_reason", "person_box", b"person_box", "persons", b"persons", "persons_found", b"persons_found", "video", b"video"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CreateTalkingVideoResponse: _TypeAlias = CreateTalkingVideoResponse  # noqa: Y015
+
+@_typing.final
+class TalkingVideoPerson(_message.Message):
+    """What happened for one person of a talking video."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PERSON_FIELD_NUMBER: _builtins.int
+    BOX_FIELD_NUMBER: _builtins.int
+    SCORE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    VIDEO_FIELD_NUMBER: _builtins.int
+    PHOTO_FIELD_NUMBER: _builtins.int
+    DID_TALK_ID_FIELD_NUMBER: _builtins.int
+    MATTING_SKIPPED_FIELD_NUMBER: _builtins.int
+    MATTING_SKIPPED_REASON_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    person: _builtins.int
+    """1-based rank of the person among the detections, highest score first (the number in the
+    artifact names with all_persons, and in the events' `person`).
+    """
+    score: _builtins.float
+    """The detector's confidence for the box."""
+    state: Global___JobState.ValueType
+    """SUCCEEDED: `video` holds the talking video. FAILED: `error` says why."""
+    did_talk_id: _builtins.str
+    """D-ID's talk id (empty when no talk was created)."""
+    matting_skipped: _builtins.bool
+    """As in CreateTalkingVideoResponse, for this person."""
+    matting_skipped_reason: _builtins.str
+    """As in CreateTalkingVideoResponse, for this person."""
+    @_builtins.property
+    def box(self) -> _common_pb2.BoundingBox:
+        """The person's detection box, in original photo pixels."""
+
+    @_builtins.property
+    def video(self) -> Global___Artifact:
+        """The talking-head video (unset when the person failed)."""
+
+    @_builtins.property
+    def photo(self) -> Global___Artifact:
+        """The photo sent to D-ID (unset when the job failed before making it)."""
+
+    @_builtins.property
+    def background(self) -> _common_pb2.Background:
+        """As in CreateTalkingVideoResponse, for this person."""
+
+    @_builtins.property
+    def error(self) -> Global___JobError:
+        """The person's final failure (stage, class, kind, description, attempts); unset on success."""
+
+    def __init__(
+        self,
+        *,
+        person: _builtins.int = ...,
+        box: _common_pb2.BoundingBox | None = ...,
+        score: _builtins.float = ...,
+        state: Global___JobState.ValueType = ...,
+        video: Global___Artifact | None = ...,
+        photo: Global___Artifact | None = ...,
+        did_talk_id: _builtins.str = ...,
+        matting_skipped: _builtins.bool = ...,
+        matting_skipped_reason: _builtins.str = ...,
+        background: _common_pb2.Background | None = ...,
+        error: Global___JobError | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "box", b"box", "error", b"error", "photo", b"photo", "video", b"video"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["background", b"background", "box", b"box", "did_talk_id", b"did_talk_id", "error", b"error", "matting_skipped", b"matting_skipped", "matting_skipped_reason", b"matting_skipped_reason", "person", b"person", "photo", b"photo", "score", b"score", "state", b"state", "video", b"video"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TalkingVideoPerson: _TypeAlias = TalkingVideoPerson  # noqa: Y015
 
 @_typing.final
 class Artifact(_message.Message):
@@ -691,19 +830,25 @@ class StageUpdate(_message.Message):
     STAGE_FIELD_NUMBER: _builtins.int
     PERCENT_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    PERSON_FIELD_NUMBER: _builtins.int
     stage: Global___JobStage.ValueType
     percent: _builtins.float
     message: _builtins.str
+    person: _builtins.int
+    """The person the event is about in an all_persons talking video (TalkingVideoPerson.person,
+    1-based); 0 when it is about the whole job.
+    """
     def __init__(
         self,
         *,
         stage: Global___JobStage.ValueType = ...,
         percent: _builtins.float = ...,
         message: _builtins.str = ...,
+        person: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "percent", b"percent", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "percent", b"percent", "person", b"person", "stage", b"stage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -718,12 +863,15 @@ class ProgressUpdate(_message.Message):
     MESSAGE_FIELD_NUMBER: _builtins.int
     DONE_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
+    PERSON_FIELD_NUMBER: _builtins.int
     stage: Global___JobStage.ValueType
     percent: _builtins.float
     message: _builtins.str
     done: _builtins.int
     """For example frames done / frames total."""
     total: _builtins.int
+    person: _builtins.int
+    """As in StageUpdate.person."""
     def __init__(
         self,
         *,
@@ -732,10 +880,11 @@ class ProgressUpdate(_message.Message):
         message: _builtins.str = ...,
         done: _builtins.int = ...,
         total: _builtins.int = ...,
+        person: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "message", b"message", "percent", b"percent", "stage", b"stage", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["done", b"done", "message", b"message", "percent", b"percent", "person", b"person", "stage", b"stage", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -751,6 +900,7 @@ class JobError(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     WILL_RETRY_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
+    PERSON_FIELD_NUMBER: _builtins.int
     error_class: Global___ErrorClass.ValueType
     stage: Global___JobStage.ValueType
     kind: _builtins.str
@@ -759,6 +909,8 @@ class JobError(_message.Message):
     will_retry: _builtins.bool
     """True when the job will retry; false on the final, terminal error."""
     attempt: _builtins.int
+    person: _builtins.int
+    """As in StageUpdate.person: the person whose work failed in an all_persons talking video."""
     def __init__(
         self,
         *,
@@ -768,10 +920,11 @@ class JobError(_message.Message):
         description: _builtins.str = ...,
         will_retry: _builtins.bool = ...,
         attempt: _builtins.int = ...,
+        person: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "description", b"description", "error_class", b"error_class", "kind", b"kind", "stage", b"stage", "will_retry", b"will_retry"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "description", b"description", "error_class", b"error_class", "kind", b"kind", "person", b"person", "stage", b"stage", "will_retry", b"will_retry"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

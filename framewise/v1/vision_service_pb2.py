@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from framewise.v1 import common_pb2 as framewise_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!framewise/v1/vision_service.proto\x12\x0c\x66ramewise.v1\x1a\x19\x66ramewise/v1/common.proto\"\xf2\x01\n\rDetectRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.framewise.v1.Image\x12!\n\x14\x63onfidence_threshold\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\tclass_ids\x18\x04 \x03(\x05\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12\x13\n\x0b\x61ll_classes\x18\x06 \x01(\x08\x12\x16\n\x0emax_detections\x18\x07 \x01(\x05\x42\x17\n\x15_confidence_thresholdB\x10\n\x0e_iou_threshold\"\xb7\x01\n\x0e\x44\x65tectResponse\x12+\n\ndetections\x18\x01 \x03(\x0b\x32\x17.framewise.v1.Detection\x12\x13\n\x0bimage_width\x18\x02 \x01(\x05\x12\x14\n\x0cimage_height\x18\x03 \x01(\x05\x12%\n\x05model\x18\x04 \x01(\x0b\x32\x16.framewise.v1.ModelRef\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.framewise.v1.Timings\"c\n\tDetection\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12&\n\x03\x62ox\x18\x04 \x01(\x0b\x32\x19.framewise.v1.BoundingBox\"\x9f\x01\n\x17RemoveBackgroundRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.framewise.v1.Image\x12,\n\x04\x63rop\x18\x02 \x01(\x0b\x32\x19.framewise.v1.BoundingBoxH\x00\x88\x01\x01\x12)\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x19.framewise.v1.MatteFormatB\x07\n\x05_crop\"\x95\x01\n\x18RemoveBackgroundResponse\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12%\n\x05model\x18\x04 \x01(\x0b\x32\x16.framewise.v1.ModelRef\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.framewise.v1.Timings\"\x94\x01\n\x0eSegmentRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.framewise.v1.Image\x12+\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x19.framewise.v1.BoundingBoxH\x00\x88\x01\x01\x12)\n\x06points\x18\x03 \x03(\x0b\x32\x19.framewise.v1.PointPromptB\x06\n\x04_box\"\xa6\x01\n\x0fSegmentResponse\x12/\n\ncandidates\x18\x01 \x03(\x0b\x32\x1b.framewise.v1.MaskCandidate\x12\x12\n\nbest_index\x18\x02 \x01(\x05\x12&\n\x06models\x18\x03 \x03(\x0b\x32\x16.framewise.v1.ModelRef\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.framewise.v1.Timings\"\x82\x01\n\rMaskCandidate\x12\r\n\x05index\x18\x01 \x01(\x05\x12#\n\x04mask\x18\x02 \x01(\x0b\x32\x15.framewise.v1.RleMask\x12\x15\n\rpredicted_iou\x18\x03 \x01(\x02\x12&\n\x03\x62ox\x18\x04 \x01(\x0b\x32\x19.framewise.v1.BoundingBox*b\n\x0bMatteFormat\x12\x1c\n\x18MATTE_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16MATTE_FORMAT_ALPHA_PNG\x10\x01\x12\x19\n\x15MATTE_FORMAT_RGBA_PNG\x10\x02\x32\xff\x01\n\rVisionService\x12\x43\n\x06\x44\x65tect\x12\x1b.framewise.v1.DetectRequest\x1a\x1c.framewise.v1.DetectResponse\x12\x61\n\x10RemoveBackground\x12%.framewise.v1.RemoveBackgroundRequest\x1a&.framewise.v1.RemoveBackgroundResponse\x12\x46\n\x07Segment\x12\x1c.framewise.v1.SegmentRequest\x1a\x1d.framewise.v1.SegmentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!framewise/v1/vision_service.proto\x12\x0c\x66ramewise.v1\x1a\x19\x66ramewise/v1/common.proto\"\xf2\x01\n\rDetectRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.framewise.v1.Image\x12!\n\x14\x63onfidence_threshold\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\riou_threshold\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\x11\n\tclass_ids\x18\x04 \x03(\x05\x12\x13\n\x0b\x63lass_names\x18\x05 \x03(\t\x12\x13\n\x0b\x61ll_classes\x18\x06 \x01(\x08\x12\x16\n\x0emax_detections\x18\x07 \x01(\x05\x42\x17\n\x15_confidence_thresholdB\x10\n\x0e_iou_threshold\"\xb7\x01\n\x0e\x44\x65tectResponse\x12+\n\ndetections\x18\x01 \x03(\x0b\x32\x17.framewise.v1.Detection\x12\x13\n\x0bimage_width\x18\x02 \x01(\x05\x12\x14\n\x0cimage_height\x18\x03 \x01(\x05\x12%\n\x05model\x18\x04 \x01(\x0b\x32\x16.framewise.v1.ModelRef\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.framewise.v1.Timings\"c\n\tDetection\x12\x10\n\x08\x63lass_id\x18\x01 \x01(\x05\x12\r\n\x05label\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12&\n\x03\x62ox\x18\x04 \x01(\x0b\x32\x19.framewise.v1.BoundingBox\"\xa2\x02\n\x17RemoveBackgroundRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.framewise.v1.Image\x12,\n\x04\x63rop\x18\x02 \x01(\x0b\x32\x19.framewise.v1.BoundingBoxH\x00\x88\x01\x01\x12)\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x19.framewise.v1.MatteFormat\x12,\n\nbackground\x18\x04 \x01(\x0b\x32\x18.framewise.v1.Background\x12\x12\n\nfeather_px\x18\x05 \x01(\x02\x12\x13\n\x0b\x63rop_person\x18\x06 \x01(\x08\x12\x19\n\x0cperson_index\x18\x07 \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_cropB\x0f\n\r_person_index\"\xae\x03\n\x18RemoveBackgroundResponse\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12%\n\x05model\x18\x04 \x01(\x0b\x32\x16.framewise.v1.ModelRef\x12&\n\x07timings\x18\x05 \x01(\x0b\x32\x15.framewise.v1.Timings\x12\x35\n\x0f\x62\x61\x63kground_mode\x18\x06 \x01(\x0e\x32\x1c.framewise.v1.BackgroundMode\x12\x10\n\x08\x63hannels\x18\x07 \x01(\x05\x12-\n\noutput_box\x18\x08 \x01(\x0b\x32\x19.framewise.v1.BoundingBox\x12\x32\n\nperson_box\x18\t \x01(\x0b\x32\x19.framewise.v1.BoundingBoxH\x00\x88\x01\x01\x12\x15\n\rpersons_found\x18\n \x01(\x05\x12\x14\n\x0cperson_index\x18\x0b \x01(\x05\x12/\n\x0f\x64\x65tection_model\x18\x0c \x01(\x0b\x32\x16.framewise.v1.ModelRefB\r\n\x0b_person_box\"\x94\x01\n\x0eSegmentRequest\x12\"\n\x05image\x18\x01 \x01(\x0b\x32\x13.framewise.v1.Image\x12+\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x19.framewise.v1.BoundingBoxH\x00\x88\x01\x01\x12)\n\x06points\x18\x03 \x03(\x0b\x32\x19.framewise.v1.PointPromptB\x06\n\x04_box\"\xa6\x01\n\x0fSegmentResponse\x12/\n\ncandidates\x18\x01 \x03(\x0b\x32\x1b.framewise.v1.MaskCandidate\x12\x12\n\nbest_index\x18\x02 \x01(\x05\x12&\n\x06models\x18\x03 \x03(\x0b\x32\x16.framewise.v1.ModelRef\x12&\n\x07timings\x18\x04 \x01(\x0b\x32\x15.framewise.v1.Timings\"\x82\x01\n\rMaskCandidate\x12\r\n\x05index\x18\x01 \x01(\x05\x12#\n\x04mask\x18\x02 \x01(\x0b\x32\x15.framewise.v1.RleMask\x12\x15\n\rpredicted_iou\x18\x03 \x01(\x02\x12&\n\x03\x62ox\x18\x04 \x01(\x0b\x32\x19.framewise.v1.BoundingBox*b\n\x0bMatteFormat\x12\x1c\n\x18MATTE_FORMAT_UNSPECIFIED\x10\x00\x12\x1a\n\x16MATTE_FORMAT_ALPHA_PNG\x10\x01\x12\x19\n\x15MATTE_FORMAT_RGBA_PNG\x10\x02\x32\xff\x01\n\rVisionService\x12\x43\n\x06\x44\x65tect\x12\x1b.framewise.v1.DetectRequest\x1a\x1c.framewise.v1.DetectResponse\x12\x61\n\x10RemoveBackground\x12%.framewise.v1.RemoveBackgroundRequest\x1a&.framewise.v1.RemoveBackgroundResponse\x12\x46\n\x07Segment\x12\x1c.framewise.v1.SegmentRequest\x1a\x1d.framewise.v1.SegmentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'framewise.v1.vision_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MATTEFORMAT']._serialized_start=1377
-  _globals['_MATTEFORMAT']._serialized_end=1475
+  _globals['_MATTEFORMAT']._serialized_start=1789
+  _globals['_MATTEFORMAT']._serialized_end=1887
   _globals['_DETECTREQUEST']._serialized_start=79
   _globals['_DETECTREQUEST']._serialized_end=321
   _globals['_DETECTRESPONSE']._serialized_start=324
@@ -41,15 +41,15 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DETECTION']._serialized_start=509
   _globals['_DETECTION']._serialized_end=608
   _globals['_REMOVEBACKGROUNDREQUEST']._serialized_start=611
-  _globals['_REMOVEBACKGROUNDREQUEST']._serialized_end=770
-  _globals['_REMOVEBACKGROUNDRESPONSE']._serialized_start=773
-  _globals['_REMOVEBACKGROUNDRESPONSE']._serialized_end=922
-  _globals['_SEGMENTREQUEST']._serialized_start=925
-  _globals['_SEGMENTREQUEST']._serialized_end=1073
-  _globals['_SEGMENTRESPONSE']._serialized_start=1076
-  _globals['_SEGMENTRESPONSE']._serialized_end=1242
-  _globals['_MASKCANDIDATE']._serialized_start=1245
-  _globals['_MASKCANDIDATE']._serialized_end=1375
-  _globals['_VISIONSERVICE']._serialized_start=1478
-  _globals['_VISIONSERVICE']._serialized_end=1733
+  _globals['_REMOVEBACKGROUNDREQUEST']._serialized_end=901
+  _globals['_REMOVEBACKGROUNDRESPONSE']._serialized_start=904
+  _globals['_REMOVEBACKGROUNDRESPONSE']._serialized_end=1334
+  _globals['_SEGMENTREQUEST']._serialized_start=1337
+  _globals['_SEGMENTREQUEST']._serialized_end=1485
+  _globals['_SEGMENTRESPONSE']._serialized_start=1488
+  _globals['_SEGMENTRESPONSE']._serialized_end=1654
+  _globals['_MASKCANDIDATE']._serialized_start=1657
+  _globals['_MASKCANDIDATE']._serialized_end=1787
+  _globals['_VISIONSERVICE']._serialized_start=1890
+  _globals['_VISIONSERVICE']._serialized_end=2145
 # @@protoc_insertion_point(module_scope)

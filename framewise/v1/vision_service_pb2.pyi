@@ -30,7 +30,9 @@ class _MatteFormatEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MatteForm
     MATTE_FORMAT_ALPHA_PNG: _MatteFormat.ValueType  # 1
     """8-bit grayscale PNG: the alpha matte alone."""
     MATTE_FORMAT_RGBA_PNG: _MatteFormat.ValueType  # 2
-    """8-bit RGBA PNG: the input pixels with the matte as alpha channel."""
+    """8-bit RGBA PNG: the input pixels with the matte as alpha channel. With a COLOR, IMAGE or
+    KEEP background: the resulting picture, an 8-bit RGB PNG.
+    """
 
 class MatteFormat(_MatteFormat, metaclass=_MatteFormatEnumTypeWrapper):
     """Output of background removal."""
@@ -39,7 +41,9 @@ MATTE_FORMAT_UNSPECIFIED: MatteFormat.ValueType  # 0
 MATTE_FORMAT_ALPHA_PNG: MatteFormat.ValueType  # 1
 """8-bit grayscale PNG: the alpha matte alone."""
 MATTE_FORMAT_RGBA_PNG: MatteFormat.ValueType  # 2
-"""8-bit RGBA PNG: the input pixels with the matte as alpha channel."""
+"""8-bit RGBA PNG: the input pixels with the matte as alpha channel. With a COLOR, IMAGE or
+KEEP background: the resulting picture, an 8-bit RGB PNG.
+"""
 Global___MatteFormat: _TypeAlias = MatteFormat  # noqa: Y015
 
 @_typing.final
@@ -169,18 +173,59 @@ Global___Detection: _TypeAlias = Detection  # noqa: Y015
 
 @_typing.final
 class RemoveBackgroundRequest(_message.Message):
+    """What comes back, by `format` and `background.mode`:
+      MATTE_FORMAT_ALPHA_PNG: the matte alone (8-bit grayscale PNG); `background` must be unset.
+      background unset or BACKGROUND_MODE_TRANSPARENT: the RGBA cut-out (8-bit RGBA PNG).
+      BACKGROUND_MODE_COLOR / BACKGROUND_MODE_IMAGE: the subject composited over the new
+        background, an 8-bit RGB PNG (nothing is transparent any more).
+      BACKGROUND_MODE_KEEP: the original pixels (of the crop) as an 8-bit RGB PNG, and no matting
+        model is run: with crop_person this is "the person's crop, untouched".
+    The output covers the whole image, `crop`, or with crop_person the chosen person's box grown
+    by a margin of 15% of its size on each side (clamped to the image).
+
+    Errors beside the service's: INVALID_ARGUMENT for a background image that is not an image
+    (field `background.image...`), a colour that is not a colour (`background.color`), an
+    image_upload_id (jobs only), ALPHA_PNG with a background, crop together with crop_person,
+    person_index out of range or without crop_person, feather_px outside [0, 64];
+    FAILED_PRECONDITION when crop_person finds no person in the image.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     IMAGE_FIELD_NUMBER: _builtins.int
     CROP_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    BACKGROUND_FIELD_NUMBER: _builtins.int
+    FEATHER_PX_FIELD_NUMBER: _builtins.int
+    CROP_PERSON_FIELD_NUMBER: _builtins.int
+    PERSON_INDEX_FIELD_NUMBER: _builtins.int
     format: Global___MatteFormat.ValueType
-    """Unset: MATTE_FORMAT_RGBA_PNG."""
+    """Unset: MATTE_FORMAT_RGBA_PNG (which, with a COLOR, IMAGE or KEEP background, is an RGB PNG)."""
+    feather_px: _builtins.float
+    """Edge feathering: the matte's edges are softened over this many pixels (a Gaussian blur of
+    the matte, sigma = feather_px / 2) before it is used. 0: the model's matte as it is.
+    Within [0, 64]; not with BACKGROUND_MODE_KEEP (no matte is used there).
+    """
+    crop_person: _builtins.bool
+    """Detect persons first and process only the chosen one (by default the largest), cropped
+    with a margin; the response says which box was used.
+    """
+    person_index: _builtins.int
+    """With crop_person: the n-th detected person, highest detection score first (0-based).
+    Unset: the person with the largest box.
+    """
     @_builtins.property
     def image(self) -> _common_pb2.Image: ...
     @_builtins.property
     def crop(self) -> _common_pb2.BoundingBox:
-        """Process only this region; the output then has the crop's size."""
+        """Process only this region; the output then has the crop's size. Not with crop_person."""
+
+    @_builtins.property
+    def background(self) -> _common_pb2.Background:
+        """The new background. Unset: BACKGROUND_MODE_TRANSPARENT (the cut-out). A background image
+        (`background.image`) is fitted to the output's size and decoded under the same limits as
+        `image`; `background.image_upload_id` is for jobs only and refused here.
+        """
 
     def __init__(
         self,
@@ -188,14 +233,23 @@ class RemoveBackgroundRequest(_message.Message):
         image: _common_pb2.Image | None = ...,
         crop: _common_pb2.BoundingBox | None = ...,
         format: Global___MatteFormat.ValueType = ...,
+        background: _common_pb2.Background | None = ...,
+        feather_px: _builtins.float = ...,
+        crop_person: _builtins.bool = ...,
+        person_index: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_crop", b"_crop", "crop", b"crop", "image", b"image"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_crop", b"_crop", "_person_index", b"_person_index", "background", b"background", "crop", b"crop", "image", b"image", "person_index", b"person_index"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crop", b"_crop", "crop", b"crop", "format", b"format", "image", b"image"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_crop", b"_crop", "_person_index", b"_person_index", "background", b"background", "crop", b"crop", "crop_person", b"crop_person", "feather_px", b"feather_px", "format", b"format", "image", b"image", "person_index", b"person_index"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__crop: _TypeAlias = _typing.Literal["crop"]  # noqa: Y015
     _WhichOneofArgType__crop: _TypeAlias = _typing.Literal["_crop", b"_crop"]  # noqa: Y015
+    _WhichOneofReturnType__person_index: _TypeAlias = _typing.Literal["person_index"]  # noqa: Y015
+    _WhichOneofArgType__person_index: _TypeAlias = _typing.Literal["_person_index", b"_person_index"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__crop) -> _WhichOneofReturnType__crop | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__person_index) -> _WhichOneofReturnType__person_index | None: ...
 
 Global___RemoveBackgroundRequest: _TypeAlias = RemoveBackgroundRequest  # noqa: Y015
 
@@ -208,13 +262,55 @@ class RemoveBackgroundResponse(_message.Message):
     HEIGHT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     TIMINGS_FIELD_NUMBER: _builtins.int
+    BACKGROUND_MODE_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    OUTPUT_BOX_FIELD_NUMBER: _builtins.int
+    PERSON_BOX_FIELD_NUMBER: _builtins.int
+    PERSONS_FOUND_FIELD_NUMBER: _builtins.int
+    PERSON_INDEX_FIELD_NUMBER: _builtins.int
+    DETECTION_MODEL_FIELD_NUMBER: _builtins.int
     png: _builtins.bytes
+    """The PNG described on RemoveBackgroundRequest; `channels` says which kind it is."""
     width: _builtins.int
     height: _builtins.int
+    background_mode: _common_pb2.BackgroundMode.ValueType
+    """The background that was applied (TRANSPARENT when none was asked for); UNSPECIFIED for
+    MATTE_FORMAT_ALPHA_PNG.
+    """
+    channels: _builtins.int
+    """Channels of the PNG: 1 (the matte, grayscale), 3 (RGB, composited or kept) or 4 (RGBA)."""
+    persons_found: _builtins.int
+    """With crop_person: how many persons the detector found, and which one was chosen
+    (0-based, highest score first).
+    """
+    person_index: _builtins.int
+    """With crop_person: see persons_found."""
     @_builtins.property
-    def model(self) -> _common_pb2.ModelRef: ...
+    def model(self) -> _common_pb2.ModelRef:
+        """The matting model that made the matte; unset with BACKGROUND_MODE_KEEP (none runs)."""
+
     @_builtins.property
-    def timings(self) -> _common_pb2.Timings: ...
+    def timings(self) -> _common_pb2.Timings:
+        """Detection and matting together: each stage is the sum over both models, total is the
+        whole request.
+        """
+
+    @_builtins.property
+    def output_box(self) -> _common_pb2.BoundingBox:
+        """The region of the original image the output covers, in original pixels (the whole image
+        unless crop or crop_person was used).
+        """
+
+    @_builtins.property
+    def person_box(self) -> _common_pb2.BoundingBox:
+        """With crop_person: the chosen person's detection box, in original pixels (output_box is
+        this box grown by the margin).
+        """
+
+    @_builtins.property
+    def detection_model(self) -> _common_pb2.ModelRef:
+        """With crop_person: the detection model that found the person."""
+
     def __init__(
         self,
         *,
@@ -223,12 +319,21 @@ class RemoveBackgroundResponse(_message.Message):
         height: _builtins.int = ...,
         model: _common_pb2.ModelRef | None = ...,
         timings: _common_pb2.Timings | None = ...,
+        background_mode: _common_pb2.BackgroundMode.ValueType = ...,
+        channels: _builtins.int = ...,
+        output_box: _common_pb2.BoundingBox | None = ...,
+        person_box: _common_pb2.BoundingBox | None = ...,
+        persons_found: _builtins.int = ...,
+        person_index: _builtins.int = ...,
+        detection_model: _common_pb2.ModelRef | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "timings", b"timings"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_person_box", b"_person_box", "detection_model", b"detection_model", "model", b"model", "output_box", b"output_box", "person_box", b"person_box", "timings", b"timings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["height", b"height", "model", b"model", "png", b"png", "timings", b"timings", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_person_box", b"_person_box", "background_mode", b"background_mode", "channels", b"channels", "detection_model", b"detection_model", "height", b"height", "model", b"model", "output_box", b"output_box", "person_box", b"person_box", "person_index", b"person_index", "persons_found", b"persons_found", "png", b"png", "timings", b"timings", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__person_box: _TypeAlias = _typing.Literal["person_box"]  # noqa: Y015
+    _WhichOneofArgType__person_box: _TypeAlias = _typing.Literal["_person_box", b"_person_box"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__person_box) -> _WhichOneofReturnType__person_box | None: ...
 
 Global___RemoveBackgroundResponse: _TypeAlias = RemoveBackgroundResponse  # noqa: Y015
 

@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class VisionServiceStub:
-    """Single-image inference: object detection (YOLOv8), background removal (BiRefNet) and
-    prompted segmentation (SAM 2).
+    """Single-image inference: object detection (YOLOv8), background removal (U2-Netp on the CPU
+    default, BiRefNet-lite on a GPU) and prompted segmentation (SAM 2).
 
     Errors: INVALID_ARGUMENT for input the client must fix (with google.rpc.BadRequest details
     naming the field), RESOURCE_EXHAUSTED for an image over the configured size limit,
@@ -59,8 +59,8 @@ class VisionServiceStub:
 
 
 class VisionServiceServicer:
-    """Single-image inference: object detection (YOLOv8), background removal (BiRefNet) and
-    prompted segmentation (SAM 2).
+    """Single-image inference: object detection (YOLOv8), background removal (U2-Netp on the CPU
+    default, BiRefNet-lite on a GPU) and prompted segmentation (SAM 2).
 
     Errors: INVALID_ARGUMENT for input the client must fix (with google.rpc.BadRequest details
     naming the field), RESOURCE_EXHAUSTED for an image over the configured size limit,
@@ -77,7 +77,9 @@ class VisionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RemoveBackground(self, request, context):
-        """Removes the background of one image (optionally of a crop of it) and returns a PNG.
+        """Removes the background of one image (optionally of a crop of it, or of the person the
+        detector finds) and returns a PNG: the matte, the RGBA cut-out, or the subject composited
+        over a colour or a picture (see RemoveBackgroundRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,8 +120,8 @@ def add_VisionServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class VisionService:
-    """Single-image inference: object detection (YOLOv8), background removal (BiRefNet) and
-    prompted segmentation (SAM 2).
+    """Single-image inference: object detection (YOLOv8), background removal (U2-Netp on the CPU
+    default, BiRefNet-lite on a GPU) and prompted segmentation (SAM 2).
 
     Errors: INVALID_ARGUMENT for input the client must fix (with google.rpc.BadRequest details
     naming the field), RESOURCE_EXHAUSTED for an image over the configured size limit,

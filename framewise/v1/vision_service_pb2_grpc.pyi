@@ -27,8 +27,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class VisionServiceStub:
-    """Single-image inference: object detection (YOLOv8), background removal (BiRefNet) and
-    prompted segmentation (SAM 2).
+    """Single-image inference: object detection (YOLOv8), background removal (U2-Netp on the CPU
+    default, BiRefNet-lite on a GPU) and prompted segmentation (SAM 2).
 
     Errors: INVALID_ARGUMENT for input the client must fix (with google.rpc.BadRequest details
     naming the field), RESOURCE_EXHAUSTED for an image over the configured size limit,
@@ -45,7 +45,10 @@ class VisionServiceStub:
     at most 100 detections.
     """
     RemoveBackground: _grpc.UnaryUnaryMultiCallable[_vision_service_pb2.RemoveBackgroundRequest, _vision_service_pb2.RemoveBackgroundResponse]
-    """Removes the background of one image (optionally of a crop of it) and returns a PNG."""
+    """Removes the background of one image (optionally of a crop of it, or of the person the
+    detector finds) and returns a PNG: the matte, the RGBA cut-out, or the subject composited
+    over a colour or a picture (see RemoveBackgroundRequest).
+    """
     Segment: _grpc.UnaryUnaryMultiCallable[_vision_service_pb2.SegmentRequest, _vision_service_pb2.SegmentResponse]
     """Segments one image from box and/or point prompts and returns every candidate mask with
     its predicted IoU.
@@ -53,8 +56,8 @@ class VisionServiceStub:
 
 @_typing.type_check_only
 class VisionServiceAsyncStub(VisionServiceStub):
-    """Single-image inference: object detection (YOLOv8), background removal (BiRefNet) and
-    prompted segmentation (SAM 2).
+    """Single-image inference: object detection (YOLOv8), background removal (U2-Netp on the CPU
+    default, BiRefNet-lite on a GPU) and prompted segmentation (SAM 2).
 
     Errors: INVALID_ARGUMENT for input the client must fix (with google.rpc.BadRequest details
     naming the field), RESOURCE_EXHAUSTED for an image over the configured size limit,
@@ -68,15 +71,18 @@ class VisionServiceAsyncStub(VisionServiceStub):
     at most 100 detections.
     """
     RemoveBackground: _aio.UnaryUnaryMultiCallable[_vision_service_pb2.RemoveBackgroundRequest, _vision_service_pb2.RemoveBackgroundResponse]  # type: ignore[assignment]
-    """Removes the background of one image (optionally of a crop of it) and returns a PNG."""
+    """Removes the background of one image (optionally of a crop of it, or of the person the
+    detector finds) and returns a PNG: the matte, the RGBA cut-out, or the subject composited
+    over a colour or a picture (see RemoveBackgroundRequest).
+    """
     Segment: _aio.UnaryUnaryMultiCallable[_vision_service_pb2.SegmentRequest, _vision_service_pb2.SegmentResponse]  # type: ignore[assignment]
     """Segments one image from box and/or point prompts and returns every candidate mask with
     its predicted IoU.
     """
 
 class VisionServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Single-image inference: object detection (YOLOv8), background removal (BiRefNet) and
-    prompted segmentation (SAM 2).
+    """Single-image inference: object detection (YOLOv8), background removal (U2-Netp on the CPU
+    default, BiRefNet-lite on a GPU) and prompted segmentation (SAM 2).
 
     Errors: INVALID_ARGUMENT for input the client must fix (with google.rpc.BadRequest details
     naming the field), RESOURCE_EXHAUSTED for an image over the configured size limit,
@@ -100,7 +106,10 @@ class VisionServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _vision_service_pb2.RemoveBackgroundRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_vision_service_pb2.RemoveBackgroundResponse, _abc.Awaitable[_vision_service_pb2.RemoveBackgroundResponse]]:
-        """Removes the background of one image (optionally of a crop of it) and returns a PNG."""
+        """Removes the background of one image (optionally of a crop of it, or of the person the
+        detector finds) and returns a PNG: the matte, the RGBA cut-out, or the subject composited
+        over a colour or a picture (see RemoveBackgroundRequest).
+        """
 
     @_abc_1.abstractmethod
     def Segment(

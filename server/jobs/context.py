@@ -92,12 +92,13 @@ class JobContext:
 
     # ---------------------------------------------------------------- events
 
-    async def stage(self, stage: int, percent: float, message: str, *, completes: bool = False) -> None:
+    async def stage(self, stage: int, percent: float, message: str, *, completes: bool = False, person: int = 0) -> None:
         """A stage_update event; the operation's stage/percent/message follow it.
 
         ``completes``: this event is the running stage's last act (its files and state are
         saved), so the stage's checkpoint is stored in the same commit. A crash can then no
-        longer fall between the two and run the stage, and its events, a second time."""
+        longer fall between the two and run the stage, and its events, a second time.
+        ``person``: the person (1-based) the event is about in an all-persons talking video."""
         self.check_cancelled()
         self.current_stage = stage
         checkpoint = self.checkpoint if completes else None
@@ -106,17 +107,17 @@ class JobContext:
         update = OperationUpdate(
             state=JobState.RUNNING, stage=stage, percent=percent, message=message, last_completed_stage=checkpoint
         )
-        payload = jobs_pb2.StageUpdate(stage=stage, percent=percent, message=message)  # type: ignore[arg-type]
+        payload = jobs_pb2.StageUpdate(stage=stage, percent=percent, message=message, person=person)  # type: ignore[arg-type]
         await self.bus.emit(self.name, "stage_update", payload.SerializeToString(), update=update)
         if checkpoint is not None:
             self.checkpoint_stored = True
 
-    async def progress(self, percent: float, message: str, *, done: int = 0, total: int = 0) -> None:
-        """A progress_update event within the current stage."""
+    async def progress(self, percent: float, message: str, *, done: int = 0, total: int = 0, person: int = 0) -> None:
+        """A progress_update event within the current stage (``person`` as in :meth:`stage`)."""
         self.check_cancelled()
         update = OperationUpdate(percent=percent, message=message)
         payload = jobs_pb2.ProgressUpdate(
-            stage=self.current_stage, percent=percent, message=message, done=done, total=total  # type: ignore[arg-type]
+            stage=self.current_stage, percent=percent, message=message, done=done, total=total, person=person  # type: ignore[arg-type]
         )
         await self.bus.emit(self.name, "progress_update", payload.SerializeToString(), update=update)
 
@@ -133,6 +134,7 @@ class JobContext:
             description=f"{failure.description} (attempt {self.failed_attempts}; retrying in {delay_s:.2f} s)",
             will_retry=True,
             attempt=self.failed_attempts,
+            person=failure.person,
         )
         await self.bus.emit(self.name, "error", payload.SerializeToString(), terminal=False)
 

@@ -308,6 +308,7 @@ class JobExecutor:
             description=failure.description,
             will_retry=False,
             attempt=failure.attempts,
+            person=failure.person,
         )
         message = f"{failure.kind}: {failure.description}"
         await self.bus.emit(

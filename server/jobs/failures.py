@@ -10,18 +10,22 @@
 
 A pipeline raises :class:`JobFailure`; anything else that escapes a stage is a bug and is
 reported as an INTERNAL, permanent failure (never retried: it would fail the same way).
+
+A failure's description goes to the client (Operation.error, the error events), so it never
+shows a server path: an absolute path in it is cut to its last part (``redact_paths``).
 """
 
 from __future__ import annotations
 
 import errno
+import re
 
 import grpc
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.did.errors import DIDError
 
-__all__ = ["RETRYABLE_CLASSES", "JobCancelled", "JobFailure", "from_did_error", "from_os_error"]
+__all__ = ["RETRYABLE_CLASSES", "JobCancelled", "JobFailure", "from_did_error", "from_os_error", "redact_paths"]
 
 RETRYABLE_CLASSES = frozenset({jobs_pb2.ERROR_CLASS_RECOVERABLE, jobs_pb2.ERROR_CLASS_EXTERNAL})
 
@@ -47,6 +51,7 @@ class JobFailure(Exception):
         code: grpc.StatusCode | None = None,
         retry_after_s: float | None = None,
     ) -> None:
+        description = redact_paths(description)
         super().__init__(f"{kind}: {description}")
         self.error_class = error_class
         self.kind = kind
@@ -55,6 +60,9 @@ class JobFailure(Exception):
         self.retry_after_s = retry_after_s
         # Whole-stage attempts made when the job gave up (set by the runner).
         self.attempts = 1
+        # The person (1-based rank) whose work failed in an all-persons talking video; 0 when the
+        # failure is the whole job's. Carried into the error events' JobError.person.
+        self.person = 0
 
     @property
     def retryable(self) -> bool:
@@ -106,9 +114,20 @@ def from_os_error(error: OSError) -> JobFailure | None:
     (a bug or a missing file: the caller's generic handling applies)."""
     if error.errno not in (errno.ENOSPC, errno.EDQUOT):
         return None
-    where = f" writing {error.filename}" if error.filename else ""
+    where = f" writing {redact_paths(str(error.filename))}" if error.filename else ""
     return JobFailure.resource(
         "disk_full",
         f"the server ran out of disk space{where} ({error.strerror}); an operator must free space on the "
         "storage volume (or shorten --retention-*), then the job can be submitted again",
     )
+
+
+# An absolute path of two or more parts, not inside a URL ("http://host/a/b": the lookbehind
+# refuses a "/" after ":", "/" or a word character) nor a fraction ("1/2").
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/~-])/(?:[^\s/'\"(),;:]+/)+([^\s/'\"(),;:]*)")
+
+
+def redact_paths(text: str) -> str:
+    """``text`` with every absolute server path cut to ".../<last part>": a client learns which
+    file (frames.png), never where the server keeps it."""
+    return _ABSOLUTE_PATH.sub(lambda m: f".../{m.group(1)}", text)

@@ -355,7 +355,9 @@ def _check_prompt_shape(prompt: ObjectPrompt) -> None:
         raise InvalidInput("a prompt is needed on the prompt frame: set box and/or points", "box")
     if prompt.box is not None:
         x1, y1, x2, y2 = prompt.box
-        if not all(math.isfinite(v) for v in prompt.box) or not (x2 > x1 and y2 > y1):
+        if not all(math.isfinite(v) for v in prompt.box):
+            raise InvalidInput(f"box ({x1}, {y1}, {x2}, {y2}) is not made of finite numbers (NaN or infinity)", "box")
+        if not (x2 > x1 and y2 > y1):
             raise InvalidInput(
                 f"box ({x1}, {y1}, {x2}, {y2}) has zero or negative area: x2 > x1 and y2 > y1 are required", "box"
             )

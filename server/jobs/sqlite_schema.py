@@ -8,6 +8,7 @@ import sqlite3
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from server.errors import shown
 from server.jobs.store import ArtifactRecord, EventRecord, JobState, OperationRecord
 
 _MIGRATIONS: list[str] = [
@@ -161,7 +162,7 @@ def _decode_token(token: str, scope: list) -> tuple[int, str]:
         if not isinstance(create_us, int) or not isinstance(name, str):
             raise TypeError
     except (ValueError, TypeError) as exc:
-        raise ValueError(f"page_token {token!r} is not one this server issued") from exc
+        raise ValueError(f"page_token {shown(token)} is not one this server issued") from exc
     if issued_for != scope:
         raise ValueError("page_token was issued for another filter; list again from the first page with this filter")
     return create_us, name

@@ -36,6 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+from server.errors import shown
 from server.jobs.sqlite_schema import (  # noqa: F401 - re-exported
     _ARTIFACT_COLUMNS,
     _EPOCH,
@@ -240,7 +241,7 @@ class SqliteJobStore:
             return None
         existing = _op_from_row(row)
         if existing.kind != kind:
-            raise RequestIdConflictError(f"request_id {request_id!r} was used for {existing.name} of another kind")
+            raise RequestIdConflictError(f"request_id {shown(request_id)} was used for {existing.name} of another kind")
         return existing
 
     async def get_operation(self, name: str) -> OperationRecord:

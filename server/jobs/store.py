@@ -28,6 +28,8 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
+from server.errors import shown
+
 __all__ = [
     "TERMINAL_EVENT_TYPES",
     "ArtifactRecord",
@@ -84,14 +86,14 @@ class OperationNotFoundError(JobStoreError, KeyError):
         self.name = name
 
     def __str__(self) -> str:
-        return f"operation {self.name!r} not found"
+        return f"operation {shown(self.name)} not found"
 
 
 class OperationNotFinishedError(JobStoreError):
     """The operation is still QUEUED or RUNNING (gRPC: FAILED_PRECONDITION)."""
 
     def __init__(self, name: str, state: JobState) -> None:
-        super().__init__(f"operation {name!r} is {state.name}, not finished")
+        super().__init__(f"operation {shown(name)} is {state.name}, not finished")
         self.name = name
         self.state = state
 

@@ -9,13 +9,14 @@ A job that reads an upload should ``storage.keep(info.path.parent)`` while it ru
 uploads retention cannot remove the file under it.
 
 The gRPC servicer maps the exceptions to status codes: ``UploadInvalid`` -> INVALID_ARGUMENT,
-``UploadTooLarge`` -> INVALID_ARGUMENT (or OUT_OF_RANGE), ``UploadNotFound`` -> NOT_FOUND, with
-``field`` as the BadRequest field violation.
+``UploadTooLarge`` and ``UploadNoSpace`` (the disk filled up) -> RESOURCE_EXHAUSTED,
+``UploadNotFound`` -> NOT_FOUND, with ``field`` as the BadRequest field violation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import logging
@@ -31,13 +32,14 @@ from typing import Any, BinaryIO, TypeVar
 
 import grpc
 
-from server.errors import FieldViolation, InvalidInput, ServiceError, TooLarge
+from server.errors import FieldViolation, InvalidInput, ServiceError, TooLarge, shown
 from server.jobs.storage import StorageManager, validate_relative_path
 
 __all__ = [
     "UploadError",
     "UploadInfo",
     "UploadInvalid",
+    "UploadNoSpace",
     "UploadNotFound",
     "UploadStore",
     "UploadTooLarge",
@@ -73,6 +75,10 @@ class UploadTooLarge(UploadError):
 
 class UploadNotFound(UploadError):
     pass
+
+
+class UploadNoSpace(UploadError):
+    """The server's disk (or quota) filled up while storing the upload: not the caller's fault."""
 
 
 @dataclass(frozen=True)
@@ -136,8 +142,15 @@ class UploadStore:
             data = await _uninterruptible(self._storage.place(temp, "uploads", f"{upload_id}/{_DATA_NAME}"))
             # meta.json last: get() needs it, so a half-committed upload is never found.
             await _uninterruptible(self._storage.place(meta_temp, "uploads", f"{upload_id}/{_META_NAME}"))
-        except BaseException:
+        except BaseException as exc:
             await _uninterruptible(asyncio.to_thread(_discard, temp, meta_temp, upload_dir))
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                log.error("upload refused: the storage is out of space", extra={"error": str(exc)})
+                raise UploadNoSpace(
+                    f"the server ran out of disk space while storing the upload ({exc.strerror}); nothing was kept. "
+                    "Retry later: an operator must free space on the server",
+                    field="",
+                ) from None
             raise
         log.info("upload %s received: kind %d, %d bytes, sha256 %s", upload_id, kind, size_bytes, actual_sha)
         return UploadInfo(
@@ -220,11 +233,11 @@ class UploadStore:
             )
         except FileNotFoundError:
             raise UploadNotFound(
-                f"upload {upload_id} not found (never received, expired or deleted)", field="upload_id"
+                f"upload {shown(upload_id)} not found (never received, expired or deleted)", field="upload_id"
             ) from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("upload %s has unreadable metadata: %s", upload_id, exc)
-            raise UploadNotFound(f"upload {upload_id} not found (unreadable metadata)", field="upload_id") from exc
+            raise UploadNotFound(f"upload {shown(upload_id)} not found (unreadable metadata)", field="upload_id") from exc
         return info
 
     async def delete(self, upload_id: str) -> None:
@@ -233,7 +246,7 @@ class UploadStore:
         try:
             await asyncio.to_thread(shutil.rmtree, upload_dir)
         except FileNotFoundError:
-            raise UploadNotFound(f"upload {upload_id} not found", field="upload_id") from None
+            raise UploadNotFound(f"upload {shown(upload_id)} not found", field="upload_id") from None
 
     def _upload_dir(self, upload_id: str) -> Path:
         if _UPLOAD_ID.fullmatch(upload_id) is None:
@@ -251,13 +264,25 @@ def resolve_server_path(root: Path | None, relative: str) -> Path:
     try:
         validate_relative_path(relative)
     except ValueError as exc:
-        raise UploadInvalid(f"server_path {relative!r}: {exc}", field="server_path") from None
+        raise UploadInvalid(f"server_path {shown(relative)}: {exc}", field="server_path") from None
     base = root.resolve()
-    candidate = (base / relative).resolve()
-    if not candidate.is_relative_to(base):
-        raise UploadInvalid(f"server_path {relative!r} resolves outside the media root", field="server_path")
-    if not candidate.is_file():
-        raise UploadNotFound(f"server_path {relative!r} does not exist or is not a regular file", field="server_path")
+    try:
+        candidate = (base / relative).resolve()
+        if not candidate.is_relative_to(base):
+            raise UploadInvalid(f"server_path {shown(relative)} resolves outside the media root", field="server_path")
+        if not candidate.is_file():
+            raise UploadNotFound(f"server_path {shown(relative)} does not exist or is not a regular file", field="server_path")
+    except RuntimeError:  # Python 3.11's Path.resolve reports a symlink loop this way
+        raise UploadInvalid(f"server_path {shown(relative)} cannot name a file: it loops through symlinks", field="server_path") from None
+    except OSError as exc:
+        # The path itself is at fault (a part over NAME_MAX, the whole over PATH_MAX, a symlink
+        # loop): the caller must change it. The OS message is not quoted: it holds the full path.
+        if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP):
+            why = "a part of it or the whole is too long" if exc.errno == errno.ENAMETOOLONG else "it loops through symlinks"
+            raise UploadInvalid(f"server_path {shown(relative)} cannot name a file: {why}", field="server_path") from None
+        raise UploadNotFound(
+            f"server_path {shown(relative)} cannot be read ({exc.strerror})", field="server_path"
+        ) from None
     return candidate
 
 
@@ -309,9 +334,11 @@ def _discard(temp: Path, meta_temp: Path, upload_dir: Path) -> None:
 
 def upload_status(exc: UploadError, field: str | None = None) -> ServiceError:
     """An upload error as the API's status: NOT_FOUND for an unknown or expired upload,
-    RESOURCE_EXHAUSTED over the size limit, INVALID_ARGUMENT otherwise; ``field`` names the
+    RESOURCE_EXHAUSTED over the size limit or on a full disk, INVALID_ARGUMENT otherwise; ``field`` names the
     request field the caller knows (audio_upload_id), else the error's own."""
     name = field or exc.field
+    if isinstance(exc, UploadNoSpace):
+        return ServiceError(str(exc), code=grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after_s=60.0)
     if isinstance(exc, UploadNotFound):
         return ServiceError(str(exc), [FieldViolation(name, str(exc))] if name else [], grpc.StatusCode.NOT_FOUND)
     if isinstance(exc, UploadTooLarge):

@@ -23,8 +23,9 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry, generate_latest
 
 from server.aio import cancel_and_wait
-from server.app import JOB_DEGRADABLE_MODELS, SERVICE_MODELS, SERVICES
+from server.app import CACHED_MODELS, JOB_DEGRADABLE_MODELS, SERVICE_MODELS, SERVICES
 from server.app_jobs import job_admission, job_pipelines, storage_config
+from server.cache.result_cache import result_cache_for
 from server.health import TritonMonitor
 from server.jobs.executor import JobExecutor, RetryPolicy
 from server.jobs.ipc import WorkerSettings, read_message, write_message
@@ -63,11 +64,21 @@ class JobWorker:
             self.metrics,
             interval_s=config.health_interval_s,
             degradable_models=JOB_DEGRADABLE_MODELS,
+            reread_models=CACHED_MODELS,
         )
         self.inference = InferenceRunner(self.client, self.metrics, shm_slots_per_model=settings.triton_shm_slots)
-        detection = DetectionPipeline(self.inference, self.monitor, self.metrics, max_pixels=config.max_image_pixels)
+        # The serving process's cache file (it cleared it before starting this process): what a
+        # job computes, an RPC finds, and the other way round.
+        self.result_cache = result_cache_for(config, self.metrics)
+        detection = DetectionPipeline(
+            self.inference, self.monitor, self.metrics, max_pixels=config.max_image_pixels, cache=self.result_cache
+        )
         matting = MattingPipeline(
-            self.inference, self.monitor, max_pixels=config.max_image_pixels, metrics=self.metrics
+            self.inference,
+            self.monitor,
+            max_pixels=config.max_image_pixels,
+            metrics=self.metrics,
+            cache=self.result_cache,
         )
         tracking = TrackingEngine(
             self.inference, self.monitor, max_pixels=config.max_image_pixels, max_objects=config.max_objects_per_session
@@ -88,6 +99,8 @@ class JobWorker:
 
     async def serve(self) -> None:
         """Until SIGTERM, or until the serving process closes the channel (it is gone)."""
+        if self.result_cache is not None:
+            await self.result_cache.open()
         await self.monitor.refresh()
         await self.monitor.start()
         stop = asyncio.Event()
@@ -155,6 +168,8 @@ class JobWorker:
         await self.monitor.stop()
         await self.inference.close()
         await self.client.close()
+        if self.result_cache is not None:
+            await self.result_cache.close()
         if self.did_http is not None:
             await self.did_http.aclose()
         with contextlib.suppress(ConnectionError):

@@ -8,13 +8,16 @@ other classes) need no code change.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from framewise.v1 import common_pb2
-from server.errors import InvalidInput
+from server.cache.keys import CacheKey
+from server.cache.result_cache import ResultCache
+from server.errors import InvalidInput, shown
 from server.health import TritonMonitor
 from server.metrics import Metrics
 from server.triton.model_spec import ModelSpec
@@ -48,6 +51,9 @@ class DetectionResult:
     height: int
     model: ModelSpec
     timings_ms: dict[str, float]
+    # True when the result came from the result cache (same image, model and options before):
+    # no decode, no Triton request, timings_ms["triton"] is 0.
+    from_cache: bool = False
 
 
 @dataclass(frozen=True)
@@ -80,12 +86,14 @@ class DetectionPipeline:
         *,
         model_name: str = "yolov8",
         max_pixels: int = 50_000_000,
+        cache: ResultCache | None = None,
     ) -> None:
         self.runner = runner
         self.monitor = monitor
         self.metrics = metrics
         self.model_name = model_name
         self.max_pixels = max_pixels
+        self.cache = cache
         self._cached: tuple[ModelSpec, _YoloContract] | None = None
 
     def _contract(self, spec: ModelSpec) -> _YoloContract:
@@ -104,6 +112,22 @@ class DetectionPipeline:
         spec = self.monitor.require_ready(self.model_name)
         contract = self._contract(spec)
 
+        key: CacheKey | None = None
+        cache_s = 0.0
+        if self.cache is not None:
+            key = await self.cache.key("detection", spec, image, _cache_params(options))
+            value = await self.cache.get(key)
+            cache_s = time.perf_counter() - started
+            if value is not None:
+                # A hit needs no decode: the stored result holds the image size too. (A bad
+                # image is never stored, so its error still comes from the decode below.)
+                detections, width, height = _from_cache_value(value)
+                self.metrics.stage_latency.labels("detect", "cache").observe(cache_s)
+                timings_ms = dict.fromkeys(("decode", "preprocess", "triton", "postprocess"), 0.0)
+                timings_ms["cache"] = cache_s * 1e3
+                timings_ms["total"] = (time.perf_counter() - started) * 1e3
+                return DetectionResult(detections, width, height, spec, timings_ms, from_cache=True)
+
         decoded, canvas, mapping, decode_s, preprocess_s = await asyncio.to_thread(self._prepare, image, contract)
 
         remaining = None if timeout_s is None else timeout_s - (time.perf_counter() - started)
@@ -115,8 +139,14 @@ class DetectionPipeline:
             timeout_s=remaining,
         )
         detections = run.value
+        if self.cache is not None and key is not None:
+            stored = time.perf_counter()
+            await self.cache.put(key, _cache_value(detections, decoded.width, decoded.height))
+            cache_s += time.perf_counter() - stored
 
         timings = {"decode": decode_s, "preprocess": preprocess_s, "triton": run.triton_s, "postprocess": run.consume_s}
+        if self.cache is not None:
+            timings["cache"] = cache_s  # hashing the input, the lookup and storing the result
         for stage, seconds in timings.items():
             self.metrics.stage_latency.labels("detect", stage).observe(seconds)
         timings_ms = {k: v * 1e3 for k, v in timings.items()}
@@ -177,12 +207,34 @@ class DetectionPipeline:
             class_id = lookup.get(name.strip().lower())
             if class_id is None:
                 raise InvalidInput(
-                    f"unknown class name {name!r}; known names include {', '.join(class_names[:10])}, ... "
+                    f"unknown class name {shown(name)}; known names include {', '.join(class_names[:10])}, ... "
                     f"({len(class_names)} in all, see GetServerInfo)",
                     "class_names",
                 )
             chosen.add(class_id)
         return frozenset(chosen) if chosen else frozenset({lookup.get("person", 0)})
+
+
+def _cache_params(options: DetectOptions) -> dict[str, object]:
+    """Every option that changes the detections (the class names come with the model's spec)."""
+    classes = None if options.class_ids is None else sorted(options.class_ids)
+    return {"confidence": options.confidence, "iou": options.iou, "max": options.max_detections, "classes": classes}
+
+
+def _cache_value(detections: list[Detection], width: int, height: int) -> bytes:
+    # JSON writes floats with repr, which reads back as the same float: a hit answers the
+    # same numbers to the last bit.
+    rows = [[d.class_id, d.label, d.score, *d.box] for d in detections]
+    return json.dumps({"width": width, "height": height, "detections": rows}, separators=(",", ":")).encode()
+
+
+def _from_cache_value(value: bytes) -> tuple[list[Detection], int, int]:
+    stored = json.loads(value)
+    detections = [
+        Detection(int(c), str(label), float(score), (x1, y1, x2, y2))
+        for c, label, score, x1, y1, x2, y2 in stored["detections"]
+    ]
+    return detections, int(stored["width"]), int(stored["height"])
 
 
 def _label(names: tuple[str, ...], class_id: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,6 +10,11 @@ import numpy as np
 from framewise.v1 import common_pb2
 from server.errors import InvalidInput
 from server.pipelines import sam2_contract as sam2
+
+
+# Points per object prompt. SAM 2 is trained with up to about a dozen clicks; a cap keeps one
+# request from growing the decoder's prompt tensor without bound.
+MAX_POINTS = 64
 
 
 @dataclass(frozen=True)
@@ -29,8 +35,21 @@ def prompt_from_proto(
     object_id: int, box: common_pb2.BoundingBox | None, points: list[common_pb2.PointPrompt], field: str
 ) -> ObjectPrompt:
     """The API's box / point messages as an ObjectPrompt (coordinates still in image pixels)."""
+    if len(points) > MAX_POINTS:
+        raise InvalidInput(
+            f"{len(points)} points in one prompt; at most {MAX_POINTS} are accepted", f"{field}points"
+        )
+    if box is not None and not all(math.isfinite(v) for v in (box.x1, box.y1, box.x2, box.y2)):
+        raise InvalidInput(
+            f"box ({box.x1}, {box.y1}, {box.x2}, {box.y2}) is not made of finite numbers (NaN or infinity)", f"{field}box"
+        )
     parsed = []
     for point in points:
+        if not (math.isfinite(point.point.x) and math.isfinite(point.point.y)):
+            raise InvalidInput(
+                f"point ({point.point.x}, {point.point.y}) is not made of finite numbers (NaN or infinity)",
+                f"{field}points.point",
+            )
         if point.label not in (common_pb2.POINT_LABEL_POSITIVE, common_pb2.POINT_LABEL_NEGATIVE):
             raise InvalidInput(
                 "every point needs a label: POINT_LABEL_POSITIVE or POINT_LABEL_NEGATIVE", f"{field}points.label"
@@ -49,6 +68,8 @@ def check_inside(prompt: ObjectPrompt, width: int, height: int, field: str) -> N
     field = f"{field}." if field else ""
     if prompt.box is not None:
         x1, y1, x2, y2 = prompt.box
+        if not all(math.isfinite(v) for v in prompt.box):
+            raise InvalidInput(f"box ({x1}, {y1}, {x2}, {y2}) is not made of finite numbers (NaN or infinity)", f"{field}box")
         if not (x2 > x1 and y2 > y1):
             raise InvalidInput(
                 f"box ({x1}, {y1}, {x2}, {y2}) has zero or negative area: x2 > x1 and y2 > y1 are required",
@@ -57,6 +78,8 @@ def check_inside(prompt: ObjectPrompt, width: int, height: int, field: str) -> N
         if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
             raise InvalidInput(f"box ({x1}, {y1}, {x2}, {y2}) is not inside the {width}x{height} frame", f"{field}box")
     for x, y, _ in prompt.points:
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise InvalidInput(f"point ({x}, {y}) is not made of finite numbers (NaN or infinity)", f"{field}points")
         if not (0 <= x <= width and 0 <= y <= height):
             raise InvalidInput(f"point ({x}, {y}) is outside the {width}x{height} frame", f"{field}points")
 

@@ -10,7 +10,7 @@ import time
 import grpc
 
 from server.aio import cancel_and_wait
-from server.errors import ServiceError
+from server.errors import ServiceError, shown
 from server.metrics import Metrics
 from server.pipelines.tracking import TrackingSession
 from server.tracking import SamuraiConfig
@@ -50,18 +50,12 @@ class SessionRegistry:
         session = self._sessions.get(session_id)
         if session is None:
             raise ServiceError(
-                f"tracking session {session_id!r} does not exist or has expired (idle TTL {self.idle_ttl_s:.0f} s); open a new one",
+                f"tracking session {shown(session_id)} does not exist or has expired (idle TTL {self.idle_ttl_s:.0f} s); open a new one",
                 code=grpc.StatusCode.NOT_FOUND,
             )
         if session.attached:
             raise ServiceError(
-                f"tracking session {session_id!r} is driven by another stream right now", code=grpc.StatusCode.FAILED_PRECONDITION
-            )
-        if session.broken:
-            self.release(session_id)
-            raise ServiceError(
-                f"tracking session {session_id!r} cannot be resumed: {session.broken}; open a new session and prompt again",
-                code=grpc.StatusCode.FAILED_PRECONDITION,
+                f"tracking session {shown(session_id)} is driven by another stream right now", code=grpc.StatusCode.FAILED_PRECONDITION
             )
         session.attached = True
         session.last_active = time.monotonic()

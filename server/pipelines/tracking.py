@@ -66,10 +66,6 @@ class TrackingSession:
     last_active: float = field(default_factory=time.monotonic)
     # One stream at a time drives a session.
     attached: bool = False
-    # Set when a frame failed after the session's state started to change (Triton error,
-    # deadline, cancellation mid-frame): the objects may disagree about the last frame, so the
-    # session cannot be resumed.
-    broken: str = ""
 
     def memory_bytes(self) -> int:
         return sum(o.bank.nbytes() for o in self.objects.values())
@@ -122,9 +118,10 @@ class TrackingEngine:
         timeout_s: float | None = None,
     ) -> FrameOutcome:
         """Track one frame. Validates everything before touching the session, so a rejected
-        frame leaves the session as it was; a frame that fails later (Triton error, deadline,
-        cancellation) marks the session broken, because its objects may then disagree about
-        which frame they have seen."""
+        frame leaves the session as it was; a frame that fails later (Triton crash, deadline,
+        cancellation) is undone, so the session is again as it was before the frame: the
+        client was told to retry, and resuming the session and sending the frame again gives
+        what the frame would have given."""
         started = time.perf_counter()
         contract = self.contract()
         if _small_frame(image):
@@ -136,10 +133,11 @@ class TrackingEngine:
         frame = ResizedFrame(decoded.rgb, contract.image_size)
         decode_s = time.perf_counter() - started
 
+        restore = _checkpoint(session)
         try:
             outcome, calls = await self._apply(session, index, decoded, frame, prompts, removals, contract, started, timeout_s)
-        except BaseException as exc:
-            session.broken = f"frame {index} failed half-way ({type(exc).__name__}: {exc})"
+        except BaseException:
+            restore()
             raise
         session.next_frame_index = index + 1
         session.last_active = time.monotonic()
@@ -288,11 +286,7 @@ class TrackingEngine:
 
             outcomes = []
             for object_id in ids:
-                obj, choice = session.objects[object_id], chosen[object_id]
-                if object_id in prompted:
-                    obj.bank.add_conditioning(index, memories[object_id], choice.pointer)
-                else:
-                    obj.bank.add_frame(index, memories[object_id], choice.pointer, choice.iou, choice.score, choice.kf_score)
+                choice = chosen[object_id]
                 if decoded.width * decoded.height <= _INLINE_MASK_PIXELS:
                     mask, box = mask_at_resolution(choice.mask_logits, decoded.width, decoded.height)
                 else:
@@ -302,6 +296,14 @@ class TrackingEngine:
                         object_id, mask, box, choice.iou, choice.present, choice.score, choice.kalman_selected, choice.index
                     )
                 )
+            # The banks change last, all at once, with nothing awaited in between: a frame that
+            # fails or is cancelled before this point leaves them as they were (see step).
+            for object_id in ids:
+                obj, choice = session.objects[object_id], chosen[object_id]
+                if object_id in prompted:
+                    obj.bank.add_conditioning(index, memories[object_id], choice.pointer)
+                else:
+                    obj.bank.add_frame(index, memories[object_id], choice.pointer, choice.iou, choice.score, choice.kf_score)
         return outcomes
 
     @staticmethod
@@ -359,6 +361,29 @@ class TrackingEngine:
         }
         async with calls.hold(sam2.MEMORY_ENCODER, inputs, ["maskmem_feat"]) as encoded:
             return np.array(encoded.array("maskmem_feat"))  # the bank keeps its own copy
+
+
+def _checkpoint(session: TrackingSession) -> Callable[[], None]:
+    """What a frame may change before its memory banks are updated (the last step of a frame):
+    the objects (removed, added), the frame size, each object's Kalman state and its slot hints.
+    Returns the function that puts them back."""
+    objects = dict(session.objects)
+    size = (session.width, session.height)
+    states = {
+        object_id: (obj.selector.mean, obj.selector.covariance, obj.selector.stable_frames, list(obj.sent_memories), dict(obj.slots))
+        for object_id, obj in objects.items()
+    }
+
+    def restore() -> None:
+        session.objects.clear()
+        session.objects.update(objects)
+        session.width, session.height = size
+        for object_id, (mean, covariance, stable_frames, sent, slots) in states.items():
+            obj = objects[object_id]
+            obj.selector.mean, obj.selector.covariance, obj.selector.stable_frames = mean, covariance, stable_frames
+            obj.sent_memories, obj.slots = sent, slots
+
+    return restore
 
 
 def memory_rows(sent: list[int], memories: list[np.ndarray]) -> list[int]:

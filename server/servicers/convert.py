@@ -27,7 +27,7 @@ def box(corners: tuple[float, float, float, float]) -> common_pb2.BoundingBox:
 
 
 def model_ref(spec: ModelSpec) -> common_pb2.ModelRef:
-    return common_pb2.ModelRef(name=spec.name, version=spec.version, stand_in=spec.stand_in)
+    return common_pb2.ModelRef(name=spec.name, version=spec.version, stand_in=spec.stand_in, network=spec.network)
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:

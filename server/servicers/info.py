@@ -39,6 +39,7 @@ class InfoServicer(info_service_pb2_grpc.InfoServiceServicer):
             if spec is not None:
                 status.version = spec.version
                 status.stand_in = spec.stand_in
+                status.network = spec.network
                 status.backend = spec.backend
                 status.source = spec.source
                 status.max_batch_size = spec.max_batch_size

@@ -12,14 +12,14 @@ from google.longrunning import operations_pb2
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from framewise.v1 import jobs_service_pb2_grpc
-from server.errors import InvalidInput, ServiceError
+from server.errors import InvalidInput, ServiceError, Unavailable, shown
 from server.jobs.events import EventBus, Heartbeat
 from server.jobs.runner import JobRunner
 from server.jobs.storage import StorageManager
 from server.jobs.store import EventRecord, JobState
 from server.jobs.uploads import UploadError, UploadStore, upload_status
 from server.servicers import convert
-from server.servicers.operations import operation_proto, store_errors
+from server.servicers.operations import operation_proto, require_name, store_errors
 
 __all__ = ["JobServicer"]
 
@@ -73,6 +73,7 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
     async def UploadFile(
         self, request_iterator: AsyncIterator[jobs_pb2.UploadFileRequest], context: grpc.aio.ServicerContext
     ) -> jobs_pb2.UploadFileResponse:
+        self._check_disk()
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("message") != "header":
             raise InvalidInput("the first UploadFileRequest must carry the header (kind, size_bytes, sha256)", "header")
@@ -103,6 +104,7 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
     async def _submit(self, kind: int, request: object, request_id: str) -> operations_pb2.Operation:
         if len(request_id) > 128:
             raise InvalidInput("request_id is longer than 128 characters", "request_id")
+        self._check_disk()
         try:
             with store_errors():
                 op = await self.runner.submit(kind, request, request_id)  # type: ignore[arg-type]
@@ -110,13 +112,23 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
             raise upload_status(exc) from None
         return operation_proto(op, self.runner.queue_position(op.name))
 
+    def _check_disk(self) -> None:
+        """Low disk turns JobService NOT_SERVING; new work is refused too, not accepted only to
+        fail on a full disk. Watching, downloading and cancelling go on."""
+        if self.storage.low_disk:
+            raise Unavailable(
+                "the server is low on disk space (free space under its low-disk threshold): it takes no new jobs or "
+                "uploads until an operator frees space; retry later or on another replica",
+                retry_after_s=60.0,
+            )
+
     async def WatchOperation(
         self, request: jobs_pb2.WatchOperationRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.WatchOperationResponse | bytes]:
         if request.after_sequence < 0:
             raise InvalidInput("after_sequence must be >= 0", "after_sequence")
         with store_errors():
-            op = await self.store.get_operation(request.name)
+            op = await self.store.get_operation(require_name(request.name))
         # Refused for a running operation too: no client can have seen a sequence past
         # last_sequence (an event is committed before it is published), and the subscription
         # would skip every later event, the terminal one included, and heartbeat forever.
@@ -137,7 +149,7 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
         self, request: jobs_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.DownloadArtifactResponse]:
         with store_errors():
-            op = await self.store.get_operation(request.name)
+            op = await self.store.get_operation(require_name(request.name))
         if op.state != JobState.SUCCEEDED:
             raise ServiceError(
                 f"operation {op.name} is {op.state.name}; artifacts can be downloaded once it SUCCEEDED",
@@ -147,7 +159,7 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
         record = artifacts.get(request.artifact)
         if record is None:
             raise ServiceError(
-                f"operation {op.name} has no artifact {request.artifact!r}; it has {', '.join(sorted(artifacts)) or 'none'}",
+                f"operation {op.name} has no artifact {shown(request.artifact)}; it has {', '.join(sorted(artifacts)) or 'none'}",
                 code=grpc.StatusCode.NOT_FOUND,
             )
         if not 0 <= request.offset <= record.size:

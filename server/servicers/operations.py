@@ -15,7 +15,7 @@ from google.protobuf import any_pb2, empty_pb2
 from google.rpc import status_pb2
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
-from server.errors import InvalidInput, ServiceError
+from server.errors import InvalidInput, ServiceError, shown
 from server.jobs.artifacts import delete_operation
 from server.jobs.events import EventBus
 from server.jobs.runner import JobRunner
@@ -28,7 +28,7 @@ from server.jobs.store import (
 )
 from server.servicers import convert
 
-__all__ = ["OperationsServicer", "operation_proto", "store_errors"]
+__all__ = ["OperationsServicer", "operation_proto", "require_name", "store_errors"]
 
 # WaitOperation never holds a call longer than this, whatever the client asks.
 MAX_WAIT_S = 600.0
@@ -74,6 +74,14 @@ def operation_proto(op: OperationRecord, queue_position: int = -1) -> operations
     return result
 
 
+def require_name(name: str, field: str = "name") -> str:
+    """An operation name the caller must give: empty is a malformed request (INVALID_ARGUMENT),
+    not an operation that cannot be found."""
+    if not name:
+        raise InvalidInput(f"{field} is empty: give the operation's name, operations/<id>, as the submit RPC returned it", field)
+    return name
+
+
 @contextlib.contextmanager
 def store_errors() -> Iterator[None]:
     """The store's exceptions as the API's statuses."""
@@ -108,12 +116,12 @@ def parse_filter(text: str) -> tuple[tuple[JobState, ...] | None, int | None]:
         for term in re.split(r"\s+OR\s+", clause.strip().strip("()")):
             match = _TERM.match(term)
             if match is None:
-                raise InvalidInput(f"cannot parse filter term {term!r}; {FILTER_HELP}", "filter")
+                raise InvalidInput(f"cannot parse filter term {shown(term)}; {FILTER_HELP}", "filter")
             key, value = match.group(1), match.group(2).upper()
             if key == "state":
                 value = value.removeprefix("JOB_STATE_")
                 if value not in _STATE_NAMES:
-                    raise InvalidInput(f"unknown state {value!r}; {FILTER_HELP}", "filter")
+                    raise InvalidInput(f"unknown state {shown(value)}; {FILTER_HELP}", "filter")
                 clause_states.add(_STATE_NAMES[value])
             elif key == "done":
                 if value not in ("TRUE", "FALSE"):
@@ -124,7 +132,7 @@ def parse_filter(text: str) -> tuple[tuple[JobState, ...] | None, int | None]:
                     raise InvalidInput(f"OR is only supported between state terms; {FILTER_HELP}", "filter")
                 value = value.removeprefix("JOB_KIND_")
                 if value not in _KIND_NAMES:
-                    raise InvalidInput(f"unknown kind {value!r}; {FILTER_HELP}", "filter")
+                    raise InvalidInput(f"unknown kind {shown(value)}; {FILTER_HELP}", "filter")
                 kind = _KIND_NAMES[value]
         if clause_states:
             states = clause_states if states is None else states & clause_states
@@ -141,14 +149,14 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     async def GetOperation(self, request: operations_pb2.GetOperationRequest, context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
         with store_errors():
-            op = await self.store.get_operation(request.name)
+            op = await self.store.get_operation(require_name(request.name))
         return operation_proto(op, self.runner.queue_position(op.name))
 
     async def ListOperations(
         self, request: operations_pb2.ListOperationsRequest, context: grpc.aio.ServicerContext
     ) -> operations_pb2.ListOperationsResponse:
         if request.name not in ("", "operations"):
-            raise InvalidInput(f"name must be 'operations' (or empty), got {request.name!r}", "name")
+            raise InvalidInput(f"name must be 'operations' (or empty), got {shown(request.name)}", "name")
         if request.page_size < 0:
             raise InvalidInput("page_size must be >= 0", "page_size")
         states, kind = parse_filter(request.filter)
@@ -164,7 +172,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         with store_errors():
-            op = await self.store.get_operation(request.name)
+            op = await self.store.get_operation(require_name(request.name))
             if op.done:
                 raise ServiceError(
                     f"operation {op.name} already finished ({op.state.name}); nothing to cancel",
@@ -175,14 +183,14 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     async def DeleteOperation(self, request: operations_pb2.DeleteOperationRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         with store_errors():
-            await delete_operation(self.store, request.name)
+            await delete_operation(self.store, require_name(request.name))
         return empty_pb2.Empty()
 
     async def WaitOperation(self, request: operations_pb2.WaitOperationRequest, context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
         """Returns when the operation is done or the timeout (capped at 10 min and by the
         call's deadline) passes, whichever is first; the operation as it stands then."""
         with store_errors():
-            op = await self.store.get_operation(request.name)
+            op = await self.store.get_operation(require_name(request.name))
         if not op.done:
             limit = MAX_WAIT_S
             if request.HasField("timeout"):

@@ -14,7 +14,7 @@ import grpc
 from google.protobuf import duration_pb2
 
 from framewise.v1 import tracking_service_pb2, tracking_service_pb2_grpc
-from server.errors import InvalidInput
+from server.errors import InvalidInput, ServiceError
 from server.metrics import Metrics
 from server.pipelines.prompts import ObjectPrompt, prompt_from_proto
 from server.pipelines.sessions import SessionRegistry
@@ -22,6 +22,8 @@ from server.pipelines.tracking import FrameOutcome, TrackingEngine, TrackingSess
 from server.servicers import convert
 from server.tracking import SamuraiConfig
 
+# Failures after which the client is told to retry: the session must still be there to resume.
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 _OPTION_FIELDS = (
     "kf_score_weight",
     "stable_frames_threshold",
@@ -52,6 +54,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         self.engine.contract()  # UNAVAILABLE before anything is allocated when the models are not ready
         session = self._open(first.open)
         ended_cleanly = False
+        failed_retryably = False
         try:
             yield tracking_service_pb2.TrackResponse(
                 session=self._opened(session, resumed=bool(first.open.resume_session_id))
@@ -74,12 +77,16 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                 self.sessions.report(session)
                 yield tracking_service_pb2.TrackResponse(frame=_frame_result(outcome))
             ended_cleanly = True
+        except ServiceError as exc:
+            failed_retryably = exc.code in _RETRYABLE
+            raise
         finally:
             # A stream that ends normally releases its session unless asked to keep it; a broken
             # one (error, cancel, disconnect) leaves it resumable for the idle TTL, as long as it
-            # has tracked something worth resuming.
-            broken_with_state = not ended_cleanly and session.next_frame_index > 0 and not session.broken
-            self.sessions.detach(session, keep=(broken_with_state or first.open.keep_on_close) and not session.broken)
+            # has tracked something worth resuming, or was told to retry (Triton down, a
+            # deadline): a failed frame is undone, so the session is as before that frame.
+            broken_with_state = not ended_cleanly and (session.next_frame_index > 0 or failed_retryably)
+            self.sessions.detach(session, keep=broken_with_state or first.open.keep_on_close)
 
     def _open(self, request: tracking_service_pb2.OpenSession) -> TrackingSession:
         if request.resume_session_id:

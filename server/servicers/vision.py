@@ -1,4 +1,4 @@
-"""VisionService: Detect (YOLOv8), RemoveBackground (BiRefNet), Segment (SAM 2 encoder + decoder)."""
+"""VisionService: Detect (YOLOv8), RemoveBackground (the matting model + compositing), Segment (SAM 2 encoder + decoder)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,27 @@ import math
 import time
 
 import grpc
+import numpy as np
 
-from framewise.v1 import vision_service_pb2, vision_service_pb2_grpc
-from server.errors import InvalidInput, TooLarge
+from framewise.v1 import common_pb2, vision_service_pb2, vision_service_pb2_grpc
+from server.errors import InvalidInput, ServiceError, TooLarge
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.detection import DetectionPipeline, DetectOptions
-from server.pipelines.matting import MattingPipeline, encode_alpha_png, encode_rgba_png
+from server.pipelines.matting import MattingPipeline, crop_pixels
 from server.pipelines.prompts import prompt_from_proto
 from server.pipelines.segmentation import SegmentationPipeline
 from server.servicers import convert
+from server.servicers.backgrounds import background_mode, proto_mode, resolve_background
+from server.vision.compositing import MAX_FEATHER_PX, BackgroundMode, BackgroundSpec, encode_png, feather, render
+from server.vision.image_decode import decode_image
+from server.vision.persons import DEFAULT_CROP_MARGIN, PersonChoiceError, crop_box, select_person
 
 MAX_DETECTIONS_LIMIT = 1000
 # Room for the response's other fields and gRPC framing beside the PNG.
 _RESPONSE_OVERHEAD_BYTES = 64 * 1024
 _DEFAULTS = DetectOptions()
+# crop_person: the detector's defaults (confidence 0.25, class "person" only).
+_PERSONS = DetectOptions()
 
 
 class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
@@ -58,40 +65,95 @@ class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
     async def RemoveBackground(
         self, request: vision_service_pb2.RemoveBackgroundRequest, context: grpc.aio.ServicerContext
     ) -> vision_service_pb2.RemoveBackgroundResponse:
-        output_format = request.format or vision_service_pb2.MATTE_FORMAT_RGBA_PNG
-        if output_format not in (vision_service_pb2.MATTE_FORMAT_ALPHA_PNG, vision_service_pb2.MATTE_FORMAT_RGBA_PNG):
-            raise InvalidInput(
-                f"format {output_format} is not a MatteFormat: use MATTE_FORMAT_ALPHA_PNG or MATTE_FORMAT_RGBA_PNG",
-                "format",
-            )
-        crop = request.crop if request.HasField("crop") else None
-        matte = await self.matting.alpha(
-            request.image,
-            None if crop is None else (crop.x1, crop.y1, crop.x2, crop.y2),
-            timeout_s=context.time_remaining(),
-        )
         started = time.perf_counter()
-        if output_format == vision_service_pb2.MATTE_FORMAT_ALPHA_PNG:
-            png = await asyncio.to_thread(encode_alpha_png, matte.alpha)
+        alpha_only = _removal_format(request) == vision_service_pb2.MATTE_FORMAT_ALPHA_PNG
+        _check_removal_options(request, alpha_only)
+        # The background picture is decoded before any model runs: a bad one fails fast.
+        spec: BackgroundSpec | None = None  # None: MATTE_FORMAT_ALPHA_PNG, the matte alone
+        if not alpha_only:
+            spec = await asyncio.to_thread(
+                resolve_background, request.background, default_mode=BackgroundMode.TRANSPARENT, max_pixels=self.matting.max_pixels
+            )
+        response = vision_service_pb2.RemoveBackgroundResponse()
+        timings: dict[str, float] = {}
+        crop = (request.crop.x1, request.crop.y1, request.crop.x2, request.crop.y2) if request.HasField("crop") else None
+        if request.crop_person:
+            crop = await self._person_crop(request, context, response, timings)
+
+        if spec is not None and spec.mode is BackgroundMode.KEEP:
+            # Nothing to matte: the (cropped) original pixels, without paying for the model.
+            decode_started = time.perf_counter()
+            pixels, box = await asyncio.to_thread(self._original_pixels, request.image, crop)
+            _add(timings, {"decode": (time.perf_counter() - decode_started) * 1e3})
+            compose_started = time.perf_counter()
         else:
-            png = await asyncio.to_thread(encode_rgba_png, matte.rgb, matte.alpha)
-        # PNG encoding is part of this RPC's post-processing (the pipeline stops at the matte).
-        encode_ms = (time.perf_counter() - started) * 1e3
+            matte = await self.matting.alpha(request.image, crop, timeout_s=context.time_remaining())
+            _add(timings, matte.timings_ms)
+            response.model.CopyFrom(convert.model_ref(matte.model))
+            box = matte.crop_box
+            compose_started = time.perf_counter()
+            if spec is None:  # MATTE_FORMAT_ALPHA_PNG
+                pixels = await asyncio.to_thread(feather, matte.alpha, request.feather_px)
+            else:
+                pixels = await asyncio.to_thread(render, matte.rgb, matte.alpha, spec, request.feather_px)
+        png = await asyncio.to_thread(encode_png, pixels)
+        # Compositing and PNG encoding are this RPC's post-processing (the pipeline stops at the matte).
+        _add(timings, {"postprocess": (time.perf_counter() - compose_started) * 1e3})
+        height, width = pixels.shape[:2]
         if self.max_response_bytes is not None and len(png) + _RESPONSE_OVERHEAD_BYTES > self.max_response_bytes:
             raise TooLarge(
-                f"the {matte.width}x{matte.height} PNG is {len(png)} bytes, over this server's message limit of "
+                f"the {width}x{height} PNG is {len(png)} bytes, over this server's message limit of "
                 f"{self.max_response_bytes} bytes; send a crop or a smaller image, or ask for MATTE_FORMAT_ALPHA_PNG"
             )
-        timings = dict(matte.timings_ms)
-        timings["postprocess"] = timings.get("postprocess", 0.0) + encode_ms
-        timings["total"] = timings.get("total", 0.0) + encode_ms
-        return vision_service_pb2.RemoveBackgroundResponse(
-            png=png,
-            width=matte.width,
-            height=matte.height,
-            model=convert.model_ref(matte.model),
-            timings=convert.timings(timings),
-        )
+        timings["total"] = (time.perf_counter() - started) * 1e3
+        response.png = png
+        response.width, response.height = width, height
+        response.channels = 1 if pixels.ndim == 2 else pixels.shape[2]
+        if spec is not None:
+            response.background_mode = proto_mode(spec.mode)
+        response.output_box.CopyFrom(convert.box(box))
+        response.timings.CopyFrom(convert.timings(timings))
+        return response
+
+    async def _person_crop(
+        self,
+        request: vision_service_pb2.RemoveBackgroundRequest,
+        context: grpc.aio.ServicerContext,
+        response: vision_service_pb2.RemoveBackgroundResponse,
+        timings: dict[str, float],
+    ) -> tuple[float, float, float, float]:
+        """Detect persons, choose one, and return the crop around them (filling the response's
+        person fields)."""
+        result = await self.detection.detect(request.image, _PERSONS, timeout_s=context.time_remaining())
+        _add(timings, {k: v for k, v in result.timings_ms.items() if k != "total"})
+        people = sorted(result.detections, key=lambda d: d.score, reverse=True)
+        try:
+            chosen = select_person(
+                [p.box for p in people],
+                index=request.person_index if request.HasField("person_index") else None,
+                field="person_index",
+            )
+        except PersonChoiceError as error:
+            if error.kind == "no_person_found":
+                # The request is well formed; the photo lacks what crop_person needs.
+                raise ServiceError(
+                    f"crop_person: {error} (or leave crop_person unset to process the whole image)",
+                    code=grpc.StatusCode.FAILED_PRECONDITION,
+                ) from None
+            raise InvalidInput(str(error), "person_index") from None
+        person = people[chosen]
+        response.person_box.CopyFrom(convert.box(person.box))
+        response.persons_found, response.person_index = len(people), chosen
+        response.detection_model.CopyFrom(convert.model_ref(result.model))
+        return crop_box(person.box, result.width, result.height, DEFAULT_CROP_MARGIN)
+
+    def _original_pixels(
+        self, image: common_pb2.Image, crop: tuple[float, float, float, float] | None
+    ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+        decoded = decode_image(image, max_pixels=self.matting.max_pixels)
+        box = crop_pixels(crop, decoded.width, decoded.height)
+        x1, y1, x2, y2 = box
+        return np.ascontiguousarray(decoded.rgb[y1:y2, x1:x2]), box
 
     async def Segment(
         self, request: vision_service_pb2.SegmentRequest, context: grpc.aio.ServicerContext
@@ -122,6 +184,42 @@ class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
             list(request.class_ids), list(request.class_names), request.all_classes
         )
         return DetectOptions(confidence, iou, request.max_detections or _DEFAULTS.max_detections, classes)
+
+
+def _removal_format(request: vision_service_pb2.RemoveBackgroundRequest) -> int:
+    output_format = request.format or vision_service_pb2.MATTE_FORMAT_RGBA_PNG
+    if output_format not in (vision_service_pb2.MATTE_FORMAT_ALPHA_PNG, vision_service_pb2.MATTE_FORMAT_RGBA_PNG):
+        raise InvalidInput(
+            f"format {output_format} is not a MatteFormat: use MATTE_FORMAT_ALPHA_PNG or MATTE_FORMAT_RGBA_PNG",
+            "format",
+        )
+    return output_format
+
+
+def _check_removal_options(request: vision_service_pb2.RemoveBackgroundRequest, alpha_only: bool) -> None:
+    """The cheap checks, before anything is decoded or run."""
+    if alpha_only and request.HasField("background"):
+        raise InvalidInput(
+            "background cannot be combined with format MATTE_FORMAT_ALPHA_PNG (the matte alone has no background): "
+            "leave background unset, or ask for MATTE_FORMAT_RGBA_PNG",
+            "background",
+        )
+    feather_px = request.feather_px
+    if not (math.isfinite(feather_px) and 0.0 <= feather_px <= MAX_FEATHER_PX):
+        raise InvalidInput(f"feather_px must be within [0, {MAX_FEATHER_PX:g}] pixels, got {feather_px}", "feather_px")
+    if feather_px and not alpha_only and background_mode(request.background, BackgroundMode.TRANSPARENT) is BackgroundMode.KEEP:
+        raise InvalidInput(
+            "feather_px has no effect with BACKGROUND_MODE_KEEP (no matte is used): leave it at 0", "feather_px"
+        )
+    if request.crop_person and request.HasField("crop"):
+        raise InvalidInput("crop and crop_person cannot be combined: send one or the other", "crop")
+    if request.HasField("person_index") and not request.crop_person:
+        raise InvalidInput("person_index is used only with crop_person: set crop_person too", "person_index")
+
+
+def _add(timings: dict[str, float], more: dict[str, float]) -> None:
+    for stage, ms in more.items():
+        timings[stage] = timings.get(stage, 0.0) + ms
 
 
 def _fraction(request: vision_service_pb2.DetectRequest, field: str, default: float) -> float:

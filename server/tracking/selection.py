@@ -23,6 +23,7 @@ as in the reference, where 0.3 becomes float32 0.3 when compared with a float32 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -66,8 +67,16 @@ class SamuraiConfig:
     max_conditioning_frames: int | None = 4
 
     def __post_init__(self) -> None:
+        # A NaN compares false with everything, so it would silently switch a rule off (and inf
+        # would keep every memory out of the bank): every knob must be a finite number.
+        for name in _FLOAT_KNOBS:
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not 0.0 <= self.kf_score_weight <= 1.0:
             raise ValueError(f"kf_score_weight must be in [0, 1], got {self.kf_score_weight}")
+        for name in _IOU_THRESHOLDS:
+            if not -1.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [-1, 1] (an IoU threshold; below 0 admits every IoU), got {getattr(self, name)}")
         if self.stable_frames_threshold < 1:
             raise ValueError(f"stable_frames_threshold must be >= 1, got {self.stable_frames_threshold}")
         if self.num_maskmem < 1:
@@ -87,6 +96,19 @@ class SamuraiConfig:
 
 
 Phase = Literal["single", "init", "warmup", "stable"]
+
+
+_FLOAT_KNOBS = (
+    "kf_score_weight",
+    "stable_ious_threshold",
+    "present_logit_threshold",
+    "memory_bank_iou_threshold",
+    "memory_bank_obj_score_threshold",
+    "memory_bank_kf_score_threshold",
+)
+# Thresholds on IoUs (predicted, chosen, Kalman), each compared strictly (IoU > threshold):
+# 1 admits nothing, anything below 0 admits every IoU, beyond that a value means nothing.
+_IOU_THRESHOLDS = ("stable_ious_threshold", "memory_bank_iou_threshold", "memory_bank_kf_score_threshold")
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,12 @@ class ModelSpec:
     def source(self) -> str:
         return self.parameters.get("source", "")
 
+    @property
+    def network(self) -> str:
+        """The network behind the model (config parameter ``network``: "YOLOv8n", "U2-Netp",
+        "BiRefNet-lite", ...); a stand-in without one says "stand-in", other models ""."""
+        return self.parameters.get("network", "") or ("stand-in" if self.stand_in else "")
+
     def input(self, name: str | None = None) -> TensorSpec:
         return _find(self.inputs, name, self.name, "input")
 

@@ -25,7 +25,7 @@ from server.errors import ServiceError, Unavailable
 from server.metrics import Metrics
 from server.triton.client import TritonClient
 from server.triton.model_spec import ModelSpec
-from server.triton.shm import ShmRef, ShmSlotPool
+from server.triton.shm import ShmRef, ShmSlotPool, reclaim_orphaned_regions
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -114,6 +114,7 @@ class InferenceRunner:
         self._retired: list[ShmSlotPool] = []
         self._lock = asyncio.Lock()
         self._register_locks: dict[str, asyncio.Lock] = {}
+        self._reclaimed = False
 
     async def run(
         self,
@@ -248,6 +249,10 @@ class InferenceRunner:
                 return current[1]
             if current is not None and current[1] is not None:  # reloaded: its tensors may have changed
                 self._retired.append(current[1])
+            if not self._reclaimed:
+                # Before this process makes its first region: free those a killed process left.
+                self._reclaimed = True
+                await asyncio.to_thread(reclaim_orphaned_regions)
             batched = spec.max_batch_size > 0
             if not ShmSlotPool.supports(spec.inputs + spec.outputs, batched=batched, max_shapes=max_shapes):
                 self._pools[spec.name] = (spec, None)  # unbounded shapes: always gRPC

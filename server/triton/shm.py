@@ -6,17 +6,25 @@ writes the letterboxed frame straight into shared memory and reads the head from
 gets offsets instead of bytes. Only possible when Triton runs on the same host and sees the same
 /dev/shm (the managed child does), so it is optional and falls back to plain gRPC per request
 when every slot is busy.
+
+A region is named after its owner process (PID namespace, PID and the process's start time):
+close() unlinks it, and if the interpreter exits without it multiprocessing's resource tracker
+does, but a SIGKILL of the orchestrator together with its tracker (a container or process-group
+kill) leaves it in /dev/shm for good. reclaim_orphaned_regions(), run before a process makes its
+first region, unlinks the regions whose owner is dead, and never one of a live process.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import uuid
 import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import numpy as np
 
@@ -30,6 +38,83 @@ _NUMPY = {"UINT8": np.uint8, "FP32": np.float32, "FP16": np.float16, "INT32": np
 
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+SHM_DIR = Path("/dev/shm")
+# framewise-<model>-<pid namespace>.<pid>.<start time>-<random>
+_REGION = re.compile(r"framewise-(?P<model>.+)-(?P<ns>\d+)\.(?P<pid>\d+)\.(?P<start>\d+)-[0-9a-f]{8}")
+
+
+@dataclass(frozen=True)
+class RegionOwner:
+    """The process a region belongs to. The start time tells a dead owner from a new process
+    that got its PID again; the PID namespace keeps a process from judging regions of another
+    container that shares /dev/shm (its PIDs mean nothing here)."""
+
+    pid_namespace: int
+    pid: int
+    start_ticks: int
+
+    @classmethod
+    def current(cls, proc: Path = Path("/proc")) -> RegionOwner | None:
+        """This process; None when /proc cannot say."""
+        try:
+            namespace = os.stat(proc / "self" / "ns" / "pid").st_ino
+        except OSError:
+            return None
+        start = start_ticks(os.getpid(), proc)
+        return None if start is None else cls(namespace, os.getpid(), start)
+
+    @property
+    def tag(self) -> str:
+        return f"{self.pid_namespace}.{self.pid}.{self.start_ticks}"
+
+
+def start_ticks(pid: int, proc: Path = Path("/proc")) -> int | None:
+    """When process ``pid`` of this PID namespace started (clock ticks after boot), None when
+    there is no such live process."""
+    try:
+        stat = (proc / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+    if fields[0] == "Z":  # exited, not yet reaped: dead for our purpose
+        return None
+    return int(fields[19])  # field 22 of stat
+
+
+def region_name(model: str, owner: RegionOwner | None) -> str:
+    tag = owner.tag if owner is not None else f"0.{os.getpid()}.0"  # no /proc: never reclaimed
+    return f"framewise-{model}-{tag}-{uuid.uuid4().hex[:8]}"
+
+
+def reclaim_orphaned_regions(shm_dir: Path = SHM_DIR, proc: Path = Path("/proc")) -> list[str]:
+    """Unlinks the regions in ``shm_dir`` whose owner process is dead and returns their names.
+    A region of a live process, of another PID namespace, or named otherwise is left alone;
+    without /proc nothing is touched (the dead cannot be told from the living)."""
+    me = RegionOwner.current(proc)
+    if me is None:
+        return []
+    reclaimed = []
+    try:
+        entries = list(shm_dir.iterdir())
+    except OSError:
+        return []
+    for entry in entries:
+        match = _REGION.fullmatch(entry.name)
+        if match is None or int(match["ns"]) != me.pid_namespace:
+            continue
+        if start_ticks(int(match["pid"]), proc) == int(match["start"]):
+            continue  # its owner is alive
+        try:
+            entry.unlink()
+        except FileNotFoundError:
+            continue  # another process starting at the same time reclaimed it first
+        except PermissionError:
+            continue  # another user's (sticky /dev/shm); not ours to judge
+        log.warning("reclaimed a shared-memory region of a dead process", extra={"region": entry.name})
+        reclaimed.append(entry.name)
+    return reclaimed
 
 
 @dataclass(frozen=True)
@@ -126,7 +211,7 @@ class ShmSlotPool:
         max_shapes: Mapping[str, tuple[int, ...]] | None = None,
     ) -> None:
         self.model = model
-        self.region = f"framewise-{model}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.region = region_name(model, RegionOwner.current())
         layout, slot_bytes = self._layout(inputs + outputs, batched, max_shapes or {})
         self.byte_size = slot_bytes * slots
         # close() unlinks the region; if the interpreter exits without it, multiprocessing's

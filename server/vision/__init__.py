@@ -1,1 +1,2 @@
-"""Pure image maths: decoding, letterboxing, detector output decoding. No gRPC, no Triton."""
+"""Pure image maths: decoding, letterboxing, detector output decoding, person choice and crop,
+background compositing. No gRPC, no Triton."""

@@ -9,7 +9,7 @@ import numpy as np
 
 from framewise.v1 import common_pb2
 from server.errors import InvalidInput, TooLarge
-from server.vision.image_header import read_header
+from server.vision.image_header import ACCEPTED_FORMATS, read_header
 
 _CHANNELS = {
     common_pb2.PIXEL_FORMAT_RGB8: 3,
@@ -27,6 +27,7 @@ _TO_RGB = {
 # JPEG can be decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, several times faster than a
 # full decode followed by a resize.
 _REDUCED_JPEG = ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4), (2, cv2.IMREAD_REDUCED_COLOR_2))
+_ACCEPTED = ", ".join(ACCEPTED_FORMATS[:-1]) + " or " + ACCEPTED_FORMATS[-1]
 
 
 @dataclass(frozen=True)
@@ -64,25 +65,32 @@ def decode_image(
         return _decode_encoded(image.encoded, max_pixels, min_decoded_size, f"{field}.encoded")
     if kind == "raw":
         return _decode_raw(image.raw, max_pixels, f"{field}.raw")
-    raise InvalidInput(f"{field} is empty: set {field}.encoded (JPEG/PNG/WebP bytes) or {field}.raw", field)
+    raise InvalidInput(f"{field} is empty: set {field}.encoded ({_ACCEPTED} bytes) or {field}.raw", field)
 
 
 def _decode_encoded(
     data: bytes, max_pixels: int, min_decoded_size: tuple[int, int] | None, field: str
 ) -> DecodedImage:
     if not data:
-        raise InvalidInput(f"{field} is empty: send the bytes of a JPEG, PNG or WebP file", field)
+        raise InvalidInput(f"{field} is empty: send the bytes of a {_ACCEPTED} file", field)
     header = read_header(data)
     if header is None:
         raise InvalidInput(
             f"{field} is not a supported image ({len(data)} bytes starting with {data[:8].hex()}): "
-            "send JPEG, PNG or WebP bytes",
+            f"send {_ACCEPTED} bytes",
             field,
         )
-    if header.width is not None and header.height is not None:
-        if header.width <= 0 or header.height <= 0:
-            raise InvalidInput(f"{field}: the {header.format.upper()} header declares a zero size", field)
-        _check_pixels(header.width, header.height, max_pixels, field)
+    if header.width is None or header.height is None:
+        # Never decoded without a known size: the decoder would allocate whatever the data holds
+        # before the pixel limit could refuse it.
+        raise InvalidInput(
+            f"{field}: the {header.format.upper()} header is truncated or corrupt (its width and height cannot be "
+            "read); send the whole file",
+            field,
+        )
+    if header.width <= 0 or header.height <= 0:
+        raise InvalidInput(f"{field}: the {header.format.upper()} header declares a zero size", field)
+    _check_pixels(header.width, header.height, max_pixels, field)
     if header.format == "jpeg" and not _jpeg_is_complete(data):
         raise InvalidInput(
             f"{field}: the JPEG is truncated ({len(data)} bytes, no end-of-image marker); send the whole file",
