@@ -9,7 +9,7 @@ BUF_VERSION := 1.75.0
 REPO_CPU := .cache/model_repository_cpu
 PYTEST_ARGS ?=
 
-.PHONY: install tools system-deps bench-deps repository serve test lint proto proto-check bench clean
+.PHONY: install tools system-deps pg-deps bench-deps repository serve test lint proto proto-check bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,13 @@ endef
 # The Triton python-backend stub (shipped by nvidia-pytriton) links the system libpython3.11.
 system-deps:
 	$(call debian-package,/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0,libpython3.11,needed by the Triton python backend stub)
+
+# PostgreSQL server binaries (Debian's, whatever major it ships; any /usr/lib/postgresql/*/bin
+# will do): the job store's contract tests and `make serve-cluster` start a real server from
+# them as an unprivileged user (server/pg/local.py). The driver (psycopg) comes with the venv.
+PG_SERVER := $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres) /usr/lib/postgresql/none/bin/postgres)
+pg-deps:
+	$(call debian-package,$(PG_SERVER),postgresql,the PostgreSQL job store's tests and serve-cluster)
 
 # The jobs benchmark's native watcher (bench/native/grpc_watch_fanout.c) is C on libnghttp2.
 bench-deps:
@@ -65,7 +72,7 @@ lint: install tools
 	$(PY) proto/generate.py --deps-only >/dev/null
 	$(BUF) lint
 
-test: install tools lint
+test: install tools lint pg-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # Detection (orchestrator vs direct Triton), tracking and jobs benchmarks; ~15 minutes on 2 cores.

@@ -87,13 +87,31 @@ def _die_with_parent() -> None:
 
 
 class Stack:
-    """One tritonserver and one orchestrator (`python -m server --triton-url`), as real processes."""
+    """One tritonserver and one orchestrator (`python -m server --triton-url`), as real processes; a `with`
+    block starts them and stops them. Ready when Triton has every model of `models` ready and the
+    orchestrator's health says `service` is SERVING: only what the benchmark uses, so a model it does not
+    need (the SAM 2 parts for detection) cannot hold the start. `orchestrator_args` are appended to the
+    orchestrator's command line."""
 
-    def __init__(self, repository: Path, work_dir: Path, extra_env: dict[str, str], transport: str = "on") -> None:
+    def __init__(self, repository: Path, work_dir: Path, extra_env: dict[str, str], transport: str = "on", *,
+                 models: tuple[str, ...] = (MODEL,), service: str = VISION_SERVICE,
+                 orchestrator_args: tuple[str, ...] = ()) -> None:
         self.repository, self.work_dir, self.extra_env = repository.absolute(), work_dir, extra_env
         self.transport = transport  # --triton-shm of the orchestrator: "on" (shared memory) or "off" (gRPC)
+        self.models, self.service, self.orchestrator_args = models, service, orchestrator_args
         self.procs: dict[str, subprocess.Popen] = {}
-        self.triton_url = self.address = ""
+        self.triton_url = self.address = self.metrics_url = ""
+
+    def __enter__(self) -> Stack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # whatever did start (Triton, when the orchestrator did not)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def _start(self, name: str, command: list[str], env: dict, ready, timeout_s: float,
                attempts: int = 3) -> None:
@@ -124,22 +142,23 @@ class Stack:
         launcher = ManagedTriton(self.repository, self.work_dir / "triton", ports, restart_on_exit=False)
         self.triton_url = launcher.url
         with triton_sync.InferenceServerClient(self.triton_url) as client:
+            def ready() -> bool:
+                return client.is_server_ready() and all(client.is_model_ready(m) for m in self.models)
+
             self._start("tritonserver", launcher.command(), child_environment(TritonDistribution.from_pytriton()),
-                        lambda: client.is_server_ready() and client.is_model_ready(MODEL), 180)
-        self.address = f"127.0.0.1:{free_port()}"
+                        ready, 180)
+        self.address, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+        self.metrics_url = f"http://{metrics}/metrics"
         # Triton runs on this host, as with the managed default: tensors go through shared memory.
         command = [sys.executable, "-m", "server", "--triton-url", self.triton_url, "--listen", self.address,
-                   "--metrics-listen", f"127.0.0.1:{free_port()}", "--log-level", "WARNING",
-                   "--triton-shm", self.transport,
-                   # Every request sends the same image: without this they would be cache hits.
-                   "--result-cache-bytes", "0"]
+                   "--metrics-listen", metrics, "--log-level", "WARNING", "--triton-shm", self.transport,
+                   *self.orchestrator_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env)
         with grpc.insecure_channel(self.address) as channel:
             check, serving = health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckResponse.SERVING
-            # VisionService alone: its models are all a detection benchmark needs.
-            request = health_pb2.HealthCheckRequest(service=VISION_SERVICE)
+            request = health_pb2.HealthCheckRequest(service=self.service)
             ready = lambda: check(request, timeout=2).status == serving  # noqa: E731
-            self._start("orchestrator", command, env, ready, 60)
+            self._start("orchestrator", command, env, ready, 90)
 
     def stop(self) -> None:
         for name in ("orchestrator", "tritonserver"):  # the front first
@@ -322,11 +341,22 @@ def _git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
 
-async def run(args: argparse.Namespace, stack: Stack) -> dict:
-    jpeg, load_at_start = args.image.read_bytes(), os.getloadavg()
-    # The server code under test: the commit, and whether the work tree differs from it there.
-    code = {"git_commit": _git("rev-parse", "--short", "HEAD"),
+def code_under_test() -> dict:
+    """The server code measured: the commit, and whether the work tree differs from it there."""
+    return {"git_commit": _git("rev-parse", "--short", "HEAD"),
             "git_uncommitted_server_changes": bool(_git("status", "--porcelain", "--", "server", "engines"))}
+
+
+def write_report(output: Path, name: str, report: dict, text: str) -> None:
+    """`name`.json (every figure) and `name`.md (`text`, the tables) in `output`; the tables printed too."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (output / f"{name}.md").write_text(text)
+    print("\n" + text)
+
+
+async def run(args: argparse.Namespace, stack: Stack) -> dict:
+    jpeg, load_at_start, code = args.image.read_bytes(), os.getloadavg(), code_under_test()
     pids = {name: proc.pid for name, proc in stack.procs.items()}
     triton = triton_aio.InferenceServerClient(stack.triton_url, channel_args=GRPC_LIMITS)
     channel = grpc.aio.insecure_channel(stack.address, options=GRPC_LIMITS)
@@ -429,20 +459,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not (args.repository / MODEL / "config.pbtxt").exists():
         sys.exit(f"no model repository at {args.repository}: run `python build_engines.py --target cpu`")
-    stack = Stack(
-        args.repository, REPO / ".cache" / "bench", dict(kv.split("=", 1) for kv in args.orchestrator_env), args.triton_shm
-    )
+    env = dict(kv.split("=", 1) for kv in args.orchestrator_env)
+    # Every request sends the same image: without the cache off they would be cache hits.
+    stack = Stack(args.repository, REPO / ".cache" / "bench", env, args.triton_shm,
+                  orchestrator_args=("--result-cache-bytes", "0"))
     try:
-        stack.start()
-        report = asyncio.run(run(args, stack))
+        with stack:
+            report = asyncio.run(run(args, stack))
     except KeyboardInterrupt:
         return 130
-    finally:
-        stack.stop()
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "detect.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.output / "detect.md").write_text(text := markdown(report))
-    print("\n" + text)
+    write_report(args.output, "detect", report, markdown(report))
     return 0
 
 

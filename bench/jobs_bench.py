@@ -55,9 +55,9 @@ from native_watcher import build as build_native_watcher
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from framewise.v1 import jobs_service_pb2_grpc
-from server.jobs.events import EventBus, Heartbeat
-from server.jobs.sqlite_store import SqliteJobStore
+from server.jobs.engine.events import EventBus, Heartbeat
 from server.jobs.store import OperationUpdate
+from server.jobs.store.sqlite import SqliteJobStore
 from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment
 from tests.conftest import DID_API_KEY, job_args
 

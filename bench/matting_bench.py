@@ -33,21 +33,18 @@ no_grpc_fork_handlers()  # before gRPC loads: the stacks start their servers wit
 
 import grpc
 import numpy as np
-import tritonclient.grpc as triton_sync
 import tritonclient.grpc.aio as triton_aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from detect_bench import GRPC_LIMITS, Stack, _git, _table, cpu_seconds, free_port  # noqa: E402
+from detect_bench import MODEL as DETECT_MODEL  # noqa: E402
+from detect_bench import GRPC_LIMITS, Stack, _table, code_under_test, cpu_seconds, write_report  # noqa: E402
 from jobs_bench import Client, JobStack, job_state, throughput  # noqa: E402
 
 from framewise.v1 import common_pb2, jobs_service_pb2 as jobs_pb2, vision_service_pb2, vision_service_pb2_grpc  # noqa: E402
-from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "matting"
 IMAGE = REPO.parent / "shared" / "assets" / "images" / "girl-1.jpg"
-VISION_SERVICE = vision_service_pb2.DESCRIPTOR.services_by_name["VisionService"].full_name
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,34 +56,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds; cell order reversed every other round")
     p.add_argument("--hits", type=int, default=100, help="cache-hit requests")
     p.add_argument("--jobs", type=int, default=8, help="talking-video jobs per variant (0: skip that part)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 4 requests per cell, 1 round, 10 hits, 2 jobs")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 4 requests per cell, 1 round, 10 hits, at most 2 jobs")
     a = p.parse_args(argv)
     if a.quick:
-        a.requests, a.rounds, a.hits, a.jobs = 4, 1, 10, 2
+        a.requests, a.rounds, a.hits, a.jobs = 4, 1, 10, min(a.jobs, 2)  # --jobs 0 still skips the jobs
     return a
 
 
-class MattingStack(Stack):
-    """detect_bench's Stack, ready when the matting model is."""
-
-    def start(self) -> None:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
-        launcher = ManagedTriton(self.repository, self.work_dir / "triton", ports, restart_on_exit=False)
-        self.triton_url = launcher.url
-        with triton_sync.InferenceServerClient(self.triton_url) as client:
-            ready = lambda: client.is_server_ready() and client.is_model_ready(MODEL) and client.is_model_ready("yolov8")  # noqa: E731
-            self._start("tritonserver", launcher.command(), child_environment(TritonDistribution.from_pytriton()),
-                        ready, 180)
-        self.address = f"127.0.0.1:{free_port()}"
-        command = [sys.executable, "-m", "server", "--triton-url", self.triton_url, "--listen", self.address,
-                   "--metrics-listen", f"127.0.0.1:{free_port()}", "--log-level", "WARNING", "--triton-shm", "on",
-                   "--storage-root", str(self.work_dir / "storage"), "--job-store", str(self.work_dir / "jobs.sqlite3")]
-        with grpc.insecure_channel(self.address) as channel:
-            check, serving = health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckResponse.SERVING
-            request = health_pb2.HealthCheckRequest(service=VISION_SERVICE)
-            self._start("orchestrator", command, dict(os.environ, PYTHONUNBUFFERED="1"),
-                        lambda: check(request, timeout=2).status == serving, 90)
+def matting_stack(repository: Path, work_dir: Path) -> Stack:
+    """detect_bench's Stack, ready when Triton has the matting model and the detector ready and VisionService
+    serves; the result cache on (the server's default size: the cache-hit cell needs it), the job store and
+    storage in `work_dir`."""
+    return Stack(repository, work_dir, {}, models=(MODEL, DETECT_MODEL),
+                 orchestrator_args=("--storage-root", str(work_dir / "storage"),
+                                    "--job-store", str(work_dir / "jobs.sqlite3")))
 
 
 async def matting_counters(client: triton_aio.InferenceServerClient) -> dict[str, int]:
@@ -158,7 +142,7 @@ def summarize(cells: list[dict]) -> dict:
     }
 
 
-async def remove_background(args: argparse.Namespace, stack: MattingStack) -> dict:
+async def remove_background(args: argparse.Namespace, stack: Stack) -> dict:
     jpeg = args.image.read_bytes()
     pids = {name: proc.pid for name, proc in stack.procs.items()}
     triton = triton_aio.InferenceServerClient(stack.triton_url, channel_args=GRPC_LIMITS)
@@ -241,32 +225,20 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.repository / MODEL / "config.pbtxt").exists():
         sys.exit(f"no `{MODEL}` model in {args.repository}: run `python build_engines.py --target cpu`")
     report: dict = {
-        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "code": {"git_commit": _git("rev-parse", "--short", "HEAD"),
-                 "git_uncommitted_server_changes": bool(_git("status", "--porcelain", "--", "server", "engines"))},
+        "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "code": code_under_test(),
         "host": f"{platform.node()} {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}",
         "image": args.image.name, "args": {k: str(v) for k, v in vars(args).items()},
         "stand_in_reference": stand_in_reference(),
     }
-    stack = MattingStack(args.repository, REPO / ".cache" / "bench-matting", {})
-    try:
-        stack.start()
+    with matting_stack(args.repository, REPO / ".cache" / "bench-matting") as stack:
         report["remove_background"] = asyncio.run(remove_background(args, stack))
-    finally:
-        stack.stop()
     if args.jobs:
         jobs = JobStack(SimpleNamespace(repository=args.repository, orchestrator_env=[], triton_url="",
                                         emulator_priority="idle", did_poll_interval=0.0),
                         REPO / ".cache" / "bench-matting-jobs")
-        try:
-            jobs.start()
+        with jobs:
             report["talking_video"] = asyncio.run(talking_video(args, jobs))
-        finally:
-            jobs.stop()
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "matting.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.output / "matting.md").write_text(text := markdown(report))
-    print("\n" + text)
+    write_report(args.output, "matting", report, markdown(report))
     return 0
 
 

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import datetime as dt
 import itertools
-import json
 import os
 import re
 import subprocess
@@ -35,13 +34,11 @@ import cv2
 import grpc
 import httpx
 import numpy as np
-import tritonclient.grpc as triton_sync
 import tritonclient.grpc.aio as triton_aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from detect_bench import GRPC_LIMITS, Stack, _table, cpu_seconds, free_port
+from detect_bench import GRPC_LIMITS, Stack, _table, cpu_seconds, write_report
 
 from framewise.v1 import common_pb2, tracking_service_pb2_grpc
 from framewise.v1 import tracking_service_pb2 as pb
@@ -49,7 +46,6 @@ from server.pipelines.prompts import prompt_tensors
 from server.pipelines.tracking import ResizedFrame
 from server.vision.image_decode import decode_image
 from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig, box_from_mask_upsampled
-from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment
 from server.vision.masks import mask_at_resolution
 
 REPO = Path(__file__).resolve().parents[1]
@@ -102,28 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-class TrackStack(Stack):
+def track_stack(repository: Path, work_dir: Path, extra_env: dict[str, str]) -> Stack:
     """detect_bench's Stack, ready when the SAM 2 parts, their ensembles and TrackingService are; shm on."""
-
-    def start(self) -> None:
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
-        launcher = ManagedTriton(self.repository, self.work_dir / "triton", ports, restart_on_exit=False)
-        self.triton_url = launcher.url
-        with triton_sync.InferenceServerClient(self.triton_url) as client:
-            ready = lambda: client.is_server_ready() and all(client.is_model_ready(m) for m in MODELS)
-            env = child_environment(TritonDistribution.from_pytriton())
-            self._start("tritonserver", launcher.command(), env, ready, 180)
-        self.address, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-        self.metrics_url = f"http://{metrics}/metrics"
-        command = [sys.executable, "-m", "server", "--triton-url", self.triton_url, "--listen", self.address,
-                   "--metrics-listen", metrics, "--triton-shm", "on", "--max-tracking-sessions", "16",
-                   "--log-level", "WARNING"]
-        with grpc.insecure_channel(self.address) as channel:
-            check = health_pb2_grpc.HealthStub(channel).Check
-            request = health_pb2.HealthCheckRequest(service=TRACKING_SERVICE)
-            ready = lambda: check(request, timeout=2).status == health_pb2.HealthCheckResponse.SERVING
-            self._start("orchestrator", command, dict(os.environ, PYTHONUNBUFFERED="1", **self.extra_env), ready, 60)
+    return Stack(repository, work_dir, extra_env, models=MODELS, service=TRACKING_SERVICE,
+                 orchestrator_args=("--max-tracking-sessions", "16"))
 
 
 Box = tuple[float, float, float, float]
@@ -202,7 +180,7 @@ async def session(stub, frames: list[bytes], boxes: list[Box], barrier: asyncio.
         raise
 
 
-async def cell(stack: TrackStack, triton, stub, frames, boxes: list[Box], conc: int) -> dict:
+async def cell(stack: Stack, triton, stub, frames, boxes: list[Box], conc: int) -> dict:
     pids = {name: proc.pid for name, proc in stack.procs.items()}
     rss0 = rss_kib(pids["orchestrator"])
     barrier = asyncio.Barrier(conc + 1)
@@ -501,7 +479,7 @@ async def model_meta(triton: triton_aio.InferenceServerClient, model: str) -> di
             "platform": cfg.platform or cfg.backend, **tensors}
 
 
-async def run(args: argparse.Namespace, stack: TrackStack) -> dict:
+async def run(args: argparse.Namespace, stack: Stack) -> dict:
     frames, box = load_sequence(SEQUENCE, args.frames)
     height, width = cv2.imdecode(np.frombuffer(frames[0], np.uint8), cv2.IMREAD_COLOR).shape[:2]
     boxes = object_boxes(box, args.objects, width, height) if args.objects else []
@@ -714,22 +692,16 @@ def main(argv: list[str] | None = None) -> int:
     build = [sys.executable, "build_engines.py", "--target", "cpu", "--output", str(args.repository)]
     subprocess.run(build, cwd=REPO, check=True)  # S=1024; a no-op when up to date
     env = dict(kv.split("=", 1) for kv in args.orchestrator_env)  # diagnostics, e.g. MALLOC_* tunables
-    stack = TrackStack(args.repository, REPO / ".cache" / "bench_track", env)
     try:
-        stack.start()
-        report = asyncio.run(run(args, stack))
-        commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
-        diff = ["git", "diff", "--quiet", "HEAD", "--", "server", "engines"]
-        dirty = subprocess.run(diff, cwd=REPO, check=False).returncode
-        report["environment"]["git_commit"] = commit + ("+uncommitted server/engines changes" if dirty else "")
+        with track_stack(args.repository, REPO / ".cache" / "bench_track", env) as stack:
+            report = asyncio.run(run(args, stack))
+            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True).strip()
+            diff = ["git", "diff", "--quiet", "HEAD", "--", "server", "engines"]
+            dirty = subprocess.run(diff, cwd=REPO, check=False).returncode
+            report["environment"]["git_commit"] = commit + ("+uncommitted server/engines changes" if dirty else "")
     except KeyboardInterrupt:
         return 130
-    finally:
-        stack.stop()
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "track.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.output / "track.md").write_text(text := markdown(report))
-    print("\n" + text)
+    write_report(args.output, "track", report, markdown(report))
     return 0
 
 

@@ -14,26 +14,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry, start_http_server
 
-from framewise.v1 import (
-    info_service_pb2,
-    info_service_pb2_grpc,
-    jobs_service_pb2,
-    tracking_service_pb2,
-    tracking_service_pb2_grpc,
-    vision_service_pb2,
-    vision_service_pb2_grpc,
-)
+from framewise.v1 import info_service_pb2_grpc, tracking_service_pb2_grpc, vision_service_pb2_grpc
 from server import __version__
 from server.app_jobs import Jobs, start_jobs
 from server.cache.result_cache import ResultCache, result_cache_for
 from server.config import ServerConfig
 from server.health import TritonMonitor
 from server.interceptors import ObservabilityInterceptor
-from server.jobs.ipc import WorkerSettings
+from server.jobs.worker.ipc import WorkerSettings
 from server.metrics import Metrics, WithChildMetrics
-from server.pipelines import sam2_contract as sam2
 from server.pipelines.detection import DetectionPipeline
-from server.pipelines.matting import MODEL_NAME as MATTING
 from server.pipelines.matting import MattingPipeline
 from server.pipelines.segmentation import SegmentationPipeline
 from server.pipelines.sessions import SessionRegistry
@@ -42,34 +32,12 @@ from server.reflection import enable_reflection
 from server.servicers.info import InfoServicer
 from server.servicers.tracking import TrackingServicer
 from server.servicers.vision import VisionServicer
+from server.services import CACHED_MODELS, OPERATIONS_SERVICE, SERVICE_MODELS, SERVICES
 from server.triton.client import TritonClient
 from server.triton.launcher import ManagedTriton, TritonStartError
 from server.triton.runner import InferenceRunner
 
 log = logging.getLogger("server")
-
-OPERATIONS_SERVICE = "google.longrunning.Operations"
-SERVICES = {
-    "vision": vision_service_pb2.DESCRIPTOR.services_by_name["VisionService"],
-    "tracking": tracking_service_pb2.DESCRIPTOR.services_by_name["TrackingService"],
-    "jobs": jobs_service_pb2.DESCRIPTOR.services_by_name["JobService"],
-    "info": info_service_pb2.DESCRIPTOR.services_by_name["InfoService"],
-}
-# Models each service's implemented RPCs need: a service is SERVING only while its models are
-# ready, the server as a whole ("") only while all of them are.
-SERVICE_MODELS = {
-    SERVICES["vision"].full_name: ("yolov8", MATTING, sam2.IMAGE_ENCODER, sam2.MASK_DECODER),
-    SERVICES["tracking"].full_name: sam2.TRACKING_MODELS,
-    # Jobs queue and retry, but cannot progress without their models. Matting is not one of
-    # them: without it a talking video goes on with the plain crop (seed 003's degradation).
-    SERVICES["jobs"].full_name: ("yolov8", *sam2.TRACKING_MODELS),
-    SERVICES["info"].full_name: (),
-}
-# Models the jobs use but can go on without (seed 003's graceful degradation).
-JOB_DEGRADABLE_MODELS = (MATTING,)
-# Models whose results the result cache keeps: both processes' monitors read their specs again
-# on every refresh, so a reload in Triton changes the cache keys within one health interval.
-CACHED_MODELS = ("yolov8", MATTING)
 
 
 @dataclass
@@ -171,8 +139,8 @@ async def start(config: ServerConfig) -> RunningServer:
     )
     worker = None
     if config.jobs.process == "worker":
-        # Jobs run at most `workers` at a time: that many slots per model cover them.
-        shm_slots = min(config.triton_shm_slots, config.jobs.workers) if use_shm else 0
+        # Jobs run at most `concurrency` at a time: that many slots per model cover them.
+        shm_slots = min(config.triton_shm_slots, config.jobs.concurrency) if use_shm else 0
         worker = WorkerSettings(config, triton_url, shm_slots)
     jobs = await start_jobs(
         config.jobs, detection=detection, matting=matting, tracking=tracking, metrics=metrics, worker=worker

@@ -1,7 +1,7 @@
 """Wires the long-running jobs part of the orchestrator: durable store, event bus, storage
-tiers, uploads, the two pipelines, the runner (and the job worker process it hands jobs to),
-and the JobService / Operations servicers. The worker builds its half with the same helpers
-(server/jobs/worker_main.py)."""
+tiers, uploads, the two job kinds' pipelines, the queue (and the job worker process it hands
+jobs to), and the JobService / Operations servicers. The worker process builds its half with
+the same helpers (server/app_worker.py)."""
 
 from __future__ import annotations
 
@@ -16,19 +16,20 @@ from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from framewise.v1 import jobs_service_pb2_grpc
 from server.config import JobsConfig
 from server.did.client import DIDClient, OnRetry
-from server.jobs.admission import Admission
-from server.jobs.events import EventBus
-from server.jobs.executor import RetryPolicy
-from server.jobs.ipc import WorkerSettings
-from server.jobs.pipeline import JobPipeline
-from server.jobs.retention import OperationRetention
-from server.jobs.runner import JobRunner
-from server.jobs.segment_video import SegmentVideoPipeline
-from server.jobs.sqlite_store import SqliteJobStore
-from server.jobs.storage import StorageConfig, StorageManager
-from server.jobs.talking_video import DIDFactory, TalkingVideoPipeline
-from server.jobs.uploads import UploadStore
-from server.jobs.worker_process import WorkerProcess
+from server.jobs.engine.admission import Admission
+from server.jobs.engine.events import EventBus
+from server.jobs.engine.executor import RetryPolicy
+from server.jobs.engine.pipeline import JobPipeline
+from server.jobs.engine.queue import JobQueue
+from server.jobs.engine.retention import OperationRetention
+from server.jobs.files.storage import StorageConfig, StorageManager
+from server.jobs.files.uploads import UploadStore
+from server.jobs.kinds.segment_video import SegmentVideoPipeline
+from server.jobs.kinds.talking_video import DIDFactory, TalkingVideoPipeline
+from server.jobs.store import JobStore
+from server.jobs.store.factory import open_job_store
+from server.jobs.worker.ipc import WorkerSettings
+from server.jobs.worker.process import WorkerProcess
 from server.metrics import Metrics
 from server.pipelines.detection import DetectionPipeline
 from server.pipelines.matting import MattingPipeline
@@ -36,27 +37,30 @@ from server.pipelines.tracking import TrackingEngine
 from server.servicers.jobs import JobServicer
 from server.servicers.operations import OperationsServicer
 
-__all__ = ["Jobs", "job_admission", "job_pipelines", "start_jobs", "storage_config"]
+__all__ = ["WORKER_MODULE", "Jobs", "job_admission", "job_pipelines", "start_jobs", "storage_config"]
 
 log = logging.getLogger("server.jobs")
+
+# What the serving process runs with ``python -m`` to start the job worker process.
+WORKER_MODULE = "server.app_worker"
 
 
 @dataclass
 class Jobs:
-    store: SqliteJobStore
+    store: JobStore
     bus: EventBus
     storage: StorageManager
     uploads: UploadStore
-    runner: JobRunner
+    queue: JobQueue
     did_http: httpx.AsyncClient | None
     retention: OperationRetention
     worker: WorkerProcess | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         jobs_service_pb2_grpc.add_JobServiceServicer_to_server(
-            JobServicer(self.runner, self.bus, self.uploads, self.storage), server
+            JobServicer(self.queue, self.bus, self.uploads, self.storage), server
         )
-        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.runner, self.bus), server)
+        operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(self.queue, self.bus), server)
 
     def not_serving_reason(self) -> str:
         """Why the job service cannot take work now ("" when it can), for its health status."""
@@ -65,13 +69,13 @@ class Jobs:
         return self.worker.down_reason if self.worker is not None else ""
 
     async def start(self) -> None:
-        """Cleanup loop, then the workers (which resume what a previous process left)."""
+        """Cleanup loop, then the queue (which resumes what a previous process left)."""
         await self.storage.start()
         await self.retention.start()
-        await self.runner.start()
+        await self.queue.start()
 
     async def stop(self) -> None:
-        await self.runner.stop()
+        await self.queue.stop()
         await self.retention.stop()
         self.bus.close()
         await self.storage.stop()
@@ -92,19 +96,18 @@ async def start_jobs(
     """Opens the store and builds everything; call ``Jobs.start`` once Triton is up. With
     ``worker`` settings (``--job-process worker``) the jobs run in the job worker process; the
     pipelines built here then only check submit requests."""
-    config.store_path.parent.mkdir(parents=True, exist_ok=True)
-    store = await SqliteJobStore(config.store_path, synchronous=config.store_sync).open()
+    store = await open_job_store(config.store, sqlite_synchronous=config.store_sync)
     bus = EventBus(store, heartbeat_s=config.heartbeat_s)
     storage = StorageManager(storage_config(config), metrics)
     uploads = UploadStore(storage, max_bytes=config.max_upload_bytes)
     pipelines, did_http = job_pipelines(config, detection, matting, tracking, uploads)
-    execution = None if worker is None else WorkerProcess(worker, bus)
-    runner = JobRunner(
+    execution = None if worker is None else WorkerProcess(worker, bus, module=WORKER_MODULE)
+    queue = JobQueue(
         bus,
         storage,
         job_admission(config),
         pipelines,
-        workers=config.workers,
+        concurrency=config.concurrency,
         max_queued=config.max_queued,
         retry=RetryPolicy(base_s=config.retry_base_s),
         execution=execution,
@@ -112,7 +115,7 @@ async def start_jobs(
     retention = OperationRetention(
         store, retention_s=config.retention_operations_s, interval_s=config.cleanup_interval_s
     )
-    return Jobs(store, bus, storage, uploads, runner, did_http, retention, execution)
+    return Jobs(store, bus, storage, uploads, queue, did_http, retention, execution)
 
 
 def storage_config(config: JobsConfig) -> StorageConfig:

@@ -19,14 +19,17 @@ DAY_S = 86400.0
 class JobsConfig:
     """Long-running jobs: durable store, storage tiers, queue and slots, D-ID."""
 
-    store_path: Path = REPO_ROOT / ".cache" / "jobs" / "jobs.sqlite3"
+    # The job store (--job-store): a SQLite file path or sqlite:///path (one replica), or a
+    # postgresql:// URL (the store replicas share); server/jobs/store/factory.py opens it.
+    store: str = str(REPO_ROOT / ".cache" / "jobs" / "jobs.sqlite3")
     # SQLite synchronous mode of the job store: "full" fsyncs every commit (an event a watcher
     # saw survives a power cut); "normal" survives kill -9 of the server, not a power cut.
     store_sync: str = "full"
     storage_root: Path = REPO_ROOT / ".cache" / "storage"
     # SegmentVideoRequest.server_path is resolved under this folder; None disables it.
     media_root: Path | None = None
-    workers: int = 4
+    # Jobs running at once (the job queue's lanes; flag --job-workers).
+    concurrency: int = 4
     # "worker": jobs run in a child process at lower CPU priority (job_worker_nice), so a job's
     # work never delays the serving process's event loop (watch streams, tracking); "inline":
     # in the serving process.
@@ -58,6 +61,13 @@ class JobsConfig:
     did_wait_timeout_s: float = 600.0
     # A talking video with all_persons makes at most this many D-ID talks (each one is billed).
     max_talk_persons: int = 4
+
+    @property
+    def store_path(self) -> Path | None:
+        """The SQLite file of the job store; None when it is PostgreSQL."""
+        from server.jobs.store.factory import sqlite_path  # server.jobs imports this module
+
+        return sqlite_path(self.store)
 
 
 @dataclass(frozen=True)
@@ -136,6 +146,12 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error(f"--result-cache-bytes must be >= 0 (0 disables the cache), got {a.result_cache_bytes}")
     if not 0 <= a.job_worker_nice <= 19:
         p.error(f"--job-worker-nice must be within 0..19 (a child may lower its priority, not raise it), got {a.job_worker_nice}")
+    from server.jobs.store.factory import sqlite_path  # server.jobs imports this module
+
+    try:
+        sqlite_path(a.job_store)
+    except ValueError as exc:
+        p.error(f"--job-store: {exc}")
     return ServerConfig(
         listen=a.listen,
         metrics_listen=a.metrics_listen,
@@ -163,7 +179,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
 
 def _add_job_flags(p: argparse.ArgumentParser, d: JobsConfig) -> None:
     g = p.add_argument_group("long-running jobs")
-    g.add_argument("--job-store", type=Path, default=_env("JOB_STORE", d.store_path), help="SQLite file (FRAMEWISE_JOB_STORE)")
+    g.add_argument("--job-store", default=_env("JOB_STORE", d.store),
+                   help="where operations and their events live (FRAMEWISE_JOB_STORE): a SQLite file path or "
+                        "sqlite:///path, or postgresql://user:password@host:port/database for a store shared by "
+                        "replicas")
     g.add_argument("--job-store-sync", choices=("full", "normal"), default=_env("JOB_STORE_SYNC", d.store_sync),
                    help="full (default): every commit is fsynced before its event is published, so what a watcher saw "
                         "survives a power cut; normal: survives kill -9 of the server but not a power cut or kernel "
@@ -172,7 +191,7 @@ def _add_job_flags(p: argparse.ArgumentParser, d: JobsConfig) -> None:
                    help="folder of the uploads/processed/videos/temp tiers (FRAMEWISE_STORAGE_ROOT)")
     g.add_argument("--media-root", type=Path, default=_env("MEDIA_ROOT", d.media_root),
                    help="folder SegmentVideo's server_path may read from; unset disables server paths")
-    g.add_argument("--job-workers", type=int, default=_env("JOB_WORKERS", d.workers), help="jobs running at once")
+    g.add_argument("--job-workers", type=int, default=_env("JOB_WORKERS", d.concurrency), help="jobs running at once")
     g.add_argument("--job-process", choices=("worker", "inline"), default=_env("JOB_PROCESS", d.process),
                    help="where jobs run: a child worker process at lower CPU priority (default), or inline in the "
                         "serving process")
@@ -212,11 +231,11 @@ def _add_job_flags(p: argparse.ArgumentParser, d: JobsConfig) -> None:
 
 def _jobs_config(a: argparse.Namespace) -> JobsConfig:
     return JobsConfig(
-        store_path=Path(a.job_store),
+        store=str(a.job_store),
         store_sync=a.job_store_sync,
         storage_root=Path(a.storage_root),
         media_root=Path(a.media_root) if a.media_root else None,
-        workers=a.job_workers,
+        concurrency=a.job_workers,
         process=a.job_process,
         worker_nice=a.job_worker_nice,
         max_queued=a.max_queued_jobs,

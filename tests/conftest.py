@@ -14,19 +14,21 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+from google.longrunning import operations_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from did_emulator import EmulatorHandle, start_emulator
 from engines.cpu_repository import build_cpu_repository
+from framewise.v1 import jobs_service_pb2_grpc
 from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,6 +191,38 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 60) -> int:
     return process.returncode
 
 
+def serves(channel: grpc.Channel) -> bool:
+    return health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+
+
+def serving_orchestrator(
+    tmp: Path,
+    extra_args: list[str],
+    name: str = "orchestrator",
+    ready: Callable[[grpc.Channel], bool] = serves,
+    timeout_s: float = 60,
+) -> Orchestrator:
+    """start_orchestrator, then wait until ``ready(channel)`` (default: overall health SERVING).
+    One that never gets there is stopped, and the tail of its log is the failure: without it a
+    start-up error reads as a bare timeout."""
+    orch = start_orchestrator(tmp, extra_args, name)
+
+    def up(channel: grpc.Channel) -> bool:
+        if orch.process.poll() is not None:  # exited: no reason to wait out the timeout
+            raise AssertionError("exited")
+        return ready(channel)
+
+    try:
+        with grpc.insecure_channel(orch.address) as channel:
+            wait_until(lambda: up(channel), timeout_s, f"the {name} to be ready")
+    except AssertionError:
+        stop_process(orch.process)
+        raise AssertionError(
+            f"{name} never got ready (exit code {orch.process.returncode}); log:\n{orch.log_text()[-4000:]}"
+        ) from None
+    return orch
+
+
 @pytest.fixture(scope="session")
 def assets() -> Path:
     if not YOLO_ONNX.exists():
@@ -235,19 +269,11 @@ def job_args(did: EmulatorHandle) -> list[str]:
 def orchestrator(
     tmp_path_factory: pytest.TempPathFactory, triton: TritonProcess, did_emulator: EmulatorHandle
 ) -> Iterator[Orchestrator]:
-    orch = start_orchestrator(
+    orch = serving_orchestrator(
         tmp_path_factory.mktemp("orchestrator"),
         ["--triton-url", triton.url, *SHARED_MEMORY_ARGS, "--session-idle-ttl", str(SESSION_IDLE_TTL_S),
          "--max-tracking-sessions", str(MAX_TRACKING_SESSIONS), *job_args(did_emulator)],
     )
-    channel = grpc.insecure_channel(orch.address)
-    try:
-        wait_until(lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING, 60, "the orchestrator to serve")
-    except AssertionError:
-        stop_process(orch.process)
-        raise AssertionError(f"orchestrator never served; log:\n{orch.log_text()[-4000:]}") from None
-    finally:
-        channel.close()
     yield orch
     stop_process(orch.process)
 
@@ -258,6 +284,24 @@ def channel(orchestrator: Orchestrator) -> Iterator[grpc.Channel]:
         orchestrator.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
     ) as ch:
         yield ch
+
+
+@pytest.fixture
+def jobs(channel: grpc.Channel) -> jobs_service_pb2_grpc.JobServiceStub:
+    return jobs_service_pb2_grpc.JobServiceStub(channel)
+
+
+@pytest.fixture
+def operations(channel: grpc.Channel) -> operations_pb2_grpc.OperationsStub:
+    return operations_pb2_grpc.OperationsStub(channel)
+
+
+@pytest.fixture
+def fresh_emulator(did_emulator: EmulatorHandle) -> EmulatorHandle:
+    """The session's D-ID emulator with no fault or request log left by an earlier test (job test
+    modules use it for every test: ``pytestmark = pytest.mark.usefixtures("fresh_emulator")``)."""
+    httpx.post(f"{did_emulator.url}/_emulator/reset", timeout=5).raise_for_status()
+    return did_emulator
 
 
 def child_pids(pid: int, command_part: str) -> list[int]:
@@ -290,4 +334,40 @@ def pid_alive(pid: int) -> bool:
     return state != "Z"
 
 
-JOB_WORKER = "server.jobs.worker_main"
+JOB_WORKER = "server.app_worker"
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+async def postgres_server():  # noqa: ANN201 - AsyncIterator[LocalPostgres]
+    """A real PostgreSQL server for the session (Debian's binaries, `make pg-deps`), run by the
+    project's launcher as an unprivileged account, on 127.0.0.1 and a free port."""
+    from server.pg.local import LocalPostgres
+
+    server = LocalPostgres()
+    await server.start()
+    yield server
+    await server.close()
+
+
+async def fresh_postgres_schema(server) -> tuple[str, str]:  # noqa: ANN001 - LocalPostgres
+    """A new empty schema in the session's server: ``(url, schema)``, the URL's search_path set to
+    it, so each test's store starts from an empty database (and migrates it) without the cost of
+    CREATE DATABASE."""
+    import uuid
+
+    import psycopg
+
+    schema = f"test_{uuid.uuid4().hex[:16]}"
+    async with await psycopg.AsyncConnection.connect(server.url, autocommit=True) as conn:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    return f"{server.url}?options=-csearch_path%3D{schema}", schema
+
+
+async def drop_postgres_schema(server, schema: str) -> None:  # noqa: ANN001 - LocalPostgres
+    import psycopg
+
+    async with await psycopg.AsyncConnection.connect(server.url, autocommit=True) as conn:
+        await conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

@@ -8,10 +8,8 @@ import time
 from pathlib import Path
 
 import grpc
-import httpx
 import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
-from grpc_health.v1 import health_pb2
 
 from did_emulator import EmulatorHandle
 from framewise.v1 import common_pb2, jobs_service_pb2_grpc
@@ -19,9 +17,8 @@ from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from tests.conftest import (
     Orchestrator,
     TritonProcess,
-    health_status,
     job_args,
-    start_orchestrator,
+    serving_orchestrator,
     stop_process,
     wait_until,
 )
@@ -33,14 +30,7 @@ S = jobs_pb2.JobStage
 
 def _serve(tmp: Path, triton: TritonProcess, did: EmulatorHandle) -> Orchestrator:
     # The same name means the same job store and storage folder as the process before it.
-    orch = start_orchestrator(tmp, ["--triton-url", triton.url, *job_args(did)], name="crashy")
-    with grpc.insecure_channel(orch.address) as channel:
-        try:
-            wait_until(lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING, 60, "the orchestrator")
-        except AssertionError:
-            stop_process(orch.process)
-            raise AssertionError(orch.log_text()[-3000:]) from None
-    return orch
+    return serving_orchestrator(tmp, ["--triton-url", triton.url, *job_args(did)], name="crashy")
 
 
 def _watch_until(channel: grpc.Channel, name: str, predicate) -> list[jobs_pb2.WatchOperationResponse]:
@@ -83,22 +73,30 @@ def _kill_restart_and_finish(
         assert stop_process(restarted.process) == 0, restarted.log_text()[-3000:]
 
 
-def test_talking_video_survives_kill_9_and_polls_the_same_talk(tmp_path, triton, did_emulator) -> None:
-    httpx.post(f"{did_emulator.url}/_emulator/reset", timeout=5).raise_for_status()
-    inject(did_emulator, talk_outcome="done", stage_delay_s=2.0)
-    orch = _serve(tmp_path, triton, did_emulator)
+def _talking_video_killed_mid_talk(
+    tmp: Path, triton: TritonProcess, did: EmulatorHandle, talks: int, **fields: object
+) -> list[jobs_pb2.WatchOperationResponse]:
+    """A talking video killed with kill -9 while D-ID renders its `talks` talks (2 s each), then
+    restarted on the same store and followed to the end: every event, across the crash."""
+    for _ in range(talks):
+        inject(did, talk_outcome="done", stage_delay_s=2.0)
+    orch = _serve(tmp, triton, did)
     with grpc.insecure_channel(orch.address) as channel:
         request = jobs_pb2.CreateTalkingVideoRequest(
-            image=(ASSETS / "images" / "zidane.jpg").read_bytes(), audio=tone_wav(1.0)
+            image=(ASSETS / "images" / "zidane.jpg").read_bytes(), audio=tone_wav(1.0), **fields
         )
         op = jobs_service_pb2_grpc.JobServiceStub(channel).CreateTalkingVideo(request, timeout=30)
         before = _watch_until(channel, op.name, lambda e: e.stage_update.stage == S.JOB_STAGE_DID_PROCESSING)
-    # The talk exists (and its id is stored) once D-ID answered the POST.
-    wait_until(lambda: len(emulator_requests(did_emulator, "POST", "/talks")) == 1, 10, "the talk to be created")
+    # A talk exists (and its id is stored) once D-ID answered its POST.
+    wait_until(lambda: len(emulator_requests(did, "POST", "/talks")) == talks, 10, f"{talks} talk(s) to be created")
     time.sleep(0.3)
-    events = _kill_restart_and_finish(tmp_path, triton, did_emulator, orch, op.name, before)
+    return _kill_restart_and_finish(tmp, triton, did, orch, op.name, before)
+
+
+def test_talking_video_survives_kill_9_and_polls_the_same_talk(tmp_path, triton, fresh_emulator) -> None:
+    events = _talking_video_killed_mid_talk(tmp_path, triton, fresh_emulator, talks=1)
     assert events[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
-    assert len(emulator_requests(did_emulator, "POST", "/talks")) == 1, "the resumed job paid for a second talk"
+    assert len(emulator_requests(fresh_emulator, "POST", "/talks")) == 1, "the resumed job paid for a second talk"
     # Stages completed before the crash did not run again.
     stage_names = [e.stage_update.stage for e in events if e.WhichOneof("event") == "stage_update"]
     assert stage_names.count(S.JOB_STAGE_DETECTION_RUNNING) == 1
@@ -106,25 +104,13 @@ def test_talking_video_survives_kill_9_and_polls_the_same_talk(tmp_path, triton,
     assert stage_names[-1] == S.JOB_STAGE_COMPLETED
 
 
-def test_all_persons_talking_video_survives_kill_9_and_pays_no_second_talk(tmp_path, triton, did_emulator) -> None:
+def test_all_persons_talking_video_survives_kill_9_and_pays_no_second_talk(tmp_path, triton, fresh_emulator) -> None:
     """The same for a video per person: each person's talk id is saved the moment the talk exists,
     so the resumed job polls both talks and creates none."""
-    httpx.post(f"{did_emulator.url}/_emulator/reset", timeout=5).raise_for_status()
-    for _ in range(2):
-        inject(did_emulator, talk_outcome="done", stage_delay_s=2.0)
-    orch = _serve(tmp_path, triton, did_emulator)
-    with grpc.insecure_channel(orch.address) as channel:
-        request = jobs_pb2.CreateTalkingVideoRequest(
-            image=(ASSETS / "images" / "zidane.jpg").read_bytes(), audio=tone_wav(1.0), all_persons=True
-        )
-        op = jobs_service_pb2_grpc.JobServiceStub(channel).CreateTalkingVideo(request, timeout=30)
-        before = _watch_until(channel, op.name, lambda e: e.stage_update.stage == S.JOB_STAGE_DID_PROCESSING)
-    wait_until(lambda: len(emulator_requests(did_emulator, "POST", "/talks")) == 2, 10, "both talks to be created")
-    time.sleep(0.3)
-    events = _kill_restart_and_finish(tmp_path, triton, did_emulator, orch, op.name, before)
+    events = _talking_video_killed_mid_talk(tmp_path, triton, fresh_emulator, talks=2, all_persons=True)
     assert events[-1].complete.state == jobs_pb2.JOB_STATE_SUCCEEDED
-    assert len(emulator_requests(did_emulator, "POST", "/talks")) == 2, "the resumed job paid for a second talk"
-    assert len(emulator_requests(did_emulator, "POST", "/images")) == 2  # the uploads were not redone either
+    assert len(emulator_requests(fresh_emulator, "POST", "/talks")) == 2, "the resumed job paid for a second talk"
+    assert len(emulator_requests(fresh_emulator, "POST", "/images")) == 2  # the uploads were not redone either
     updates = [e for e in events if e.WhichOneof("event") in ("stage_update", "progress_update")]
     percents = [getattr(e, e.WhichOneof("event")).percent for e in updates]
     assert percents == sorted(percents), percents  # monotone across the crash too

@@ -1,4 +1,5 @@
-"""The durable job store (SQLite) and the event fan-out to watchers. No Triton needed."""
+"""The SQLite job store's own behaviour (WAL, file migrations, kill -9) and the event fan-out to
+watchers. What every backend must do is tests/test_job_store_contract.py. No Triton needed."""
 
 from __future__ import annotations
 
@@ -8,27 +9,23 @@ import signal
 import sqlite3
 import sys
 import time
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.jobs import (
-    ArtifactRecord,
     EventBus,
     EventRecord,
     Heartbeat,
     JobState,
     JobStore,
     JobStoreError,
-    OperationNotFinishedError,
     OperationNotFoundError,
     OperationUpdate,
-    RequestIdConflictError,
     SqliteJobStore,
 )
-from server.jobs.retention import OperationRetention
+from server.jobs.store.sqlite import SCHEMA_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
 SEGMENT = jobs_pb2.JOB_KIND_SEGMENT_VIDEO
@@ -49,10 +46,6 @@ async def new_op(store: SqliteJobStore, **kw) -> str:
     return op.name
 
 
-def stage_payload(percent: float) -> bytes:
-    return jobs_pb2.StageUpdate(stage=jobs_pb2.JOB_STAGE_TRACKING, percent=percent).SerializeToString()
-
-
 def complete_payload() -> bytes:
     return jobs_pb2.JobComplete(state=jobs_pb2.JOB_STATE_SUCCEEDED).SerializeToString()
 
@@ -64,233 +57,36 @@ def real_sequences(items: list) -> list[int]:
 # -- store ----------------------------------------------------------------------------------------
 
 
-def test_job_state_mirrors_proto() -> None:
-    for state in JobState:
-        assert jobs_pb2.JobState.Value(f"JOB_STATE_{state.name}") == state.value
-
-
 async def test_protocol_and_schema(store: SqliteJobStore, tmp_path: Path) -> None:
     assert isinstance(store, JobStore)
-    assert await store.schema_version() == 2
+    assert await store.schema_version() == SCHEMA_VERSION == 3
     conn = sqlite3.connect(tmp_path / "jobs.db")
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"schema_version", "operations", "operation_requests", "events", "artifacts"} <= tables
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(operations)")}
+        assert {"lease_owner", "lease_epoch", "lease_expire_us"} <= columns
+        # Claiming reads the unfinished operations through an index, not every operation.
+        plan = " ".join(
+            str(r[3])
+            for r in conn.execute(
+                "EXPLAIN QUERY PLAN SELECT name FROM operations WHERE state IN (1, 2) "
+                "AND (lease_expire_us IS NULL OR lease_expire_us <= 0) ORDER BY create_us, name LIMIT 1"
+            )
+        )
+        assert "USING INDEX operations_by_state (state=?)" in plan and "SCAN operations" not in plan, plan
     finally:
         conn.close()
 
 
-async def test_create_get_and_update(store: SqliteJobStore) -> None:
-    op, created = await store.create_operation(kind=TALKING, request=b"\x01\x02", message="queued")
-    assert created and op.name.startswith("operations/")
-    assert op.state == JobState.QUEUED and not op.done
-    assert op.create_time.tzinfo is not None and op.create_time.utcoffset() == timedelta(0)
-    assert op.start_time is None and op.end_time is None and op.last_sequence == 0
-    got = await store.get_operation(op.name)
-    assert got == op and await store.get_request(op.name) == b"\x01\x02"
-
-    running = await store.update_operation(
-        op.name, state=JobState.RUNNING, stage=jobs_pb2.JOB_STAGE_DETECTION_RUNNING, percent=10.0
-    )
-    assert running.state == JobState.RUNNING and running.start_time is not None
-    assert running.stage == jobs_pb2.JOB_STAGE_DETECTION_RUNNING and running.percent == 10.0
-    assert running.update_time >= op.update_time
-
-    done = await store.update_operation(
-        op.name,
-        OperationUpdate(state=JobState.SUCCEEDED, response=b"resp", last_completed_stage=11, percent=100.0),
-    )
-    assert done.done and done.end_time is not None and done.start_time == running.start_time
-    assert done.response == b"resp" and done.last_completed_stage == 11
-
-    failed_op = await new_op(store)
-    failed = await store.update_operation(failed_op, state=JobState.FAILED, error=(9, "no person"))
-    assert failed.error == (9, "no person")
-
-    with pytest.raises(OperationNotFoundError):
-        await store.get_operation("operations/nope")
-    with pytest.raises(OperationNotFoundError):
-        await store.update_operation("operations/nope", percent=1.0)
-
-
-async def test_idempotent_create_by_request_id(store: SqliteJobStore) -> None:
-    first, created = await store.create_operation(kind=SEGMENT, request=b"a", request_id="r-1")
-    again, created_again = await store.create_operation(kind=SEGMENT, request=b"a", request_id="r-1")
-    assert created and not created_again and again == first
-    # Concurrent duplicates still yield one operation.
-    results = await asyncio.gather(
-        *(store.create_operation(kind=SEGMENT, request=b"b", request_id="r-2") for _ in range(10))
-    )
-    assert len({op.name for op, _ in results}) == 1
-    assert sum(created for _, created in results) == 1
-    # No request_id (or ""): every call creates.
-    a, _ = await store.create_operation(kind=SEGMENT, request=b"c", request_id="")
-    b, _ = await store.create_operation(kind=SEGMENT, request=b"c")
-    assert a.name != b.name and a.request_id is None
-    with pytest.raises(RequestIdConflictError):
-        await store.create_operation(kind=TALKING, request=b"a", request_id="r-1")
-
-
-async def test_list_paging_and_state_filter(store: SqliteJobStore) -> None:
-    names = [await new_op(store) for _ in range(10)]
-    for n in names[:4]:
-        await store.update_operation(n, state=JobState.RUNNING)
-    for n in names[4:6]:
-        await store.update_operation(n, state=JobState.SUCCEEDED)
-
-    seen: list[str] = []
-    token = ""
-    pages = 0
-    while True:
-        items, token = await store.list_operations(page_size=3, page_token=token)
-        pages += 1
-        seen += [o.name for o in items]
-        assert len(items) <= 3
-        if not token:
-            break
-    assert pages == 4 and seen == names  # stable (create_time, name) order, nothing repeated
-
-    running, tok = await store.list_operations(states=JobState.RUNNING)
-    assert [o.name for o in running] == names[:4] and tok == ""
-    first, tok = await store.list_operations(states=(JobState.RUNNING, JobState.QUEUED), page_size=5)
-    rest, tok2 = await store.list_operations(states=(JobState.RUNNING, JobState.QUEUED), page_size=5, page_token=tok)
-    assert [o.name for o in first + rest] == names[:4] + names[6:] and tok2 == ""
-    assert (await store.list_operations(kind=TALKING))[0] == []
-
-    # A token survives deletion of the item it points after.
-    items, tok = await store.list_operations(page_size=5)
-    await store.delete_operation(names[4])  # SUCCEEDED, in the first page
-    rest, _ = await store.list_operations(page_size=50, page_token=tok)
-    assert [o.name for o in rest] == names[5:]
-
-    unfinished = await store.unfinished_operations()
-    assert [o.name for o in unfinished] == names[:4] + names[6:]
-    with pytest.raises(ValueError):
-        await store.list_operations(page_token="garbage!!")
-
-
-async def test_append_assigns_contiguous_sequences_under_concurrency(store: SqliteJobStore) -> None:
-    name = await new_op(store)
-    other = await new_op(store)
-
-    async def appender(i: int) -> list[int]:
-        out = []
-        for j in range(10):
-            ev = await store.append_event(name, "progress_update", f"{i}:{j}".encode())
-            out.append(ev.sequence)
-            await store.append_event(other, "progress_update", b"x")
-        return out
-
-    results = await asyncio.gather(*(appender(i) for i in range(20)))
-    all_seqs = sorted(s for r in results for s in r)
-    assert all_seqs == list(range(1, 201))
-    for r in results:
-        assert r == sorted(r)
-    stored = await store.events_after(name, 0, limit=1000)
-    assert [e.sequence for e in stored] == list(range(1, 201))
-    assert (await store.get_operation(name)).last_sequence == 200
-    assert (await store.get_operation(other)).last_sequence == 200
-
-
-async def test_two_connections_share_the_sequence(tmp_path: Path) -> None:
-    """Two store objects (two connections, two threads) on one file: BEGIN IMMEDIATE keeps
-    sequence assignment atomic."""
-    path = tmp_path / "shared.db"
-    a, b = SqliteJobStore(path), SqliteJobStore(path)
-    try:
-        name = await new_op(a)
-
-        async def run(s: SqliteJobStore) -> list[int]:
-            return [(await s.append_event(name, "progress_update", b"")).sequence for _ in range(50)]
-
-        ra, rb = await asyncio.gather(run(a), run(b))
-        assert sorted(ra + rb) == list(range(1, 101))
-    finally:
-        await a.close()
-        await b.close()
-
-
-async def test_events_after_resumes_exactly(store: SqliteJobStore) -> None:
-    name = await new_op(store)
-    for i in range(1, 11):
-        ev = await store.append_event(name, "stage_update", stage_payload(i))
-        assert ev.sequence == i and not ev.terminal
-        assert ev.time.utcoffset() == timedelta(0)
-    last = await store.append_event(
-        name, "complete", complete_payload(), update=OperationUpdate(state=JobState.SUCCEEDED)
-    )
-    assert last.sequence == 11 and last.terminal
-    op = await store.get_operation(name)
-    assert op.last_sequence == 11 and op.state == JobState.SUCCEEDED and op.end_time is not None
-
-    assert [e.sequence for e in await store.events_after(name, 4)] == list(range(5, 12))
-    assert [e.sequence for e in await store.events_after(name, 4, limit=3)] == [5, 6, 7]
-    assert await store.events_after(name, 11) == []
-    assert await store.events_after("operations/unknown") == []
-    ev = (await store.events_after(name, 6, limit=1))[0]
-    assert ev.event_type == "stage_update"
-    assert jobs_pb2.StageUpdate.FromString(ev.payload).percent == 7.0
-    # Rebuilding the wire message from a record.
-    resp = jobs_pb2.WatchOperationResponse(sequence=ev.sequence, name=ev.operation)
-    getattr(resp, ev.event_type).MergeFromString(ev.payload)
-    assert resp.WhichOneof("event") == "stage_update"
-
-    final_error = await store.append_event(await new_op(store), "error", b"", terminal=True)
-    assert final_error.terminal
-    with pytest.raises(ValueError):
-        await store.append_event(name, "heartbeat", b"")
-    with pytest.raises(OperationNotFoundError):
-        await store.append_event("operations/unknown", "progress_update", b"")
-
-
-async def test_cancel_artifacts_and_delete_only_finished(store: SqliteJobStore) -> None:
-    name = await new_op(store)
-    await store.append_event(name, "progress_update", b"p")
-    expire = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    art = ArtifactRecord(name, "overlay.mp4", 3, "video/mp4", "/data/a/overlay.mp4", 10, "ab", expire)
-    await store.add_artifact(art)
-    await store.add_artifact(ArtifactRecord(name, "frames.json", 4, "application/json", "/data/a/f.json", 5, "cd"))
-    await store.add_artifact(
-        ArtifactRecord(name, "overlay.mp4", 3, "video/mp4", "/data/a/overlay.mp4", 11, "ef", expire)
-    )
-    arts = await store.list_artifacts(name)
-    assert [a.name for a in arts] == ["frames.json", "overlay.mp4"]
-    assert arts[1].size == 11 and arts[1].expire_time == expire and arts[0].expire_time is None
-    with pytest.raises(OperationNotFoundError):
-        await store.add_artifact(ArtifactRecord("operations/x", "a", 1, "x", "/p", 1, "s"))
-
-    cancelled = await store.request_cancel(name)
-    assert cancelled.cancel_requested and cancelled.state == JobState.QUEUED
-
-    with pytest.raises(OperationNotFinishedError):
-        await store.delete_operation(name)
-    await store.update_operation(name, state=JobState.RUNNING)
-    with pytest.raises(OperationNotFinishedError):
-        await store.delete_operation(name)
-    await store.update_operation(name, state=JobState.CANCELLED)
-    paths = await store.delete_operation(name)
-    assert sorted(paths) == ["/data/a/f.json", "/data/a/overlay.mp4"]
-    with pytest.raises(OperationNotFoundError):
-        await store.get_operation(name)
-    assert await store.events_after(name) == [] and await store.list_artifacts(name) == []
-    with pytest.raises(OperationNotFoundError):
-        await store.delete_operation(name)
-    with pytest.raises(OperationNotFoundError):
-        await store.request_cancel(name)
-
-
-async def test_a_finished_operation_forgets_its_request(store: SqliteJobStore) -> None:
-    # The request can carry an inline photo and audio (tens of MB): kept while the job may run (a resumed job
-    # reads it), dropped with the terminal state.
-    op, _ = await store.create_operation(kind=TALKING, request=b"photo+audio" * 1000)
-    await store.update_operation(op.name, state=JobState.RUNNING)
-    assert len(await store.get_request(op.name)) == 11000
-    await store.append_event(op.name, "complete", complete_payload(), update=OperationUpdate(state=JobState.SUCCEEDED))
-    done = await store.get_operation(op.name)
-    assert done.state == JobState.SUCCEEDED and await store.get_request(op.name) == b"" and done.end_time is not None
-    with pytest.raises(OperationNotFoundError):
-        await store.get_request("operations/unknown")
+async def test_reopen_keeps_the_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "jobs.db"
+    async with SqliteJobStore(path) as s:
+        await s.create_operation(kind=SEGMENT, request=b"r")
+    async with SqliteJobStore(path) as s:
+        assert await s.schema_version() == SCHEMA_VERSION
+        assert len((await s.list_operations())[0]) == 1
 
 
 async def test_an_unfinished_operation_without_its_request_is_an_error(store: SqliteJobStore, tmp_path: Path) -> None:
@@ -319,40 +115,6 @@ async def test_an_event_does_not_rewrite_the_request(store: SqliteJobStore, tmp_
         written.append(wal.stat().st_size - before)
     assert max(written) < 40_000, written  # 4 KB pages: the event, the operation row, the indexes
     assert len(await store.get_request(op.name)) == 200_000
-
-
-async def test_operation_retention_deletes_what_finished_long_ago(store: SqliteJobStore, tmp_path: Path) -> None:
-    old, recent, running = await new_op(store), await new_op(store), await new_op(store)
-    artifact = tmp_path / "old.mp4"
-    artifact.write_bytes(b"mp4")
-    await store.add_artifact(ArtifactRecord(old, "talking_video.mp4", 6, "video/mp4", str(artifact), 3, "ab"))
-    ended = datetime(2026, 1, 1, tzinfo=UTC)
-    await store.update_operation(old, state=JobState.SUCCEEDED, end_time=ended)
-    await store.update_operation(recent, state=JobState.FAILED, end_time=ended + timedelta(days=29))
-    await store.update_operation(running, state=JobState.RUNNING)
-    assert await store.finished_before(ended + timedelta(days=1)) == [old]
-
-    retention = OperationRetention(store, retention_s=30 * 86400, interval_s=3600, batch=1)
-    assert await retention.purge_once(now=ended + timedelta(days=30, seconds=1)) == 1
-    with pytest.raises(OperationNotFoundError):
-        await store.get_operation(old)
-    assert not artifact.exists()  # its files go with it
-    assert (await store.get_operation(recent)).state == JobState.FAILED  # 29 days: kept
-    assert (await store.get_operation(running)).state == JobState.RUNNING  # never finished: never due
-    assert await retention.purge_once(now=ended + timedelta(days=60)) == 1  # batches of 1: loops until done
-    assert [op.name for op in (await store.list_operations())[0]] == [running]
-
-
-async def test_reopen_keeps_everything(tmp_path: Path) -> None:
-    path = tmp_path / "sub" / "jobs.db"
-    async with SqliteJobStore(path) as s:
-        op, _ = await s.create_operation(kind=SEGMENT, request=b"r", request_id="idem")
-        await s.append_event(op.name, "progress_update", b"1")
-    async with SqliteJobStore(path) as s:
-        again, created = await s.create_operation(kind=SEGMENT, request=b"r", request_id="idem")
-        assert not created and again.name == op.name and again.last_sequence == 1
-        assert (await s.append_event(op.name, "progress_update", b"2")).sequence == 2
-        assert await s.schema_version() == 2
 
 
 _V1_SCHEMA = """
@@ -393,18 +155,23 @@ async def test_a_version_1_store_is_migrated(tmp_path: Path) -> None:
     conn.executescript(_V1_SCHEMA)
     conn.close()
     async with SqliteJobStore(path) as s:
-        assert await s.schema_version() == 2
+        assert await s.schema_version() == SCHEMA_VERSION
         running = await s.get_operation("operations/running")
         assert running.state == JobState.RUNNING and running.message == "Detecting" and running.last_sequence == 1
         assert running.request_id == "idem" and await s.get_request("operations/running") == b"\x01\x02"
         assert await s.get_request("operations/done") == b""
         assert [e.sequence for e in await s.events_after("operations/running")] == [1]
         assert (await s.append_event("operations/running", "progress_update", b"2")).sequence == 2
+        # Version 3: the job a previous release left RUNNING has no lease, so a claimer takes it.
+        assert running.lease_owner is None and running.lease_epoch == 0
+        claimed = await s.claim_next("replica-a", 30)
+        assert claimed is not None and claimed.name == "operations/running" and claimed.lease_epoch == 1
+        assert await s.claim_next("replica-a", 30) is None  # the finished one never
 
 
 _CHILD = """
 import asyncio, sys
-from server.jobs.sqlite_store import SqliteJobStore
+from server.jobs.store.sqlite import SqliteJobStore
 
 async def main():
     store = SqliteJobStore(sys.argv[1], synchronous=sys.argv[3])

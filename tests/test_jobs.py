@@ -10,7 +10,6 @@ import io
 import json
 import time
 import zipfile
-from collections.abc import Iterator
 
 import av
 import cv2
@@ -18,7 +17,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.longrunning import operations_pb2
 from google.protobuf import duration_pb2
 
 from did_emulator import EmulatorHandle
@@ -44,20 +43,8 @@ TALKING_STAGES = [
 TIMEOUT_S = 120
 
 
-@pytest.fixture
-def jobs(channel: grpc.Channel) -> jobs_service_pb2_grpc.JobServiceStub:
-    return jobs_service_pb2_grpc.JobServiceStub(channel)
-
-
-@pytest.fixture
-def operations(channel: grpc.Channel) -> operations_pb2_grpc.OperationsStub:
-    return operations_pb2_grpc.OperationsStub(channel)
-
-
-@pytest.fixture(autouse=True)
-def _reset_emulator(did_emulator: EmulatorHandle) -> Iterator[None]:
-    httpx.post(f"{did_emulator.url}/_emulator/reset", timeout=5).raise_for_status()
-    yield
+# A clean D-ID emulator (no faults, no request log) for every test.
+pytestmark = pytest.mark.usefixtures("fresh_emulator")
 
 
 def inject(did: EmulatorHandle, **spec: object) -> None:
@@ -192,7 +179,7 @@ def _succeeds_after_five_did_processing_retries(jobs) -> None:  # noqa: ANN001
 
 
 def test_retry_numbers_keep_counting_when_the_stage_itself_is_retried(jobs, did_emulator) -> None:
-    """Five 429s: the D-ID client gives up after its 5 attempts (4 retries), the runner retries
+    """Five 429s: the D-ID client gives up after its 5 attempts (4 retries), the executor retries
     the stage, which then succeeds. The error events count on (1..5) instead of restarting."""
     inject(did_emulator, path="/talks", method="POST", status=429, times=5, retry_after=0)
     _succeeds_after_five_did_processing_retries(jobs)
@@ -584,18 +571,18 @@ async def test_low_disk_refuses_submits_and_uploads_until_space_is_back(tmp_path
     import dataclasses
 
     from server.errors import ServiceError
-    from server.jobs.uploads import UploadStore
+    from server.jobs.files.uploads import UploadStore
     from server.servicers.jobs import JobServicer
-    from tests.test_job_runner import SEGMENT, Stage, environment
+    from tests.test_job_engine import SEGMENT, Stage, environment
 
     async def chunks():  # noqa: ANN202
         yield jobs_pb2.UploadFileRequest(header=jobs_pb2.UploadHeader(kind=jobs_pb2.FILE_KIND_IMAGE, size_bytes=1, sha256="0" * 64))
         yield jobs_pb2.UploadFileRequest(chunk=b"x")
 
     async with environment(tmp_path) as env:
-        runner = env.runner(Stage(jobs_pb2.JOB_STAGE_DECODING, lambda ctx: asyncio.sleep(0)))
-        await runner.start()
-        servicer = JobServicer(runner, runner.bus, UploadStore(env.storage, max_bytes=1 << 20), env.storage)
+        queue = env.queue(Stage(jobs_pb2.JOB_STAGE_DECODING, lambda ctx: asyncio.sleep(0)))
+        await queue.start()
+        servicer = JobServicer(queue, queue.bus, UploadStore(env.storage, max_bytes=1 << 20), env.storage)
         request = jobs_pb2.SegmentVideoRequest(server_path="bedroom.mp4", box=common_pb2.BoundingBox(x1=1, y1=1, x2=9, y2=9))
         env.storage.config = dataclasses.replace(env.storage.config, low_disk_bytes=10**18)
         assert (await env.storage.stats()).low_disk

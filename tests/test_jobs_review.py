@@ -12,14 +12,14 @@ import pytest
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.errors import ServiceError
 from server.jobs import EventBus, JobState
-from server.jobs.admission import Admission
-from server.jobs.context import JobContext
-from server.jobs.pipeline import Stage
+from server.jobs.engine.admission import Admission
+from server.jobs.engine.context import JobContext
+from server.jobs.engine.pipeline import Stage
+from server.jobs.files.uploads import UploadStore
+from server.jobs.kinds.talking_video import TalkingVideoPipeline
 from server.jobs.store import ArtifactRecord
-from server.jobs.talking_video import TalkingVideoPipeline
-from server.jobs.uploads import UploadStore
 from server.servicers.jobs import JobServicer
-from tests.test_job_runner import (
+from tests.test_job_engine import (
     DECODING,
     SEGMENT,
     TIMEOUT_S,
@@ -63,8 +63,8 @@ async def test_talking_video_finalize_is_idempotent_after_a_crash(tmp_path: Path
             assert Path(record.path).read_bytes() == Path(first[name].path).read_bytes()
 
 
-def _servicer(env, runner) -> JobServicer:
-    return JobServicer(runner, runner.bus, UploadStore(env.storage, max_bytes=1 << 20), env.storage)
+def _servicer(env, queue) -> JobServicer:
+    return JobServicer(queue, queue.bus, UploadStore(env.storage, max_bytes=1 << 20), env.storage)
 
 
 async def test_watch_after_sequence_past_the_end_of_a_running_operation_is_refused(tmp_path: Path) -> None:
@@ -76,10 +76,10 @@ async def test_watch_after_sequence_past_the_end_of_a_running_operation_is_refus
         await gate.wait()
 
     async with environment(tmp_path) as env:
-        runner = env.runner(Stage(DECODING, work))
-        await runner.start()
-        op = await runner.submit(SEGMENT, req("a"))
-        servicer = _servicer(env, runner)
+        queue = env.queue(Stage(DECODING, work))
+        await queue.start()
+        op = await queue.submit(SEGMENT, req("a"))
+        servicer = _servicer(env, queue)
         request = jobs_pb2.WatchOperationRequest(name=op.name, after_sequence=op.last_sequence + 50)
         stream = servicer.WatchOperation(request, None)  # type: ignore[arg-type]
         with pytest.raises(ServiceError) as err:
@@ -91,10 +91,10 @@ async def test_watch_after_sequence_past_the_end_of_a_running_operation_is_refus
 
 async def test_watch_of_an_operation_deleted_meanwhile_is_not_found(tmp_path: Path) -> None:
     async with environment(tmp_path) as env:
-        runner = env.runner(Stage(DECODING, lambda ctx: asyncio.sleep(0)))
+        queue = env.queue(Stage(DECODING, lambda ctx: asyncio.sleep(0)))
         op, _ = await env.store.create_operation(kind=SEGMENT, request=b"")
         await env.store.update_operation(op.name, state=JobState.FAILED)
-        servicer = _servicer(env, runner)
+        servicer = _servicer(env, queue)
         real_get = env.store.get_operation
         calls = 0
 
@@ -126,22 +126,22 @@ async def test_concurrent_cancels_append_a_single_terminal_event(tmp_path: Path)
         await asyncio.Event().wait()
 
     async with environment(tmp_path) as env:
-        runner = env.runner(Stage(DECODING, work))
-        real_emit = runner.bus.emit
+        queue = env.queue(Stage(DECODING, work))
+        real_emit = queue.bus.emit
 
         async def slow_emit(name, event_type, payload, **kw):
             if event_type == "complete":
                 await asyncio.sleep(0.05)  # the store's single writer thread is busy
             return await real_emit(name, event_type, payload, **kw)
 
-        runner.bus.emit = slow_emit  # type: ignore[method-assign]
-        await runner.start()
-        op = await runner.submit(SEGMENT, req("a"))
+        queue.bus.emit = slow_emit  # type: ignore[method-assign]
+        await queue.start()
+        op = await queue.submit(SEGMENT, req("a"))
         await wait(entered, "the job to start")
 
-        first = asyncio.create_task(runner.cancel(op.name))
+        first = asyncio.create_task(queue.cancel(op.name))
         await asyncio.sleep(0.01)  # the job task is now writing its CANCELLED event
-        second = asyncio.create_task(runner.cancel(op.name))
+        second = asyncio.create_task(queue.cancel(op.name))
         await asyncio.wait_for(asyncio.gather(first, second), TIMEOUT_S)
 
         events = await env.store.events_after(op.name)
@@ -162,8 +162,8 @@ async def test_job_cancelled_before_a_restart_loses_its_placed_artifacts(tmp_pat
             ArtifactRecord(op.name, "overlay.mp4", jobs_pb2.ARTIFACT_KIND_OVERLAY_MP4, "video/mp4", str(placed), 10, "0" * 64)
         )
         await env.store.request_cancel(op.name)
-        runner = env.runner(Stage(DECODING, lambda ctx: asyncio.sleep(0)))
-        await runner.start()
+        queue = env.queue(Stage(DECODING, lambda ctx: asyncio.sleep(0)))
+        await queue.start()
         assert (await env.store.get_operation(op.name)).state == JobState.CANCELLED
         assert not placed.exists()
 
@@ -178,9 +178,9 @@ async def test_submit_cancelled_after_the_operation_is_stored_still_runs_it(tmp_
         ran.set()
 
     async with environment(tmp_path) as env:
-        runner = env.runner(Stage(DECODING, work))
-        await runner.start()
-        real_emit = runner.bus.emit
+        queue = env.queue(Stage(DECODING, work))
+        await queue.start()
+        real_emit = queue.bus.emit
         emitting = asyncio.Event()
 
         async def slow_emit(name, event_type, payload, **kw):
@@ -188,15 +188,15 @@ async def test_submit_cancelled_after_the_operation_is_stored_still_runs_it(tmp_
             await asyncio.sleep(0.05)
             return await real_emit(name, event_type, payload, **kw)
 
-        runner.bus.emit = slow_emit  # type: ignore[method-assign]
-        submit = asyncio.create_task(runner.submit(SEGMENT, req("a"), "rid-1"))
+        queue.bus.emit = slow_emit  # type: ignore[method-assign]
+        submit = asyncio.create_task(queue.submit(SEGMENT, req("a"), "rid-1"))
         await wait(emitting, "submit to store the operation")
         submit.cancel()
         with pytest.raises(asyncio.CancelledError):
             await submit
-        runner.bus.emit = real_emit  # type: ignore[method-assign]
+        queue.bus.emit = real_emit  # type: ignore[method-assign]
         await wait(ran, "the stored operation to run")
-        again = await runner.submit(SEGMENT, req("a"), "rid-1")
+        again = await queue.submit(SEGMENT, req("a"), "rid-1")
         for _ in range(100):
             if (await env.store.get_operation(again.name)).done:
                 break
@@ -206,19 +206,19 @@ async def test_submit_cancelled_after_the_operation_is_stored_still_runs_it(tmp_
 
 async def test_a_job_that_cannot_start_fails_instead_of_hanging(tmp_path: Path) -> None:
     """An unreadable state file (or a full disk) before the first stage: the operation ends
-    FAILED with a terminal event instead of staying QUEUED for ever, and the worker serves the
+    FAILED with a terminal event instead of staying QUEUED for ever, and the lane serves the
     next job."""
     async with environment(tmp_path) as env:
-        runner = env.runner(Stage(DECODING, lambda ctx: asyncio.sleep(0)))
-        op = await runner.submit(SEGMENT, req("broken"))
+        queue = env.queue(Stage(DECODING, lambda ctx: asyncio.sleep(0)))
+        op = await queue.submit(SEGMENT, req("broken"))
         workdir = env.storage.job_dir(op.name) / "work"
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "state.json").write_text("{not json")
-        await runner.start()
-        done, events = await wait_done(runner, op.name)
+        await queue.start()
+        done, events = await wait_done(queue, op.name)
         assert done.state == JobState.FAILED
         assert events[-1].event_type == "error" and events[-1].terminal
         error = jobs_pb2.JobError.FromString(events[-1].payload)
         assert error.kind == "job_start_failed" and not error.will_retry
-        ok = await runner.submit(SEGMENT, req("fine"))
-        assert (await wait_done(runner, ok.name))[0].state == JobState.SUCCEEDED
+        ok = await queue.submit(SEGMENT, req("fine"))
+        assert (await wait_done(queue, ok.name))[0].state == JobState.SUCCEEDED

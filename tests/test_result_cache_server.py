@@ -17,10 +17,10 @@ import grpc
 import httpx
 import pytest
 import tritonclient.grpc as triton_grpc
-from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.longrunning import operations_pb2
 
 from did_emulator import EmulatorHandle
-from framewise.v1 import common_pb2, jobs_service_pb2_grpc, vision_service_pb2, vision_service_pb2_grpc
+from framewise.v1 import common_pb2, vision_service_pb2, vision_service_pb2_grpc
 from server.pipelines.matting import MODEL_NAME as MATTING
 from server.triton.launcher import TritonPorts
 from tests.conftest import (
@@ -29,7 +29,7 @@ from tests.conftest import (
     TritonProcess,
     free_port,
     job_args,
-    start_orchestrator,
+    serving_orchestrator,
     stop_process,
     wait_until,
 )
@@ -60,19 +60,15 @@ def cached(
     # Shared memory off: its requests travel on one open ModelStreamInfer stream, and Triton does
     # not finish unloading a version (so, with strict readiness, reports itself not ready) while
     # such a stream that used it stays open; seen here with version 1 stuck after version 2 loaded.
-    orch = start_orchestrator(
+    # The SAM 2 models are not loaded, so health stays NOT_SERVING: wait for Detect itself.
+    orch = serving_orchestrator(
         tmp_path_factory.mktemp("cached"),
         ["--triton-url", reloadable_triton.url, "--triton-shm", "off", *job_args(did_emulator),
          "--result-cache-bytes", str(CACHE_BYTES)],  # fmt: skip
         name="cached",
+        ready=_answers,
+        timeout_s=90,
     )
-    try:
-        # The SAM 2 models are not loaded, so health stays NOT_SERVING: wait for Detect itself.
-        with grpc.insecure_channel(orch.address) as channel:
-            wait_until(lambda: _answers(channel), 90, "the cached orchestrator to answer Detect")
-    except AssertionError:
-        stop_process(orch.process)
-        raise AssertionError(f"orchestrator never answered; log:\n{orch.log_text()[-4000:]}") from None
     yield orch
     stop_process(orch.process)
 
@@ -186,11 +182,10 @@ def test_remove_background_again_returns_the_identical_png_from_the_cache(vision
     assert metric(cached.metrics_url, "framewise_result_cache_hits_total", kind="matting") >= 1
 
 
-def test_jobs_and_rpcs_share_the_cache(vision, channel, triton_stats, cached, did_emulator) -> None:  # noqa: ANN001
+def test_jobs_and_rpcs_share_the_cache(
+    vision, jobs, operations, triton_stats, cached, fresh_emulator  # noqa: ANN001
+) -> None:
     """The RPC runs in the serving process, the jobs in the job worker process: one file."""
-    httpx.post(f"{did_emulator.url}/_emulator/reset", timeout=5).raise_for_status()  # no fault left by other tests
-    jobs = jobs_service_pb2_grpc.JobServiceStub(channel)
-    operations = operations_pb2_grpc.OperationsStub(channel)
     # The talking video's detection options are Detect's defaults (persons, 0.25).
     vision.Detect(vision_service_pb2.DetectRequest(image=_image("person.jpg")), timeout=60)
     yolo, matting = inferences(triton_stats, YOLO), inferences(triton_stats, MATTING)

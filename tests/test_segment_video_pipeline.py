@@ -22,15 +22,15 @@ from framewise.v1 import common_pb2
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.errors import ServiceError
 from server.health import TritonMonitor
-from server.jobs.admission import Admission
-from server.jobs.context import JobContext
-from server.jobs.events import EventBus
-from server.jobs.failures import JobCancelled, JobFailure
-from server.jobs.segment_tracking import TRACKS_FILE
-from server.jobs.segment_video import SegmentVideoPipeline
-from server.jobs.sqlite_store import SqliteJobStore
-from server.jobs.storage import StorageConfig, StorageManager
-from server.jobs.uploads import UploadStore
+from server.jobs.engine.admission import Admission
+from server.jobs.engine.context import JobContext
+from server.jobs.engine.events import EventBus
+from server.jobs.engine.failures import JobCancelled, JobFailure
+from server.jobs.files.storage import StorageConfig, StorageManager
+from server.jobs.files.uploads import UploadStore
+from server.jobs.kinds.segment_video import SegmentVideoPipeline
+from server.jobs.kinds.segment_video.tracking import TRACKS_FILE
+from server.jobs.store.sqlite import SqliteJobStore
 from server.metrics import Metrics
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.tracking import TrackingEngine

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from server.jobs.storage import KEEP_MARKER, TIERS, CleanupReport, StorageConfig, StorageManager
+from server.jobs.files.storage import KEEP_MARKER, TIERS, CleanupReport, StorageConfig, StorageManager
 import grpc
 
-from server.jobs import uploads as uploads_module
-from server.jobs.uploads import (
+from server.jobs.files import uploads as uploads_module
+from server.jobs.files.uploads import (
     UploadError,
     UploadInvalid,
     UploadNoSpace,

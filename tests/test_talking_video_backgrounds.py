@@ -9,17 +9,13 @@ pixels), so every pixel of the artifact is checked, not only a corner.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import cv2
 import grpc
-import httpx
 import numpy as np
 import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
-from did_emulator import EmulatorHandle
-from framewise.v1 import common_pb2, jobs_service_pb2_grpc, vision_service_pb2, vision_service_pb2_grpc
+from framewise.v1 import common_pb2, vision_service_pb2, vision_service_pb2_grpc
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.vision.compositing import Fit, composite, fit_background
 from server.vision.persons import DEFAULT_CROP_MARGIN, crop_box
@@ -31,15 +27,8 @@ PHOTO = "zidane.jpg"
 GREEN = (0, 255, 0)
 
 
-@pytest.fixture
-def jobs(channel: grpc.Channel) -> jobs_service_pb2_grpc.JobServiceStub:
-    return jobs_service_pb2_grpc.JobServiceStub(channel)
-
-
-@pytest.fixture(autouse=True)
-def _reset_emulator(did_emulator: EmulatorHandle) -> Iterator[None]:
-    httpx.post(f"{did_emulator.url}/_emulator/reset", timeout=5).raise_for_status()
-    yield
+# A clean D-ID emulator (no faults, no request log) for every test.
+pytestmark = pytest.mark.usefixtures("fresh_emulator")
 
 
 def rgb_of(path_or_bytes) -> np.ndarray:  # noqa: ANN001

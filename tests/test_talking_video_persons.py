@@ -9,18 +9,15 @@ person's file name, "person-2-matted.png").
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
 
 import av
 import cv2
 import grpc
-import httpx
 import numpy as np
 import pytest
-from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.longrunning import operations_pb2
 from grpc_health.v1 import health_pb2
 
-from did_emulator import EmulatorHandle
 from framewise.v1 import jobs_service_pb2_grpc
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from tests.conftest import TritonProcess, health_status, job_args, start_orchestrator, stop_process, wait_until
@@ -29,20 +26,8 @@ from tests.test_jobs import TALKING_STAGES, download, emulator_requests, inject,
 S = jobs_pb2.JobStage
 
 
-@pytest.fixture
-def jobs(channel: grpc.Channel) -> jobs_service_pb2_grpc.JobServiceStub:
-    return jobs_service_pb2_grpc.JobServiceStub(channel)
-
-
-@pytest.fixture
-def operations(channel: grpc.Channel) -> operations_pb2_grpc.OperationsStub:
-    return operations_pb2_grpc.OperationsStub(channel)
-
-
-@pytest.fixture(autouse=True)
-def _reset_emulator(did_emulator: EmulatorHandle) -> Iterator[None]:
-    httpx.post(f"{did_emulator.url}/_emulator/reset", timeout=5).raise_for_status()
-    yield
+# A clean D-ID emulator (no faults, no request log) for every test.
+pytestmark = pytest.mark.usefixtures("fresh_emulator")
 
 
 def finished(operations, name: str) -> operations_pb2.Operation:  # noqa: ANN001

@@ -26,8 +26,9 @@ Durability
     miss, the store is skipped, and the failure is counted and logged.
 
 Threading
-    As the job store (server/jobs/sqlite_store.py): one dedicated thread per process owns the
-    connection, so database work never runs on the event loop.
+    As the job store (server/jobs/store/sqlite.py), through server/sqlite_thread.py: one
+    dedicated thread per process owns the connection, so database work never runs on the
+    event loop.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +46,7 @@ from framewise.v1 import common_pb2
 from server.cache.keys import CacheKey, entry_key, image_digest, image_size, model_id
 from server.config import ServerConfig
 from server.metrics import Metrics
+from server.sqlite_thread import SqliteThread
 from server.triton.model_spec import ModelSpec
 from server.vision.image_decode import DecodedImage
 
@@ -111,9 +112,9 @@ class ResultCache:
         # A lock held longer than this (another process writing) makes the operation fail,
         # which the caller sees as a miss: the cache never holds a request up for long.
         self._busy_timeout_ms = busy_timeout_ms
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="result-cache")
-        self._conn: sqlite3.Connection | None = None  # only touched on the executor thread
-        self._closed = False
+        self._db = SqliteThread(
+            "result-cache", closed_error=lambda: sqlite3.ProgrammingError("the result cache is closed")
+        )
         # Model name -> (the spec last seen, its model_id): the id is computed once per spec.
         self._models: dict[str, tuple[ModelSpec, str]] = {}
         # Model name -> the id whose entries stay; the others are deleted before the next access.
@@ -126,7 +127,7 @@ class ResultCache:
     async def open(self, *, clear: bool = False) -> ResultCache:
         """``clear``: start from an empty file. The serving process clears it once when it
         starts, before its job worker opens the same file (without clearing)."""
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._open_sync, clear)
+        await self._db.run(self._open_sync, clear)
         self.metrics.result_cache_bytes.set(self.bytes_in_use)
         return self
 
@@ -135,48 +136,19 @@ class ResultCache:
         if clear:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-        conn = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout_ms / 1000)
-        conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_ms)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if str(mode).lower() != "wal":  # readers and one writer at a time, across processes
-            conn.close()
-            raise RuntimeError(f"could not switch {self.path} to WAL (journal_mode={mode})")
-        conn.execute("PRAGMA synchronous = OFF")
-        self._conn = conn
+        conn = self._db.connect(self.path, busy_timeout_ms=self._busy_timeout_ms, synchronous="OFF")
         self._write(lambda c: [c.execute(statement) for statement in _SCHEMA])
         self.bytes_in_use = self._total(conn)
 
     async def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-
-        def _close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-        await asyncio.get_running_loop().run_in_executor(self._executor, _close)
-        self._executor.shutdown(wait=True)
+        await self._db.close()
 
     def _require_conn(self) -> sqlite3.Connection:
-        if self._conn is None:
-            raise sqlite3.ProgrammingError("the result cache is closed")
-        return self._conn
+        return self._db.conn()
 
     def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """``fn`` inside BEGIN IMMEDIATE ... COMMIT (the write lock first: no lock upgrade that
-        could deadlock against the other process)."""
-        conn = self._require_conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            result = fn(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:  # a failed COMMIT too: the next BEGIN must not find it open
-                conn.execute("ROLLBACK")
-            raise
-        return result
+        """``fn`` inside BEGIN IMMEDIATE ... COMMIT, on the cache's thread."""
+        return self._db.write(fn)
 
     @staticmethod
     def _total(conn: sqlite3.Connection) -> int:
@@ -186,8 +158,7 @@ class ResultCache:
         """``fn`` on the cache thread after any pending purge; None when the cache failed."""
         purges, self._purges = self._purges, {}
         try:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self._executor, self._after_purges, purges, fn, *args)
+            result = await self._db.run(self._after_purges, purges, fn, *args)
         except (sqlite3.Error, OSError, RuntimeError) as exc:  # RuntimeError: the executor is shut down
             self.metrics.result_cache_errors.labels(kind).inc()
             if not self._failing:  # once per failing stretch, not once per request
@@ -302,4 +273,4 @@ class ResultCache:
             conn = self._require_conn()
             return int(conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0]), self._total(conn)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, q)
+        return await self._db.run(q)

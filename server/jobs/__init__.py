@@ -1,5 +1,16 @@
-"""Durable long-running jobs (AIP-151): the operation/event/artifact store and the event
-fan-out that the job runner and the Operations / WatchOperation services build on.
+"""Durable long-running jobs (AIP-151): talking videos and video segmentation, run to their end
+across restarts, watched event by event.
+
+    store/   where operations, events and artifact rows live (the JobStore protocol; SQLite)
+    engine/  how a job runs: the queue and its lanes, the executor (stages, checkpoints,
+             retries), the job context, failures, model slots, event fan-out, retention
+    worker/  the job worker process: jobs run in a child of the serving process
+    files/   the storage tiers, uploads, durable writes and artifact files
+    kinds/   the job kinds: talking_video/, segment_video/
+
+The service wires them in server/app_jobs.py (and the worker process in server/app_worker.py).
+This package's face is the store and the event fan-out that the Operations / WatchOperation
+services build on:
 
     store = SqliteJobStore(path)              # JobStore protocol
     bus = EventBus(store, heartbeat_s=30)
@@ -11,8 +22,7 @@ fan-out that the job runner and the Operations / WatchOperation services build o
         ...
 """
 
-from server.jobs.events import EventBus, Heartbeat, Subscription, WatchItem
-from server.jobs.sqlite_store import SqliteJobStore
+from server.jobs.engine.events import EventBus, Heartbeat, Subscription, WatchItem
 from server.jobs.store import (
     TERMINAL_EVENT_TYPES,
     ArtifactRecord,
@@ -26,6 +36,7 @@ from server.jobs.store import (
     OperationUpdate,
     RequestIdConflictError,
 )
+from server.jobs.store.sqlite import SqliteJobStore
 
 __all__ = [
     "TERMINAL_EVENT_TYPES",

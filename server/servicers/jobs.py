@@ -13,11 +13,11 @@ from google.longrunning import operations_pb2
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from framewise.v1 import jobs_service_pb2_grpc
 from server.errors import InvalidInput, ServiceError, Unavailable, shown
-from server.jobs.events import EventBus, Heartbeat
-from server.jobs.runner import JobRunner
-from server.jobs.storage import StorageManager
+from server.jobs.engine.events import EventBus, Heartbeat
+from server.jobs.engine.queue import JobQueue
+from server.jobs.files.storage import StorageManager
+from server.jobs.files.uploads import UploadError, UploadStore, upload_status
 from server.jobs.store import EventRecord, JobState
-from server.jobs.uploads import UploadError, UploadStore, upload_status
 from server.servicers import convert
 from server.servicers.operations import operation_proto, require_name, store_errors
 
@@ -62,8 +62,8 @@ def watch_response(item: EventRecord | Heartbeat) -> jobs_pb2.WatchOperationResp
 
 
 class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
-    def __init__(self, runner: JobRunner, bus: EventBus, uploads: UploadStore, storage: StorageManager) -> None:
-        self.runner = runner
+    def __init__(self, queue: JobQueue, bus: EventBus, uploads: UploadStore, storage: StorageManager) -> None:
+        self.queue = queue
         self.bus = bus
         self.store = bus.store
         self.uploads = uploads
@@ -107,10 +107,10 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
         self._check_disk()
         try:
             with store_errors():
-                op = await self.runner.submit(kind, request, request_id)  # type: ignore[arg-type]
+                op = await self.queue.submit(kind, request, request_id)  # type: ignore[arg-type]
         except UploadError as exc:
             raise upload_status(exc) from None
-        return operation_proto(op, self.runner.queue_position(op.name))
+        return operation_proto(op, self.queue.queue_position(op.name))
 
     def _check_disk(self) -> None:
         """Low disk turns JobService NOT_SERVING; new work is refused too, not accepted only to

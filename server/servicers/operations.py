@@ -16,9 +16,9 @@ from google.rpc import status_pb2
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.errors import InvalidInput, ServiceError, shown
-from server.jobs.artifacts import delete_operation
-from server.jobs.events import EventBus
-from server.jobs.runner import JobRunner
+from server.jobs.engine.events import EventBus
+from server.jobs.engine.queue import JobQueue
+from server.jobs.files.artifacts import delete_operation
 from server.jobs.store import (
     JobState,
     OperationNotFinishedError,
@@ -142,15 +142,15 @@ def parse_filter(text: str) -> tuple[tuple[JobState, ...] | None, int | None]:
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
-    def __init__(self, runner: JobRunner, bus: EventBus) -> None:
-        self.runner = runner
+    def __init__(self, queue: JobQueue, bus: EventBus) -> None:
+        self.queue = queue
         self.bus = bus
         self.store = bus.store
 
     async def GetOperation(self, request: operations_pb2.GetOperationRequest, context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
         with store_errors():
             op = await self.store.get_operation(require_name(request.name))
-        return operation_proto(op, self.runner.queue_position(op.name))
+        return operation_proto(op, self.queue.queue_position(op.name))
 
     async def ListOperations(
         self, request: operations_pb2.ListOperationsRequest, context: grpc.aio.ServicerContext
@@ -167,7 +167,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         except ValueError as exc:  # not our token, or one issued for another filter (AIP-158)
             raise InvalidInput(str(exc), "page_token") from None
         return operations_pb2.ListOperationsResponse(
-            operations=[operation_proto(op, self.runner.queue_position(op.name)) for op in ops], next_page_token=token
+            operations=[operation_proto(op, self.queue.queue_position(op.name)) for op in ops], next_page_token=token
         )
 
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
@@ -178,7 +178,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
                     f"operation {op.name} already finished ({op.state.name}); nothing to cancel",
                     code=grpc.StatusCode.FAILED_PRECONDITION,
                 )
-            await self.runner.cancel(request.name)
+            await self.queue.cancel(request.name)
         return empty_pb2.Empty()
 
     async def DeleteOperation(self, request: operations_pb2.DeleteOperationRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
@@ -205,4 +205,4 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
                             break
             with store_errors():
                 op = await self.store.get_operation(request.name)
-        return operation_proto(op, self.runner.queue_position(op.name))
+        return operation_proto(op, self.queue.queue_position(op.name))

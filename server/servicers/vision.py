@@ -17,7 +17,7 @@ from server.pipelines.matting import MattingPipeline, crop_pixels
 from server.pipelines.prompts import prompt_from_proto
 from server.pipelines.segmentation import SegmentationPipeline
 from server.servicers import convert
-from server.servicers.backgrounds import background_mode, proto_mode, resolve_background
+from server.pipelines.backgrounds import background_mode, proto_mode, resolve_background
 from server.vision.compositing import MAX_FEATHER_PX, BackgroundMode, BackgroundSpec, encode_png, feather, render
 from server.vision.image_decode import decode_image
 from server.vision.persons import DEFAULT_CROP_MARGIN, PersonChoiceError, crop_box, select_person

@@ -1,0 +1,55 @@
+"""The job store: where operations, their events and artifacts live durably.
+
+    protocol.py         the JobStore protocol, its records (OperationRecord, EventRecord,
+                        ArtifactRecord, OperationUpdate), JobState and the store errors
+    sqlite.py           SqliteJobStore: the embedded single-replica backend
+    sqlite_schema.py    SQLite DDL and row <-> record conversion
+    postgres.py         PostgresJobStore: the store replicas share
+    postgres_schema.py  PostgreSQL DDL, versioned migrations, row <-> record conversion
+    factory.py          open_job_store(url): a path or sqlite:/// URL, or a postgresql:// URL
+
+This package re-exports the protocol names so callers write
+`from server.jobs.store import JobStore, JobState`; a backend is imported from its module.
+"""
+
+from server.jobs.store.protocol import (
+    EVENT_TYPES,
+    TERMINAL_EVENT_TYPES,
+    TERMINAL_STATES,
+    UNFINISHED_STATES,
+    ArtifactRecord,
+    EventRecord,
+    JobState,
+    JobStore,
+    JobStoreError,
+    JobStoreUnavailableError,
+    LeaseLostError,
+    OperationNotFinishedError,
+    OperationNotFoundError,
+    OperationRecord,
+    OperationUpdate,
+    RequestIdConflictError,
+    check_lease_args,
+    utcnow,
+)
+
+__all__ = [
+    "EVENT_TYPES",
+    "TERMINAL_EVENT_TYPES",
+    "TERMINAL_STATES",
+    "UNFINISHED_STATES",
+    "ArtifactRecord",
+    "EventRecord",
+    "JobState",
+    "JobStore",
+    "JobStoreError",
+    "JobStoreUnavailableError",
+    "LeaseLostError",
+    "OperationNotFinishedError",
+    "OperationNotFoundError",
+    "OperationRecord",
+    "OperationUpdate",
+    "RequestIdConflictError",
+    "check_lease_args",
+    "utcnow",
+]

@@ -1,0 +1,190 @@
+"""The PostgreSQL job store's schema, its versioned migrations and the row <-> record mapping.
+
+Migrations are an ordered list; ``schema_migrations`` records each one applied (version,
+description, when). They run in one transaction under a transaction-scoped advisory lock
+(``MIGRATION_LOCK``), so N replicas starting at once against an empty database migrate it
+exactly once: the first takes the lock and applies everything, the others wait for its commit
+and find nothing left to do. A migration must be transactional DDL (PostgreSQL's is), never
+``CREATE INDEX CONCURRENTLY``.
+
+The tables mirror the SQLite store's (server/jobs/store/sqlite_schema.py at its version 3):
+the same columns with native types (``timestamptz`` with microseconds instead of integer
+microseconds, ``bytea``, ``boolean``), and the submit request in its own table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from server.jobs.store.protocol import ArtifactRecord, EventRecord, JobState, OperationRecord
+
+__all__ = [
+    "ARTIFACT_COLUMNS",
+    "EVENT_COLUMNS",
+    "MIGRATIONS",
+    "MIGRATION_LOCK",
+    "OP_COLUMNS",
+    "SCHEMA_VERSION",
+    "Migration",
+    "artifact_from_row",
+    "event_from_row",
+    "op_from_row",
+]
+
+
+@dataclass(frozen=True)
+class Migration:
+    description: str
+    sql: str
+
+
+MIGRATIONS: list[Migration] = [
+    Migration(
+        "operations, their requests, events and artifacts, with leases",
+        """
+        -- fillfactor 80: an event's UPDATE of its operation (last_sequence, update_time: no
+        -- index covers them) finds room in the same page and stays a HOT update, so it writes
+        -- no index entries.
+        CREATE TABLE operations (
+            name                 text PRIMARY KEY,
+            kind                 integer NOT NULL,
+            state                smallint NOT NULL,
+            stage                integer NOT NULL DEFAULT 0,
+            percent              double precision NOT NULL DEFAULT 0,
+            message              text NOT NULL DEFAULT '',
+            response             bytea,
+            error_code           integer,
+            error_message        text,
+            create_time          timestamptz NOT NULL,
+            update_time          timestamptz NOT NULL,
+            start_time           timestamptz,
+            end_time             timestamptz,
+            last_sequence        bigint NOT NULL DEFAULT 0,
+            last_completed_stage integer NOT NULL DEFAULT 0,
+            request_id           text UNIQUE,
+            cancel_requested     boolean NOT NULL DEFAULT false,
+            lease_owner          text,
+            lease_epoch          bigint NOT NULL DEFAULT 0,
+            lease_expire_time    timestamptz
+        ) WITH (fillfactor = 80);
+        CREATE INDEX operations_by_create ON operations (create_time, name);
+        CREATE INDEX operations_by_state ON operations (state, create_time, name);
+        -- Claiming and restart walk the unfinished ones (states 1-2) only; retention the
+        -- finished ones (3-5) by end time.
+        CREATE INDEX operations_unfinished ON operations (create_time, name) WHERE state IN (1, 2);
+        CREATE INDEX operations_finished ON operations (end_time, name) WHERE state IN (3, 4, 5);
+
+        -- The submit request (an inline photo and audio: up to tens of MB), out of the hot row.
+        -- STORAGE EXTERNAL: stored out of line without trying to compress media that is
+        -- compressed already.
+        CREATE TABLE operation_requests (
+            name    text PRIMARY KEY REFERENCES operations (name) ON DELETE CASCADE,
+            request bytea NOT NULL
+        );
+        ALTER TABLE operation_requests ALTER COLUMN request SET STORAGE EXTERNAL;
+
+        CREATE TABLE events (
+            operation  text NOT NULL REFERENCES operations (name) ON DELETE CASCADE,
+            sequence   bigint NOT NULL,
+            time       timestamptz NOT NULL,
+            event_type text NOT NULL,
+            terminal   boolean NOT NULL DEFAULT false,
+            payload    bytea NOT NULL,
+            PRIMARY KEY (operation, sequence)
+        );
+
+        CREATE TABLE artifacts (
+            operation   text NOT NULL REFERENCES operations (name) ON DELETE CASCADE,
+            name        text NOT NULL,
+            kind        integer NOT NULL,
+            media_type  text NOT NULL,
+            path        text NOT NULL,
+            size        bigint NOT NULL,
+            sha256      text NOT NULL,
+            expire_time timestamptz,
+            PRIMARY KEY (operation, name)
+        );
+        """,
+    ),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# The advisory lock key migrations hold (any constant the database's other users do not use):
+# "FWJS" in ASCII.
+MIGRATION_LOCK = 0x46574A53
+
+SCHEMA_MIGRATIONS_DDL = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version     integer PRIMARY KEY,
+    description text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+)
+"""
+
+OP_COLUMNS = (
+    "name, kind, state, stage, percent, message, response, error_code, error_message, "
+    "create_time, update_time, start_time, end_time, last_sequence, last_completed_stage, request_id, "
+    "cancel_requested, lease_owner, lease_epoch, lease_expire_time"
+)
+EVENT_COLUMNS = "operation, sequence, time, event_type, payload, terminal"
+ARTIFACT_COLUMNS = "operation, name, kind, media_type, path, size, sha256, expire_time"
+
+
+def qualified(columns: str, alias: str) -> str:
+    """``"a, b"`` -> ``"o.a, o.b"`` (an UPDATE ... FROM must say whose columns it returns)."""
+    return ", ".join(f"{alias}.{c.strip()}" for c in columns.split(","))
+
+
+def _utc(t: datetime | None) -> datetime | None:
+    # timestamptz comes back in the session's TimeZone; records are UTC whatever the server's.
+    return None if t is None else t.astimezone(UTC)
+
+
+def op_from_row(r: tuple[Any, ...]) -> OperationRecord:
+    return OperationRecord(
+        name=r[0],
+        kind=r[1],
+        state=JobState(r[2]),
+        stage=r[3],
+        percent=float(r[4]),
+        message=r[5],
+        response=None if r[6] is None else bytes(r[6]),
+        error=None if r[7] is None else (int(r[7]), r[8] or ""),
+        create_time=_utc(r[9]),  # type: ignore[arg-type]
+        update_time=_utc(r[10]),  # type: ignore[arg-type]
+        start_time=_utc(r[11]),
+        end_time=_utc(r[12]),
+        last_sequence=r[13],
+        last_completed_stage=r[14],
+        request_id=r[15],
+        cancel_requested=bool(r[16]),
+        lease_owner=r[17],
+        lease_epoch=r[18],
+        lease_expire_time=_utc(r[19]),
+    )
+
+
+def event_from_row(r: tuple[Any, ...]) -> EventRecord:
+    return EventRecord(
+        operation=r[0],
+        sequence=r[1],
+        time=_utc(r[2]),  # type: ignore[arg-type]
+        event_type=r[3],
+        payload=bytes(r[4]),
+        terminal=bool(r[5]),
+    )
+
+
+def artifact_from_row(r: tuple[Any, ...]) -> ArtifactRecord:
+    return ArtifactRecord(
+        operation=r[0],
+        name=r[1],
+        kind=r[2],
+        media_type=r[3],
+        path=r[4],
+        size=r[5],
+        sha256=r[6],
+        expire_time=_utc(r[7]),
+    )

@@ -1,0 +1,364 @@
+"""The durable job store: records for operations, their events and artifacts, and the
+`JobStore` protocol that every backend (SQLite now, Redis later) implements.
+
+Conventions shared by every backend:
+
+* Operation names are ``"operations/<uuid4 hex>"``.
+* ``state``, ``stage`` and ``kind`` are the integer values of the proto enums
+  ``framewise.v1.JobState``, ``JobStage`` and ``JobKind`` (``JobState`` below mirrors the
+  first; the values are checked against the proto in the tests), so the gRPC layer can pass
+  them straight into ``JobMetadata``.
+* Times are timezone-aware UTC ``datetime`` objects (microsecond precision).
+* Event payloads: ``EventRecord.event_type`` is the name of the ``WatchOperationResponse.event``
+  oneof member (``"stage_update"``, ``"progress_update"``, ``"error"``, ``"complete"``) and
+  ``payload`` is the serialized bytes of that member message (``StageUpdate``,
+  ``ProgressUpdate``, ``JobError``, ``JobComplete``). The envelope fields (``sequence``, ``name``,
+  ``time``) live in the record itself, so the watch service rebuilds the response with
+  ``WatchOperationResponse(sequence=..., name=..., time=..., **{event_type: Msg.FromString(payload)})``.
+  The store never parses payloads; whether an event ends the stream is the explicit
+  ``terminal`` flag (``"complete"`` is always terminal; a final ``"error"`` with
+  ``will_retry=false`` is appended with ``terminal=True``).
+* Heartbeats are never stored (see ``server.jobs.engine.events``).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
+from typing import Protocol, runtime_checkable
+
+from server.errors import shown
+
+__all__ = [
+    "TERMINAL_EVENT_TYPES",
+    "ArtifactRecord",
+    "EventRecord",
+    "JobState",
+    "JobStore",
+    "JobStoreError",
+    "JobStoreUnavailableError",
+    "LeaseLostError",
+    "OperationNotFinishedError",
+    "OperationNotFoundError",
+    "OperationRecord",
+    "OperationUpdate",
+    "RequestIdConflictError",
+    "utcnow",
+]
+
+# Event types that always end a watch stream. A final "error" is terminal too, but only the
+# appender knows it is final, so it passes terminal=True.
+TERMINAL_EVENT_TYPES = frozenset({"complete"})
+EVENT_TYPES = frozenset({"stage_update", "progress_update", "error", "complete"})
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def check_lease_args(replica_id: str, lease_s: float) -> None:
+    """ValueError for arguments no backend can claim or renew with."""
+    if not replica_id:
+        raise ValueError("replica_id must not be empty")
+    if not lease_s > 0:
+        raise ValueError(f"lease_s must be > 0, got {lease_s!r}")
+
+
+class JobState(enum.IntEnum):
+    """Mirror of ``framewise.v1.JobState``."""
+
+    UNSPECIFIED = 0
+    QUEUED = 1
+    RUNNING = 2
+    SUCCEEDED = 3
+    FAILED = 4
+    CANCELLED = 5
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+UNFINISHED_STATES = (JobState.QUEUED, JobState.RUNNING)
+TERMINAL_STATES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+class JobStoreError(Exception):
+    """Base of the store's errors."""
+
+
+class OperationNotFoundError(JobStoreError, KeyError):
+    """No operation has this name (gRPC: NOT_FOUND)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"operation {shown(self.name)} not found"
+
+
+class OperationNotFinishedError(JobStoreError):
+    """The operation is still QUEUED or RUNNING (gRPC: FAILED_PRECONDITION)."""
+
+    def __init__(self, name: str, state: JobState) -> None:
+        super().__init__(f"operation {shown(name)} is {state.name}, not finished")
+        self.name = name
+        self.state = state
+
+
+class RequestIdConflictError(JobStoreError):
+    """The request_id was already used for a different kind of job (gRPC: ALREADY_EXISTS)."""
+
+
+class JobStoreUnavailableError(JobStoreError):
+    """The store's server cannot be reached now (PostgreSQL down or restarting; gRPC:
+    UNAVAILABLE). Nothing was committed by the call that raised it; retrying later is safe."""
+
+
+class LeaseLostError(JobStoreError):
+    """A write or renewal carried a lease epoch that is no longer the operation's: another
+    replica took the job over (or the job finished). Nothing of the refused call was stored; the
+    caller must stop working on the job (fencing)."""
+
+    def __init__(self, name: str, epoch: int, current_epoch: int | None, owner: str | None) -> None:
+        held = "nobody" if owner is None else shown(owner)
+        super().__init__(
+            f"lease of operation {shown(name)} lost: this write carried epoch {epoch}, "
+            f"the operation is at epoch {current_epoch} held by {held}"
+        )
+        self.name = name
+        self.epoch = epoch
+        self.current_epoch = current_epoch
+        self.owner = owner
+
+    def __reduce__(self) -> tuple[type[LeaseLostError], tuple[str, int, int | None, str | None]]:
+        # Crosses the job worker's pickle channel (server/jobs/worker/ipc.py) with its fields.
+        return (type(self), (self.name, self.epoch, self.current_epoch, self.owner))
+
+
+@dataclass(frozen=True, slots=True)
+class OperationRecord:
+    name: str
+    kind: int  # framewise.v1.JobKind
+    state: JobState
+    stage: int  # framewise.v1.JobStage
+    percent: float
+    message: str
+    # (The serialized submit request is not part of the record: JobStore.get_request.)
+    # Serialized response message once SUCCEEDED, else None.
+    response: bytes | None
+    # (google.rpc.Code value, message) once FAILED/CANCELLED, else None.
+    error: tuple[int, str] | None
+    create_time: datetime
+    update_time: datetime
+    start_time: datetime | None
+    end_time: datetime | None
+    # Sequence of the last stored event (0: none yet).
+    last_sequence: int
+    # Last JobStage the executor finished, so a restarted job resumes after it (0: none).
+    last_completed_stage: int
+    # Client-chosen idempotency key ("" or None: none).
+    request_id: str | None
+    cancel_requested: bool
+    # The replica running (or that last ran) the job and its lease (JobStore.claim_next): the
+    # epoch goes up by one at every claim; a write that carries an older one is refused. The
+    # expiry is on the store's clock. None/0: never claimed.
+    lease_owner: str | None = None
+    lease_epoch: int = 0
+    lease_expire_time: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        """AIP-151 ``Operation.done``."""
+        return self.state.is_terminal
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    operation: str
+    sequence: int
+    time: datetime
+    event_type: str  # oneof member name of WatchOperationResponse.event
+    payload: bytes  # serialized member message
+    terminal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactRecord:
+    operation: str
+    name: str  # e.g. "overlay.mp4", the DownloadArtifact name
+    kind: int  # framewise.v1.ArtifactKind
+    media_type: str
+    path: str  # absolute path on the server's disk
+    size: int
+    sha256: str
+    expire_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OperationUpdate:
+    """Changes to apply to an operation; ``None`` leaves a field as it is.
+
+    ``update_time`` is always set to now. Entering RUNNING sets ``start_time`` if it is unset;
+    entering a terminal state sets ``end_time`` if it is unset.
+    """
+
+    state: JobState | None = None
+    stage: int | None = None
+    percent: float | None = None
+    message: str | None = None
+    response: bytes | None = None
+    error: tuple[int, str] | None = None
+    last_completed_stage: int | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+    def is_empty(self) -> bool:
+        return all(getattr(self, f.name) is None for f in fields(self))
+
+
+@runtime_checkable
+class JobStore(Protocol):
+    """Durable storage of operations, their numbered events and their artifacts.
+
+    Every method is a coroutine; implementations do their I/O off the event loop. Whatever a
+    method returns has been durably committed before it returns.
+    """
+
+    async def create_operation(
+        self,
+        *,
+        kind: int,
+        request: bytes,
+        request_id: str | None = None,
+        message: str = "",
+        stage: int = 0,
+    ) -> tuple[OperationRecord, bool]:
+        """Creates a QUEUED operation, or returns the one already created with this
+        ``request_id``. Returns ``(record, created)``: ``created`` is False for a repeat, so the
+        caller enqueues the job only once. Raises RequestIdConflictError when the request_id
+        belongs to an operation of another kind."""
+        ...
+
+    async def find_request(self, request_id: str, kind: int) -> OperationRecord | None:
+        """The operation created with this ``request_id``, or None. Raises
+        RequestIdConflictError when it belongs to an operation of another kind."""
+        ...
+
+    async def get_operation(self, name: str) -> OperationRecord:
+        """Raises OperationNotFoundError."""
+        ...
+
+    async def get_request(self, name: str) -> bytes:
+        """The serialized submit request (SegmentVideoRequest / CreateTalkingVideoRequest), which
+        the job reads when it starts or resumes; b"" once the operation finished: an inline photo
+        and audio are kept only while the job may still run. Raises OperationNotFoundError."""
+        ...
+
+    async def list_operations(
+        self,
+        *,
+        states: JobState | tuple[JobState, ...] | None = None,
+        kind: int | None = None,
+        page_size: int = 50,
+        page_token: str = "",
+    ) -> tuple[list[OperationRecord], str]:
+        """One page, ordered by (create_time, name); returns ``(items, next_page_token)`` with
+        ``""`` on the last page. A token stays valid while operations are added or deleted.
+        ``page_size`` <= 0 means the default (50); it is capped at 1000. A token continues only
+        the listing it came from: ValueError for a malformed token or one issued for another
+        ``states``/``kind`` filter (AIP-158)."""
+        ...
+
+    async def update_operation(
+        self,
+        name: str,
+        update: OperationUpdate | None = None,
+        /,
+        *,
+        epoch: int | None = None,
+        **fields: object,
+    ) -> OperationRecord:
+        """Applies ``update`` (or the same fields given as keywords) and returns the new
+        record. Raises OperationNotFoundError. With ``epoch`` (the caller's lease), raises
+        LeaseLostError and changes nothing unless it is still the operation's epoch."""
+        ...
+
+    async def append_event(
+        self,
+        name: str,
+        event_type: str,
+        payload: bytes,
+        *,
+        terminal: bool | None = None,
+        update: OperationUpdate | None = None,
+        epoch: int | None = None,
+    ) -> EventRecord:
+        """Stores an event with ``sequence = last_sequence + 1`` and bumps the operation's
+        ``last_sequence`` in the same transaction (optionally applying ``update`` too, e.g. the
+        stage/percent that the event reports, or the terminal state with the "complete" event).
+        The event is durable when this returns; only then may it be published. ``terminal``
+        defaults to ``event_type in TERMINAL_EVENT_TYPES``. ``epoch``: as in update_operation
+        (a refused event takes no sequence number)."""
+        ...
+
+    async def events_after(self, name: str, after_sequence: int = 0, limit: int = 1000) -> list[EventRecord]:
+        """Stored events with sequence > after_sequence, ascending, at most ``limit``. An
+        unknown operation yields []."""
+        ...
+
+    async def add_artifact(self, artifact: ArtifactRecord, *, epoch: int | None = None) -> ArtifactRecord:
+        """Adds or replaces (same operation and name) an artifact. ``epoch``: as in
+        update_operation."""
+        ...
+
+    async def list_artifacts(self, name: str) -> list[ArtifactRecord]:
+        """Artifacts of an operation, by name."""
+        ...
+
+    async def request_cancel(self, name: str) -> OperationRecord:
+        """Sets ``cancel_requested`` (a no-op on a finished operation) and returns the record;
+        the executor notices the flag and moves the job to CANCELLED."""
+        ...
+
+    async def delete_operation(self, name: str) -> list[str]:
+        """Deletes a finished operation with its events and artifact rows and returns the
+        artifact paths for the caller to delete from disk. Raises OperationNotFoundError and
+        OperationNotFinishedError."""
+        ...
+
+    async def unfinished_operations(self) -> list[OperationRecord]:
+        """QUEUED and RUNNING operations by (create_time, name): what a restarted server must
+        resume or re-queue."""
+        ...
+
+    async def finished_before(self, cutoff: datetime, limit: int = 500) -> list[str]:
+        """Names of finished operations that ended before ``cutoff``, oldest first, at most
+        ``limit``: what operation retention deletes."""
+        ...
+
+    # -- leases: many replicas (or one) running the jobs of one store ----------------------------
+
+    async def claim_next(self, replica_id: str, lease_s: float) -> OperationRecord | None:
+        """Claims the oldest (create_time, name) unfinished operation that nobody holds: QUEUED
+        or RUNNING with no lease, or whose lease expired (its holder stopped renewing). Returns
+        it with ``lease_owner = replica_id``, ``lease_epoch`` one more than before and the lease
+        expiring ``lease_s`` from now on the store's clock; None when there is nothing to claim.
+        Concurrent claimers (threads, processes, replicas) never get the same operation. The
+        state is left as it is: the job's first event moves it to RUNNING."""
+        ...
+
+    async def renew_lease(self, name: str, replica_id: str, epoch: int, lease_s: float) -> OperationRecord:
+        """Extends the lease to ``lease_s`` from now while ``(replica_id, epoch)`` still holds it,
+        even past its expiry if nobody took it meanwhile. Raises LeaseLostError once another
+        claim moved the epoch on or the operation finished, OperationNotFoundError."""
+        ...
+
+    async def release_lease(self, name: str, replica_id: str, epoch: int) -> None:
+        """Lets the operation be claimed at once (a replica draining hands its jobs back); a
+        no-op when the lease is no longer ``(replica_id, epoch)``."""
+        ...
+
+    async def close(self) -> None: ...

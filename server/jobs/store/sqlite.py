@@ -1,0 +1,551 @@
+"""`JobStore` on the standard library's sqlite3.
+
+Durability
+    WAL journal with ``synchronous=FULL``: every commit fsyncs the WAL before returning, so an
+    event is on stable storage before ``append_event`` returns and before anyone can publish it.
+    WAL with ``synchronous=NORMAL`` would already survive ``kill -9`` (the WAL bytes sit in the
+    OS page cache, which outlives the process), but not a power cut or a kernel crash, after
+    which a client that saw sequence N could later see a *different* event N. Job events are
+    few (the stages throttle their progress events), so one fsync per event is cheap; pass
+    ``synchronous="NORMAL"`` to trade that guarantee for speed.
+
+Threading
+    All database work runs on one dedicated thread (server/sqlite_thread.py) that owns the
+    only connection. sqlite3 connections must not be shared between threads without a
+    lock, and a single writer serialises transactions anyway, so one thread gives the same
+    throughput as a pool without lock juggling, keeps the event loop free, and makes every
+    method's transaction run to completion before the next starts. Writes still use
+    ``BEGIN IMMEDIATE`` (take the write lock before reading ``last_sequence``), so sequence
+    assignment stays atomic even if another process opens the same file; ``busy_timeout``
+    makes such a process wait instead of failing.
+
+Schema
+    ``schema_version`` holds one row; ``_MIGRATIONS`` is an ordered list of scripts, each run in
+    its own transaction together with the version bump, so adding version 2 is one more entry.
+    Times are integer microseconds since the Unix epoch, UTC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+from server.errors import shown
+from server.jobs.store.sqlite_schema import (  # noqa: F401 - re-exported
+    _ARTIFACT_COLUMNS,
+    _EPOCH,
+    _EVENT_COLUMNS,
+    _MIGRATIONS,
+    _OP_COLUMNS,
+    SCHEMA_VERSION,
+    _artifact_from_row,
+    _decode_token,
+    _encode_token,
+    _event_from_row,
+    _from_us,
+    _op_from_row,
+    _split_sql,
+    _to_us,
+)
+from server.jobs.store.protocol import (
+    EVENT_TYPES,
+    TERMINAL_EVENT_TYPES,
+    UNFINISHED_STATES,
+    ArtifactRecord,
+    EventRecord,
+    JobState,
+    JobStoreError,
+    LeaseLostError,
+    OperationNotFinishedError,
+    OperationNotFoundError,
+    OperationRecord,
+    OperationUpdate,
+    RequestIdConflictError,
+    check_lease_args,
+    utcnow,
+)
+from server.sqlite_thread import SqliteThread
+
+__all__ = ["SCHEMA_VERSION", "SqliteJobStore"]
+
+T = TypeVar("T")
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+class SqliteJobStore:
+    """The SQLite `JobStore`. Open with ``SqliteJobStore(path)`` (the file and its parent
+    folder are created); the schema is created or migrated on first use, or explicitly with
+    ``await store.open()``."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        synchronous: str = "FULL",
+        busy_timeout_ms: int = 10_000,
+    ) -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError("synchronous must be FULL, EXTRA or NORMAL")
+        self.path = Path(path)
+        self._synchronous = synchronous.upper()
+        self._busy_timeout_ms = busy_timeout_ms
+        self._db = SqliteThread("job-store", closed_error=lambda: RuntimeError("job store is closed"))
+        self._open_lock = asyncio.Lock()
+        self._opened = False
+
+    # -- plumbing -----------------------------------------------------------------------------
+
+    async def open(self) -> SqliteJobStore:
+        async with self._open_lock:
+            if self._db.closed:
+                raise RuntimeError("job store is closed")
+            if not self._opened:
+                await self._db.run(self._open_sync)
+                self._opened = True
+        return self
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self._opened:
+            await self.open()
+        return await self._db.run(fn, *args)
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = self._db.connect(self.path, busy_timeout_ms=self._busy_timeout_ms, synchronous=self._synchronous)
+        conn.execute("PRAGMA foreign_keys = ON")
+        self._migrate_sync()
+
+    def _migrate_sync(self) -> None:
+        conn = self._require_conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = conn.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO schema_version (version) VALUES (0)")
+                current = 0
+            else:
+                current = row[0]
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(f"{self.path} has schema version {current}, newer than this code's {SCHEMA_VERSION}")
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for stmt in _split_sql(_MIGRATIONS[version - 1]):
+                    conn.execute(stmt)
+                conn.execute("UPDATE schema_version SET version = ?", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    def _require_conn(self) -> sqlite3.Connection:
+        return self._db.conn()
+
+    def _write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs ``fn`` inside BEGIN IMMEDIATE ... COMMIT on the store's thread."""
+        return self._db.write(fn)
+
+    async def close(self) -> None:
+        await self._db.close(connected=self._opened)
+
+    async def schema_version(self) -> int:
+        def q() -> int:
+            return self._require_conn().execute("SELECT version FROM schema_version").fetchone()[0]
+
+        return await self._run(q)
+
+    # -- operations -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _get_sync(conn: sqlite3.Connection, name: str) -> OperationRecord:
+        row = conn.execute(f"SELECT {_OP_COLUMNS} FROM operations WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise OperationNotFoundError(name)
+        return _op_from_row(row)
+
+    async def create_operation(
+        self,
+        *,
+        kind: int,
+        request: bytes,
+        request_id: str | None = None,
+        message: str = "",
+        stage: int = 0,
+    ) -> tuple[OperationRecord, bool]:
+        request_id = request_id or None
+
+        def tx(conn: sqlite3.Connection) -> tuple[OperationRecord, bool]:
+            if request_id is not None:
+                existing = self._find_request_sync(conn, request_id, kind)
+                if existing is not None:
+                    return existing, False
+            name = f"operations/{uuid.uuid4().hex}"
+            now = _to_us(utcnow())
+            conn.execute(
+                "INSERT INTO operations (name, kind, state, stage, message, create_us, update_us, request_id) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, int(kind), int(JobState.QUEUED), int(stage), message, now, now, request_id),
+            )
+            conn.execute("INSERT INTO operation_requests (name, request) VALUES (?, ?)", (name, bytes(request)))
+            return self._get_sync(conn, name), True
+
+        return await self._run(self._write, tx)
+
+    async def find_request(self, request_id: str, kind: int) -> OperationRecord | None:
+        return await self._run(lambda: self._find_request_sync(self._require_conn(), request_id, kind))
+
+    @staticmethod
+    def _find_request_sync(conn: sqlite3.Connection, request_id: str, kind: int) -> OperationRecord | None:
+        row = conn.execute(f"SELECT {_OP_COLUMNS} FROM operations WHERE request_id = ?", (request_id,)).fetchone()
+        if row is None:
+            return None
+        existing = _op_from_row(row)
+        if existing.kind != kind:
+            raise RequestIdConflictError(f"request_id {shown(request_id)} was used for {existing.name} of another kind")
+        return existing
+
+    async def get_operation(self, name: str) -> OperationRecord:
+        return await self._run(lambda: self._get_sync(self._require_conn(), name))
+
+    async def get_request(self, name: str) -> bytes:
+        def q() -> bytes:
+            conn = self._require_conn()
+            row = conn.execute("SELECT request FROM operation_requests WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                return bytes(row[0])
+            op = self._get_sync(conn, name)  # OperationNotFoundError for an unknown name
+            if not op.state.is_terminal:
+                # Never written that way; an empty request would parse as a valid default one.
+                raise JobStoreError(f"{name} is {op.state.name} but its request is not stored")
+            return b""  # finished: dropped with the terminal state
+
+        return await self._run(q)
+
+    async def list_operations(
+        self,
+        *,
+        states: JobState | Iterable[JobState] | None = None,
+        kind: int | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> tuple[list[OperationRecord], str]:
+        size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
+        where: list[str] = []
+        params: list[Any] = []
+        state_list: list[int] | None = None
+        if states is not None:
+            state_list = [int(states)] if isinstance(states, int) else [int(s) for s in states]
+            if not state_list:
+                return [], ""
+            where.append(f"state IN ({','.join('?' * len(state_list))})")
+            params.extend(state_list)
+        # The filter as the token records it (state order does not matter).
+        scope = [None if state_list is None else sorted(set(state_list)), None if kind is None else int(kind)]
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(int(kind))
+        if page_token:
+            after_us, after_name = _decode_token(page_token, scope)
+            where.append("(create_us > ? OR (create_us = ? AND name > ?))")
+            params.extend([after_us, after_us, after_name])
+        sql = f"SELECT {_OP_COLUMNS} FROM operations"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY create_us, name LIMIT ?"
+        params.append(size + 1)
+
+        def q() -> list[OperationRecord]:
+            return [_op_from_row(r) for r in self._require_conn().execute(sql, params).fetchall()]
+
+        rows = await self._run(q)
+        if len(rows) <= size:
+            return rows, ""
+        items = rows[:size]
+        last = items[-1]
+        return items, _encode_token(_to_us(last.create_time), last.name, scope)
+
+    @staticmethod
+    def _apply_update_sync(conn: sqlite3.Connection, name: str, update: OperationUpdate, now_us: int) -> None:
+        # Only the two columns the update depends on: this runs inside every event's transaction.
+        times = conn.execute("SELECT start_us, end_us FROM operations WHERE name = ?", (name,)).fetchone()
+        if times is None:
+            raise OperationNotFoundError(name)
+        start_us, end_us = times
+        sets: list[str] = ["update_us = ?"]
+        params: list[Any] = [now_us]
+        if update.state is not None:
+            state = JobState(update.state)
+            sets.append("state = ?")
+            params.append(int(state))
+            if state == JobState.RUNNING and start_us is None and update.start_time is None:
+                sets.append("start_us = ?")
+                params.append(now_us)
+            if state.is_terminal and end_us is None and update.end_time is None:
+                sets.append("end_us = ?")
+                params.append(now_us)
+            if state.is_terminal:  # see JobStore.get_request
+                conn.execute("DELETE FROM operation_requests WHERE name = ?", (name,))
+        for attr, column, conv in (
+            ("stage", "stage", int),
+            ("percent", "percent", float),
+            ("message", "message", str),
+            ("response", "response", bytes),
+            ("last_completed_stage", "last_completed_stage", int),
+            ("start_time", "start_us", _to_us),
+            ("end_time", "end_us", _to_us),
+        ):
+            value = getattr(update, attr)
+            if value is not None:
+                sets.append(f"{column} = ?")
+                params.append(conv(value))
+        if update.error is not None:
+            code, msg = update.error
+            sets.append("error_code = ?")
+            sets.append("error_message = ?")
+            params.extend([int(code), str(msg)])
+        params.append(name)
+        conn.execute(f"UPDATE operations SET {', '.join(sets)} WHERE name = ?", params)
+
+    async def update_operation(
+        self,
+        name: str,
+        update: OperationUpdate | None = None,
+        /,
+        *,
+        epoch: int | None = None,
+        **fields_: Any,
+    ) -> OperationRecord:
+        if update is None:
+            update = OperationUpdate(**fields_)
+        elif fields_:
+            raise TypeError("pass either an OperationUpdate or keyword fields, not both")
+
+        def tx(conn: sqlite3.Connection) -> OperationRecord:
+            self._check_epoch_sync(conn, name, epoch)
+            self._apply_update_sync(conn, name, update, _to_us(utcnow()))
+            return self._get_sync(conn, name)
+
+        return await self._run(self._write, tx)
+
+    async def request_cancel(self, name: str) -> OperationRecord:
+        def tx(conn: sqlite3.Connection) -> OperationRecord:
+            op = self._get_sync(conn, name)
+            if op.state.is_terminal or op.cancel_requested:
+                return op
+            conn.execute(
+                "UPDATE operations SET cancel_requested = 1, update_us = ? WHERE name = ?",
+                (_to_us(utcnow()), name),
+            )
+            return self._get_sync(conn, name)
+
+        return await self._run(self._write, tx)
+
+    async def delete_operation(self, name: str) -> list[str]:
+        def tx(conn: sqlite3.Connection) -> list[str]:
+            op = self._get_sync(conn, name)
+            if not op.state.is_terminal:
+                raise OperationNotFinishedError(name, op.state)
+            paths = [
+                r[0] for r in conn.execute("SELECT path FROM artifacts WHERE operation = ? ORDER BY name", (name,))
+            ]
+            # Explicit deletes as well as ON DELETE CASCADE: correct even on a connection where
+            # foreign keys were left off.
+            conn.execute("DELETE FROM events WHERE operation = ?", (name,))
+            conn.execute("DELETE FROM artifacts WHERE operation = ?", (name,))
+            conn.execute("DELETE FROM operation_requests WHERE name = ?", (name,))
+            conn.execute("DELETE FROM operations WHERE name = ?", (name,))
+            return paths
+
+        return await self._run(self._write, tx)
+
+    async def finished_before(self, cutoff: datetime, limit: int = 500) -> list[str]:
+        terminal = [int(s) for s in JobState if s.is_terminal]
+
+        def q() -> list[str]:
+            rows = self._require_conn().execute(
+                f"SELECT name FROM operations WHERE state IN ({','.join('?' * len(terminal))}) AND end_us < ? "
+                "ORDER BY end_us, name LIMIT ?",
+                (*terminal, _to_us(cutoff), max(1, int(limit))),
+            )
+            return [r[0] for r in rows]
+
+        return await self._run(q)
+
+    async def unfinished_operations(self) -> list[OperationRecord]:
+        states = [int(s) for s in UNFINISHED_STATES]
+
+        def q() -> list[OperationRecord]:
+            rows = self._require_conn().execute(
+                f"SELECT {_OP_COLUMNS} FROM operations WHERE state IN (?, ?) ORDER BY create_us, name",
+                states,
+            )
+            return [_op_from_row(r) for r in rows]
+
+        return await self._run(q)
+
+    # -- events ---------------------------------------------------------------------------------
+
+    async def append_event(
+        self,
+        name: str,
+        event_type: str,
+        payload: bytes,
+        *,
+        terminal: bool | None = None,
+        update: OperationUpdate | None = None,
+        epoch: int | None = None,
+    ) -> EventRecord:
+        if event_type not in EVENT_TYPES:
+            raise ValueError(f"unknown event_type {event_type!r}; stored types: {sorted(EVENT_TYPES)}")
+        is_terminal = event_type in TERMINAL_EVENT_TYPES if terminal is None else bool(terminal)
+        payload = bytes(payload)
+
+        def tx(conn: sqlite3.Connection) -> EventRecord:
+            # BEGIN IMMEDIATE holds the write lock from here, so no other writer (thread or
+            # process) can read the same last_sequence.
+            row = conn.execute(
+                "SELECT last_sequence, lease_epoch, lease_owner FROM operations WHERE name = ?", (name,)
+            ).fetchone()
+            if row is None:
+                raise OperationNotFoundError(name)
+            if epoch is not None and row[1] != epoch:
+                raise LeaseLostError(name, epoch, row[1], row[2])
+            seq = row[0] + 1
+            now = utcnow()
+            now_us = _to_us(now)
+            conn.execute(
+                f"INSERT INTO events ({_EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, seq, now_us, event_type, payload, int(is_terminal)),
+            )
+            conn.execute(
+                "UPDATE operations SET last_sequence = ?, update_us = ? WHERE name = ?",
+                (seq, now_us, name),
+            )
+            if update is not None and not update.is_empty():
+                self._apply_update_sync(conn, name, update, now_us)
+            return EventRecord(name, seq, _from_us(now_us), event_type, payload, is_terminal)  # type: ignore[arg-type]
+
+        return await self._run(self._write, tx)
+
+    async def events_after(self, name: str, after_sequence: int = 0, limit: int = 1000) -> list[EventRecord]:
+        def q() -> list[EventRecord]:
+            rows = self._require_conn().execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE operation = ? AND sequence > ? ORDER BY sequence LIMIT ?",
+                (name, int(after_sequence), max(1, int(limit))),
+            )
+            return [_event_from_row(r) for r in rows]
+
+        return await self._run(q)
+
+    # -- artifacts ------------------------------------------------------------------------------
+
+    async def add_artifact(self, artifact: ArtifactRecord, *, epoch: int | None = None) -> ArtifactRecord:
+        a = artifact
+
+        def tx(conn: sqlite3.Connection) -> ArtifactRecord:
+            if conn.execute("SELECT 1 FROM operations WHERE name = ?", (a.operation,)).fetchone() is None:
+                raise OperationNotFoundError(a.operation)
+            self._check_epoch_sync(conn, a.operation, epoch)
+            conn.execute(
+                f"INSERT INTO artifacts ({_ARTIFACT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (operation, name) DO UPDATE SET kind = excluded.kind, "
+                "media_type = excluded.media_type, path = excluded.path, size = excluded.size, "
+                "sha256 = excluded.sha256, expire_us = excluded.expire_us",
+                (
+                    a.operation,
+                    a.name,
+                    int(a.kind),
+                    a.media_type,
+                    str(a.path),
+                    int(a.size),
+                    a.sha256,
+                    None if a.expire_time is None else _to_us(a.expire_time),
+                ),
+            )
+            return a
+
+        return await self._run(self._write, tx)
+
+    async def list_artifacts(self, name: str) -> list[ArtifactRecord]:
+        def q() -> list[ArtifactRecord]:
+            rows = self._require_conn().execute(
+                f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE operation = ? ORDER BY name",
+                (name,),
+            )
+            return [_artifact_from_row(r) for r in rows]
+
+        return await self._run(q)
+
+    # -- leases ---------------------------------------------------------------------------------
+    # One writer at a time (BEGIN IMMEDIATE) makes a claim's select-then-update atomic against
+    # every other connection to the file, so concurrent claimers never share an operation. The
+    # clock is this machine's: a SQLite store has one replica.
+
+    @staticmethod
+    def _check_epoch_sync(conn: sqlite3.Connection, name: str, epoch: int | None) -> None:
+        if epoch is None:
+            return
+        row = conn.execute("SELECT lease_epoch, lease_owner FROM operations WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise OperationNotFoundError(name)
+        if row[0] != epoch:
+            raise LeaseLostError(name, epoch, row[0], row[1])
+
+    async def claim_next(self, replica_id: str, lease_s: float) -> OperationRecord | None:
+        check_lease_args(replica_id, lease_s)
+
+        def tx(conn: sqlite3.Connection) -> OperationRecord | None:
+            now_us = _to_us(utcnow())
+            row = conn.execute(
+                "SELECT name FROM operations WHERE state IN (?, ?) "
+                "AND (lease_expire_us IS NULL OR lease_expire_us <= ?) ORDER BY create_us, name LIMIT 1",
+                (*(int(s) for s in UNFINISHED_STATES), now_us),
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute(
+                "UPDATE operations SET lease_owner = ?, lease_epoch = lease_epoch + 1, lease_expire_us = ? "
+                "WHERE name = ?",
+                (replica_id, now_us + round(lease_s * 1_000_000), row[0]),
+            )
+            return self._get_sync(conn, row[0])
+
+        return await self._run(self._write, tx)
+
+    async def renew_lease(self, name: str, replica_id: str, epoch: int, lease_s: float) -> OperationRecord:
+        check_lease_args(replica_id, lease_s)
+
+        def tx(conn: sqlite3.Connection) -> OperationRecord:
+            op = self._get_sync(conn, name)
+            if op.lease_owner != replica_id or op.lease_epoch != epoch or op.state.is_terminal:
+                raise LeaseLostError(name, epoch, op.lease_epoch, op.lease_owner)
+            conn.execute(
+                "UPDATE operations SET lease_expire_us = ? WHERE name = ?",
+                (_to_us(utcnow()) + round(lease_s * 1_000_000), name),
+            )
+            return self._get_sync(conn, name)
+
+        return await self._run(self._write, tx)
+
+    async def release_lease(self, name: str, replica_id: str, epoch: int) -> None:
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE operations SET lease_owner = NULL, lease_expire_us = NULL "
+                "WHERE name = ? AND lease_owner = ? AND lease_epoch = ?",
+                (name, replica_id, int(epoch)),
+            )
+
+        await self._run(self._write, tx)
+

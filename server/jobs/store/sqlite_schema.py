@@ -1,0 +1,183 @@
+"""The SQLite job store's schema, its migrations and the row <-> record mapping."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from server.errors import shown
+from server.jobs.store.protocol import ArtifactRecord, EventRecord, JobState, OperationRecord
+
+_MIGRATIONS: list[str] = [
+    # Version 1.
+    """
+    CREATE TABLE operations (
+        name                 TEXT PRIMARY KEY,
+        kind                 INTEGER NOT NULL,
+        state                INTEGER NOT NULL,
+        stage                INTEGER NOT NULL DEFAULT 0,
+        percent              REAL NOT NULL DEFAULT 0,
+        message              TEXT NOT NULL DEFAULT '',
+        request              BLOB NOT NULL,
+        response             BLOB,
+        error_code           INTEGER,
+        error_message        TEXT,
+        create_us            INTEGER NOT NULL,
+        update_us            INTEGER NOT NULL,
+        start_us             INTEGER,
+        end_us               INTEGER,
+        last_sequence        INTEGER NOT NULL DEFAULT 0,
+        last_completed_stage INTEGER NOT NULL DEFAULT 0,
+        request_id           TEXT UNIQUE,
+        cancel_requested     INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX operations_by_create ON operations (create_us, name);
+    CREATE INDEX operations_by_state ON operations (state, create_us, name);
+
+    CREATE TABLE events (
+        operation  TEXT NOT NULL REFERENCES operations (name) ON DELETE CASCADE,
+        sequence   INTEGER NOT NULL,
+        time_us    INTEGER NOT NULL,
+        event_type TEXT NOT NULL,
+        terminal   INTEGER NOT NULL DEFAULT 0,
+        payload    BLOB NOT NULL,
+        PRIMARY KEY (operation, sequence)
+    ) WITHOUT ROWID;
+
+    CREATE TABLE artifacts (
+        operation  TEXT NOT NULL REFERENCES operations (name) ON DELETE CASCADE,
+        name       TEXT NOT NULL,
+        kind       INTEGER NOT NULL,
+        media_type TEXT NOT NULL,
+        path       TEXT NOT NULL,
+        size       INTEGER NOT NULL,
+        sha256     TEXT NOT NULL,
+        expire_us  INTEGER,
+        PRIMARY KEY (operation, name)
+    ) WITHOUT ROWID;
+    """,
+    # Version 2: the submit request (an inline photo and audio: up to tens of MB) gets its own
+    # table. In the operations row, every stage event's UPDATE rewrote it whole (SQLite rewrites
+    # a row's overflow pages when its size changes, and the stage message changes it): 400 KB
+    # written and fsynced per event of a talking video with a 200 KB photo, instead of ~12 KB.
+    # Every GetOperation and watch subscription read it too. A finished operation's request is
+    # not carried over (states 3-5: JobState's terminal ones).
+    """
+    CREATE TABLE operation_requests (
+        name    TEXT PRIMARY KEY REFERENCES operations (name) ON DELETE CASCADE,
+        request BLOB NOT NULL
+    );
+    INSERT INTO operation_requests (name, request)
+        SELECT name, request FROM operations WHERE state NOT IN (3, 4, 5);
+    ALTER TABLE operations DROP COLUMN request;
+    """,
+    # Version 3: leases (JobStore.claim_next). The epoch goes up at every claim and fences the
+    # writes of a holder that lost its job. Claiming reads the unfinished operations (states
+    # 1-2) through operations_by_state, however many finished ones the table holds.
+    """
+    ALTER TABLE operations ADD COLUMN lease_owner TEXT;
+    ALTER TABLE operations ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE operations ADD COLUMN lease_expire_us INTEGER;
+    """,
+]
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+_OP_COLUMNS = (
+    "name, kind, state, stage, percent, message, response, error_code, error_message, "
+    "create_us, update_us, start_us, end_us, last_sequence, last_completed_stage, request_id, "
+    "cancel_requested, lease_owner, lease_epoch, lease_expire_us"
+)
+_EVENT_COLUMNS = "operation, sequence, time_us, event_type, payload, terminal"
+_ARTIFACT_COLUMNS = "operation, name, kind, media_type, path, size, sha256, expire_us"
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _to_us(t: datetime) -> int:
+    if t.tzinfo is None:
+        raise ValueError("naive datetime; job store times must be timezone-aware")
+    delta = t - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _from_us(us: int | None) -> datetime | None:
+    if us is None:
+        return None
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def _op_from_row(r: sqlite3.Row | tuple[Any, ...]) -> OperationRecord:
+    return OperationRecord(
+        name=r[0],
+        kind=r[1],
+        state=JobState(r[2]),
+        stage=r[3],
+        percent=r[4],
+        message=r[5],
+        response=None if r[6] is None else bytes(r[6]),
+        error=None if r[7] is None else (int(r[7]), r[8] or ""),
+        create_time=_from_us(r[9]),  # type: ignore[arg-type]
+        update_time=_from_us(r[10]),  # type: ignore[arg-type]
+        start_time=_from_us(r[11]),
+        end_time=_from_us(r[12]),
+        last_sequence=r[13],
+        last_completed_stage=r[14],
+        request_id=r[15],
+        cancel_requested=bool(r[16]),
+        lease_owner=r[17],
+        lease_epoch=r[18],
+        lease_expire_time=_from_us(r[19]),
+    )
+
+
+def _event_from_row(r: tuple[Any, ...]) -> EventRecord:
+    return EventRecord(
+        operation=r[0],
+        sequence=r[1],
+        time=_from_us(r[2]),  # type: ignore[arg-type]
+        event_type=r[3],
+        payload=bytes(r[4]),
+        terminal=bool(r[5]),
+    )
+
+
+def _artifact_from_row(r: tuple[Any, ...]) -> ArtifactRecord:
+    return ArtifactRecord(
+        operation=r[0],
+        name=r[1],
+        kind=r[2],
+        media_type=r[3],
+        path=r[4],
+        size=r[5],
+        sha256=r[6],
+        expire_time=_from_us(r[7]),
+    )
+
+
+def _encode_token(create_us: int, name: str, scope: list) -> str:
+    """A page token: where the page ended, and the filter (``scope``) of the listing it continues."""
+    raw = json.dumps([create_us, name, scope], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str, scope: list) -> tuple[int, str]:
+    """Where the previous page ended; ValueError for a token this store did not issue, or one issued
+    for another filter (AIP-158: the next page would silently mix two listings)."""
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        create_us, name, issued_for = json.loads(raw)
+        if not isinstance(create_us, int) or not isinstance(name, str):
+            raise TypeError
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"page_token {shown(token)} is not one this server issued") from exc
+    if issued_for != scope:
+        raise ValueError("page_token was issued for another filter; list again from the first page with this filter")
+    return create_us, name
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

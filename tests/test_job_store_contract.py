@@ -1,0 +1,622 @@
+"""The JobStore contract: every test runs on each backend (SQLite, and PostgreSQL on a real
+server started by the project), and together they define what the protocol means. A backend
+passes all of them or it is not a JobStore. Backend-specific behaviour (SQLite's WAL and file
+migrations, PostgreSQL's migrations and outages) lives in each backend's own test file."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from framewise.v1 import jobs_service_pb2 as jobs_pb2
+from server.jobs.engine.retention import OperationRetention
+from server.jobs.store import (
+    ArtifactRecord,
+    JobState,
+    JobStore,
+    LeaseLostError,
+    OperationNotFinishedError,
+    OperationNotFoundError,
+    OperationUpdate,
+    RequestIdConflictError,
+)
+from server.jobs.store.postgres import PostgresJobStore
+from server.jobs.store.sqlite import SqliteJobStore
+from tests.conftest import drop_postgres_schema, fresh_postgres_schema
+
+SEGMENT = jobs_pb2.JOB_KIND_SEGMENT_VIDEO
+TALKING = jobs_pb2.JOB_KIND_TALKING_VIDEO
+
+
+@dataclass
+class Backend:
+    """One backend's data, and a way to open another store object on it (another connection
+    for SQLite, another replica's pool for PostgreSQL)."""
+
+    name: str
+    _open: Callable[[], Awaitable[JobStore]]
+    opened: list[JobStore] = field(default_factory=list)
+
+    async def open(self) -> JobStore:
+        store = await self._open()
+        self.opened.append(store)
+        return store
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path, postgres_server) -> AsyncIterator[Backend]:  # noqa: ANN001
+    schema = None
+    if request.param == "sqlite":
+        path = tmp_path / "jobs.db"
+
+        async def open_() -> JobStore:
+            return await SqliteJobStore(path).open()
+    else:
+        url, schema = await fresh_postgres_schema(postgres_server)
+
+        async def open_() -> JobStore:
+            return await PostgresJobStore(url).open()
+
+    b = Backend(request.param, open_)
+    yield b
+    for s in b.opened:
+        await s.close()
+    if schema is not None:
+        await drop_postgres_schema(postgres_server, schema)
+
+
+@pytest.fixture
+async def store(backend: Backend) -> JobStore:
+    return await backend.open()
+
+
+async def new_op(store: JobStore, **kw) -> str:
+    op, created = await store.create_operation(kind=kw.pop("kind", SEGMENT), request=b"req", **kw)
+    assert created
+    return op.name
+
+
+def stage_payload(percent: float) -> bytes:
+    return jobs_pb2.StageUpdate(stage=jobs_pb2.JOB_STAGE_TRACKING, percent=percent).SerializeToString()
+
+
+def complete_payload() -> bytes:
+    return jobs_pb2.JobComplete(state=jobs_pb2.JOB_STATE_SUCCEEDED).SerializeToString()
+
+
+# -- records and errors ---------------------------------------------------------------------------
+
+
+def test_job_state_mirrors_proto() -> None:
+    for state in JobState:
+        assert jobs_pb2.JobState.Value(f"JOB_STATE_{state.name}") == state.value
+
+
+def test_lease_lost_error_crosses_the_worker_channel() -> None:
+    # The job worker process gets the store's exceptions pickled (server/jobs/worker/ipc.py).
+    err = pickle.loads(pickle.dumps(LeaseLostError("operations/x", 3, 4, "replica-b")))
+    assert isinstance(err, LeaseLostError)
+    assert (err.name, err.epoch, err.current_epoch, err.owner) == ("operations/x", 3, 4, "replica-b")
+    assert "epoch 3" in str(err) and "epoch 4" in str(err) and "replica-b" in str(err)
+
+
+# -- operations -----------------------------------------------------------------------------------
+
+
+async def test_is_a_job_store(store: JobStore) -> None:
+    assert isinstance(store, JobStore)
+
+
+async def test_create_get_and_update(store: JobStore) -> None:
+    op, created = await store.create_operation(kind=TALKING, request=b"\x01\x02", message="queued")
+    assert created and op.name.startswith("operations/")
+    assert op.state == JobState.QUEUED and not op.done and op.message == "queued"
+    assert op.create_time.tzinfo is not None and op.create_time.utcoffset() == timedelta(0)
+    assert op.update_time == op.create_time
+    assert op.start_time is None and op.end_time is None and op.last_sequence == 0
+    assert op.lease_owner is None and op.lease_epoch == 0 and op.lease_expire_time is None
+    got = await store.get_operation(op.name)
+    assert got == op and await store.get_request(op.name) == b"\x01\x02"
+
+    running = await store.update_operation(
+        op.name, state=JobState.RUNNING, stage=jobs_pb2.JOB_STAGE_DETECTION_RUNNING, percent=10.0
+    )
+    assert running.state == JobState.RUNNING and running.start_time is not None
+    assert running.stage == jobs_pb2.JOB_STAGE_DETECTION_RUNNING and running.percent == 10.0
+    assert running.update_time >= op.update_time
+
+    done = await store.update_operation(
+        op.name,
+        OperationUpdate(state=JobState.SUCCEEDED, response=b"resp", last_completed_stage=11, percent=100.0),
+    )
+    assert done.done and done.end_time is not None and done.start_time == running.start_time
+    assert done.response == b"resp" and done.last_completed_stage == 11
+    assert await store.get_operation(op.name) == done
+
+    failed_op = await new_op(store)
+    failed = await store.update_operation(failed_op, state=JobState.FAILED, error=(9, "no person"))
+    assert failed.error == (9, "no person")
+    explicit = datetime(2026, 3, 4, 5, 6, 7, 123456, tzinfo=UTC)
+    ended = await store.update_operation(failed_op, end_time=explicit)
+    assert ended.end_time == explicit  # microseconds kept
+
+    with pytest.raises(OperationNotFoundError):
+        await store.get_operation("operations/nope")
+    with pytest.raises(OperationNotFoundError):
+        await store.update_operation("operations/nope", percent=1.0)
+    with pytest.raises(OperationNotFoundError):
+        await store.get_request("operations/nope")
+    with pytest.raises(TypeError):
+        await store.update_operation(op.name, OperationUpdate(percent=1.0), percent=2.0)
+
+
+async def test_idempotent_create_by_request_id(store: JobStore) -> None:
+    first, created = await store.create_operation(kind=SEGMENT, request=b"a", request_id="r-1")
+    again, created_again = await store.create_operation(kind=SEGMENT, request=b"a", request_id="r-1")
+    assert created and not created_again and again == first
+    assert await store.find_request("r-1", SEGMENT) == first
+    assert await store.find_request("r-unknown", SEGMENT) is None
+    # Concurrent duplicates still yield one operation.
+    results = await asyncio.gather(
+        *(store.create_operation(kind=SEGMENT, request=b"b", request_id="r-2") for _ in range(10))
+    )
+    assert len({op.name for op, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    # No request_id (or ""): every call creates.
+    a, _ = await store.create_operation(kind=SEGMENT, request=b"c", request_id="")
+    b, _ = await store.create_operation(kind=SEGMENT, request=b"c")
+    assert a.name != b.name and a.request_id is None
+    with pytest.raises(RequestIdConflictError):
+        await store.create_operation(kind=TALKING, request=b"a", request_id="r-1")
+    with pytest.raises(RequestIdConflictError):
+        await store.find_request("r-1", TALKING)
+
+
+async def test_duplicate_creates_through_two_stores_make_one_operation(backend: Backend) -> None:
+    # Two replicas (or processes) receiving the same retried request at once.
+    a, b = await backend.open(), await backend.open()
+    results = await asyncio.gather(
+        *(s.create_operation(kind=SEGMENT, request=b"x", request_id="same") for s in (a, b, a, b, a, b))
+    )
+    assert len({op.name for op, _ in results}) == 1 and sum(c for _, c in results) == 1
+
+
+async def test_list_paging_and_state_filter(store: JobStore) -> None:
+    names = [await new_op(store) for _ in range(10)]
+    for n in names[:4]:
+        await store.update_operation(n, state=JobState.RUNNING)
+    for n in names[4:6]:
+        await store.update_operation(n, state=JobState.SUCCEEDED)
+
+    seen: list[str] = []
+    token = ""
+    pages = 0
+    while True:
+        items, token = await store.list_operations(page_size=3, page_token=token)
+        pages += 1
+        seen += [o.name for o in items]
+        assert len(items) <= 3
+        if not token:
+            break
+    assert pages == 4 and seen == names  # stable (create_time, name) order, nothing repeated
+
+    running, tok = await store.list_operations(states=JobState.RUNNING)
+    assert [o.name for o in running] == names[:4] and tok == ""
+    first, tok = await store.list_operations(states=(JobState.RUNNING, JobState.QUEUED), page_size=5)
+    rest, tok2 = await store.list_operations(states=(JobState.RUNNING, JobState.QUEUED), page_size=5, page_token=tok)
+    assert [o.name for o in first + rest] == names[:4] + names[6:] and tok2 == ""
+    # The same filter in another order continues; another filter does not (AIP-158).
+    again, _ = await store.list_operations(states=(JobState.QUEUED, JobState.RUNNING), page_size=5, page_token=tok)
+    assert [o.name for o in again] == [o.name for o in rest]
+    with pytest.raises(ValueError, match="another filter"):
+        await store.list_operations(states=JobState.RUNNING, page_token=tok)
+    with pytest.raises(ValueError, match="another filter"):
+        await store.list_operations(states=(JobState.RUNNING, JobState.QUEUED), kind=SEGMENT, page_token=tok)
+    assert (await store.list_operations(kind=TALKING))[0] == []
+    assert [o.name for o in (await store.list_operations(kind=SEGMENT, page_size=100))[0]] == names
+    assert await store.list_operations(states=()) == ([], "")
+
+    # A token survives deletion of the item it points after.
+    items, tok = await store.list_operations(page_size=5)
+    await store.delete_operation(names[4])  # SUCCEEDED, in the first page
+    rest, _ = await store.list_operations(page_size=50, page_token=tok)
+    assert [o.name for o in rest] == names[5:]
+
+    unfinished = await store.unfinished_operations()
+    assert [o.name for o in unfinished] == names[:4] + names[6:]
+    with pytest.raises(ValueError):
+        await store.list_operations(page_token="garbage!!")
+
+
+async def test_page_size_default_and_cap(store: JobStore) -> None:
+    for _ in range(55):
+        await new_op(store)
+    items, token = await store.list_operations(page_size=0)
+    assert len(items) == 50 and token
+    items, token = await store.list_operations(page_size=5000)
+    assert len(items) == 55 and token == ""
+
+
+# -- events ---------------------------------------------------------------------------------------
+
+
+async def test_append_assigns_contiguous_sequences_under_concurrency(store: JobStore) -> None:
+    name = await new_op(store)
+    other = await new_op(store)
+
+    async def appender(i: int) -> list[int]:
+        out = []
+        for j in range(10):
+            ev = await store.append_event(name, "progress_update", f"{i}:{j}".encode())
+            out.append(ev.sequence)
+            await store.append_event(other, "progress_update", b"x")
+        return out
+
+    results = await asyncio.gather(*(appender(i) for i in range(20)))
+    all_seqs = sorted(s for r in results for s in r)
+    assert all_seqs == list(range(1, 201))
+    for r in results:
+        assert r == sorted(r)
+    stored = await store.events_after(name, 0, limit=1000)
+    assert [e.sequence for e in stored] == list(range(1, 201))
+    assert (await store.get_operation(name)).last_sequence == 200
+    assert (await store.get_operation(other)).last_sequence == 200
+
+
+async def test_two_stores_share_the_sequence(backend: Backend) -> None:
+    """Two store objects (two connections / two replicas) appending to one operation: the
+    sequence stays contiguous and unique."""
+    a, b = await backend.open(), await backend.open()
+    name = await new_op(a)
+
+    async def run(s: JobStore) -> list[int]:
+        return [(await s.append_event(name, "progress_update", b"")).sequence for _ in range(50)]
+
+    ra, rb = await asyncio.gather(run(a), run(b))
+    assert sorted(ra + rb) == list(range(1, 101))
+    assert [e.sequence for e in await b.events_after(name, 0)] == list(range(1, 101))
+
+
+async def test_events_after_resumes_exactly(store: JobStore) -> None:
+    name = await new_op(store)
+    for i in range(1, 11):
+        ev = await store.append_event(name, "stage_update", stage_payload(i))
+        assert ev.sequence == i and not ev.terminal and ev.operation == name
+        assert ev.time.utcoffset() == timedelta(0)
+    last = await store.append_event(
+        name, "complete", complete_payload(), update=OperationUpdate(state=JobState.SUCCEEDED)
+    )
+    assert last.sequence == 11 and last.terminal
+    op = await store.get_operation(name)
+    assert op.last_sequence == 11 and op.state == JobState.SUCCEEDED and op.end_time is not None
+    assert op.update_time == last.time  # one time for the event and the change it made
+
+    assert [e.sequence for e in await store.events_after(name, 4)] == list(range(5, 12))
+    assert [e.sequence for e in await store.events_after(name, 4, limit=3)] == [5, 6, 7]
+    assert await store.events_after(name, 11) == []
+    assert await store.events_after("operations/unknown") == []
+    stored = await store.events_after(name, 10)
+    assert stored == [last]  # what append returned is what is stored
+    ev = (await store.events_after(name, 6, limit=1))[0]
+    assert ev.event_type == "stage_update"
+    assert jobs_pb2.StageUpdate.FromString(ev.payload).percent == 7.0
+    # Rebuilding the wire message from a record.
+    resp = jobs_pb2.WatchOperationResponse(sequence=ev.sequence, name=ev.operation)
+    getattr(resp, ev.event_type).MergeFromString(ev.payload)
+    assert resp.WhichOneof("event") == "stage_update"
+
+    final_error = await store.append_event(await new_op(store), "error", b"", terminal=True)
+    assert final_error.terminal
+    with pytest.raises(ValueError):
+        await store.append_event(name, "heartbeat", b"")
+    with pytest.raises(OperationNotFoundError):
+        await store.append_event("operations/unknown", "progress_update", b"")
+
+
+async def test_an_event_applies_its_update(store: JobStore) -> None:
+    name = await new_op(store)
+    update = OperationUpdate(state=JobState.RUNNING, stage=jobs_pb2.JOB_STAGE_TRACKING, percent=40.0, message="m")
+    ev = await store.append_event(name, "stage_update", stage_payload(40), update=update)
+    op = await store.get_operation(name)
+    assert (op.state, op.stage, op.percent, op.message) == (JobState.RUNNING, jobs_pb2.JOB_STAGE_TRACKING, 40.0, "m")
+    assert op.start_time == ev.time and op.last_sequence == 1
+    # An empty update changes only the sequence and the time.
+    ev2 = await store.append_event(name, "progress_update", b"", update=OperationUpdate())
+    after = await store.get_operation(name)
+    assert after.last_sequence == 2 and after.update_time == ev2.time and after.percent == 40.0
+
+
+# -- cancel, artifacts, deletion, retention -------------------------------------------------------
+
+
+async def test_cancel_artifacts_and_delete_only_finished(store: JobStore) -> None:
+    name = await new_op(store)
+    await store.append_event(name, "progress_update", b"p")
+    expire = datetime(2030, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    art = ArtifactRecord(name, "overlay.mp4", 3, "video/mp4", "/data/a/overlay.mp4", 10, "ab", expire)
+    assert await store.add_artifact(art) == art
+    await store.add_artifact(ArtifactRecord(name, "frames.json", 4, "application/json", "/data/a/f.json", 5, "cd"))
+    await store.add_artifact(
+        ArtifactRecord(name, "overlay.mp4", 3, "video/mp4", "/data/a/overlay.mp4", 11, "ef", expire)
+    )
+    arts = await store.list_artifacts(name)
+    assert [a.name for a in arts] == ["frames.json", "overlay.mp4"]
+    assert arts[1].size == 11 and arts[1].sha256 == "ef" and arts[1].expire_time == expire
+    assert arts[0].expire_time is None
+    assert await store.list_artifacts("operations/unknown") == []
+    with pytest.raises(OperationNotFoundError):
+        await store.add_artifact(ArtifactRecord("operations/x", "a", 1, "x", "/p", 1, "s"))
+
+    cancelled = await store.request_cancel(name)
+    assert cancelled.cancel_requested and cancelled.state == JobState.QUEUED
+    assert (await store.request_cancel(name)) == cancelled  # again: nothing changes
+
+    with pytest.raises(OperationNotFinishedError):
+        await store.delete_operation(name)
+    await store.update_operation(name, state=JobState.RUNNING)
+    with pytest.raises(OperationNotFinishedError) as raised:
+        await store.delete_operation(name)
+    assert raised.value.state == JobState.RUNNING
+    await store.update_operation(name, state=JobState.CANCELLED)
+    finished = await store.get_operation(name)
+    assert await store.request_cancel(name) == finished  # a finished operation: a no-op
+    paths = await store.delete_operation(name)
+    assert sorted(paths) == ["/data/a/f.json", "/data/a/overlay.mp4"]
+    with pytest.raises(OperationNotFoundError):
+        await store.get_operation(name)
+    assert await store.events_after(name) == [] and await store.list_artifacts(name) == []
+    with pytest.raises(OperationNotFoundError):
+        await store.delete_operation(name)
+    with pytest.raises(OperationNotFoundError):
+        await store.request_cancel(name)
+    # Deleting an operation without artifacts returns no paths.
+    bare = await new_op(store)
+    await store.update_operation(bare, state=JobState.FAILED, error=(13, "x"))
+    assert await store.delete_operation(bare) == []
+
+
+async def test_a_finished_operation_forgets_its_request(store: JobStore) -> None:
+    # The request can carry an inline photo and audio (tens of MB): kept while the job may run (a
+    # resumed job reads it), dropped with the terminal state.
+    op, _ = await store.create_operation(kind=TALKING, request=b"photo+audio" * 1000)
+    await store.update_operation(op.name, state=JobState.RUNNING)
+    assert len(await store.get_request(op.name)) == 11000
+    await store.append_event(op.name, "complete", complete_payload(), update=OperationUpdate(state=JobState.SUCCEEDED))
+    done = await store.get_operation(op.name)
+    assert done.state == JobState.SUCCEEDED and await store.get_request(op.name) == b"" and done.end_time is not None
+    # Through update_operation too.
+    other, _ = await store.create_operation(kind=TALKING, request=b"photo")
+    await store.update_operation(other.name, state=JobState.FAILED, error=(9, "x"))
+    assert await store.get_request(other.name) == b""
+
+
+async def test_operation_retention_deletes_what_finished_long_ago(store: JobStore, tmp_path: Path) -> None:
+    old, recent, running = await new_op(store), await new_op(store), await new_op(store)
+    artifact = tmp_path / "old.mp4"
+    artifact.write_bytes(b"mp4")
+    await store.add_artifact(ArtifactRecord(old, "talking_video.mp4", 6, "video/mp4", str(artifact), 3, "ab"))
+    ended = datetime(2026, 1, 1, tzinfo=UTC)
+    await store.update_operation(old, state=JobState.SUCCEEDED, end_time=ended)
+    await store.update_operation(recent, state=JobState.FAILED, end_time=ended + timedelta(days=29))
+    await store.update_operation(running, state=JobState.RUNNING)
+    assert await store.finished_before(ended + timedelta(days=1)) == [old]
+    assert await store.finished_before(ended + timedelta(days=60)) == [old, recent]  # oldest first
+    assert await store.finished_before(ended + timedelta(days=60), limit=1) == [old]
+
+    retention = OperationRetention(store, retention_s=30 * 86400, interval_s=3600, batch=1)
+    assert await retention.purge_once(now=ended + timedelta(days=30, seconds=1)) == 1
+    with pytest.raises(OperationNotFoundError):
+        await store.get_operation(old)
+    assert not artifact.exists()  # its files go with it
+    assert (await store.get_operation(recent)).state == JobState.FAILED  # 29 days: kept
+    assert (await store.get_operation(running)).state == JobState.RUNNING  # never finished: never due
+    assert await retention.purge_once(now=ended + timedelta(days=60)) == 1  # batches of 1: loops until done
+    assert [op.name for op in (await store.list_operations())[0]] == [running]
+
+
+async def test_reopen_keeps_everything(backend: Backend) -> None:
+    s = await backend.open()
+    op, _ = await s.create_operation(kind=SEGMENT, request=b"r", request_id="idem")
+    await s.append_event(op.name, "progress_update", b"1")
+    await s.close()
+    s = await backend.open()
+    again, created = await s.create_operation(kind=SEGMENT, request=b"r", request_id="idem")
+    assert not created and again.name == op.name and again.last_sequence == 1
+    assert await s.get_request(op.name) == b"r"
+    assert (await s.append_event(op.name, "progress_update", b"2")).sequence == 2
+
+
+# -- claiming, leases and fencing -----------------------------------------------------------------
+
+LONG_LEASE_S = 60.0
+
+
+async def test_claims_follow_creation_order(store: JobStore) -> None:
+    names = [await new_op(store) for _ in range(6)]
+    await store.update_operation(names[1], state=JobState.SUCCEEDED)  # finished: never claimed
+    await store.update_operation(names[3], state=JobState.RUNNING)  # left RUNNING unleased: claimable
+    claimed = []
+    while (op := await store.claim_next("replica-a", LONG_LEASE_S)) is not None:
+        claimed.append(op)
+    assert [op.name for op in claimed] == [names[0], names[2], names[3], names[4], names[5]]
+    for op in claimed:
+        assert op.lease_owner == "replica-a" and op.lease_epoch == 1
+        assert op.lease_expire_time is not None and op.lease_expire_time > op.create_time
+        assert await store.get_operation(op.name) == op
+    assert claimed[0].state == JobState.QUEUED and claimed[2].state == JobState.RUNNING  # states kept
+    # A cancel request does not hide a queued job: its claimer is the one that cancels it.
+    late = await new_op(store)
+    await store.request_cancel(late)
+    got = await store.claim_next("replica-b", LONG_LEASE_S)
+    assert got is not None and got.name == late and got.cancel_requested
+    assert await store.claim_next("replica-b", LONG_LEASE_S) is None
+    with pytest.raises(ValueError):
+        await store.claim_next("", LONG_LEASE_S)
+    with pytest.raises(ValueError):
+        await store.claim_next("replica-a", 0)
+
+
+async def test_three_claimers_take_sixty_jobs_exactly_once(backend: Backend) -> None:
+    """Three replicas claiming at once from the same queue: every job goes to exactly one."""
+    stores = [await backend.open() for _ in range(3)]
+    names = [await new_op(stores[0]) for _ in range(60)]
+
+    async def claimer(s: JobStore, replica: str) -> list[str]:
+        got = []
+        while (op := await s.claim_next(replica, LONG_LEASE_S)) is not None:
+            assert op.lease_owner == replica and op.lease_epoch == 1
+            got.append(op.name)
+        return got
+
+    results = await asyncio.gather(*(claimer(s, f"replica-{i}") for i, s in enumerate(stores)))
+    claimed = [n for r in results for n in r]
+    assert sorted(claimed) == sorted(names) and len(set(claimed)) == 60
+    for r in results:  # each claimer took its jobs oldest first
+        assert r == sorted(r, key=names.index)
+    owners = {op.name: op.lease_owner for op in await stores[1].unfinished_operations()}
+    assert all(owners[n] == f"replica-{i}" for i, r in enumerate(results) for n in r)
+
+
+async def test_an_expired_lease_is_taken_over_with_the_next_epoch(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    name = await new_op(a)
+    first = await a.claim_next("replica-a", 0.3)
+    assert first is not None and first.name == name and first.lease_epoch == 1
+    assert await b.claim_next("replica-b", LONG_LEASE_S) is None  # held
+    await asyncio.sleep(0.45)  # replica-a stopped renewing (frozen, killed, partitioned)
+    taken = await b.claim_next("replica-b", LONG_LEASE_S)
+    assert taken is not None and taken.name == name
+    assert taken.lease_owner == "replica-b" and taken.lease_epoch == 2
+    assert await a.claim_next("replica-a", LONG_LEASE_S) is None
+    with pytest.raises(LeaseLostError) as lost:
+        await a.renew_lease(name, "replica-a", 1, LONG_LEASE_S)
+    assert lost.value.current_epoch == 2 and lost.value.owner == "replica-b"
+
+
+async def test_a_fenced_write_is_refused_and_leaves_no_trace(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    name = await new_op(a)
+    claimed = await a.claim_next("replica-a", 0.2)
+    assert claimed is not None
+    await a.append_event(
+        name, "stage_update", stage_payload(1), update=OperationUpdate(state=JobState.RUNNING), epoch=1
+    )
+    await a.add_artifact(ArtifactRecord(name, "a.mp4", 3, "video/mp4", "/a", 1, "a1"), epoch=1)
+    await asyncio.sleep(0.3)
+    assert (await b.claim_next("replica-b", LONG_LEASE_S)).lease_epoch == 2  # type: ignore[union-attr]
+    before = await b.get_operation(name)
+    events_before = await b.events_after(name)
+    artifacts_before = await b.list_artifacts(name)
+
+    # The zombie wakes up and tries every kind of write with its old epoch.
+    with pytest.raises(LeaseLostError):
+        await a.append_event(name, "progress_update", b"zombie", epoch=1)
+    with pytest.raises(LeaseLostError):
+        await a.append_event(
+            name, "complete", complete_payload(), update=OperationUpdate(state=JobState.SUCCEEDED), epoch=1
+        )
+    with pytest.raises(LeaseLostError):
+        await a.update_operation(name, OperationUpdate(state=JobState.FAILED, error=(13, "zombie")), epoch=1)
+    with pytest.raises(LeaseLostError):
+        await a.update_operation(name, last_completed_stage=5, epoch=1)
+    with pytest.raises(LeaseLostError):
+        await a.add_artifact(ArtifactRecord(name, "a.mp4", 3, "video/mp4", "/zombie", 9, "z"), epoch=1)
+    with pytest.raises(LeaseLostError):
+        await a.add_artifact(ArtifactRecord(name, "b.mp4", 3, "video/mp4", "/zombie", 9, "z"), epoch=1)
+    with pytest.raises(OperationNotFoundError):
+        await a.append_event("operations/unknown", "progress_update", b"", epoch=1)
+
+    # No trace: same row (times included), same events, same artifacts, the request kept.
+    assert await b.get_operation(name) == before
+    assert await b.events_after(name) == events_before
+    assert await b.list_artifacts(name) == artifacts_before
+    assert await b.get_request(name) == b"req"
+    # The new holder goes on from where the store is: the refused event took no sequence.
+    ev = await b.append_event(name, "progress_update", b"b", epoch=2)
+    assert ev.sequence == before.last_sequence + 1
+    await b.add_artifact(ArtifactRecord(name, "a.mp4", 3, "video/mp4", "/b", 2, "b2"), epoch=2)
+    done = await b.update_operation(name, state=JobState.SUCCEEDED, epoch=2)
+    assert done.state == JobState.SUCCEEDED and done.lease_owner == "replica-b"
+    assert [x.path for x in await b.list_artifacts(name)] == ["/b"]
+    # Writes without an epoch (callers that do not hold leases) are not fenced.
+    assert (await a.update_operation(name, message="unfenced")).message == "unfenced"
+
+
+async def test_a_zombie_racing_the_takeover_never_writes_after_it(backend: Backend) -> None:
+    """The old holder appends as fast as it can while the new one takes over: every event it was
+    told is stored comes before the takeover's first, and none after; no gap, no duplicate."""
+    a, b = await backend.open(), await backend.open()
+    name = await new_op(a)
+    assert await a.claim_next("replica-a", 0.25) is not None
+    stored_by_a: list[int] = []
+
+    async def zombie() -> None:
+        while True:
+            try:
+                stored_by_a.append((await a.append_event(name, "progress_update", b"a", epoch=1)).sequence)
+            except LeaseLostError:
+                return
+
+    task = asyncio.create_task(zombie())
+    deadline = time.monotonic() + 10
+    while (taken := await b.claim_next("replica-b", LONG_LEASE_S)) is None:
+        assert time.monotonic() < deadline, "the lease never expired"
+        await asyncio.sleep(0.02)
+    stored_by_b = [
+        (await b.append_event(name, "progress_update", b"b", epoch=taken.lease_epoch)).sequence for _ in range(5)
+    ]
+    await asyncio.wait_for(task, 10)
+    assert stored_by_a and stored_by_a == list(range(1, len(stored_by_a) + 1))
+    assert stored_by_b == list(range(len(stored_by_a) + 1, len(stored_by_a) + 6))
+    events = await b.events_after(name, 0, limit=10_000)
+    assert [e.payload for e in events] == [b"a"] * len(stored_by_a) + [b"b"] * 5
+
+
+async def test_renewal_keeps_the_lease(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    name = await new_op(a)
+    claimed = await a.claim_next("replica-a", 0.3)
+    assert claimed is not None
+    expiry = claimed.lease_expire_time
+    for _ in range(8):  # 0.8 s: well past the first expiry, renewed every 0.1 s
+        await asyncio.sleep(0.1)
+        renewed = await a.renew_lease(name, "replica-a", 1, 0.3)
+        assert renewed.lease_epoch == 1 and renewed.lease_owner == "replica-a"
+        assert renewed.lease_expire_time is not None and expiry is not None and renewed.lease_expire_time > expiry
+        expiry = renewed.lease_expire_time
+        assert await b.claim_next("replica-b", LONG_LEASE_S) is None
+    # Expired but nobody took it: the holder may still renew, and keeps its epoch.
+    await asyncio.sleep(0.4)
+    assert (await a.renew_lease(name, "replica-a", 1, LONG_LEASE_S)).lease_epoch == 1
+    assert await b.claim_next("replica-b", LONG_LEASE_S) is None
+    with pytest.raises(LeaseLostError):
+        await a.renew_lease(name, "replica-b", 1, LONG_LEASE_S)  # not the holder
+    with pytest.raises(LeaseLostError):
+        await a.renew_lease(name, "replica-a", 2, LONG_LEASE_S)  # not its epoch
+    with pytest.raises(OperationNotFoundError):
+        await a.renew_lease("operations/unknown", "replica-a", 1, LONG_LEASE_S)
+    # A finished job's lease cannot be renewed (there is nothing left to hold).
+    await a.update_operation(name, state=JobState.SUCCEEDED, epoch=1)
+    with pytest.raises(LeaseLostError):
+        await a.renew_lease(name, "replica-a", 1, LONG_LEASE_S)
+
+
+async def test_a_released_lease_is_claimable_at_once(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    name = await new_op(a)
+    held = await a.claim_next("replica-a", LONG_LEASE_S)
+    assert held is not None and await b.claim_next("replica-b", LONG_LEASE_S) is None
+    await a.release_lease(name, "replica-b", 1)  # not the holder: a no-op
+    assert await b.claim_next("replica-b", LONG_LEASE_S) is None
+    await a.release_lease(name, "replica-a", 1)  # draining: hands the job back
+    taken = await b.claim_next("replica-b", LONG_LEASE_S)
+    assert taken is not None and taken.name == name and taken.lease_epoch == 2
+    with pytest.raises(LeaseLostError):
+        await a.append_event(name, "progress_update", b"", epoch=1)
