@@ -9,7 +9,7 @@ BUF_VERSION := 1.75.0
 REPO_CPU := .cache/model_repository_cpu
 PYTEST_ARGS ?=
 
-.PHONY: install tools system-deps pg-deps bench-deps repository serve test lint proto proto-check bench clean
+.PHONY: install tools system-deps pg-deps lb-deps bench-deps repository serve serve-cluster test lint proto proto-check bench clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,12 @@ system-deps:
 PG_SERVER := $(firstword $(wildcard /usr/lib/postgresql/*/bin/postgres) /usr/lib/postgresql/none/bin/postgres)
 pg-deps:
 	$(call debian-package,$(PG_SERVER),postgresql,the PostgreSQL job store's tests and serve-cluster)
+
+# The cluster's load balancer: Debian's HAProxy 2.6 (gRPC over HTTP/2 to the replicas, consistent
+# hashing on the x-framewise-session header, active health checks). server/cluster/haproxy.py
+# writes its configuration and runs it as a child of `make serve-cluster` and of the cluster tests.
+lb-deps:
+	$(call debian-package,/usr/sbin/haproxy,haproxy,the cluster's load balancer: serve-cluster and its tests)
 
 # The jobs benchmark's native watcher (bench/native/grpc_watch_fanout.c) is C on libnghttp2.
 bench-deps:
@@ -65,6 +71,13 @@ serve: repository
 	trap 'kill $$emulator 2>/dev/null' EXIT; \
 	FRAMEWISE_DID_URL=http://127.0.0.1:$(DID_EMULATOR_PORT) FRAMEWISE_DID_API_KEY=local-emulator FRAMEWISE_DID_IS_EMULATOR=1 $(SERVE)
 
+# A cluster on this machine: PostgreSQL (started by the project), one Triton, the D-ID emulator
+# (unless FRAMEWISE_DID_API_KEY is set), REPLICAS orchestrators and HAProxy on port 50051.
+# Ctrl-C stops everything it started. See the README's "Cluster" section.
+REPLICAS ?= 3
+serve-cluster: repository pg-deps lb-deps
+	$(PY) -m server.cluster --replicas $(REPLICAS) --model-repository $(REPO_CPU)
+
 proto: install
 	$(PY) proto/generate.py
 
@@ -72,14 +85,17 @@ lint: install tools
 	$(PY) proto/generate.py --deps-only >/dev/null
 	$(BUF) lint
 
-test: install tools lint pg-deps
+test: install tools lint pg-deps lb-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Detection (orchestrator vs direct Triton), tracking and jobs benchmarks; ~15 minutes on 2 cores.
-bench: repository bench-deps
+# Detection (orchestrator vs direct Triton), tracking, jobs, background-removal and cluster
+# (PostgreSQL, 1 and 3 replicas behind HAProxy) benchmarks; ~30 minutes on 2 cores.
+bench: repository bench-deps pg-deps lb-deps
 	$(PY) bench/detect_bench.py --output bench/results
 	$(PY) bench/track_bench.py --output bench/results
 	$(PY) bench/jobs_bench.py --output bench/results
+	$(PY) bench/matting_bench.py --output bench/results
+	$(PY) bench/cluster_bench.py --output bench/results
 
 clean:
 	rm -rf .cache build

@@ -109,13 +109,20 @@ async def _info(args: argparse.Namespace) -> int:
 
 def _print_info(address: str, health: str, info: info_service_pb2.GetServerInfoResponse) -> None:
     triton = info.triton
-    print(f"framewise {info.server_version} at {address}: {health}")
+    answered = f" (answered by replica {info.replica_id})" if info.replica_id else ""
+    print(f"framewise {info.server_version} at {address}: {health}{answered}")
     mode = "started by the orchestrator" if triton.managed else "external"
     state = "ready" if triton.ready else ("live, not ready" if triton.live else "unreachable")
     print(f"triton {triton.server_version or '?'} at {triton.url} ({mode}): {state}" + (f" - {triton.last_error}" if triton.last_error else ""))
     print(f"{'model (network)':<48} {'ready':<6} {'backend':<14} source")
     for model in info.models:
         print(f"{_model_label(model):<48} {'yes' if model.ready else 'no':<6} {model.backend:<14} {model.source}")
+    if info.replicas:
+        print(f"{'replica':<24} {'address':<28} {'live':<5} last heartbeat (UTC)")
+        for replica in info.replicas:
+            here = " <- answered" if replica.replica_id == info.replica_id else ""
+            seen = replica.heartbeat_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
+            print(f"{replica.replica_id:<24} {replica.address:<28} {'yes' if replica.live else 'no':<5} {seen}{here}")
 
 
 def _model_label(model: info_service_pb2.ModelStatus) -> str:

@@ -579,6 +579,8 @@ def operation_json(op: operations_pb2.Operation) -> dict[str, object]:
         "percent": _percent(meta.percent),
         "message": meta.message,
         "last_sequence": meta.last_sequence,
+        # The replica running the job (or that ran it last); "" before any claimed it.
+        "replica": meta.replica,
     }
     if meta.state == pb.JOB_STATE_QUEUED:
         out["queue_position"] = meta.queue_position

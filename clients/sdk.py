@@ -33,7 +33,9 @@ for anything not wrapped here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+import collections
+import uuid
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -98,9 +100,12 @@ __all__ = [
     "JobsClient",
     "OperationFailed",
     "PointLike",
+    "ReconnectCallback",
     "RetryCallback",
+    "SESSION_KEY_METADATA",
     "Source",
     "StreamBroken",
+    "TrackingInterrupted",
     "artifact_kind_name",
     "background_fit_name",
     "background_message",
@@ -120,6 +125,8 @@ __all__ = [
 
 T = TypeVar("T")
 DEFAULT_ADDRESS = "localhost:50051"
+# The metadata key naming a tracking session: the load balancer hashes it (session affinity).
+SESSION_KEY_METADATA = "x-framewise-session"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
@@ -228,38 +235,108 @@ class FramewiseClient(JobsClient):
         frames: AsyncIterable[tracking_service_pb2.TrackFrame] | Iterable[tracking_service_pb2.TrackFrame],
         *,
         open_session: tracking_service_pb2.OpenSession | None = None,
+        session_key: str | None = None,
         frames_in_flight: int = 1,
         timeout_s: float | None = None,
+        reconnect_timeout_s: float = 60.0,
+        on_reconnect: ReconnectCallback | None = None,
     ) -> AsyncIterator[tracking_service_pb2.TrackResponse]:
-        """Run a Track stream: yields SessionOpened first, then one FrameResult per frame.
+        """Run a Track session: yields SessionOpened first, then one FrameResult per frame.
 
         Frames are written explicitly, at most `frames_in_flight` ahead of the answers. The server
         reads one frame at a time anyway; with the default of 1 no write is ever in progress when
         the server rejects a frame, so its error arrives with its own status. (With a write of a
         large frame still in progress, grpc.aio reports "Internal error from Core" instead, as it
         does for request iterators; the cost of lockstep is one loopback round trip per frame.)
+
+        The session is named by `session_key` (default: a new uuid4; or open_session's
+        resume_session_id), sent as the metadata `x-framewise-session` (what a load balancer
+        hashes, so the session stays on one replica) and as OpenSession.session_key. When the
+        stream ends with UNAVAILABLE (the replica drains and handed the session off, or the
+        connection broke) or is reset by a proxy (CANCELLED that this client did not ask for:
+        HAProxy may reset the client's stream when the replica ends it early), this reconnects
+        with the same key, resumes the session and sends again the frames not answered yet, from
+        SessionOpened.next_frame_index: the caller still sees one SessionOpened and every
+        frame's result once, in order. `on_reconnect(attempt, error)` is told before each retry;
+        it gives up after `reconnect_timeout_s` without a successful resume (0: never
+        reconnects) and raises the last error. TrackingInterrupted: the resumed session is past
+        a frame whose result never arrived.
         """
-        call = self.tracking.Track(timeout=timeout_s)
-        await call.write(tracking_service_pb2.TrackRequest(open=open_session or tracking_service_pb2.OpenSession()))
-        yield await _read(call)
-        in_flight = 0
-        try:
-            async for frame in _aiter(frames):
-                while in_flight >= frames_in_flight:
-                    yield await _read(call)
+        opening = tracking_service_pb2.OpenSession()
+        if open_session is not None:
+            opening.CopyFrom(open_session)
+        key = session_key or opening.resume_session_id or opening.session_key or uuid.uuid4().hex
+        if not opening.resume_session_id:
+            opening.session_key = key
+        metadata = ((SESSION_KEY_METADATA, key),)
+        source = _aiter(frames)
+        # Frames written (or to write again after a reconnect) whose result has not come, with
+        # the index the server gives them; the first is the oldest.
+        unanswered: collections.deque[tuple[int, tracking_service_pb2.TrackFrame]] = collections.deque()
+        next_index: int | None = None  # index of the next frame taken from `frames`
+        exhausted = False
+        opened_once = False
+        attempt, give_up_at = 0, 0.0
+        while True:
+            call = self.tracking.Track(timeout=timeout_s, metadata=metadata)
+            try:
+                await call.write(tracking_service_pb2.TrackRequest(open=opening))
+                opened = (await _read(call)).session
+                if not opened_once:
+                    opened_once = True
+                    next_index = opened.next_frame_index
+                    yield tracking_service_pb2.TrackResponse(session=opened)
+                else:
+                    _resume_at(unanswered, opened.next_frame_index, next_index, key)
+                attempt = 0
+                resend = collections.deque(unanswered)
+                in_flight = 0
+                while True:
+                    while in_flight < frames_in_flight:
+                        if resend:
+                            frame = resend.popleft()[1]
+                        elif not exhausted:
+                            try:
+                                frame = await anext(source)
+                            except StopAsyncIteration:
+                                exhausted = True
+                                break
+                            assert next_index is not None
+                            index = frame.frame_index or next_index
+                            next_index = index + 1
+                            unanswered.append((index, frame))
+                        else:
+                            break
+                        in_flight += 1
+                        try:
+                            await call.write(tracking_service_pb2.TrackRequest(frame=frame))
+                        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                            break  # the server ended the stream: its status comes with the next read
+                    if in_flight == 0:
+                        await call.done_writing()
+                        await _finish(call)
+                        return
+                    response = await _read(call)
+                    unanswered.popleft()
                     in_flight -= 1
-                try:
-                    await call.write(tracking_service_pb2.TrackRequest(frame=frame))
-                except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
-                    break  # the server ended the stream: its status comes with the next read
-                in_flight += 1
-            else:
-                await call.done_writing()
-            while in_flight > 0:
-                yield await _read(call)
-                in_flight -= 1
-        finally:
-            call.cancel()
+                    yield response
+            except grpc.aio.AioRpcError as error:
+                if error.code() not in _RECONNECT_CODES or reconnect_timeout_s <= 0:
+                    raise
+                attempt += 1
+                now = asyncio.get_running_loop().time()
+                if attempt == 1:
+                    give_up_at = now + reconnect_timeout_s
+                elif now >= give_up_at:
+                    raise
+                if on_reconnect is not None:
+                    on_reconnect(attempt, error)
+                await asyncio.sleep(min(0.1 * 2 ** (attempt - 1), 1.0))
+                if opened_once:
+                    # Resume under the same key; the frames not answered go again.
+                    opening = tracking_service_pb2.OpenSession(resume_session_id=key, keep_on_close=opening.keep_on_close)
+            finally:
+                call.cancel()
 
     async def server_info(self, *, timeout_s: float | None = None) -> info_service_pb2.GetServerInfoResponse:
         return await self.info.GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=timeout_s or self.timeout_s)
@@ -276,6 +353,44 @@ async def _read(call: grpc.aio.StreamStreamCall) -> tracking_service_pb2.TrackRe
         code, details = await call.code(), await call.details()
         raise grpc.aio.AioRpcError(code, await call.initial_metadata(), await call.trailing_metadata(), details)
     return response
+
+
+class TrackingInterrupted(RuntimeError):
+    """A resumed tracking session does not continue where this client stopped: results the server
+    sent were lost on the way (the session itself went on without them)."""
+
+
+# Track statuses after which the session is resumed: a draining replica's UNAVAILABLE (or a
+# broken connection), and CANCELLED, which grpc.aio reports for a stream the peer reset (a
+# client's own cancellation surfaces as asyncio.CancelledError instead). A resume is safe
+# whatever happened: the session is where it was, in the shared store, or NOT_FOUND.
+_RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
+
+# on_reconnect(attempt, error): told before each reconnection of a Track session.
+ReconnectCallback = Callable[[int, grpc.aio.AioRpcError], None]
+
+
+def _resume_at(
+    unanswered: collections.deque[tuple[int, tracking_service_pb2.TrackFrame]], server_next: int, next_index: int | None, key: str
+) -> None:
+    """Drop the frames the resumed session already tracked (their results came before the cut)."""
+    while unanswered and unanswered[0][0] < server_next:
+        unanswered.popleft()
+    expected = unanswered[0][0] if unanswered else next_index
+    if expected != server_next:
+        raise TrackingInterrupted(
+            f"tracking session {key!r} resumed at frame {server_next} but this client's next unanswered frame is {expected}"
+        )
+
+
+async def _finish(call: grpc.aio.StreamStreamCall) -> None:
+    """After the last result: wait for the server to end the stream; raise its error if any."""
+    response = await call.read()
+    if response is not grpc.aio.EOF:
+        raise TrackingInterrupted("the server sent a Track response after the last frame's result")
+    code = await call.code()
+    if code != grpc.StatusCode.OK:
+        raise grpc.aio.AioRpcError(code, await call.initial_metadata(), await call.trailing_metadata(), await call.details())
 
 
 async def _aiter(items: AsyncIterable[T] | Iterable[T]) -> AsyncIterator[T]:

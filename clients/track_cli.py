@@ -3,6 +3,11 @@
 Video files are decoded here and sent as raw BGR frames (no lossy re-encode); a folder's image
 files are sent as they are, in name order. Frames are read only as the server asks for them, so
 memory stays flat for any video length.
+
+The session has a key (--session-key, default a new uuid4) sent as x-framewise-session, so a load
+balancer keeps it on one replica. When that replica drains (it hands the session to the shared
+store) or the connection breaks, the SDK reconnects with the same key and resumes from the frame
+the session expects next: the output is the same as without the interruption.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
+import grpc
 import numpy as np
 
 from clients.masks import decode_rle
@@ -31,6 +37,15 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     track.add_argument("--json", action="store_true", help="print one JSON line per frame")
     track.add_argument("--overlay", type=Path, help="write the video with the mask drawn on it (mp4)")
     track.add_argument("--max-frames", type=int, default=0, help="stop after this many frames")
+    track.add_argument(
+        "--session-key",
+        help="name of the tracking session (sent as x-framewise-session, which the load balancer hashes); default: a new uuid4",
+    )
+    track.add_argument(
+        "--reconnect-timeout", type=float, default=60.0,
+        help="seconds to keep reconnecting when a replica drains or the connection breaks, resuming the session "
+        "where it stopped (0: do not reconnect)",
+    )
     track.set_defaults(run=run)
 
 
@@ -87,8 +102,16 @@ async def run(args: argparse.Namespace) -> int:
 
     writer: _Overlay | None = _Overlay(args.overlay) if args.overlay else None
     started, count, present, stand_in = time.monotonic(), 0, 0, False
+    def reconnecting(attempt: int, error: grpc.aio.AioRpcError) -> None:
+        if attempt == 1:
+            note = f"\nthe stream ended ({error.code().name}: {(error.details() or '')[:200]}); resuming the session"
+            print(note, file=sys.stderr, flush=True)
+
     async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
-        async for response in client.track(requests()):
+        responses = client.track(
+            requests(), session_key=args.session_key, reconnect_timeout_s=args.reconnect_timeout, on_reconnect=reconnecting
+        )
+        async for response in responses:
             if response.WhichOneof("message") == "session":
                 stand_in = any(m.stand_in for m in response.session.models)
                 if stand_in and not args.json:

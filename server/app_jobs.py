@@ -43,6 +43,8 @@ log = logging.getLogger("server.jobs")
 
 # What the serving process runs with ``python -m`` to start the job worker process.
 WORKER_MODULE = "server.app_worker"
+# The one-per-cluster duty (JobStore.try_cluster_duty) of sweeping the shared storage root.
+STORAGE_CLEANUP_DUTY = "storage-cleanup"
 
 
 @dataclass
@@ -64,6 +66,11 @@ class Jobs:
 
     def not_serving_reason(self) -> str:
         """Why the job service cannot take work now ("" when it can), for its health status."""
+        store_down = getattr(self.store, "unavailable_reason", None)
+        if store_down:
+            # Calls fail fast with UNAVAILABLE meanwhile; the store reconnects by itself and the
+            # lanes resume, so this clears without a restart.
+            return f"the job store is unavailable: {store_down}"
         if self.storage.low_disk:
             return "free disk space is under the low-disk threshold"
         return self.worker.down_reason if self.worker is not None else ""
@@ -92,13 +99,16 @@ async def start_jobs(
     tracking: TrackingEngine,
     metrics: Metrics,
     worker: WorkerSettings | None = None,
+    replica_id: str = "",
 ) -> Jobs:
     """Opens the store and builds everything; call ``Jobs.start`` once Triton is up. With
     ``worker`` settings (``--job-process worker``) the jobs run in the job worker process; the
-    pipelines built here then only check submit requests."""
+    pipelines built here then only check submit requests. ``replica_id`` names this replica in
+    the leases of the jobs it claims (default: host name and PID)."""
     store = await open_job_store(config.store, sqlite_synchronous=config.store_sync)
     bus = EventBus(store, heartbeat_s=config.heartbeat_s)
-    storage = StorageManager(storage_config(config), metrics)
+    # One storage root shared by the replicas is swept by one of them.
+    storage = StorageManager(storage_config(config), metrics, duty=lambda: store.try_cluster_duty(STORAGE_CLEANUP_DUTY))
     uploads = UploadStore(storage, max_bytes=config.max_upload_bytes)
     pipelines, did_http = job_pipelines(config, detection, matting, tracking, uploads)
     execution = None if worker is None else WorkerProcess(worker, bus, module=WORKER_MODULE)
@@ -111,6 +121,9 @@ async def start_jobs(
         max_queued=config.max_queued,
         retry=RetryPolicy(base_s=config.retry_base_s),
         execution=execution,
+        replica_id=replica_id or None,
+        lease_s=config.lease_s,
+        renew_s=config.lease_renew_s,
     )
     retention = OperationRetention(
         store, retention_s=config.retention_operations_s, interval_s=config.cleanup_interval_s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +62,11 @@ class JobsConfig:
     did_wait_timeout_s: float = 600.0
     # A talking video with all_persons makes at most this many D-ID talks (each one is billed).
     max_talk_persons: int = 4
+    # A claimed job's lease (--job-lease): a replica that stops renewing it (killed, frozen,
+    # cut off from the store) loses the job to another replica this long after its last renewal.
+    lease_s: float = 15.0
+    # Seconds between renewals (--job-lease-renew); None: a third of the lease.
+    lease_renew_s: float | None = None
 
     @property
     def store_path(self) -> Path | None:
@@ -95,6 +101,9 @@ class ServerConfig:
     result_cache_bytes: int = 256 * 1024**2
     log_level: str = "INFO"
     log_format: str = "json"  # or "text"
+    # This replica's name (--replica-id): job leases, operation metadata, session messages.
+    # "": host name and PID (parse_args resolves it, so the job worker process sees the same).
+    replica_id: str = ""
     jobs: JobsConfig = JobsConfig()
 
 
@@ -136,10 +145,17 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--result-cache-bytes", type=int, default=_env("RESULT_CACHE_BYTES", d.result_cache_bytes),
                    help="bytes of detection / matting results kept for identical requests (least recently used "
                         "evicted first), in <storage-root>/cache, per replica; 0 disables (FRAMEWISE_RESULT_CACHE_BYTES)")
+    p.add_argument("--replica-id", default=_env("REPLICA_ID", d.replica_id),
+                   help="this replica's name among those sharing a job store: who holds a job's lease, shown as "
+                        "an operation's replica (FRAMEWISE_REPLICA_ID; default: host name and PID)")
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
     p.add_argument("--log-format", choices=("json", "text"), default=_env("LOG_FORMAT", d.log_format))
     _add_job_flags(p, d.jobs)
     a = p.parse_args(argv)
+    if a.job_lease <= 0:
+        p.error(f"--job-lease must be > 0 seconds, got {a.job_lease}")
+    if a.job_lease_renew is not None and not 0 < a.job_lease_renew < a.job_lease:
+        p.error(f"--job-lease-renew must be > 0 and shorter than --job-lease ({a.job_lease} s), got {a.job_lease_renew}")
     if a.max_talk_persons < 1:
         p.error(f"--max-talk-persons must be >= 1, got {a.max_talk_persons}")
     if a.result_cache_bytes < 0:
@@ -173,6 +189,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         session_idle_ttl_s=a.session_idle_ttl,
         log_level=a.log_level.upper(),
         log_format=a.log_format,
+        replica_id=a.replica_id or f"{socket.gethostname()}-{os.getpid()}",
         jobs=_jobs_config(a),
     )
 
@@ -198,7 +215,14 @@ def _add_job_flags(p: argparse.ArgumentParser, d: JobsConfig) -> None:
     g.add_argument("--job-worker-nice", type=int, default=_env("JOB_WORKER_NICE", d.worker_nice),
                    help="niceness (0-19) of the job worker process: its CPU work yields to the serving process")
     g.add_argument("--max-queued-jobs", type=int, default=_env("MAX_QUEUED_JOBS", d.max_queued),
-                   help="jobs waiting beyond this are refused with RESOURCE_EXHAUSTED")
+                   help="jobs waiting beyond this, counted over every replica sharing the job store, are refused "
+                        "with RESOURCE_EXHAUSTED")
+    g.add_argument("--job-lease", type=float, default=_env("JOB_LEASE", d.lease_s),
+                   help="seconds a replica holds a claimed job without renewing; a dead or frozen replica's jobs "
+                        "resume on another replica about this long after its last renewal (FRAMEWISE_JOB_LEASE)")
+    g.add_argument("--job-lease-renew", type=float, default=_env("JOB_LEASE_RENEW", d.lease_renew_s),
+                   help="seconds between lease renewals (default: a third of --job-lease, so two may fail); a "
+                        "cancel requested on another replica reaches the job within this at the latest")
     g.add_argument("--job-heartbeat", type=float, default=_env("JOB_HEARTBEAT", d.heartbeat_s),
                    help="seconds between heartbeats on an idle WatchOperation stream")
     g.add_argument("--detection-slots", type=int, default=_env("DETECTION_SLOTS", d.detection_slots))
@@ -260,4 +284,6 @@ def _jobs_config(a: argparse.Namespace) -> JobsConfig:
         did_poll_interval_s=a.did_poll_interval,
         did_wait_timeout_s=a.did_wait_timeout,
         max_talk_persons=a.max_talk_persons,
+        lease_s=a.job_lease,
+        lease_renew_s=a.job_lease_renew,
     )

@@ -69,6 +69,10 @@ class TritonMonitor:
         self._specs: dict[str, ModelSpec] = {}
         self._task: asyncio.Task[None] | None = None
         self._shutting_down = False
+        # What grpc.health.v1 reports now, service full name ("" = the whole server) -> SERVING,
+        # for readers that cannot ask gRPC (the metrics listener's /healthz, read on its own
+        # thread: the dict is replaced whole, never changed in place).
+        self.statuses: dict[str, bool] = {"": False}
 
     @property
     def serving(self) -> bool:
@@ -138,6 +142,7 @@ class TritonMonitor:
             name: self._ready(models) and not self._shutting_down and not self._condition_failure(name)
             for name, models in self.service_models.items()
         }
+        self.statuses = statuses
         for name, ok in statuses.items():
             await self.health.set(
                 name, health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -158,6 +163,11 @@ class TritonMonitor:
         while True:
             await asyncio.sleep(self.interval_s)
             await self.refresh()
+
+    @property
+    def shutting_down(self) -> bool:
+        """True once stop() began: the server drains (health NOT_SERVING, new calls refused)."""
+        return self._shutting_down
 
     async def stop(self) -> None:
         """Report NOT_SERVING from now on (graceful shutdown) and stop polling."""

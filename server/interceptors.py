@@ -22,6 +22,7 @@ from google.protobuf.message import Message
 from grpc_status import rpc_status
 
 from server.errors import ServiceError, Unavailable
+from server.jobs.store.protocol import JobStoreUnavailableError
 from server.metrics import Metrics
 from server.request_limits import check_string_lengths
 
@@ -158,6 +159,10 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
     async def _abort(self, method: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
         if isinstance(exc, grpc.aio.AbortError):
             raise exc  # already a status
+        if isinstance(exc, JobStoreUnavailableError):
+            # The shared job store (PostgreSQL) is down or restarting: nothing was committed by
+            # the failed call, and it reconnects by itself, so the client retries.
+            exc = Unavailable(f"{exc}; retry shortly", retry_after_s=1.0)
         if isinstance(exc, ServiceError):
             await context.abort_with_status(rpc_status.to_status(exc.to_status()))
         incident = uuid.uuid4().hex[:12]

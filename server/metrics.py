@@ -55,6 +55,13 @@ class Metrics:
             ["session"],
             registry=registry,
         )
+        self.tracking_handoffs = Counter(
+            "framewise_tracking_session_handoffs",
+            "Tracking sessions handed to the shared store by a draining replica (direction out) and restored from "
+            "it by a resume (in), by outcome (ok, failed: the state could not be written or read).",
+            ["direction", "outcome"],
+            registry=registry,
+        )
         self.tracking_frame_bytes = Histogram(
             "framewise_tracking_triton_bytes_per_frame",
             "Bytes moved between the orchestrator and Triton per tracked frame (all objects).",

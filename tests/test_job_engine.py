@@ -187,8 +187,8 @@ async def test_fifo_order_queue_position_and_queue_full(tmp_path: Path) -> None:
         b, c = [await queue.submit(SEGMENT, req(x)) for x in "bc"]
         d = await queue.submit(SEGMENT, req("d"), request_id="submit-d")
 
-        assert [queue.queue_position(op.name) for op in (a, b, c, d)] == [-1, 0, 1, 2]
-        assert queue.queue_position("operations/" + "0" * 32) == -1
+        assert [await queue.queue_position(op.name) for op in (a, b, c, d)] == [-1, 0, 1, 2]
+        assert await queue.queue_position("operations/" + "0" * 32) == -1
         for op in (b, c, d):
             assert op.state == JobState.QUEUED
             assert (await env.store.get_operation(op.name)).state == JobState.QUEUED
@@ -207,7 +207,7 @@ async def test_fifo_order_queue_position_and_queue_full(tmp_path: Path) -> None:
         assert sorted(op.name for op in ops) == sorted(op.name for op in (a, b, c, d))
         # A retry of a submission already in line gets its operation back, full queue or not.
         again = await queue.submit(SEGMENT, req("d"), request_id="submit-d")
-        assert again.name == d.name and queue.queue_position(d.name) == 2
+        assert again.name == d.name and await queue.queue_position(d.name) == 2
         assert len((await env.store.list_operations(page_size=100))[0]) == 4
 
         # Open the gates last-first: a single lane still runs them in submission order.
@@ -217,7 +217,7 @@ async def test_fifo_order_queue_position_and_queue_full(tmp_path: Path) -> None:
             final, _ = await wait_done(queue, op.name)
             assert final.state == JobState.SUCCEEDED
         assert order == ["a", "b", "c", "d"]
-        assert all(queue.queue_position(op.name) == -1 for op in (a, b, c, d))
+        assert [await queue.queue_position(op.name) for op in (a, b, c, d)] == [-1] * 4
 
 
 async def test_queue_limit_holds_for_concurrent_submits_and_a_full_queue_skips_validation(tmp_path: Path) -> None:
@@ -241,7 +241,7 @@ async def test_queue_limit_holds_for_concurrent_submits_and_a_full_queue_skips_v
         results = await asyncio.gather(*submits, return_exceptions=True)
         assert sum(isinstance(r, OperationRecord) for r in results) == 3
         assert sum(isinstance(r, QueueFull) for r in results) == 2
-        assert len(queue._queue) == 3 and queue._held == 0
+        assert await env.store.count_waiting() == 3
         assert len((await env.store.list_operations(page_size=100))[0]) == 3
         with pytest.raises(QueueFull):
             await queue.submit(SEGMENT, req("f"))
@@ -264,10 +264,10 @@ async def test_a_queued_job_is_not_counted_twice_while_its_submit_finishes(tmp_p
         a = asyncio.create_task(queue.submit(SEGMENT, req("a")))
         while reads["n"] == 0:
             await asyncio.sleep(0.001)
-        assert len(queue._queue) == 1
+        assert await env.store.count_waiting() == 1
         b = await queue.submit(SEGMENT, req("b"))
         gate.set()
-        assert (await a).name != b.name and len(queue._queue) == 2 and queue._held == 0
+        assert (await a).name != b.name and await env.store.count_waiting() == 2
 
 
 async def test_repeated_request_id_returns_first_operation_and_runs_once(tmp_path: Path) -> None:
@@ -283,7 +283,7 @@ async def test_repeated_request_id_returns_first_operation_and_runs_once(tmp_pat
         first = await queue.submit(SEGMENT, req("a"), request_id="same")
         again = await queue.submit(SEGMENT, req("a"), request_id="same")  # not started: both queued
         assert again.name == first.name
-        assert list(queue._queue) == [first.name]
+        assert [op.name for op in await env.store.unfinished_operations()] == [first.name]
         assert (await env.store.get_operation(first.name)).last_sequence == 1  # one "queued" event
         await queue.start()
         gate.set()
@@ -528,13 +528,13 @@ async def test_cancel_queued_job(tmp_path: Path) -> None:
         a = await queue.submit(SEGMENT, req("a"))
         await wait(started, "job a to start")
         b = await queue.submit(SEGMENT, req("b"))
-        assert queue.queue_position(b.name) == 0
+        assert await queue.queue_position(b.name) == 0
 
         cancelled = await asyncio.wait_for(queue.cancel(b.name), TIMEOUT_S)
         assert cancelled.state == JobState.CANCELLED and cancelled.done
         assert cancelled.stage == jobs_pb2.JOB_STAGE_CANCELLED
         assert cancelled.error is not None and cancelled.error[0] == code_of(grpc.StatusCode.CANCELLED)
-        assert queue.queue_position(b.name) == -1
+        assert await queue.queue_position(b.name) == -1
         events = await env.store.events_after(b.name)
         assert [e.event_type for e in events] == ["stage_update", "complete"]
         assert events[-1].terminal
@@ -646,7 +646,7 @@ async def test_cancel_just_after_a_lane_takes_the_job(tmp_path: Path) -> None:
         await queue.start()
         a = await queue.submit(SEGMENT, req("a"))
         await wait(store.held, "the job task to read its operation")
-        assert queue.queue_position(a.name) == -1  # taken by the lane, not yet set up
+        assert await queue.queue_position(a.name) == -1  # taken by the lane, not yet set up
 
         cancelled = await asyncio.wait_for(queue.cancel(a.name), TIMEOUT_S)
         assert cancelled.state == JobState.CANCELLED

@@ -59,12 +59,12 @@ def real_sequences(items: list) -> list[int]:
 
 async def test_protocol_and_schema(store: SqliteJobStore, tmp_path: Path) -> None:
     assert isinstance(store, JobStore)
-    assert await store.schema_version() == SCHEMA_VERSION == 3
+    assert await store.schema_version() == SCHEMA_VERSION == 5
     conn = sqlite3.connect(tmp_path / "jobs.db")
     try:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        assert {"schema_version", "operations", "operation_requests", "events", "artifacts"} <= tables
+        assert {"schema_version", "operations", "operation_requests", "events", "artifacts", "replicas", "tracking_sessions"} <= tables
         columns = {r[1] for r in conn.execute("PRAGMA table_info(operations)")}
         assert {"lease_owner", "lease_epoch", "lease_expire_us"} <= columns
         # Claiming reads the unfinished operations through an index, not every operation.

@@ -620,3 +620,110 @@ async def test_a_released_lease_is_claimable_at_once(backend: Backend) -> None:
     assert taken is not None and taken.name == name and taken.lease_epoch == 2
     with pytest.raises(LeaseLostError):
         await a.append_event(name, "progress_update", b"", epoch=1)
+
+
+async def test_waiting_jobs_are_counted_and_placed_in_claim_order(backend: Backend) -> None:
+    """What the engine shows as the cluster's queue: unfinished and held by no live lease."""
+    a, b = await backend.open(), await backend.open()
+    names = [await new_op(a) for _ in range(3)]
+    assert await b.count_waiting() == 3
+    assert [await b.waiting_position(n) for n in names] == [0, 1, 2]
+    held = await a.claim_next("replica-a", LONG_LEASE_S)
+    assert held is not None and held.name == names[0]
+    assert await b.count_waiting() == 2
+    assert [await b.waiting_position(n) for n in names] == [-1, 0, 1]
+    await a.update_operation(names[1], state=JobState.CANCELLED)
+    assert await b.count_waiting() == 1 and await b.waiting_position(names[1]) == -1
+    assert await b.waiting_position(names[2]) == 0
+    assert await b.waiting_position("operations/" + "0" * 32) == -1
+    short = await a.claim_next("replica-a", 0.05)  # a lease that lapses: waiting again
+    assert short is not None and short.name == names[2]
+    await asyncio.sleep(0.1)
+    assert await b.count_waiting() == 1 and await b.waiting_position(names[2]) == 0
+
+
+async def test_a_cluster_duty_has_one_holder_at_a_time(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    if backend.name == "sqlite":  # one replica: every duty is its own
+        assert await a.try_cluster_duty("retention") and await b.try_cluster_duty("retention")
+        return
+    assert await a.try_cluster_duty("retention")
+    assert not await b.try_cluster_duty("retention")
+    assert await a.try_cluster_duty("retention")  # kept while its holder lives
+    assert await b.try_cluster_duty("storage-cleanup")  # another duty: another lock
+    await a.close()
+    assert await b.try_cluster_duty("retention")
+
+
+async def test_replicas_register_and_heartbeat(backend: Backend) -> None:
+    a, b = await backend.open(), await backend.open()
+    assert await a.list_replicas() == []
+    first = await a.register_replica("replica-a", "127.0.0.1:50061")
+    assert first.replica_id == "replica-a" and first.address == "127.0.0.1:50061"
+    assert first.register_time == first.heartbeat_time and first.register_time.tzinfo is not None
+    await b.register_replica("replica-b", "127.0.0.1:50062")
+    await asyncio.sleep(0.05)
+    # A heartbeat keeps the registration time, moves the heartbeat, and takes a new address.
+    again = await a.register_replica("replica-a", "10.0.0.5:50051")
+    assert again.register_time == first.register_time and again.heartbeat_time > first.heartbeat_time
+    listed = await b.list_replicas()  # what one replica writes, another sees
+    assert [(r.replica_id, r.address) for r in listed] == [("replica-a", "10.0.0.5:50051"), ("replica-b", "127.0.0.1:50062")]
+    assert listed[0] == again
+    with pytest.raises(ValueError):
+        await a.register_replica("", "127.0.0.1:1")
+
+
+async def test_list_replicas_seen_within_leaves_out_the_silent(store: JobStore) -> None:
+    await store.register_replica("replica-quiet", "127.0.0.1:1")
+    await asyncio.sleep(0.6)
+    await store.register_replica("replica-alive", "127.0.0.1:2")
+    assert [r.replica_id for r in await store.list_replicas(seen_within_s=0.4)] == ["replica-alive"]
+    assert [r.replica_id for r in await store.list_replicas(seen_within_s=60)] == ["replica-alive", "replica-quiet"]
+    assert [r.replica_id for r in await store.list_replicas()] == ["replica-alive", "replica-quiet"]
+
+
+
+# -- tracking sessions handed off by a draining replica ---------------------------------------------
+
+
+async def test_session_state_is_taken_once_by_another_replica(backend: Backend) -> None:
+    draining, resuming = await backend.open(), await backend.open()
+    state = bytes(range(256)) * 16_384  # 4 MiB, every byte value: stored and returned as is
+    await draining.put_session_state("session-a", state, ttl_s=60)
+    assert await resuming.take_session_state("session-a") == state
+    assert await resuming.take_session_state("session-a") is None  # taken: gone
+    assert await draining.take_session_state("session-a") is None
+    assert await resuming.take_session_state("never-stored") is None
+
+
+async def test_session_state_put_again_replaces_it(store: JobStore) -> None:
+    await store.put_session_state("session-b", b"first", ttl_s=60)
+    await store.put_session_state("session-b", b"second", ttl_s=60)
+    assert await store.take_session_state("session-b") == b"second"
+    assert await store.take_session_state("session-b") is None
+
+
+async def test_expired_session_state_is_not_returned(store: JobStore) -> None:
+    await store.put_session_state("session-short", b"old", ttl_s=0.2)
+    await store.put_session_state("session-long", b"kept", ttl_s=60)
+    await asyncio.sleep(0.4)
+    assert await store.take_session_state("session-short") is None
+    assert await store.take_session_state("session-long") == b"kept"
+
+
+async def test_racing_takers_get_the_session_state_exactly_once(backend: Backend) -> None:
+    writer = await backend.open()
+    takers = [await backend.open() for _ in range(4)]
+    for round_ in range(5):
+        key = f"session-race-{round_}"
+        await writer.put_session_state(key, key.encode(), ttl_s=60)
+        got = await asyncio.gather(*(t.take_session_state(key) for t in takers))
+        assert sorted(g for g in got if g is not None) == [key.encode()]
+        assert got.count(None) == len(takers) - 1
+
+
+async def test_session_state_arguments_are_checked(store: JobStore) -> None:
+    with pytest.raises(ValueError, match="key"):
+        await store.put_session_state("", b"x", ttl_s=60)
+    with pytest.raises(ValueError, match="ttl_s"):
+        await store.put_session_state("session-c", b"x", ttl_s=0)

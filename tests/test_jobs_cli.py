@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -154,6 +155,8 @@ def test_operations_lists_and_filters(talking_job: dict, orchestrator: Orchestra
     ops = json_lines(listed.stdout)
     assert talking_job["name"] in [o["name"] for o in ops]
     assert all(o["state"] == "SUCCEEDED" and o["kind"] == "TALKING_VIDEO" and o["done"] for o in ops)
+    # The replica that ran them: this one server, named by its default replica id (host name, PID).
+    assert {o["replica"] for o in ops} == {f"{socket.gethostname()}-{orchestrator.process.pid}"}
     table = cli("operations", server=orchestrator.address)
     assert table.returncode == 0 and talking_job["name"] in table.stdout
     bad = cli("operations", "--filter", "colour = RED", server=orchestrator.address)

@@ -25,8 +25,8 @@ from framewise.v1 import (
     common_pb2,
     info_service_pb2,
     info_service_pb2_grpc,
-    tracking_service_pb2,
-    tracking_service_pb2_grpc,
+    jobs_service_pb2,
+    jobs_service_pb2_grpc,
     vision_service_pb2,
     vision_service_pb2_grpc,
 )
@@ -91,21 +91,25 @@ def test_managed_triton_serves_drains_and_stops(tmp_path: Path, cpu_repository: 
 
 
 def test_health_answers_not_serving_through_a_sigterm_drain(tmp_path: Path, triton, assets: Path) -> None:  # noqa: ANN001
-    """SIGTERM with a call still in flight (an open Track stream): until that call ends, health
-    answers NOT_SERVING (a load balancer or probe sees the drain; it used to get CANCELLED and
-    then a refused connection), new work is refused UNAVAILABLE, and the server then exits 0."""
+    """SIGTERM with a call still in flight (an upload whose client has not sent its bytes yet):
+    until that call ends, health answers NOT_SERVING (a load balancer or probe sees the drain; it
+    used to get CANCELLED and then a refused connection), new work is refused UNAVAILABLE, and
+    the server then exits 0. (An open Track stream no longer holds the drain: its session is
+    handed off and the stream ends at once, tests/test_session_handoff.py.)"""
     orch = start_orchestrator(tmp_path, ["--triton-url", triton.url], name="draining")
     requests: queue.Queue = queue.Queue()
 
-    def track_requests() -> Iterator[tracking_service_pb2.TrackRequest]:
-        yield tracking_service_pb2.TrackRequest(open=tracking_service_pb2.OpenSession())
+    def upload_requests() -> Iterator[jobs_service_pb2.UploadFileRequest]:
+        header = jobs_service_pb2.UploadHeader(kind=jobs_service_pb2.FILE_KIND_IMAGE, size_bytes=10, sha256="0" * 64)
+        yield jobs_service_pb2.UploadFileRequest(header=header)
         yield from iter(requests.get, None)
 
     try:
         with grpc.insecure_channel(orch.address) as channel:
             wait_until(lambda: health_status(channel) == health_pb2.HealthCheckResponse.SERVING, 60, "the orchestrator to serve")
-            stream = tracking_service_pb2_grpc.TrackingServiceStub(channel).Track(track_requests(), timeout=120)
-            assert next(stream).session.session_id  # the stream is open: a call in flight
+            upload = jobs_service_pb2_grpc.JobServiceStub(channel).UploadFile.future(upload_requests(), timeout=120)
+            metrics_url = orch.metrics_url
+            wait_until(lambda: _uploads_in_flight(metrics_url) == 1, 10, "the upload to be in flight")
             orch.process.send_signal(signal.SIGTERM)
             wait_until(
                 lambda: health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING, 10, "health to say NOT_SERVING"
@@ -119,14 +123,24 @@ def test_health_answers_not_serving_through_a_sigterm_drain(tmp_path: Path, trit
             with pytest.raises(grpc.RpcError) as refused:
                 vision.Detect(request, timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.details()
-            assert orch.process.poll() is None, "the drain waits for the stream"
+            assert orch.process.poll() is None, "the drain waits for the upload"
 
-            requests.put(None)  # the client ends its stream; nothing is left to drain
-            assert list(stream) == []
+            requests.put(None)  # the client ends its stream (short of its bytes): nothing is left to drain
+            with pytest.raises(grpc.RpcError):
+                upload.result(timeout=30)
             assert orch.process.wait(timeout=60) == 0
     finally:
         requests.put(None)
         stop_process(orch.process)
+
+
+def _uploads_in_flight(metrics_url: str) -> float:
+    try:
+        text = httpx.get(metrics_url, timeout=1).text
+    except httpx.HTTPError:
+        return 0
+    match = re.search(r'framewise_rpc_in_flight\{method="/framewise.v1.JobService/UploadFile"\} (\S+)', text)
+    return float(match.group(1)) if match else 0
 
 
 def _in_flight(metrics_url: str) -> float:

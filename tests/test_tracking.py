@@ -180,7 +180,7 @@ def _open_with(**options: float) -> pb.TrackRequest:
         ("infinite tracker option", grpc.StatusCode.INVALID_ARGUMENT, "memory_bank_iou_threshold must be a finite number"),
         ("tracker option out of range", grpc.StatusCode.INVALID_ARGUMENT, "stable_ious_threshold must be in [-1, 1]"),
         ("oversized session id", grpc.StatusCode.INVALID_ARGUMENT, "open.resume_session_id is 5000 characters long"),
-        ("unknown session id", grpc.StatusCode.NOT_FOUND, "... (250 characters) does not exist"),
+        ("unknown session id", grpc.StatusCode.NOT_FOUND, "... (250 characters) is not held by replica"),
     ],
 )
 def test_bad_input_keeps_the_session(stub, sequence, assets: Path, case: str, code: grpc.StatusCode, words: str) -> None:  # noqa: ANN001

@@ -546,7 +546,7 @@ def test_config_presets_and_validation():
 
 def test_tracking_core_imports_no_heavy_dependencies():
     code = (
-        "import sys, server.tracking; "
+        "import sys, server.tracking, server.tracking.snapshot; "
         "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'grpc', 'tritonclient', 'scipy')]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )

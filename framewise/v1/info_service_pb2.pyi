@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
@@ -41,14 +42,29 @@ class GetServerInfoResponse(_message.Message):
     TRITON_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     SERVING_FIELD_NUMBER: _builtins.int
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
     server_version: _builtins.str
     """Version of the Framewise orchestrator."""
     serving: _builtins.bool
     """True while every required model is ready (what grpc.health.v1 reports as SERVING)."""
+    replica_id: _builtins.str
+    """The replica that answered this call (its --replica-id; default: host name and PID). Behind
+    a load balancer, calls carrying the same x-framewise-session metadata reach the same replica.
+    """
     @_builtins.property
     def triton(self) -> Global___TritonEndpoint: ...
     @_builtins.property
     def models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelStatus]: ...
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaInfo]:
+        """The replicas registered in the job store this replica uses, by replica_id: the whole
+        cluster on a shared PostgreSQL store, this replica alone on SQLite. On a shared store a
+        replica renews its registration every few seconds; one that stopped doing so (stopped,
+        killed, partitioned) is listed with live = false until it is forgotten an hour later. The
+        replica answering is always live.
+        """
+
     def __init__(
         self,
         *,
@@ -56,14 +72,58 @@ class GetServerInfoResponse(_message.Message):
         triton: Global___TritonEndpoint | None = ...,
         models: _abc.Iterable[Global___ModelStatus] | None = ...,
         serving: _builtins.bool = ...,
+        replica_id: _builtins.str = ...,
+        replicas: _abc.Iterable[Global___ReplicaInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["triton", b"triton"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "server_version", b"server_version", "serving", b"serving", "triton", b"triton"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "replica_id", b"replica_id", "replicas", b"replicas", "server_version", b"server_version", "serving", b"serving", "triton", b"triton"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class ReplicaInfo(_message.Message):
+    """A replica of the cluster, as the shared job store knows it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    REGISTER_TIME_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    """Its --replica-id."""
+    address: _builtins.str
+    """The gRPC address it listens on (its --listen), as it reported it."""
+    live: _builtins.bool
+    """Its latest heartbeat is recent (within three heartbeat intervals)."""
+    @_builtins.property
+    def register_time(self) -> _timestamp_pb2.Timestamp:
+        """When it first registered (store clock)."""
+
+    @_builtins.property
+    def heartbeat_time(self) -> _timestamp_pb2.Timestamp:
+        """Its latest heartbeat (store clock)."""
+
+    def __init__(
+        self,
+        *,
+        replica_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        register_time: _timestamp_pb2.Timestamp | None = ...,
+        heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
+        live: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_time", b"heartbeat_time", "register_time", b"register_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "heartbeat_time", b"heartbeat_time", "live", b"live", "register_time", b"register_time", "replica_id", b"replica_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaInfo: _TypeAlias = ReplicaInfo  # noqa: Y015
 
 @_typing.final
 class TritonEndpoint(_message.Message):

@@ -708,6 +708,7 @@ class JobMetadata(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     QUEUE_POSITION_FIELD_NUMBER: _builtins.int
+    REPLICA_FIELD_NUMBER: _builtins.int
     kind: Global___JobKind.ValueType
     state: Global___JobState.ValueType
     stage: Global___JobStage.ValueType
@@ -717,7 +718,11 @@ class JobMetadata(_message.Message):
     last_sequence: _builtins.int
     """Sequence number of the last event published for this operation."""
     queue_position: _builtins.int
-    """Place in the FIFO queue while QUEUED (0 = next)."""
+    """Place in the FIFO queue while QUEUED (0 = next), across every replica sharing the job store."""
+    replica: _builtins.str
+    """The replica (its --replica-id) that holds the job's lease: the one running it, or the one
+    that ran it last; empty while no replica has claimed it yet.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -740,10 +745,11 @@ class JobMetadata(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         queue_position: _builtins.int = ...,
+        replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "kind", b"kind", "last_sequence", b"last_sequence", "message", b"message", "percent", b"percent", "queue_position", b"queue_position", "stage", b"stage", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "kind", b"kind", "last_sequence", b"last_sequence", "message", b"message", "percent", b"percent", "queue_position", b"queue_position", "replica", b"replica", "stage", b"stage", "start_time", b"start_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

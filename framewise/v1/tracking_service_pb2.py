@@ -26,7 +26,7 @@ from framewise.v1 import common_pb2 as framewise_dot_v1_dot_common__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#framewise/v1/tracking_service.proto\x12\x0c\x66ramewise.v1\x1a\x19\x66ramewise/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"o\n\x0cTrackRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.framewise.v1.OpenSessionH\x00\x12)\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x18.framewise.v1.TrackFrameH\x00\x42\t\n\x07message\"n\n\x0bOpenSession\x12\x19\n\x11resume_session_id\x18\x01 \x01(\t\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.framewise.v1.TrackerOptions\x12\x15\n\rkeep_on_close\x18\x03 \x01(\x08\"\xaa\x03\n\x0eTrackerOptions\x12\x1c\n\x0fkf_score_weight\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12$\n\x17stable_frames_threshold\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\"\n\x15stable_ious_threshold\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12&\n\x19memory_bank_iou_threshold\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12,\n\x1fmemory_bank_obj_score_threshold\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12+\n\x1ememory_bank_kf_score_threshold\x18\x06 \x01(\x02H\x05\x88\x01\x01\x42\x12\n\x10_kf_score_weightB\x1a\n\x18_stable_frames_thresholdB\x18\n\x16_stable_ious_thresholdB\x1c\n\x1a_memory_bank_iou_thresholdB\"\n _memory_bank_obj_score_thresholdB!\n\x1f_memory_bank_kf_score_threshold\"\x8d\x01\n\nTrackFrame\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x03\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.framewise.v1.Image\x12+\n\x07prompts\x18\x03 \x03(\x0b\x32\x1a.framewise.v1.ObjectPrompt\x12\x19\n\x11remove_object_ids\x18\x04 \x03(\x05\"\x81\x01\n\x0cObjectPrompt\x12\x11\n\tobject_id\x18\x01 \x01(\x05\x12+\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x19.framewise.v1.BoundingBoxH\x00\x88\x01\x01\x12)\n\x06points\x18\x03 \x03(\x0b\x32\x19.framewise.v1.PointPromptB\x06\n\x04_box\"v\n\rTrackResponse\x12.\n\x07session\x18\x01 \x01(\x0b\x32\x1b.framewise.v1.SessionOpenedH\x00\x12*\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x19.framewise.v1.FrameResultH\x00\x42\t\n\x07message\"\xb7\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\x12\x18\n\x10next_frame_index\x18\x03 \x01(\x03\x12\x12\n\nobject_ids\x18\x04 \x03(\x05\x12+\n\x08idle_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x06models\x18\x06 \x03(\x0b\x32\x16.framewise.v1.ModelRef\"\x8d\x01\n\x0b\x46rameResult\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x03\x12+\n\x07objects\x18\x02 \x03(\x0b\x32\x1a.framewise.v1.ObjectResult\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.framewise.v1.Timings\x12\x14\n\x0ctriton_bytes\x18\x04 \x01(\x03\"\xde\x01\n\x0cObjectResult\x12\x11\n\tobject_id\x18\x01 \x01(\x05\x12#\n\x04mask\x18\x02 \x01(\x0b\x32\x15.framewise.v1.RleMask\x12&\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x19.framewise.v1.BoundingBox\x12\x15\n\rpredicted_iou\x18\x04 \x01(\x02\x12\x0f\n\x07present\x18\x05 \x01(\x08\x12\x14\n\x0cobject_score\x18\x06 \x01(\x02\x12\x17\n\x0fkalman_selected\x18\x07 \x01(\x08\x12\x17\n\x0f\x63\x61ndidate_index\x18\x08 \x01(\x05\x32W\n\x0fTrackingService\x12\x44\n\x05Track\x12\x1a.framewise.v1.TrackRequest\x1a\x1b.framewise.v1.TrackResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#framewise/v1/tracking_service.proto\x12\x0c\x66ramewise.v1\x1a\x19\x66ramewise/v1/common.proto\x1a\x1egoogle/protobuf/duration.proto\"o\n\x0cTrackRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.framewise.v1.OpenSessionH\x00\x12)\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x18.framewise.v1.TrackFrameH\x00\x42\t\n\x07message\"\x83\x01\n\x0bOpenSession\x12\x19\n\x11resume_session_id\x18\x01 \x01(\t\x12-\n\x07options\x18\x02 \x01(\x0b\x32\x1c.framewise.v1.TrackerOptions\x12\x15\n\rkeep_on_close\x18\x03 \x01(\x08\x12\x13\n\x0bsession_key\x18\x04 \x01(\t\"\xaa\x03\n\x0eTrackerOptions\x12\x1c\n\x0fkf_score_weight\x18\x01 \x01(\x02H\x00\x88\x01\x01\x12$\n\x17stable_frames_threshold\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12\"\n\x15stable_ious_threshold\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12&\n\x19memory_bank_iou_threshold\x18\x04 \x01(\x02H\x03\x88\x01\x01\x12,\n\x1fmemory_bank_obj_score_threshold\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12+\n\x1ememory_bank_kf_score_threshold\x18\x06 \x01(\x02H\x05\x88\x01\x01\x42\x12\n\x10_kf_score_weightB\x1a\n\x18_stable_frames_thresholdB\x18\n\x16_stable_ious_thresholdB\x1c\n\x1a_memory_bank_iou_thresholdB\"\n _memory_bank_obj_score_thresholdB!\n\x1f_memory_bank_kf_score_threshold\"\x8d\x01\n\nTrackFrame\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x03\x12\"\n\x05image\x18\x02 \x01(\x0b\x32\x13.framewise.v1.Image\x12+\n\x07prompts\x18\x03 \x03(\x0b\x32\x1a.framewise.v1.ObjectPrompt\x12\x19\n\x11remove_object_ids\x18\x04 \x03(\x05\"\x81\x01\n\x0cObjectPrompt\x12\x11\n\tobject_id\x18\x01 \x01(\x05\x12+\n\x03\x62ox\x18\x02 \x01(\x0b\x32\x19.framewise.v1.BoundingBoxH\x00\x88\x01\x01\x12)\n\x06points\x18\x03 \x03(\x0b\x32\x19.framewise.v1.PointPromptB\x06\n\x04_box\"v\n\rTrackResponse\x12.\n\x07session\x18\x01 \x01(\x0b\x32\x1b.framewise.v1.SessionOpenedH\x00\x12*\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x19.framewise.v1.FrameResultH\x00\x42\t\n\x07message\"\xb7\x01\n\rSessionOpened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0f\n\x07resumed\x18\x02 \x01(\x08\x12\x18\n\x10next_frame_index\x18\x03 \x01(\x03\x12\x12\n\nobject_ids\x18\x04 \x03(\x05\x12+\n\x08idle_ttl\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12&\n\x06models\x18\x06 \x03(\x0b\x32\x16.framewise.v1.ModelRef\"\x8d\x01\n\x0b\x46rameResult\x12\x13\n\x0b\x66rame_index\x18\x01 \x01(\x03\x12+\n\x07objects\x18\x02 \x03(\x0b\x32\x1a.framewise.v1.ObjectResult\x12&\n\x07timings\x18\x03 \x01(\x0b\x32\x15.framewise.v1.Timings\x12\x14\n\x0ctriton_bytes\x18\x04 \x01(\x03\"\xde\x01\n\x0cObjectResult\x12\x11\n\tobject_id\x18\x01 \x01(\x05\x12#\n\x04mask\x18\x02 \x01(\x0b\x32\x15.framewise.v1.RleMask\x12&\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x19.framewise.v1.BoundingBox\x12\x15\n\rpredicted_iou\x18\x04 \x01(\x02\x12\x0f\n\x07present\x18\x05 \x01(\x08\x12\x14\n\x0cobject_score\x18\x06 \x01(\x02\x12\x17\n\x0fkalman_selected\x18\x07 \x01(\x08\x12\x17\n\x0f\x63\x61ndidate_index\x18\x08 \x01(\x05\x32W\n\x0fTrackingService\x12\x44\n\x05Track\x12\x1a.framewise.v1.TrackRequest\x1a\x1b.framewise.v1.TrackResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,22 +35,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TRACKREQUEST']._serialized_start=112
   _globals['_TRACKREQUEST']._serialized_end=223
-  _globals['_OPENSESSION']._serialized_start=225
-  _globals['_OPENSESSION']._serialized_end=335
-  _globals['_TRACKEROPTIONS']._serialized_start=338
-  _globals['_TRACKEROPTIONS']._serialized_end=764
-  _globals['_TRACKFRAME']._serialized_start=767
-  _globals['_TRACKFRAME']._serialized_end=908
-  _globals['_OBJECTPROMPT']._serialized_start=911
-  _globals['_OBJECTPROMPT']._serialized_end=1040
-  _globals['_TRACKRESPONSE']._serialized_start=1042
-  _globals['_TRACKRESPONSE']._serialized_end=1160
-  _globals['_SESSIONOPENED']._serialized_start=1163
-  _globals['_SESSIONOPENED']._serialized_end=1346
-  _globals['_FRAMERESULT']._serialized_start=1349
-  _globals['_FRAMERESULT']._serialized_end=1490
-  _globals['_OBJECTRESULT']._serialized_start=1493
-  _globals['_OBJECTRESULT']._serialized_end=1715
-  _globals['_TRACKINGSERVICE']._serialized_start=1717
-  _globals['_TRACKINGSERVICE']._serialized_end=1804
+  _globals['_OPENSESSION']._serialized_start=226
+  _globals['_OPENSESSION']._serialized_end=357
+  _globals['_TRACKEROPTIONS']._serialized_start=360
+  _globals['_TRACKEROPTIONS']._serialized_end=786
+  _globals['_TRACKFRAME']._serialized_start=789
+  _globals['_TRACKFRAME']._serialized_end=930
+  _globals['_OBJECTPROMPT']._serialized_start=933
+  _globals['_OBJECTPROMPT']._serialized_end=1062
+  _globals['_TRACKRESPONSE']._serialized_start=1064
+  _globals['_TRACKRESPONSE']._serialized_end=1182
+  _globals['_SESSIONOPENED']._serialized_start=1185
+  _globals['_SESSIONOPENED']._serialized_end=1368
+  _globals['_FRAMERESULT']._serialized_start=1371
+  _globals['_FRAMERESULT']._serialized_end=1512
+  _globals['_OBJECTRESULT']._serialized_start=1515
+  _globals['_OBJECTRESULT']._serialized_end=1737
+  _globals['_TRACKINGSERVICE']._serialized_start=1739
+  _globals['_TRACKINGSERVICE']._serialized_end=1826
 # @@protoc_insertion_point(module_scope)

@@ -53,15 +53,24 @@ class OpenSession(_message.Message):
     RESUME_SESSION_ID_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     KEEP_ON_CLOSE_FIELD_NUMBER: _builtins.int
+    SESSION_KEY_FIELD_NUMBER: _builtins.int
     resume_session_id: _builtins.str
     """Resume this session (its tracking state, objects and frame counter) instead of opening a
-    new one. NOT_FOUND when it expired or never existed.
+    new one: from this replica's memory, or from the state a draining replica handed off.
+    NOT_FOUND when it expired, never existed, or lives on another replica (send the metadata
+    x-framewise-session with the same value so the load balancer routes to that replica).
     """
     keep_on_close: _builtins.bool
     """Keep the session (for idle_ttl) when this stream ends normally, so a later stream can
     resume it. By default a normally closed stream releases its session at once; a stream that
     breaks (error, cancel, disconnect, deadline) after at least one tracked frame leaves its
     session resumable.
+    """
+    session_key: _builtins.str
+    """The key to open the new session under (its session id), chosen by the client, e.g. a
+    uuid4: 1-128 characters of letters, digits and . _ : ~ -. Unset: the metadata
+    x-framewise-session when present, else the server makes an id. When both are set they must
+    be equal. ALREADY_EXISTS when this replica holds a session with that key.
     """
     @_builtins.property
     def options(self) -> Global___TrackerOptions:
@@ -73,10 +82,11 @@ class OpenSession(_message.Message):
         resume_session_id: _builtins.str = ...,
         options: Global___TrackerOptions | None = ...,
         keep_on_close: _builtins.bool = ...,
+        session_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_on_close", b"keep_on_close", "options", b"options", "resume_session_id", b"resume_session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_on_close", b"keep_on_close", "options", b"options", "resume_session_id", b"resume_session_id", "session_key", b"session_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -255,6 +265,7 @@ class SessionOpened(_message.Message):
     IDLE_TTL_FIELD_NUMBER: _builtins.int
     MODELS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
+    """The session's id: the client's session key when it gave one."""
     resumed: _builtins.bool
     next_frame_index: _builtins.int
     """The frame index the session expects next."""

@@ -54,6 +54,17 @@ class TrackingServiceServicer:
         once per frame, in frame order, with one result per tracked object. The server reads the
         next frame only when it has room for it: a slow server slows the client through HTTP/2
         flow control instead of queueing frames without bound.
+
+        Affinity (several replicas behind a load balancer): a session lives in one replica's memory.
+        Name it before opening it, with the metadata `x-framewise-session: KEY` (which the load
+        balancer hashes, so the open and every later resume reach the same replica) and/or
+        OpenSession.session_key; the session id is then KEY. A resume that reaches a replica not
+        holding the session, when no replica handed it off, ends with NOT_FOUND saying so.
+        Drain: on SIGTERM a replica opens no more sessions (UNAVAILABLE, retry) and hands every live
+        session's state to the shared store; a stream in progress ends with UNAVAILABLE after its
+        current frame. Resume with the same key (resume_session_id and the metadata) from
+        SessionOpened.next_frame_index: any replica restores the state, and tracking goes on with
+        the results an uninterrupted stream would have given.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -19,7 +19,7 @@ from server.jobs.files.storage import StorageManager
 from server.jobs.files.uploads import UploadError, UploadStore, upload_status
 from server.jobs.store import EventRecord, JobState
 from server.servicers import convert
-from server.servicers.operations import operation_proto, require_name, store_errors
+from server.servicers.operations import operation_proto, queue_position, require_name, store_errors
 
 __all__ = ["JobServicer"]
 
@@ -110,7 +110,7 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
                 op = await self.queue.submit(kind, request, request_id)  # type: ignore[arg-type]
         except UploadError as exc:
             raise upload_status(exc) from None
-        return operation_proto(op, self.queue.queue_position(op.name))
+        return operation_proto(op, await queue_position(self.queue, op))
 
     def _check_disk(self) -> None:
         """Low disk turns JobService NOT_SERVING; new work is refused too, not accepted only to

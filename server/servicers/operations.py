@@ -28,7 +28,7 @@ from server.jobs.store import (
 )
 from server.servicers import convert
 
-__all__ = ["OperationsServicer", "operation_proto", "require_name", "store_errors"]
+__all__ = ["OperationsServicer", "operation_proto", "queue_position", "require_name", "store_errors"]
 
 # WaitOperation never holds a call longer than this, whatever the client asks.
 MAX_WAIT_S = 600.0
@@ -47,6 +47,8 @@ def job_metadata(op: OperationRecord, queue_position: int = -1) -> jobs_pb2.JobM
         message=op.message,
         last_sequence=op.last_sequence,
         queue_position=max(queue_position, 0),
+        # The lease owner: the replica running the job (or that ran it last).
+        replica=op.lease_owner or "",
     )
     for field, value in (
         ("create_time", op.create_time),
@@ -57,6 +59,12 @@ def job_metadata(op: OperationRecord, queue_position: int = -1) -> jobs_pb2.JobM
         if value is not None:
             getattr(metadata, field).CopyFrom(convert.timestamp(value))
     return metadata
+
+
+async def queue_position(queue: JobQueue, op: OperationRecord) -> int:
+    """Where the operation waits in the cluster's queue (-1: not waiting); a finished one is
+    not looked up."""
+    return -1 if op.done else await queue.queue_position(op.name)
 
 
 def operation_proto(op: OperationRecord, queue_position: int = -1) -> operations_pb2.Operation:
@@ -150,7 +158,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     async def GetOperation(self, request: operations_pb2.GetOperationRequest, context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
         with store_errors():
             op = await self.store.get_operation(require_name(request.name))
-        return operation_proto(op, self.queue.queue_position(op.name))
+        return operation_proto(op, await queue_position(self.queue, op))
 
     async def ListOperations(
         self, request: operations_pb2.ListOperationsRequest, context: grpc.aio.ServicerContext
@@ -167,7 +175,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         except ValueError as exc:  # not our token, or one issued for another filter (AIP-158)
             raise InvalidInput(str(exc), "page_token") from None
         return operations_pb2.ListOperationsResponse(
-            operations=[operation_proto(op, self.queue.queue_position(op.name)) for op in ops], next_page_token=token
+            operations=[operation_proto(op, await queue_position(self.queue, op)) for op in ops], next_page_token=token
         )
 
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
@@ -205,4 +213,4 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
                             break
             with store_errors():
                 op = await self.store.get_operation(request.name)
-        return operation_proto(op, self.queue.queue_position(op.name))
+        return operation_proto(op, await queue_position(self.queue, op))

@@ -4,20 +4,30 @@ The first request opens (or resumes) a session; each later request is one frame.
 reads the next frame only after answering the current one, so a slow server slows the client
 through HTTP/2 flow control instead of queueing frames. An error ends the stream with its status
 (as gRPC streams do); the session itself survives and can be resumed by id within its idle TTL.
+
+The client may name the session before it opens it: metadata ``x-framewise-session`` (what the
+load balancer hashes, so the open and every resume reach the same replica) and/or
+``OpenSession.session_key``; the session id is then that key. When the replica drains (SIGTERM),
+a stream finishes its current frame, hands its session to the shared store and ends with
+UNAVAILABLE: the client resumes with the same key, on whichever replica the balancer picks.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import re
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import grpc
 from google.protobuf import duration_pb2
 
 from framewise.v1 import tracking_service_pb2, tracking_service_pb2_grpc
-from server.errors import InvalidInput, ServiceError
+from server.errors import InvalidInput, ServiceError, Unavailable, shown
 from server.metrics import Metrics
 from server.pipelines.prompts import ObjectPrompt, prompt_from_proto
-from server.pipelines.sessions import SessionRegistry
+from server.pipelines.sessions import SESSION_KEY_METADATA, SessionRegistry
 from server.pipelines.tracking import FrameOutcome, TrackingEngine, TrackingSession
 from server.servicers import convert
 from server.tracking import SamuraiConfig
@@ -32,6 +42,14 @@ _OPTION_FIELDS = (
     "memory_bank_obj_score_threshold",
     "memory_bank_kf_score_threshold",
 )
+# A session key travels as an HTTP/2 header value and is echoed in messages and logs: short,
+# printable, no spaces. A uuid4 (hex or with dashes) fits, as do most client-made names.
+MAX_SESSION_KEY_CHARS = 128
+_SESSION_KEY = re.compile(r"[A-Za-z0-9._:~-]+")
+
+
+class _Draining(Exception):
+    """The replica started draining while the stream waited for the client's next frame."""
 
 
 class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
@@ -52,14 +70,22 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                 "the first message of a Track stream must be `open` (a new session or resume_session_id)", "open"
             )
         self.engine.contract()  # UNAVAILABLE before anything is allocated when the models are not ready
-        session = self._open(first.open)
+        session = await self._open(first.open, _metadata_key(context))
         ended_cleanly = False
         failed_retryably = False
+        requests = aiter(request_iterator)
+        drain = asyncio.ensure_future(self.sessions.draining.wait())
         try:
             yield tracking_service_pb2.TrackResponse(
                 session=self._opened(session, resumed=bool(first.open.resume_session_id))
             )
-            async for request in request_iterator:
+            while True:
+                try:
+                    request = await _next_request(requests, drain)
+                except _Draining:
+                    await self._hand_off(session)
+                if request is None:
+                    break
                 if request.WhichOneof("message") != "frame":
                     raise InvalidInput("after `open`, every message must be a `frame`", "frame")
                 frame = request.frame
@@ -81,6 +107,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             failed_retryably = exc.code in _RETRYABLE
             raise
         finally:
+            drain.cancel()
             # A stream that ends normally releases its session unless asked to keep it; a broken
             # one (error, cancel, disconnect) leaves it resumable for the idle TTL, as long as it
             # has tracked something worth resuming, or was told to retry (Triton down, a
@@ -88,15 +115,39 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             broken_with_state = not ended_cleanly and (session.next_frame_index > 0 or failed_retryably)
             self.sessions.detach(session, keep=broken_with_state or first.open.keep_on_close)
 
-    def _open(self, request: tracking_service_pb2.OpenSession) -> TrackingSession:
+    async def _open(self, request: tracking_service_pb2.OpenSession, metadata_key: str | None) -> TrackingSession:
+        key = _session_key(request, metadata_key)
         if request.resume_session_id:
-            return self.sessions.resume(request.resume_session_id)
+            if key is not None and key != request.resume_session_id:
+                raise InvalidInput(
+                    f"resume_session_id {shown(request.resume_session_id)} differs from the session key {shown(key)}; "
+                    "a resumed session keeps its key: send the same value in both (or only resume_session_id)",
+                    "open.resume_session_id",
+                )
+            return await self.sessions.resume(request.resume_session_id)
         overrides = {name: getattr(request.options, name) for name in _OPTION_FIELDS if request.options.HasField(name)}
         try:
             config = SamuraiConfig(**overrides)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"invalid tracker options: {exc}", "open.options") from exc
-        return self.sessions.open(config)
+        return self.sessions.open(config, key)
+
+    async def _hand_off(self, session: TrackingSession) -> NoReturn:
+        """The replica drains: the session goes to the shared store, and the stream ends telling
+        the client to resume it (on whichever replica the load balancer now picks)."""
+        key = shown(session.session_id)
+        if await self.sessions.hand_off(session):
+            raise Unavailable(
+                f"replica {shown(self.sessions.replica_id)} is draining; tracking session {key} was handed off at frame "
+                f"{session.next_frame_index}: resume it (resume_session_id {key}, metadata {SESSION_KEY_METADATA}: {key}) "
+                "on any replica",
+                retry_after_s=0.2,
+            )
+        raise Unavailable(
+            f"replica {shown(self.sessions.replica_id)} is draining and could not hand tracking session {key} off "
+            "(no shared store, or it failed); open a new session",
+            retry_after_s=0.5,
+        )
 
     def _opened(self, session: TrackingSession, *, resumed: bool) -> tracking_service_pb2.SessionOpened:
         contract = self.engine.contract()
@@ -108,6 +159,56 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             idle_ttl=duration_pb2.Duration(seconds=int(self.sessions.idle_ttl_s)),
             models=[convert.model_ref(spec) for spec in contract.specs.values()],
         )
+
+
+async def _next_request(
+    requests: AsyncIterator[tracking_service_pb2.TrackRequest], drain: asyncio.Future[object]
+) -> tracking_service_pb2.TrackRequest | None:
+    """The next request (None at the end of the stream); _Draining as soon as the replica drains
+    while the client has not sent one: a stream waiting for frames must neither hold the drain up
+    nor lose its session."""
+    if drain.done():
+        raise _Draining
+    read: asyncio.Future[tracking_service_pb2.TrackRequest | None] = asyncio.ensure_future(anext(requests, None))
+    try:
+        await asyncio.wait((read, drain), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # the stream itself was cancelled: leave no read behind
+        read.cancel()
+        raise
+    if read.done():
+        return read.result()
+    read.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await read
+    raise _Draining
+
+
+def _metadata_key(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == SESSION_KEY_METADATA:
+            return value if isinstance(value, str) else value.decode("ascii", "replace")
+    return None
+
+
+def _session_key(request: tracking_service_pb2.OpenSession, metadata_key: str | None) -> str | None:
+    """The client's session key (field and/or metadata, which must agree), checked; None if unset."""
+    field_key = request.session_key or None
+    if field_key is not None and metadata_key is not None and field_key != metadata_key:
+        raise InvalidInput(
+            f"open.session_key {shown(field_key)} differs from the metadata {SESSION_KEY_METADATA} {shown(metadata_key)}; "
+            "send one key (the load balancer routes by the metadata)",
+            "open.session_key",
+        )
+    key = field_key if field_key is not None else metadata_key
+    if key is None:
+        return None
+    if len(key) > MAX_SESSION_KEY_CHARS or not _SESSION_KEY.fullmatch(key):
+        raise InvalidInput(
+            f"session key {shown(key)} must be 1 to {MAX_SESSION_KEY_CHARS} characters of letters, digits and . _ : ~ - "
+            "(a uuid4 fits)",
+            "open.session_key",
+        )
+    return key
 
 
 def _prompts(frame: tracking_service_pb2.TrackFrame) -> list[ObjectPrompt]:

@@ -21,11 +21,12 @@ from server.tracking.boxes import (
     xyxy_to_xyah,
 )
 from server.tracking.kalman import KalmanFilter
-from server.tracking.memory_bank import MemoryBank, MemorySelection
+from server.tracking.memory_bank import BankState, MemoryBank, MemorySelection
 from server.tracking.selection import CandidateSelector, SamuraiConfig, Selection
 
 __all__ = [
     "EMPTY_BOX",
+    "BankState",
     "CandidateSelector",
     "KalmanFilter",
     "MemoryBank",

@@ -63,6 +63,20 @@ class _FrameMemory:
     usable: bool
 
 
+@dataclass(frozen=True)
+class BankState:
+    """Everything a MemoryBank holds, in its own order: what a session handoff carries from one
+    replica to another (server/tracking/snapshot.py encodes it). The scores a tracked frame came
+    with are reduced to the ``usable`` verdict when it is added: that verdict is all that later
+    frames read, so it is what is kept."""
+
+    conditioning: list[tuple[int, np.ndarray, np.ndarray]]  # (prompt frame, memory, pointer)
+    memories: list[tuple[int, np.ndarray, bool]]  # (tracked frame, memory, usable), ascending
+    pointers: list[tuple[int, np.ndarray]]  # (tracked frame, pointer): the pointer ring, ascending
+    first_conditioning: int | None
+    last_frame: int | None
+
+
 class MemoryBank:
     """Per-object prompt memories, recent usable memories and the pointer ring."""
 
@@ -112,6 +126,30 @@ class MemoryBank:
             and float(object_score_logit) > cfg.memory_bank_obj_score_threshold
             and (kf_score is None or float(kf_score) > cfg.memory_bank_kf_score_threshold)
         )
+
+    # ---- handing over -----------------------------------------------------------------------------
+
+    def export(self) -> BankState:
+        """The bank's contents (the arrays themselves, not copies: they are never modified)."""
+        return BankState(
+            conditioning=[(t, m, p) for t, (m, p) in self._cond.items()],
+            memories=[(t, m.memory, m.usable) for t, m in self._memories.items()],
+            pointers=list(self._ptrs.items()),
+            first_conditioning=self._first_cond,
+            last_frame=self._last_frame,
+        )
+
+    @classmethod
+    def restore(cls, config: SamuraiConfig, state: BankState) -> MemoryBank:
+        """A bank holding exactly ``state``: it selects for the next frame what the exported one
+        would have selected."""
+        bank = cls(config)
+        bank._cond = {t: (m, p) for t, m, p in state.conditioning}
+        bank._memories = {t: _FrameMemory(m, usable) for t, m, usable in state.memories}
+        bank._ptrs = dict(state.pointers)
+        bank._first_cond = state.first_conditioning
+        bank._last_frame = state.last_frame
+        return bank
 
     # ---- adding -----------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """The job engine: how a submitted job becomes a finished operation, whatever its kind.
 
-    queue.py      JobQueue: the bounded FIFO queue, its lanes (jobs running at once), cancel,
-                  resumption after a restart
+    queue.py      JobQueue: lanes claiming jobs from the store's queue with leases (renewed,
+                  taken over when they expire), cancel wherever a job runs, drain, resumption
     executor.py   JobExecutor: one job's stages in order, checkpoints, retries, the terminal event
     pipeline.py   JobPipeline and Stage: what a job kind gives the engine (server/jobs/kinds/)
     context.py    JobContext: what a running stage sees (request, folder, state, events, slots)

@@ -53,6 +53,9 @@ class JobContext:
     checkpoint: int | None = None
     checkpoint_stored: bool = False
     cancel_requested: bool = False
+    # The lease the JobQueue claimed the job with: every write below carries it, so once
+    # another replica has taken the job over the store refuses them (LeaseLostError).
+    epoch: int | None = None
     # Whether the folders holding the workdir have been fsynced in this run (see sync_workdir).
     workdir_entries_synced: bool = False
     artifact_paths: list[Path] = field(default_factory=list)
@@ -108,7 +111,7 @@ class JobContext:
             state=JobState.RUNNING, stage=stage, percent=percent, message=message, last_completed_stage=checkpoint
         )
         payload = jobs_pb2.StageUpdate(stage=stage, percent=percent, message=message, person=person)  # type: ignore[arg-type]
-        await self.bus.emit(self.name, "stage_update", payload.SerializeToString(), update=update)
+        await self.bus.emit(self.name, "stage_update", payload.SerializeToString(), update=update, epoch=self.epoch)
         if checkpoint is not None:
             self.checkpoint_stored = True
 
@@ -119,7 +122,7 @@ class JobContext:
         payload = jobs_pb2.ProgressUpdate(
             stage=self.current_stage, percent=percent, message=message, done=done, total=total, person=person  # type: ignore[arg-type]
         )
-        await self.bus.emit(self.name, "progress_update", payload.SerializeToString(), update=update)
+        await self.bus.emit(self.name, "progress_update", payload.SerializeToString(), update=update, epoch=self.epoch)
 
     async def retrying(self, failure: JobFailure, delay_s: float) -> None:
         """An error event with will_retry=true: the client sees every retry as it happens.
@@ -136,7 +139,7 @@ class JobContext:
             attempt=self.failed_attempts,
             person=failure.person,
         )
-        await self.bus.emit(self.name, "error", payload.SerializeToString(), terminal=False)
+        await self.bus.emit(self.name, "error", payload.SerializeToString(), terminal=False, epoch=self.epoch)
 
     # ---------------------------------------------------------------- slots, cancellation
 
@@ -181,7 +184,7 @@ class JobContext:
             sha256=sha256,
             expire_time=self.storage.expire_time(tier, utcnow()),
         )
-        return await self.bus.store.add_artifact(record)
+        return await self.bus.store.add_artifact(record, epoch=self.epoch)
 
     def remove_workdir(self) -> None:
         shutil.rmtree(self.workdir, ignore_errors=True)

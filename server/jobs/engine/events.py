@@ -24,8 +24,23 @@ How "no gap, no duplicate" holds:
   waits: it discards that watcher's queue and marks it "overflowed", and the watcher re-reads
   from the store from its cursor. No event is dropped, and memory stays bounded.
 
+Other replicas (a shared PostgreSQL store): an event emitted by replica S reaches watchers on
+replica R through the store, never through S. S's append_event sends ``pg_notify`` in the same
+transaction as the INSERT (so the notification exists only once the event is committed, in
+commit order); R's store has one LISTEN connection and hands each notification
+(operation, sequence) to ``_on_notification``. If a watcher here lacks that sequence, one task
+per operation reads ``events_after(name, least advanced watcher's position)`` and offers the
+records to every watcher of the operation, through the same queues and the same cursor checks
+as local events: the store is the only source, the notification only says when to read. A
+notification of an event this bus emitted itself is dropped without a read (every watcher has
+it, or will have it when the emit in flight publishes). When the LISTEN connection is
+(re)established (PostgreSQL restarted) the store sends RESYNC, and every watched operation is
+re-read from its watchers' positions: a notification missed while disconnected costs a read,
+never an event. If such a read fails, each watcher re-reads by itself, so the failure reaches
+its stream (UNAVAILABLE) and the client resumes with ``after_sequence``. No polling: between
+notifications nothing is read; heartbeats are timers, as for local watchers.
+
 This is single-event-loop code; ``publish`` must be called on the loop the subscribers run on.
-A multi-process deployment replaces it with a Redis-backed bus with the same surface.
 """
 
 from __future__ import annotations
@@ -33,7 +48,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import ClassVar, Self
@@ -41,16 +57,22 @@ from typing import ClassVar, Self
 from server.jobs.store import (
     EventRecord,
     JobStore,
+    JobStoreUnavailableError,
     OperationRecord,
     OperationUpdate,
     utcnow,
 )
+from server.jobs.store.notifications import Notification, NotificationKind
 
 __all__ = ["EventBus", "Heartbeat", "Subscription", "WatchItem"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT_S = 30.0
 DEFAULT_QUEUE_SIZE = 256
 DEFAULT_REPLAY_BATCH = 500
+# How long a notified read waits for an unavailable store before the watchers get the error.
+UNAVAILABLE_RETRY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +96,27 @@ class _Subscriber:
     timeout armed and cancelled around every wait: with 100 watchers per operation, that timer
     churn was a measurable part of every event's fan-out."""
 
-    __slots__ = ("closed", "maxsize", "overflowed", "pending", "waiter")
+    __slots__ = ("closed", "known", "maxsize", "overflowed", "pending", "waiter")
 
-    def __init__(self, maxsize: int) -> None:
+    def __init__(self, maxsize: int, known: int) -> None:
         self.maxsize = maxsize
         self.pending: collections.deque[EventRecord] = collections.deque()
         self.overflowed = False
         self.closed = False
         self.waiter: asyncio.Future[None] | None = None
+        # The highest sequence this watcher has been given or has read itself: a notification
+        # of an event at or below it needs no read from the store.
+        self.known = known
+
+    def reread(self) -> None:
+        """Makes the watcher re-read the store from its cursor (as after an overflow)."""
+        self.pending.clear()
+        self.overflowed = True
+        self.wake()
 
     def offer(self, record: EventRecord) -> None:
+        if record.sequence > self.known:
+            self.known = record.sequence
         if self.overflowed:
             pass  # the watcher re-reads the store anyway
         elif len(self.pending) >= self.maxsize:
@@ -121,7 +154,7 @@ class Subscription:
         self.heartbeat_s = heartbeat_s
         self.finished = False
         self._bus = bus
-        self._sub = _Subscriber(queue_size)
+        self._sub = _Subscriber(queue_size, after_sequence)
         self._timer: asyncio.TimerHandle | None = None
         self._quiet_until = 0.0
         bus._add(name, self._sub)
@@ -167,6 +200,8 @@ class Subscription:
     def _advance(self, record: EventRecord) -> None:
         """The record is the next one delivered: move the cursor; a terminal event ends the stream."""
         self.cursor = record.sequence
+        if record.sequence > self._sub.known:
+            self._sub.known = record.sequence
         self._quiet_until = asyncio.get_running_loop().time() + self.heartbeat_s
         if record.terminal:
             self.finished = True
@@ -264,6 +299,12 @@ class EventBus:
         self.queue_size = queue_size
         self.replay_batch = replay_batch
         self._subs: dict[str, set[_Subscriber]] = {}
+        # Cross-replica delivery (see "Other replicas" in the module docstring).
+        self._unlisten: Callable[[], None] | None = None
+        self._emitting: dict[str, int] = {}  # this bus's emits in flight, per operation
+        self._wanted: dict[str, int] = {}  # highest sequence notified and not yet read, per operation
+        self._resync: set[str] = set()  # operations to re-read in full (notifications were missed)
+        self._catching_up: dict[str, asyncio.Task[None]] = {}
 
     def subscribe(
         self,
@@ -295,10 +336,28 @@ class EventBus:
         *,
         terminal: bool | None = None,
         update: OperationUpdate | None = None,
+        epoch: int | None = None,
     ) -> EventRecord:
-        """``store.append_event`` (durable) then ``publish``."""
-        record = await self.store.append_event(name, event_type, payload, terminal=terminal, update=update)
-        await self.publish(record)
+        """``store.append_event`` (durable) then ``publish``. ``epoch``: the caller's lease
+        epoch; the store refuses the event (LeaseLostError, nothing stored or published) once
+        another replica's claim moved the operation's epoch on."""
+        # While this emit is in flight, the store's notification of this very event may arrive
+        # before append_event returns: counting emits in flight lets _on_notification wait for
+        # the publish below instead of reading the store for an event it is about to hand over.
+        self._emitting[name] = self._emitting.get(name, 0) + 1
+        try:
+            record = await self.store.append_event(
+                name, event_type, payload, terminal=terminal, update=update, epoch=epoch
+            )
+            await self.publish(record)
+        finally:
+            left = self._emitting[name] - 1
+            if left:
+                self._emitting[name] = left
+            else:
+                del self._emitting[name]
+                if name in self._wanted or name in self._resync:
+                    self._maybe_catch_up(name)
         return record
 
     def subscriber_count(self, name: str | None = None) -> int:
@@ -308,6 +367,12 @@ class EventBus:
 
     def close(self) -> None:
         """Ends every subscription (each iterator stops after what it has in hand)."""
+        if self._unlisten is not None:
+            self._unlisten()
+            self._unlisten = None
+        for task in self._catching_up.values():
+            task.cancel()
+        self._catching_up.clear()
         for subs in self._subs.values():
             for sub in subs:
                 sub.closed = True
@@ -315,7 +380,99 @@ class EventBus:
         self._subs.clear()
 
     def _add(self, name: str, sub: _Subscriber) -> None:
+        if self._unlisten is None:
+            # Listening starts with the first watcher (on the loop; the store's first RESYNC
+            # then covers anything committed before the LISTEN took effect).
+            self._unlisten = self.store.listen(self._on_notification)
         self._subs.setdefault(name, set()).add(sub)
+
+    # -- other replicas' events -------------------------------------------------------------------
+
+    def _on_notification(self, notification: Notification) -> None:
+        kind = notification.kind
+        if kind == NotificationKind.EVENT:
+            name = notification.operation
+            subs = self._subs.get(name)
+            if not subs or notification.sequence <= min(sub.known for sub in subs):
+                return  # nobody watches it here, or every watcher has it (this bus emitted it)
+            if notification.sequence > self._wanted.get(name, 0):
+                self._wanted[name] = notification.sequence
+            if name not in self._emitting:
+                self._maybe_catch_up(name)
+        elif kind == NotificationKind.RESYNC:
+            for name in self._subs:
+                self._resync.add(name)
+                if name not in self._emitting:
+                    self._maybe_catch_up(name)
+
+    def _maybe_catch_up(self, name: str) -> None:
+        """Starts the one reader of ``name``'s missing events unless it runs already (it loops
+        until nothing is wanted) or nothing is missing."""
+        if name in self._catching_up:
+            return
+        subs = self._subs.get(name)
+        if not subs:
+            self._wanted.pop(name, None)
+            self._resync.discard(name)
+            return
+        if name not in self._resync and self._wanted.get(name, 0) <= min(sub.known for sub in subs):
+            self._wanted.pop(name, None)
+            return
+        self._catching_up[name] = asyncio.get_running_loop().create_task(
+            self._catch_up(name), name=f"event-catch-up {name}"
+        )
+
+    async def _read_notified(self, name: str, start: int) -> list[EventRecord]:
+        """``events_after``, retried while the store says it is unavailable for up to
+        ``UNAVAILABLE_RETRY_S``: after a PostgreSQL restart the LISTEN connection (and its RESYNC)
+        may be back a moment before the store's pool is, and watchers should not see an error
+        for that moment."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + UNAVAILABLE_RETRY_S
+        while True:
+            try:
+                return await self.store.events_after(name, start, self.replay_batch)
+            except JobStoreUnavailableError:
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def _catch_up(self, name: str) -> None:
+        """One store read per notified operation, whatever its number of watchers here: from the
+        least advanced watcher's position to the end, offered to all of them (each one drops what
+        it has; one that finds a gap re-reads by itself)."""
+        try:
+            while True:
+                subs = self._subs.get(name)
+                if not subs:
+                    return
+                start = min(sub.known for sub in subs)
+                full = name in self._resync
+                self._resync.discard(name)
+                wanted = self._wanted.pop(name, 0)
+                if not full and wanted <= start:
+                    return
+                # To the end of what is committed now: notifications that arrive meanwhile set
+                # _wanted / _resync again, and the next turn of the loop looks at them.
+                while True:
+                    batch = await self._read_notified(name, start)
+                    for record in batch:
+                        for sub in tuple(self._subs.get(name, ())):
+                            if record.sequence > sub.known:
+                                sub.offer(record)
+                    if len(batch) < self.replay_batch:
+                        break
+                    start = batch[-1].sequence
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The store failed (e.g. PostgreSQL restarting): each watcher re-reads by itself,
+            # so the error reaches its stream (UNAVAILABLE) and the client resumes by sequence.
+            log.warning("reading notified events failed; watchers re-read", exc_info=True, extra={"operation": name})
+            for sub in tuple(self._subs.get(name, ())):
+                sub.reread()
+        finally:
+            self._catching_up.pop(name, None)
 
     def _remove(self, name: str, sub: _Subscriber) -> None:
         subs = self._subs.get(name)
@@ -323,3 +480,5 @@ class EventBus:
             subs.discard(sub)
             if not subs:
                 del self._subs[name]
+                self._wanted.pop(name, None)
+                self._resync.discard(name)

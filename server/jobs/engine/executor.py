@@ -15,6 +15,7 @@ worker's forwarder, which stores each event and hands it to the serving process'
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import shutil
@@ -33,7 +34,15 @@ from server.jobs.engine.failures import JobCancelled, JobFailure, from_os_error
 from server.jobs.engine.pipeline import JobPipeline, Stage
 from server.jobs.files.artifacts import artifact_proto, remove_files
 from server.jobs.files.storage import StorageManager
-from server.jobs.store import EventRecord, JobState, JobStore, OperationRecord, OperationUpdate
+from server.jobs.store import (
+    EventRecord,
+    JobState,
+    JobStore,
+    JobStoreUnavailableError,
+    LeaseLostError,
+    OperationRecord,
+    OperationUpdate,
+)
 
 __all__ = ["EventSink", "JobExecution", "JobExecutor", "RetryPolicy", "finish_cancelled", "workdir_of"]
 
@@ -55,6 +64,7 @@ class EventSink(Protocol):
         *,
         terminal: bool | None = None,
         update: OperationUpdate | None = None,
+        epoch: int | None = None,
     ) -> EventRecord: ...
 
 
@@ -67,9 +77,12 @@ class JobExecution(Protocol):
         """Stops every running job; each stays RUNNING in the store and resumes on restart."""
         ...
 
-    async def run(self, name: str) -> None:
+    async def run(self, name: str, epoch: int | None = None) -> None:
         """Runs the operation until it is SUCCEEDED, FAILED or CANCELLED. Cancelling the caller
-        (server shutdown) stops the job and leaves it RUNNING, to resume on the next start."""
+        (server shutdown, or the lease lost) stops the job and leaves it RUNNING, to resume
+        wherever it is claimed next. ``epoch``: the lease the JobQueue claimed it with; every
+        write of the job carries it (fencing), and once the store refuses one (LeaseLostError:
+        another replica took the job over) the job stops without writing anything more."""
         ...
 
     async def cancel(self, name: str) -> None:
@@ -120,6 +133,7 @@ class JobExecutor:
         self.retry = retry
         self._rng = rng or random.Random()
         self._tasks: dict[str, tuple[asyncio.Task[None], JobContext | None]] = {}
+        self._epochs: dict[str, int | None] = {}
         self._cancelled: set[str] = set()
 
     async def start(self) -> None:
@@ -135,9 +149,10 @@ class JobExecutor:
     def running(self) -> list[str]:
         return list(self._tasks)
 
-    async def run(self, name: str) -> None:
-        task = asyncio.create_task(self._run(name), name=f"job {name}")
+    async def run(self, name: str, epoch: int | None = None) -> None:
+        task = asyncio.create_task(self._run(name, epoch), name=f"job {name}")
         self._tasks[name] = (task, None)
+        self._epochs[name] = epoch
         try:
             await asyncio.shield(task)
         except asyncio.CancelledError:
@@ -153,6 +168,7 @@ class JobExecutor:
                 raise
         finally:
             self._tasks.pop(name, None)
+            self._epochs.pop(name, None)
             self._cancelled.discard(name)
 
     async def cancel(self, name: str) -> None:
@@ -177,14 +193,26 @@ class JobExecutor:
             # Cancelled before _run reached its try block (the task had not started, or was
             # still reading the operation), so nothing recorded the cancellation: without
             # this the operation stayed QUEUED with cancel_requested set until a restart.
-            await finish_cancelled(self.bus, self.storage, await self.store.get_operation(name), None)
+            op = await self.store.get_operation(name)
+            with contextlib.suppress(LeaseLostError):  # taken over meanwhile: its new holder cancels it
+                await finish_cancelled(self.bus, self.storage, op, None, epoch=self._epochs.get(name))
 
-    async def _run(self, name: str) -> None:
+    async def _run(self, name: str, epoch: int | None) -> None:
         op = await self.store.get_operation(name)
         if op.done:
             return
+        if epoch is not None and op.lease_epoch != epoch:
+            return  # claimed again since (this replica froze between its claim and now)
+        if epoch is not None and op.last_sequence == 0:
+            # Claimed before its submitter wrote the "queued" event; that write is fenced at
+            # epoch 0, so it is refused now and this one takes its place (every history starts
+            # with INITIALIZED).
+            queued = jobs_pb2.StageUpdate(stage=jobs_pb2.JOB_STAGE_INITIALIZED, percent=0.0, message="queued (position 0)")
+            await self.bus.emit(name, "stage_update", queued.SerializeToString(), epoch=epoch)
         try:
             ctx = self._context(op, await self.store.get_request(name))
+        except (LeaseLostError, JobStoreUnavailableError):
+            raise  # not the job's fault: it starts again at the next claim
         except Exception as exc:
             # Disk full, an unreadable state file, a request this version cannot parse: fail the
             # operation instead of leaving it QUEUED/RUNNING for ever.
@@ -193,13 +221,18 @@ class JobExecutor:
             failure = JobFailure(
                 error_class, "job_start_failed", f"the job could not start: {type(exc).__name__}: {exc}"
             )
-            await self._emit_failed(name, jobs_pb2.JOB_STAGE_INITIALIZED, failure)
+            with contextlib.suppress(LeaseLostError):
+                await self._emit_failed(name, jobs_pb2.JOB_STAGE_INITIALIZED, failure, epoch)
             return
         self._tasks[name] = (self._tasks[name][0], ctx)
         pipeline = self.pipelines[op.kind]
+        handed_over = False
         try:
+            # Cancelled before it got here (a cancel landing between the claim and this task):
+            # no stage runs.
+            ctx.check_cancelled()
             if op.state == JobState.QUEUED:
-                await self.store.update_operation(name, state=JobState.RUNNING)
+                await self.store.update_operation(name, state=JobState.RUNNING, epoch=epoch)
             stages = list(pipeline.stages())
             done = [s.checkpoint for s in stages]
             start = done.index(op.last_completed_stage) + 1 if op.last_completed_stage in done else 0
@@ -208,12 +241,22 @@ class JobExecutor:
                 await self._run_stage(stage, ctx)
                 if not ctx.checkpoint_stored:  # the stage did not end with a completing event
                     await ctx.sync_workdir()
-                    await self.store.update_operation(name, last_completed_stage=stage.checkpoint)
+                    await self.store.update_operation(name, last_completed_stage=stage.checkpoint, epoch=epoch)
             response = await pipeline.response(ctx)
             await self._finish_succeeded(ctx, response)
+        except (LeaseLostError, JobStoreUnavailableError) as exc:
+            # Fencing: another replica holds the job now (or may by the time the store is back),
+            # so this replica writes nothing more to it, not even a failure, and leaves its
+            # working folder to the new holder (one shared storage root). The JobQueue frees the
+            # lease where it still holds it, so the job resumes after its last completed stage.
+            log.warning("job stopped: %s", exc, extra={"operation": name, "epoch": epoch})
+            # The working folder's keep marker is the new holder's now (one shared root).
+            handed_over = isinstance(exc, LeaseLostError)
+            raise
         except (JobCancelled, asyncio.CancelledError):
             if name in self._cancelled or ctx.cancel_requested:
-                await finish_cancelled(self.bus, self.storage, await self.store.get_operation(name), ctx)
+                op = await self.store.get_operation(name)
+                await finish_cancelled(self.bus, self.storage, op, ctx, epoch=epoch)
                 return
             raise  # shutdown: leave the operation RUNNING so it resumes
         except JobFailure as failure:
@@ -228,7 +271,8 @@ class JobExecutor:
             )
             await self._finish_failed(ctx, failure)
         finally:
-            self.storage.release(ctx.workdir)
+            if not handed_over:
+                self.storage.release(ctx.workdir)
 
     def _context(self, op: OperationRecord, request: bytes) -> JobContext:
         pipeline = self.pipelines[op.kind]
@@ -243,6 +287,7 @@ class JobExecutor:
             workdir=workdir,
             state=JobContext.load_state(workdir),
             cancel_requested=op.cancel_requested,
+            epoch=self._epochs.get(op.name),
         )
 
     async def _run_stage(self, stage: Stage, ctx: JobContext) -> None:
@@ -289,17 +334,18 @@ class JobExecutor:
             update=OperationUpdate(
                 state=JobState.SUCCEEDED, response=response.SerializeToString(), message="completed"
             ),
+            epoch=ctx.epoch,
         )
         # Intermediate files go; artifacts live in their own tier.
         ctx.remove_workdir()
         log.info("job succeeded", extra={"operation": ctx.name})
 
     async def _finish_failed(self, ctx: JobContext, failure: JobFailure) -> None:
-        await self._emit_failed(ctx.name, ctx.current_stage, failure)
+        await self._emit_failed(ctx.name, ctx.current_stage, failure, ctx.epoch)
         await rollback(self.store, ctx)
         log.warning("job failed", extra={"operation": ctx.name, "kind": failure.kind, "error": failure.description})
 
-    async def _emit_failed(self, name: str, stage: int, failure: JobFailure) -> None:
+    async def _emit_failed(self, name: str, stage: int, failure: JobFailure, epoch: int | None) -> None:
         """The terminal error event, with the operation moved to FAILED in the same commit."""
         error = jobs_pb2.JobError(
             error_class=failure.error_class,  # type: ignore[arg-type]
@@ -322,13 +368,16 @@ class JobExecutor:
                 message=message,
                 error=(failure.code.value[0], message),
             ),
+            epoch=epoch,
         )
 
 
 async def finish_cancelled(
-    bus: EventSink, storage: StorageManager, op: OperationRecord, ctx: JobContext | None
+    bus: EventSink, storage: StorageManager, op: OperationRecord, ctx: JobContext | None, *, epoch: int | None = None
 ) -> None:
-    """The terminal CANCELLED event (unless the operation already ended); the job's files go."""
+    """The terminal CANCELLED event (unless the operation already ended); the job's files go.
+    ``epoch``: the lease the writer holds (LeaseLostError, and nothing removed, once another
+    replica's claim moved it on)."""
     if op.done:
         return
     complete = jobs_pb2.JobComplete(state=jobs_pb2.JOB_STATE_CANCELLED)
@@ -342,6 +391,7 @@ async def finish_cancelled(
             message="cancelled by the client",
             error=(grpc.StatusCode.CANCELLED.value[0], "cancelled by the client"),
         ),
+        epoch=epoch,
     )
     if ctx is not None:
         await rollback(bus.store, ctx)

@@ -16,13 +16,19 @@ from server.aio import cancel_and_wait
 from server.jobs.files.artifacts import delete_operation
 from server.jobs.store import JobStore, JobStoreError, utcnow
 
-__all__ = ["OperationRetention"]
+__all__ = ["RETENTION_DUTY", "OperationRetention"]
 
 log = logging.getLogger(__name__)
 
 
+# The name of the one-per-cluster duty (JobStore.try_cluster_duty) this pass runs under.
+RETENTION_DUTY = "operation-retention"
+
+
 class OperationRetention:
-    """Every ``interval_s``, deletes the operations that finished more than ``retention_s`` ago."""
+    """Every ``interval_s``, deletes the operations that finished more than ``retention_s`` ago,
+    on one replica of those sharing the store (the holder of its cluster duty), so N replicas do
+    not race to delete the same operations and files."""
 
     def __init__(self, store: JobStore, *, retention_s: float, interval_s: float, batch: int = 500) -> None:
         if retention_s <= 0 or interval_s <= 0 or batch < 1:
@@ -32,6 +38,13 @@ class OperationRetention:
         self.interval_s = interval_s
         self.batch = batch
         self._task: asyncio.Task[None] | None = None
+
+    async def run_once(self, now: datetime | None = None) -> int | None:
+        """A pass if this replica holds the retention duty (see purge_once); None when another
+        replica does."""
+        if not await self.store.try_cluster_duty(RETENTION_DUTY):
+            return None
+        return await self.purge_once(now)
 
     async def purge_once(self, now: datetime | None = None) -> int:
         """Deletes what is due now; returns how many operations went."""
@@ -61,7 +74,7 @@ class OperationRetention:
     async def _run(self) -> None:
         while True:
             try:
-                await self.purge_once()
+                await self.run_once()
             except Exception:
                 log.exception("operation retention pass failed")  # tried again next interval
             await asyncio.sleep(self.interval_s)

@@ -33,7 +33,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -196,8 +196,18 @@ class StorageManager:
     """Owns the storage root: hands out folders and temp paths, places finished files, and
     enforces retention with a periodic cleanup task (``start`` / ``stop``)."""
 
-    def __init__(self, config: StorageConfig, metrics: StorageMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: StorageConfig,
+        metrics: StorageMetrics | None = None,
+        *,
+        duty: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        """``duty``: asked before each periodic cleanup pass whether this replica runs it (one
+        storage root shared by replicas is swept by one of them: JobStore.try_cluster_duty);
+        None: always."""
         self.config = config
+        self.duty = duty
         self._metrics = metrics
         self._low_disk = False
         self._cleanup_lock = asyncio.Lock()
@@ -442,7 +452,8 @@ class StorageManager:
     async def _run(self) -> None:
         while True:
             try:
-                await self.cleanup_once()
+                if self.duty is None or await self.duty():
+                    await self.cleanup_once()
                 await self.stats()
             except Exception:
                 # A full disk or a permission problem must not end retention for good.

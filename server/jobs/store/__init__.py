@@ -1,11 +1,13 @@
 """The job store: where operations, their events and artifacts live durably.
 
     protocol.py         the JobStore protocol, its records (OperationRecord, EventRecord,
-                        ArtifactRecord, OperationUpdate), JobState and the store errors
+                        ArtifactRecord, OperationUpdate, ReplicaRecord), JobState and the store errors
     sqlite.py           SqliteJobStore: the embedded single-replica backend
     sqlite_schema.py    SQLite DDL and row <-> record conversion
     postgres.py         PostgresJobStore: the store replicas share
     postgres_schema.py  PostgreSQL DDL, versioned migrations, row <-> record conversion
+    postgres_listen.py  the store's one LISTEN connection (reconnects by itself, then RESYNC)
+    notifications.py    JobStore.listen's wake-ups: event committed, queued, cancel, released
     factory.py          open_job_store(url): a path or sqlite:/// URL, or a postgresql:// URL
 
 This package re-exports the protocol names so callers write
@@ -28,6 +30,7 @@ from server.jobs.store.protocol import (
     OperationNotFoundError,
     OperationRecord,
     OperationUpdate,
+    ReplicaRecord,
     RequestIdConflictError,
     check_lease_args,
     utcnow,
@@ -49,6 +52,7 @@ __all__ = [
     "OperationNotFoundError",
     "OperationRecord",
     "OperationUpdate",
+    "ReplicaRecord",
     "RequestIdConflictError",
     "check_lease_args",
     "utcnow",

@@ -42,6 +42,7 @@ Unavailability
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
@@ -54,18 +55,22 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from server.errors import shown
+from server.jobs.store.notifications import EVENTS_CHANNEL, JOBS_CHANNEL, Notification, NotificationListeners
+from server.jobs.store.postgres_listen import PostgresListener
 from server.jobs.store.postgres_schema import (
     ARTIFACT_COLUMNS,
     EVENT_COLUMNS,
     MIGRATION_LOCK,
     MIGRATIONS,
     OP_COLUMNS,
+    REPLICA_COLUMNS,
     SCHEMA_MIGRATIONS_DDL,
     SCHEMA_VERSION,
     artifact_from_row,
     event_from_row,
     op_from_row,
     qualified,
+    replica_from_row,
 )
 from server.jobs.store.protocol import (
     EVENT_TYPES,
@@ -82,8 +87,10 @@ from server.jobs.store.protocol import (
     OperationNotFoundError,
     OperationRecord,
     OperationUpdate,
+    ReplicaRecord,
     RequestIdConflictError,
     check_lease_args,
+    check_session_state_args,
 )
 
 # One page-token format for both backends (where the page ended, and the filter it belongs to).
@@ -101,6 +108,13 @@ MAX_PAGE_SIZE = 1000
 _UNFINISHED = ", ".join(str(int(s)) for s in UNFINISHED_STATES)
 _TERMINAL = ", ".join(str(int(s)) for s in TERMINAL_STATES)
 _O_COLUMNS = qualified(OP_COLUMNS, "o")
+# Unfinished and held by no live lease: waiting for a lane (claim_next's condition).
+def _waiting(alias: str = "") -> str:
+    a = f"{alias}." if alias else ""
+    return f"{a}state IN ({_UNFINISHED}) AND ({a}lease_expire_time IS NULL OR {a}lease_expire_time <= clock_timestamp())"
+
+
+_WAITING = _waiting()
 
 # SQLSTATEs that mean "the server is not there now" rather than "this statement is wrong":
 # class 08 (connection exceptions), admin/crash shutdown, and "cannot connect now" (starting up
@@ -122,6 +136,8 @@ class PostgresJobStore:
     (``postgresql://user:password@host:port/database``; libpq's parameters such as
     ``sslmode`` or ``options=-csearch_path%3Dmyschema`` work as usual); ``await open()``
     connects and applies the migrations this database lacks."""
+
+    shared_by_replicas = True  # see JobStore.shared_by_replicas
 
     def __init__(
         self,
@@ -152,6 +168,24 @@ class PostgresJobStore:
         # acquire_timeout_s for a connection, until the recovery task has a working pool again.
         self._down_reason: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # try_cluster_duty's connections, one per duty this replica holds (their advisory locks).
+        self._duty_conns: dict[str, AsyncConnection[Any]] = {}
+        self._notifications = NotificationListeners()
+        self._listener: PostgresListener | None = None
+
+    def listen(self, callback: Callable[[Notification], None]) -> Callable[[], None]:
+        """JobStore.listen: the first listener starts this store's one LISTEN connection
+        (postgres_listen.py), which reconnects by itself and sends RESYNC on every connect."""
+        remove = self._notifications.add(callback)
+        if self._listener is None and not self._closed:
+            self._listener = PostgresListener(self.url, self._connect_kwargs, self._notifications)
+            self._listener.start()
+        return remove
+
+    @property
+    def listener(self) -> PostgresListener | None:
+        """The LISTEN connection, once a listener started it (tests wait on ``connected``)."""
+        return self._listener
 
     def _new_pool(self) -> AsyncConnectionPool:
         return AsyncConnectionPool(
@@ -199,6 +233,11 @@ class PostgresJobStore:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.close()
+        for conn in self._duty_conns.values():
+            await conn.close()  # frees the duties' locks for another replica
+        self._duty_conns.clear()
         await self._pool.close()
 
     @property
@@ -342,7 +381,7 @@ class PostgresJobStore:
             ), req AS (
                 INSERT INTO operation_requests (name, request) SELECT name, %s FROM op
             )
-            SELECT {OP_COLUMNS} FROM op
+            SELECT {OP_COLUMNS} FROM op, LATERAL (SELECT pg_notify('{JOBS_CHANNEL}', 'queued:' || op.name)) n
         """
         # A repeat whose first creation is being deleted at this very moment finds neither: retry.
         for _ in range(3):
@@ -497,8 +536,9 @@ class PostgresJobStore:
 
     async def request_cancel(self, name: str) -> OperationRecord:
         row = await self._fetchone(
-            f"UPDATE operations SET cancel_requested = true, update_time = clock_timestamp() "
-            f"WHERE name = %s AND state IN ({_UNFINISHED}) AND NOT cancel_requested RETURNING {OP_COLUMNS}",
+            f"WITH c AS (UPDATE operations SET cancel_requested = true, update_time = clock_timestamp() "
+            f"WHERE name = %s AND state IN ({_UNFINISHED}) AND NOT cancel_requested RETURNING {OP_COLUMNS}) "
+            f"SELECT {OP_COLUMNS} FROM c, LATERAL (SELECT pg_notify('{JOBS_CHANNEL}', 'cancel:' || c.name)) n",
             (name,),
         )
         if row is not None:
@@ -570,10 +610,13 @@ class PostgresJobStore:
                 SET {", ".join(["last_sequence = o.last_sequence + 1", "update_time = t.now", *sets])}
                 FROM t WHERE o.name = %s{fence}
                 RETURNING o.name, o.last_sequence, o.update_time
-            ){drop}
-            INSERT INTO events (operation, sequence, time, event_type, terminal, payload)
-            SELECT name, last_sequence, update_time, %s, %s, %s FROM op
-            RETURNING {EVENT_COLUMNS}
+            ){drop}, ev AS (
+                INSERT INTO events (operation, sequence, time, event_type, terminal, payload)
+                SELECT name, last_sequence, update_time, %s, %s, %s FROM op
+                RETURNING {EVENT_COLUMNS}
+            )
+            SELECT {EVENT_COLUMNS} FROM ev,
+                LATERAL (SELECT pg_notify('{EVENTS_CHANNEL}', ev.operation || ':' || ev.sequence)) n
         """
         row = await self._fetchone(
             sql, [*params, name, *([] if epoch is None else [int(epoch)]), event_type, is_terminal, payload]
@@ -670,10 +713,117 @@ class PostgresJobStore:
 
     async def release_lease(self, name: str, replica_id: str, epoch: int) -> None:
         await self._fetchone(
-            "UPDATE operations SET lease_owner = NULL, lease_expire_time = NULL "
-            "WHERE name = %s AND lease_owner = %s AND lease_epoch = %s RETURNING 1",
+            "WITH r AS (UPDATE operations SET lease_owner = NULL, lease_expire_time = NULL "
+            "WHERE name = %s AND lease_owner = %s AND lease_epoch = %s RETURNING name) "
+            f"SELECT 1 FROM r, LATERAL (SELECT pg_notify('{JOBS_CHANNEL}', 'released:' || r.name)) n",
             (name, replica_id, int(epoch)),
         )
+
+    # -- the engine's view ------------------------------------------------------------------------
+
+    async def count_waiting(self) -> int:
+        row = await self._fetchone(f"SELECT count(*) FROM operations WHERE {_WAITING}", (), read=True)
+        return int(row[0]) if row else 0
+
+    async def waiting_position(self, name: str) -> int:
+        row = await self._fetchone(
+            f"""
+            SELECT (SELECT count(*) FROM operations o WHERE {_waiting("o")}
+                      AND (o.create_time, o.name) < (me.create_time, me.name))
+            FROM operations me WHERE me.name = %s AND {_waiting("me")}
+            """,
+            (name,),
+            read=True,
+        )
+        return -1 if row is None else int(row[0])
+
+    async def try_cluster_duty(self, duty: str) -> bool:
+        """A session-level advisory lock on a connection of its own (not the pool's: a pooled
+        connection goes back to the pool, and the lock with it). Held until this store closes
+        or the connection dies, when PostgreSQL frees the lock and another replica takes it."""
+        if not self._opened:
+            await self.open()
+        conn = self._duty_conns.get(duty)
+        if conn is not None:
+            try:
+                await conn.execute("SELECT 1")
+                return True
+            except psycopg.Error:
+                self._duty_conns.pop(duty, None)
+                await conn.close()
+        key = int.from_bytes(hashlib.sha256(f"framewise duty {duty}".encode()).digest()[:8], "big", signed=True)
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.url, **self._connect_kwargs)
+        except psycopg.Error as exc:
+            raise JobStoreUnavailableError(f"the PostgreSQL job store is unavailable: {exc}") from exc
+        try:
+            row = await (await conn.execute("SELECT pg_try_advisory_lock(%s)", (key,))).fetchone()
+        except psycopg.Error as exc:
+            await conn.close()
+            raise JobStoreUnavailableError(f"the PostgreSQL job store is unavailable: {exc}") from exc
+        if row is None or not row[0]:
+            await conn.close()
+            return False
+        self._duty_conns[duty] = conn
+        return True
+
+    # -- replicas -------------------------------------------------------------------------------
+
+    async def register_replica(self, replica_id: str, address: str) -> ReplicaRecord:
+        if not replica_id:
+            raise ValueError("replica_id must not be empty")
+        row = await self._fetchone(
+            f"""
+            INSERT INTO replicas (replica_id, address, register_time, heartbeat_time)
+            VALUES (%s, %s, clock_timestamp(), clock_timestamp())
+            ON CONFLICT (replica_id) DO UPDATE SET address = excluded.address, heartbeat_time = excluded.heartbeat_time
+            RETURNING {REPLICA_COLUMNS}
+            """,
+            (replica_id, address),
+        )
+        assert row is not None  # an upsert always returns its row
+        return replica_from_row(row)
+
+    async def list_replicas(self, *, seen_within_s: float | None = None) -> list[ReplicaRecord]:
+        if seen_within_s is None:
+            rows = await self._fetchall(f"SELECT {REPLICA_COLUMNS} FROM replicas ORDER BY replica_id", (), read=True)
+        else:
+            rows = await self._fetchall(
+                f"SELECT {REPLICA_COLUMNS} FROM replicas "
+                "WHERE heartbeat_time >= clock_timestamp() - %s * interval '1 second' ORDER BY replica_id",
+                (float(seen_within_s),),
+                read=True,
+            )
+        return [replica_from_row(r) for r in rows]
+
+    # -- tracking sessions handed off -------------------------------------------------------------
+
+    async def put_session_state(self, key: str, state: bytes, ttl_s: float) -> None:
+        check_session_state_args(key, ttl_s)
+
+        async def tx(conn: AsyncConnection[Any]) -> None:
+            async with conn.transaction():
+                await conn.execute("DELETE FROM tracking_sessions WHERE expire_time <= clock_timestamp()")
+                await conn.execute(
+                    "INSERT INTO tracking_sessions (session_key, state, expire_time) "
+                    "VALUES (%s, %s, clock_timestamp() + %s * interval '1 second') "
+                    "ON CONFLICT (session_key) DO UPDATE SET state = excluded.state, expire_time = excluded.expire_time",
+                    (key, bytes(state), float(ttl_s)),
+                    binary=True,
+                )
+
+        await self._call(tx, read=False)
+
+    async def take_session_state(self, key: str) -> bytes | None:
+        # DELETE ... RETURNING: of two replicas taking the key at once, the second's DELETE
+        # waits on the first's row lock and then matches nothing.
+        row = await self._fetchone(
+            "DELETE FROM tracking_sessions WHERE session_key = %s RETURNING state, expire_time > clock_timestamp()",
+            (key,),
+        )
+        if row is None or not row[1]:
+            return None
+        return bytes(row[0])
 
 
 def _checked_time(t: datetime) -> datetime:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from server.jobs.store.protocol import ArtifactRecord, EventRecord, JobState, OperationRecord
+from server.jobs.store.protocol import ArtifactRecord, EventRecord, JobState, OperationRecord, ReplicaRecord
 
 __all__ = [
     "ARTIFACT_COLUMNS",
@@ -31,6 +31,7 @@ __all__ = [
     "artifact_from_row",
     "event_from_row",
     "op_from_row",
+    "replica_from_row",
 ]
 
 
@@ -108,6 +109,34 @@ MIGRATIONS: list[Migration] = [
         );
         """,
     ),
+    Migration(
+        "replicas and their heartbeats",
+        """
+        -- One row per replica (--replica-id); every replica renews its heartbeat_time every few
+        -- seconds, so `framewise info` can tell the live ones from those gone.
+        CREATE TABLE replicas (
+            replica_id     text PRIMARY KEY,
+            address        text NOT NULL,
+            register_time  timestamptz NOT NULL,
+            heartbeat_time timestamptz NOT NULL
+        );
+        """,
+    ),
+    Migration(
+        "tracking sessions handed off by draining replicas",
+        """
+        -- A draining replica writes each live tracking session's state here; the replica a
+        -- resume reaches takes it (DELETE ... RETURNING: one taker). A few MiB per session:
+        -- STORAGE EXTERNAL, float arrays do not compress.
+        CREATE TABLE tracking_sessions (
+            session_key text PRIMARY KEY,
+            state       bytea NOT NULL,
+            expire_time timestamptz NOT NULL
+        );
+        ALTER TABLE tracking_sessions ALTER COLUMN state SET STORAGE EXTERNAL;
+        CREATE INDEX tracking_sessions_by_expiry ON tracking_sessions (expire_time);
+        """,
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -130,6 +159,7 @@ OP_COLUMNS = (
 )
 EVENT_COLUMNS = "operation, sequence, time, event_type, payload, terminal"
 ARTIFACT_COLUMNS = "operation, name, kind, media_type, path, size, sha256, expire_time"
+REPLICA_COLUMNS = "replica_id, address, register_time, heartbeat_time"
 
 
 def qualified(columns: str, alias: str) -> str:
@@ -187,4 +217,13 @@ def artifact_from_row(r: tuple[Any, ...]) -> ArtifactRecord:
         size=r[5],
         sha256=r[6],
         expire_time=_utc(r[7]),
+    )
+
+
+def replica_from_row(r: tuple[Any, ...]) -> ReplicaRecord:
+    return ReplicaRecord(
+        replica_id=r[0],
+        address=r[1],
+        register_time=_utc(r[2]),  # type: ignore[arg-type]
+        heartbeat_time=_utc(r[3]),  # type: ignore[arg-type]
     )

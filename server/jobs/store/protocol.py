@@ -24,11 +24,13 @@ Conventions shared by every backend:
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
 from server.errors import shown
+from server.jobs.store.notifications import Notification
 
 __all__ = [
     "TERMINAL_EVENT_TYPES",
@@ -43,6 +45,7 @@ __all__ = [
     "OperationNotFoundError",
     "OperationRecord",
     "OperationUpdate",
+    "ReplicaRecord",
     "RequestIdConflictError",
     "utcnow",
 ]
@@ -55,6 +58,14 @@ EVENT_TYPES = frozenset({"stage_update", "progress_update", "error", "complete"}
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def check_session_state_args(key: str, ttl_s: float) -> None:
+    """ValueError for a tracking-session state no backend stores."""
+    if not key:
+        raise ValueError("the session key must not be empty")
+    if not ttl_s > 0:
+        raise ValueError(f"ttl_s must be > 0, got {ttl_s!r}")
 
 
 def check_lease_args(replica_id: str, lease_s: float) -> None:
@@ -195,6 +206,17 @@ class ArtifactRecord:
     size: int
     sha256: str
     expire_time: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaRecord:
+    """A replica the cluster knows (JobStore.register_replica): what ``framewise info`` lists."""
+
+    replica_id: str  # --replica-id
+    address: str  # where the replica listens (--listen), as it reported it
+    # First registration and latest heartbeat, on the store's clock (the one clock replicas share).
+    register_time: datetime
+    heartbeat_time: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -359,6 +381,78 @@ class JobStore(Protocol):
     async def release_lease(self, name: str, replica_id: str, epoch: int) -> None:
         """Lets the operation be claimed at once (a replica draining hands its jobs back); a
         no-op when the lease is no longer ``(replica_id, epoch)``."""
+        ...
+
+    # -- replicas: who is in the cluster (framewise info) ---------------------------------------
+
+    async def register_replica(self, replica_id: str, address: str) -> ReplicaRecord:
+        """Adds the replica, or renews its heartbeat (and address): each replica calls it at
+        start and then every few seconds. ValueError for an empty ``replica_id``."""
+        ...
+
+    async def list_replicas(self, *, seen_within_s: float | None = None) -> list[ReplicaRecord]:
+        """The replicas registered, by replica_id; with ``seen_within_s``, only those whose last
+        heartbeat is at most that many seconds old on the store's clock (the live ones)."""
+        ...
+
+    # -- the engine's view of the store (server/jobs/engine/queue.py) ------------------------
+
+    # False where one replica alone uses the store (SQLite): a lease found at start was left
+    # by this replica's previous process, which is gone, so the engine frees it at once.
+    shared_by_replicas: bool
+
+    async def count_waiting(self) -> int:
+        """Unfinished operations that no live lease holds: the jobs waiting for a lane anywhere
+        in the cluster (what ``--max-queued-jobs`` bounds)."""
+        ...
+
+    async def waiting_position(self, name: str) -> int:
+        """How many waiting operations (as in count_waiting) come before this one in claim
+        order; -1 when it is not waiting (held by a lease, finished, or unknown)."""
+        ...
+
+    async def try_cluster_duty(self, duty: str) -> bool:
+        """Whether this store's process holds the one-per-cluster ``duty`` (operation retention,
+        storage cleanup): the first caller gets it and keeps it while its connection lives, so
+        the duty runs on one replica, not N racing; another replica gets it once that one is
+        gone. A store only one replica can use (SQLite) always answers True."""
+        ...
+
+    # -- notifications: wake-ups from every replica sharing the store --------------------------
+
+    def listen(self, callback: Callable[[Notification], None]) -> Callable[[], None]:
+        """Registers ``callback`` for the store's notifications (server.jobs.store.notifications)
+        and returns the function that unregisters it. Must be called on the event loop the
+        store runs on; callbacks run there too and must not block.
+
+        * ``EVENT(operation, sequence)``: an event was committed (by any replica). Only the
+          shared backend (PostgreSQL) sends these; with SQLite (one replica) the EventBus that
+          stored the event hands it to its watchers itself.
+        * ``QUEUED(operation)``, ``CANCEL(operation)``, ``RELEASED(operation)``: sent by
+          create_operation, request_cancel (when it set the flag) and release_lease (when it
+          released), after their write committed: "work to claim", "cancel that job if you run
+          it", "claimable again". Every backend sends these (SQLite: in process).
+        * ``RESYNC``: notifications may have been missed (PostgreSQL: the LISTEN connection was
+          (re)established, e.g. after a server restart): re-read what you wait for.
+
+        A notification is only a hint about what to re-read: the store stays the truth, so one
+        lost between RESYNCs is impossible and a duplicate is harmless. Delivered in commit
+        order per replica's connection; the writing replica gets its own notifications too.
+        No notification announces a lease that expired: claimers still look on a timer."""
+        ...
+
+    # -- tracking sessions handed off by a draining replica ------------------------------------
+
+    async def put_session_state(self, key: str, state: bytes, ttl_s: float) -> None:
+        """Stores a tracking session's state (server/pipelines/session_state.py's bytes) under
+        its session key for ``ttl_s`` seconds on the store's clock (the one clock replicas
+        share), replacing any state stored under that key. Rows already expired are deleted on
+        the way (nothing else sweeps them). ValueError for an empty key or ttl_s <= 0."""
+        ...
+
+    async def take_session_state(self, key: str) -> bytes | None:
+        """Removes and returns the state stored under ``key``; None when there is none or it
+        expired. Atomic: of replicas taking the same key at once, exactly one gets the state."""
         ...
 
     async def close(self) -> None: ...

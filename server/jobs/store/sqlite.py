@@ -42,6 +42,7 @@ from server.jobs.store.sqlite_schema import (  # noqa: F401 - re-exported
     _EVENT_COLUMNS,
     _MIGRATIONS,
     _OP_COLUMNS,
+    _REPLICA_COLUMNS,
     SCHEMA_VERSION,
     _artifact_from_row,
     _decode_token,
@@ -49,6 +50,7 @@ from server.jobs.store.sqlite_schema import (  # noqa: F401 - re-exported
     _event_from_row,
     _from_us,
     _op_from_row,
+    _replica_from_row,
     _split_sql,
     _to_us,
 )
@@ -65,10 +67,13 @@ from server.jobs.store.protocol import (
     OperationNotFoundError,
     OperationRecord,
     OperationUpdate,
+    ReplicaRecord,
     RequestIdConflictError,
     check_lease_args,
+    check_session_state_args,
     utcnow,
 )
+from server.jobs.store.notifications import Notification, NotificationKind, NotificationListeners
 from server.sqlite_thread import SqliteThread
 
 __all__ = ["SCHEMA_VERSION", "SqliteJobStore"]
@@ -83,6 +88,8 @@ class SqliteJobStore:
     """The SQLite `JobStore`. Open with ``SqliteJobStore(path)`` (the file and its parent
     folder are created); the schema is created or migrated on first use, or explicitly with
     ``await store.open()``."""
+
+    shared_by_replicas = False  # see JobStore.shared_by_replicas
 
     def __init__(
         self,
@@ -99,8 +106,17 @@ class SqliteJobStore:
         self._db = SqliteThread("job-store", closed_error=lambda: RuntimeError("job store is closed"))
         self._open_lock = asyncio.Lock()
         self._opened = False
+        # One replica: the wake-ups that PostgreSQL sends to every replica are delivered in
+        # process, after the write they announce committed (see listen()).
+        self._notifications = NotificationListeners()
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    def listen(self, callback: Callable[[Notification], None]) -> Callable[[], None]:
+        """JobStore.listen. In process: QUEUED, CANCEL and RELEASED after their write
+        committed; no EVENT (the EventBus that appended an event hands it to its watchers) and
+        no RESYNC (nothing can be missed)."""
+        return self._notifications.add(callback)
 
     async def open(self) -> SqliteJobStore:
         async with self._open_lock:
@@ -201,7 +217,10 @@ class SqliteJobStore:
             conn.execute("INSERT INTO operation_requests (name, request) VALUES (?, ?)", (name, bytes(request)))
             return self._get_sync(conn, name), True
 
-        return await self._run(self._write, tx)
+        op, created = await self._run(self._write, tx)
+        if created:
+            self._notifications.deliver(Notification(NotificationKind.QUEUED, op.name))
+        return op, created
 
     async def find_request(self, request_id: str, kind: int) -> OperationRecord | None:
         return await self._run(lambda: self._find_request_sync(self._require_conn(), request_id, kind))
@@ -340,17 +359,20 @@ class SqliteJobStore:
         return await self._run(self._write, tx)
 
     async def request_cancel(self, name: str) -> OperationRecord:
-        def tx(conn: sqlite3.Connection) -> OperationRecord:
+        def tx(conn: sqlite3.Connection) -> tuple[OperationRecord, bool]:
             op = self._get_sync(conn, name)
             if op.state.is_terminal or op.cancel_requested:
-                return op
+                return op, False
             conn.execute(
                 "UPDATE operations SET cancel_requested = 1, update_us = ? WHERE name = ?",
                 (_to_us(utcnow()), name),
             )
-            return self._get_sync(conn, name)
+            return self._get_sync(conn, name), True
 
-        return await self._run(self._write, tx)
+        op, requested = await self._run(self._write, tx)
+        if requested:
+            self._notifications.deliver(Notification(NotificationKind.CANCEL, name))
+        return op
 
     async def delete_operation(self, name: str) -> list[str]:
         def tx(conn: sqlite3.Connection) -> list[str]:
@@ -540,12 +562,103 @@ class SqliteJobStore:
         return await self._run(self._write, tx)
 
     async def release_lease(self, name: str, replica_id: str, epoch: int) -> None:
-        def tx(conn: sqlite3.Connection) -> None:
+        def tx(conn: sqlite3.Connection) -> bool:
+            return (
+                conn.execute(
+                    "UPDATE operations SET lease_owner = NULL, lease_expire_us = NULL "
+                    "WHERE name = ? AND lease_owner = ? AND lease_epoch = ?",
+                    (name, replica_id, int(epoch)),
+                ).rowcount
+                > 0
+            )
+
+        if await self._run(self._write, tx):
+            self._notifications.deliver(Notification(NotificationKind.RELEASED, name))
+
+    # -- the engine's view ------------------------------------------------------------------------
+
+    _WAITING = "state IN (?, ?) AND (lease_expire_us IS NULL OR lease_expire_us <= ?)"
+
+    async def count_waiting(self) -> int:
+        def q() -> int:
+            args = (*(int(s) for s in UNFINISHED_STATES), _to_us(utcnow()))
+            return self._require_conn().execute(f"SELECT count(*) FROM operations WHERE {self._WAITING}", args).fetchone()[0]
+
+        return await self._run(q)
+
+    async def waiting_position(self, name: str) -> int:
+        def q() -> int:
+            conn = self._require_conn()
+            args = (*(int(s) for s in UNFINISHED_STATES), _to_us(utcnow()))
+            me = conn.execute(
+                f"SELECT create_us FROM operations WHERE name = ? AND {self._WAITING}", (name, *args)
+            ).fetchone()
+            if me is None:
+                return -1
+            return conn.execute(
+                f"SELECT count(*) FROM operations WHERE {self._WAITING} AND (create_us < ? OR (create_us = ? AND name < ?))",
+                (*args, me[0], me[0], name),
+            ).fetchone()[0]
+
+        return await self._run(q)
+
+    async def try_cluster_duty(self, duty: str) -> bool:
+        return True  # one SQLite file, one replica: every duty is this one's
+
+    # -- replicas -------------------------------------------------------------------------------
+
+    async def register_replica(self, replica_id: str, address: str) -> ReplicaRecord:
+        if not replica_id:
+            raise ValueError("replica_id must not be empty")
+
+        def tx(conn: sqlite3.Connection) -> ReplicaRecord:
+            now_us = _to_us(utcnow())
             conn.execute(
-                "UPDATE operations SET lease_owner = NULL, lease_expire_us = NULL "
-                "WHERE name = ? AND lease_owner = ? AND lease_epoch = ?",
-                (name, replica_id, int(epoch)),
+                "INSERT INTO replicas (replica_id, address, register_us, heartbeat_us) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (replica_id) DO UPDATE SET address = excluded.address, heartbeat_us = excluded.heartbeat_us",
+                (replica_id, address, now_us, now_us),
+            )
+            row = conn.execute(f"SELECT {_REPLICA_COLUMNS} FROM replicas WHERE replica_id = ?", (replica_id,)).fetchone()
+            return _replica_from_row(row)
+
+        return await self._run(self._write, tx)
+
+    async def list_replicas(self, *, seen_within_s: float | None = None) -> list[ReplicaRecord]:
+        def q() -> list[ReplicaRecord]:
+            since = -1 if seen_within_s is None else _to_us(utcnow()) - round(seen_within_s * 1_000_000)
+            rows = self._require_conn().execute(
+                f"SELECT {_REPLICA_COLUMNS} FROM replicas WHERE heartbeat_us >= ? ORDER BY replica_id", (since,)
+            ).fetchall()
+            return [_replica_from_row(r) for r in rows]
+
+        return await self._run(q)
+
+    # -- tracking sessions handed off -------------------------------------------------------------
+
+    async def put_session_state(self, key: str, state: bytes, ttl_s: float) -> None:
+        check_session_state_args(key, ttl_s)
+
+        def tx(conn: sqlite3.Connection) -> None:
+            now_us = _to_us(utcnow())
+            conn.execute("DELETE FROM tracking_sessions WHERE expire_us <= ?", (now_us,))
+            conn.execute(
+                "INSERT INTO tracking_sessions (session_key, state, expire_us) VALUES (?, ?, ?) "
+                "ON CONFLICT (session_key) DO UPDATE SET state = excluded.state, expire_us = excluded.expire_us",
+                (key, bytes(state), now_us + round(ttl_s * 1_000_000)),
             )
 
         await self._run(self._write, tx)
+
+    async def take_session_state(self, key: str) -> bytes | None:
+        def tx(conn: sqlite3.Connection) -> bytes | None:
+            # One statement inside BEGIN IMMEDIATE: a second taker waits for this commit and then
+            # finds no row.
+            row = conn.execute(
+                "DELETE FROM tracking_sessions WHERE session_key = ? RETURNING state, expire_us", (key,)
+            ).fetchone()
+            if row is None or row[1] <= _to_us(utcnow()):
+                return None
+            return bytes(row[0])
+
+        return await self._run(self._write, tx)
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from server.errors import shown
-from server.jobs.store.protocol import ArtifactRecord, EventRecord, JobState, OperationRecord
+from server.jobs.store.protocol import ArtifactRecord, EventRecord, JobState, OperationRecord, ReplicaRecord
 
 _MIGRATIONS: list[str] = [
     # Version 1.
@@ -82,6 +82,27 @@ _MIGRATIONS: list[str] = [
     ALTER TABLE operations ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE operations ADD COLUMN lease_expire_us INTEGER;
     """,
+    # Version 4: replicas and their heartbeats (JobStore.register_replica). One replica on
+    # SQLite, but `framewise info` lists it the same way as a cluster's.
+    """
+    CREATE TABLE replicas (
+        replica_id   TEXT PRIMARY KEY,
+        address      TEXT NOT NULL,
+        register_us  INTEGER NOT NULL,
+        heartbeat_us INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    """,
+    # Version 5: tracking sessions a draining replica handed off (JobStore.put_session_state), until a
+    # resume takes them or they expire. A rowid table: a state is megabytes, and SQLite keeps
+    # WITHOUT ROWID rows that large in its index b-tree pages, where they fit badly.
+    """
+    CREATE TABLE tracking_sessions (
+        session_key TEXT PRIMARY KEY,
+        state       BLOB NOT NULL,
+        expire_us   INTEGER NOT NULL
+    );
+    CREATE INDEX tracking_sessions_by_expiry ON tracking_sessions (expire_us);
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -92,6 +113,7 @@ _OP_COLUMNS = (
 )
 _EVENT_COLUMNS = "operation, sequence, time_us, event_type, payload, terminal"
 _ARTIFACT_COLUMNS = "operation, name, kind, media_type, path, size, sha256, expire_us"
+_REPLICA_COLUMNS = "replica_id, address, register_us, heartbeat_us"
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -155,6 +177,15 @@ def _artifact_from_row(r: tuple[Any, ...]) -> ArtifactRecord:
         size=r[5],
         sha256=r[6],
         expire_time=_from_us(r[7]),
+    )
+
+
+def _replica_from_row(r: tuple[Any, ...]) -> ReplicaRecord:
+    return ReplicaRecord(
+        replica_id=r[0],
+        address=r[1],
+        register_time=_from_us(r[2]),  # type: ignore[arg-type]
+        heartbeat_time=_from_us(r[3]),  # type: ignore[arg-type]
     )
 
 

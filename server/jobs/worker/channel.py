@@ -67,8 +67,8 @@ class RemoteStore:
     ) -> OperationRecord:
         return await self._channel.call("update_operation", name, update, **fields)
 
-    async def add_artifact(self, artifact: ArtifactRecord) -> ArtifactRecord:
-        return await self._channel.call("add_artifact", artifact)
+    async def add_artifact(self, artifact: ArtifactRecord, *, epoch: int | None = None) -> ArtifactRecord:
+        return await self._channel.call("add_artifact", artifact, epoch=epoch)
 
     async def list_artifacts(self, name: str) -> list[ArtifactRecord]:
         return await self._channel.call("list_artifacts", name)
@@ -89,5 +89,9 @@ class RemoteEventSink:
         *,
         terminal: bool | None = None,
         update: OperationUpdate | None = None,
+        epoch: int | None = None,
     ) -> EventRecord:
-        return await self._channel.call("emit", name, event_type, payload, terminal=terminal, update=update)
+        # epoch crosses as a keyword: the serving process's EventBus.emit passes it to the store.
+        return await self._channel.call(
+            "emit", name, event_type, payload, terminal=terminal, update=update, epoch=epoch
+        )

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from server.aio import cancel_and_wait
 from server.jobs.engine.executor import JobExecutor
+from server.jobs.store import JobStoreUnavailableError, LeaseLostError
 from server.jobs.worker.channel import FrontChannel
 from server.jobs.worker.ipc import read_message, write_message
 
@@ -79,18 +80,23 @@ class JobWorker:
             if kind == "reply":
                 self.channel.resolve(*fields)
                 continue
-            (name,) = fields
+            name = fields[0]
             if kind == "run" and name not in self._jobs:
-                self._jobs[name] = asyncio.create_task(self._run(name), name=f"job {name}")
+                epoch = fields[1] if len(fields) > 1 else None
+                self._jobs[name] = asyncio.create_task(self._run(name, epoch), name=f"job {name}")
             elif kind == "cancel" and name in self._jobs and name not in self._cancels:
                 self._cancels[name] = asyncio.create_task(self._cancel(name), name=f"cancel {name}")
+            elif kind == "stop" and name in self._jobs:
+                self._jobs[name].cancel()  # lease lost: stops without writing, not reported done
         stop.set()
 
-    async def _run(self, name: str) -> None:
+    async def _run(self, name: str, epoch: int | None) -> None:
         try:
-            await self.executor.run(name)
+            await self.executor.run(name, epoch)
             if name in self._cancels:  # the cancel may still be writing the CANCELLED event
                 await asyncio.wait([self._cancels[name]])
+        except (LeaseLostError, JobStoreUnavailableError):
+            pass  # logged by the executor; the serving process's JobQueue frees or gives up the lease
         except Exception:
             log.exception("job execution failed", extra={"operation": name})
         finally:

@@ -8,7 +8,9 @@ it carries only our own plain values (names, the store's records, exceptions, se
 serving process -> worker::
 
     ("settings", WorkerSettings)   first message: what the worker builds itself from
-    ("run", name)                  run the operation to its end (it may resume a RUNNING one)
+    ("run", name, epoch)           run the operation to its end (it may resume a RUNNING one);
+                                   epoch: the serving process's lease on it, carried by every write
+    ("stop", name)                 stop it where it is, writing nothing more (the lease was lost)
     ("cancel", name)               stop it; its cancel_requested flag is already stored
     ("reply", id, ok, value)       the answer to a call: its result, or the exception it raised
 

@@ -13,7 +13,9 @@ Contract kept across the boundary:
 * the worker's jobs call this process for every store write and event ("emit": stored, then
   published here), so watchers still never see an event that is not durable, and delivery
   (commit -> EventBus -> streams) runs entirely in this process, at its priority;
-* the queue stays in the serving process (JobQueue); the worker runs what it is sent;
+* the serving process's JobQueue claims the jobs and holds (renews) their leases; the worker
+  runs what it is sent, every write carrying the lease's epoch, and stops a job without
+  writing more when told ("stop": the lease was lost);
 * if the worker dies, it is started again and sent every job it had; each resumes after its
   last completed stage, as after a server crash. If the serving process dies (even SIGKILL),
   the kernel kills the worker, so no job runs twice.
@@ -73,6 +75,7 @@ class WorkerProcess:
         self._connected = False  # ready, and its channel open
         # Operations sent to the worker, in the order sent, until it reports them done.
         self._runs: dict[str, asyncio.Future[None]] = {}
+        self._epochs: dict[str, int | None] = {}  # the lease each run carries (fencing)
         # What the worker may call: the store writes and reads its jobs make, and emit, which
         # stores and publishes here, on this process's loop, at this process's priority.
         store = bus.store
@@ -115,14 +118,22 @@ class WorkerProcess:
             future.cancel()
         self._runs.clear()
 
-    async def run(self, name: str) -> None:
+    async def run(self, name: str, epoch: int | None = None) -> None:
         future = asyncio.get_running_loop().create_future()
         self._runs[name] = future
+        self._epochs[name] = epoch
         try:
-            self._send("run", name)
+            self._send("run", name, epoch)
             await future
+        except asyncio.CancelledError:
+            # The JobQueue lost the lease (or stops): the worker stops the job where it is,
+            # writing nothing more, and does not report it done.
+            if not future.done():
+                self._send("stop", name)
+            raise
         finally:
             self._runs.pop(name, None)
+            self._epochs.pop(name, None)
 
     async def cancel(self, name: str) -> None:
         future = self._runs.get(name)
@@ -178,7 +189,7 @@ class WorkerProcess:
         )
         # Whatever it was running before a restart, in the order first sent.
         for name in self._runs:
-            self._send("run", name)
+            self._send("run", name, self._epochs.get(name))
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
