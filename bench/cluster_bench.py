@@ -66,7 +66,6 @@ from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from framewise.v1 import jobs_service_pb2_grpc
 from server.cluster.launcher import Cluster, ClusterSettings
 from server.pg import LocalPostgres
-from tests.cluster import create_schema
 from tests.conftest import DID_API_KEY, job_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -456,19 +455,30 @@ def choose_watcher(choice: str) -> tuple[str, str]:
         return "python", f"the native watcher did not build ({exc})"
 
 
+def create_database(postgres: LocalPostgres, name: str) -> str:
+    """A database of its own per deployment, not a schema: LISTEN/NOTIFY channels are per database, so the
+    deployments sharing one server would otherwise wake each other's replicas on every event and every job."""
+    import psycopg
+
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return postgres.url_for(name)
+
+
 async def run(args: argparse.Namespace, backbone: Backbone, work: Path, watcher: str) -> dict:
     postgres = LocalPostgres(work / "postgres")
     url = await postgres.start()
     deployments = {
         "sqlite": Deployment("sqlite", 1, str(work / "sqlite" / "jobs.sqlite3")),
-        "pg1": Deployment("pg1", 1, create_schema(url)),
-        "pg3": Deployment("pg3", 3, create_schema(url)),
-        "takeover": Deployment("takeover", 3, create_schema(url), ("--job-lease", str(args.takeover_lease))),
+        "pg1": Deployment("pg1", 1, create_database(postgres, "pg1")),
+        "pg3": Deployment("pg3", 3, create_database(postgres, "pg3")),
+        "takeover": Deployment("takeover", 3, create_database(postgres, "takeover"),
+                               ("--job-lease", str(args.takeover_lease))),
     }
     try:
         # PostgreSQL alone: the WAL it counts is the events' own (idle replicas write heartbeats).
         print("per-event costs on PostgreSQL", flush=True)
-        costs = await measure_event_costs(create_schema(url), args.cost_events)
+        costs = await measure_event_costs(create_database(postgres, "event_costs"), args.cost_events)
         for dep in deployments.values():
             print(f"starting {dep.name} ({dep.replicas} replica{'s' * (dep.replicas > 1)})", flush=True)
             await dep.start(work, backbone.triton_url, backbone.did_url)
@@ -476,10 +486,14 @@ async def run(args: argparse.Namespace, backbone: Backbone, work: Path, watcher:
         shared = {"postgres": postgres.pid, **{n: p.pid for n, p in backbone.procs.items()}}
         # What everything costs while nothing is asked of it (health checks, lease polls, membership heartbeats
         # of 8 replicas; other people's load too): the background every measurement shares.
-        busy0 = machine_busy_s()
+        everything = {**shared, **{f"{d.name}/{r}": pid for d in deployments.values() for r, pid in d.pids().items()}}
+        busy0, ours0 = machine_busy_s(), cpu_seconds(everything)
         await asyncio.sleep(5.0)
-        idle_cores = round((machine_busy_s() - busy0) / 5.0, 3)
-        print(f"idle: {idle_cores} cores busy", flush=True)
+        busy1, ours1 = machine_busy_s(), cpu_seconds(everything)
+        ours = sum(ours1[p] - ours0[p] for p in everything)
+        idle = {"machine_cores": round((busy1 - busy0) / 5.0, 3), "benchmark_processes_cores": round(ours / 5.0, 3)}
+        print(f"idle: machine {idle['machine_cores']} cores busy, of which the benchmark's processes "
+              f"{idle['benchmark_processes_cores']}", flush=True)
         through = await run_throughput(args, deployments, shared, backbone.did_url)
         latency = await run_latency(args, deployments["pg3"], shared, backbone.did_url, watcher)
         takeover = await run_takeovers(args, deployments["takeover"], backbone.did_url)
@@ -487,7 +501,7 @@ async def run(args: argparse.Namespace, backbone: Backbone, work: Path, watcher:
         for dep in deployments.values():
             await dep.stop()
         await postgres.stop()
-    return {"costs": costs, "idle_machine_cores": idle_cores, "throughput": through, "latency": latency,
+    return {"costs": costs, "idle": idle, "throughput": through, "latency": latency,
             "takeover": takeover}
 
 
@@ -535,10 +549,12 @@ def markdown(rep: dict, watcher_why: str) -> str:
          "cluster launcher (server/cluster, as `make serve-cluster`) with the jobs benchmark's orchestrator flags "
          "(default 4 job workers each, --result-cache-bytes 0, the tests' job settings: D-ID polled every 0.05 s, "
          "log level WARNING); every deployment has its own job store (SQLite WAL synchronous=FULL; PostgreSQL: its "
-         "own schema, fsync on, synchronous_commit on) and storage root, HAProxy in front. All four deployments "
-         f"(8 replicas) run for the whole benchmark{' (--quick)' * env['quick']}; with nothing asked of them the "
-         f"machine was {rep['idle_machine_cores']} cores busy (health checks, lease polls, heartbeats, other "
-         "people's load)."), "",
+         "own database, as LISTEN/NOTIFY channels are per database; fsync on, synchronous_commit on) and storage "
+         "root, HAProxy in front. All four deployments "
+         f"(8 replicas) run for the whole benchmark{' (--quick)' * env['quick']}; with nothing asked of them "
+         f"(5 s before the first measurement) the machine was {rep['idle']['machine_cores']} cores busy, "
+         f"{rep['idle']['benchmark_processes_cores']} of them the benchmark's processes (health checks, lease "
+         "polls, heartbeats of 8 replicas, HAProxy, PostgreSQL, Triton, the emulator)."), "",
         "## Jobs per second (talking videos, skip_matting, through HAProxy)", "",
         (f"{rep['method']['jobs']} jobs per cell submitted at once through the deployment's HAProxy, each awaited with "
          "WaitOperation (bench/jobs_bench.py throughput()); 2 warm-up jobs per replica first; the variants alternate "

@@ -627,10 +627,15 @@ def _point(point: PointLike) -> common_pb2.PointPrompt:
 
 def _resumable(exc: grpc.aio.AioRpcError) -> bool:
     """A status after which re-opening a read-only stream where it stopped is the right answer:
-    the connection or the server went away (UNAVAILABLE, ABORTED), or the HTTP/2 stream was reset."""
+    the connection or the server went away (UNAVAILABLE, ABORTED), or the HTTP/2 stream was reset,
+    or ended without a status: HAProxy ends a watch whose replica died (kill -9) with END_STREAM
+    and no trailers, which gRPC reports as UNKNOWN "Stream removed"."""
     if exc.code() in _RESUMABLE_CODES:
         return True
-    return exc.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in (exc.details() or "")
+    details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.UNKNOWN:
+        return "Stream removed" in details
+    return exc.code() == grpc.StatusCode.INTERNAL and "RST_STREAM" in details
 
 
 async def _pause_before_retry(

@@ -27,10 +27,18 @@ configuration it uses (server/cluster/haproxy.py), with health checks every 200 
 Helpers for tests that break things: ``kill(replica, sig)`` (SIGKILL, SIGSTOP, SIGCONT, SIGTERM),
 ``restart(replica)`` (same id and ports), ``wait_healthy`` / ``wait_lb`` (HAProxy's view of a
 replica: "UP" or "DOWN", from its stats CSV), ``replica_answering(channel, session_key)``.
+
+A test that stops the job store gives the cluster a PostgreSQL of its own (stopping the
+session's server would break every other test's store), then ``stop_postgres()`` /
+``start_postgres()`` (same port and data, everything committed kept):
+
+    with ClusterPostgres() as pg, running_cluster(work_dir, triton.url, pg.url, postgres=pg) as c:
+        c.stop_postgres(); ...; c.start_postgres()
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import io
@@ -38,8 +46,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,9 +60,10 @@ from did_emulator import EmulatorHandle, start_emulator
 from framewise.v1 import info_service_pb2, info_service_pb2_grpc
 from server.cluster.haproxy import SESSION_HEADER, Backend, HAProxyConfig, find_haproxy
 from server.cluster.topology import ReplicaSpec, free_port, plan_replicas, replica_command
+from server.pg.local import LocalPostgres
 from tests.conftest import ASSETS, DID_API_KEY, REPO, stop_process, wait_until
 
-__all__ = ["ClusterHandle", "Replica", "cluster", "running_cluster"]
+__all__ = ["ClusterHandle", "ClusterPostgres", "Replica", "cluster", "running_cluster"]
 
 # Fast failure detection in tests (make serve-cluster uses 500 ms).
 CHECK_INTERVAL_MS = 200
@@ -104,6 +114,59 @@ class Replica:
         return self.log_path.read_text(errors="replace")
 
 
+class ClusterPostgres:
+    """A PostgreSQL server of the cluster's own that synchronous tests can stop and start again.
+
+    LocalPostgres is asyncio; its server process is watched by the loop that started it, so one
+    private loop on one thread (alive as long as this object) starts, stops and restarts it. That
+    thread is also the server's parent for PR_SET_PDEATHSIG, so it must outlive the server."""
+
+    def __init__(self, timeout_s: float = 60.0) -> None:
+        self._timeout_s = timeout_s
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cluster-postgres", daemon=True)
+        self._server: LocalPostgres | None = None
+
+    def _run(self, coro: Coroutine[object, object, object]) -> object:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(self._timeout_s)
+
+    def __enter__(self) -> ClusterPostgres:
+        self._thread.start()
+        self._server = self._run(self._create())  # type: ignore[assignment]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._run(self._server.close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    @staticmethod
+    async def _create() -> LocalPostgres:
+        server = LocalPostgres()  # constructed on the loop that will watch its process
+        await server.start()
+        return server
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        return self._server.url
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None and self._server.pid is not None
+
+    def stop(self) -> None:
+        """Fast shutdown: every client connection is cut, committed work is kept."""
+        assert self._server is not None
+        self._run(self._server.stop())
+
+    def start(self) -> None:
+        """Starts it again on the same port with the same data; returns once it accepts connections."""
+        assert self._server is not None
+        self._run(self._server.start())
+
+
 @dataclass
 class ClusterHandle:
     address: str  # HAProxy: what clients use
@@ -115,6 +178,7 @@ class ClusterHandle:
     work_dir: Path
     stats_url: str
     haproxy: subprocess.Popen
+    postgres: ClusterPostgres | None = None  # when the cluster was given a PostgreSQL of its own
     _channels: list[grpc.Channel] = field(default_factory=list)
 
     @property
@@ -149,6 +213,15 @@ class ClusterHandle:
 
         wait_until(up, timeout_s, f"{replica.replica_id} to be healthy")
 
+    def stop_postgres(self) -> None:
+        """Stops the job store's server (only a cluster given ``postgres=`` can)."""
+        assert self.postgres is not None, "running_cluster(..., postgres=ClusterPostgres()) to stop it"
+        self.postgres.stop()
+
+    def start_postgres(self) -> None:
+        assert self.postgres is not None, "running_cluster(..., postgres=ClusterPostgres()) to start it"
+        self.postgres.start()
+
     def lb_status(self) -> dict[str, str]:
         """HAProxy's view of each replica: "UP", "DOWN" (or "UP 1/2"-style transitions), by id."""
         text = httpx.get(f"{self.stats_url};csv", timeout=2).text.lstrip("# ")
@@ -168,6 +241,8 @@ class ClusterHandle:
     def stop(self) -> None:
         for ch in self._channels:
             ch.close()
+        if self.postgres is not None and not self.postgres.running:
+            self.postgres.start()  # a test may have left it stopped: replicas drain against a live store
         for r in self.replicas:
             if r.process is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -219,8 +294,11 @@ def running_cluster(
     replicas: int = 3,
     replica_args: list[str] | tuple[str, ...] = (),
     emulator_stage_delay_s: float = 0.05,
+    postgres: ClusterPostgres | None = None,
 ) -> Iterator[ClusterHandle]:
-    """Starts the cluster, yields its handle once HAProxy sees every replica UP, stops it all."""
+    """Starts the cluster, yields its handle once HAProxy sees every replica UP, stops it all.
+    ``postgres``: the server behind ``postgres_url`` when it is the cluster's own (the handle can
+    then stop and start it)."""
     job_store = create_schema(postgres_url)
     storage_root = work_dir / "storage"
     storage_root.mkdir(parents=True, exist_ok=True)
@@ -261,7 +339,7 @@ def running_cluster(
         handle = ClusterHandle(
             address=f"127.0.0.1:{config.listen_port}", replicas=members, emulator=emulator, triton_url=triton_url,
             job_store_url=job_store, storage_root=storage_root, work_dir=work_dir,
-            stats_url=f"http://127.0.0.1:{stats_port}/", haproxy=haproxy,
+            stats_url=f"http://127.0.0.1:{stats_port}/", haproxy=haproxy, postgres=postgres,
         )  # fmt: skip
         for r in members:
             handle.wait_healthy(r)

@@ -939,9 +939,12 @@ async def test_a_stage_s_files_reach_the_disk_before_its_checkpoint(tmp_path: Pa
         checkpoint = ("checkpoint", stage)
         assert checkpoint in trace, trace
         before = trace[: trace.index(checkpoint)]
-        assert ("fsync", workdir / f"{written}.tmp") in before  # the data, before its rename
+        # The data, in the writer's own temporary file, before its rename.
+        written_at = next((i for i, (kind, path) in enumerate(before)
+                           if kind == "fsync" and path.parent == workdir and path.name.startswith(f".{written}.")
+                           and path.name.endswith(".tmp")), None)
+        assert written_at is not None, trace
         # The folder, after the file's rename and before the checkpoint.
-        written_at = before.index(("fsync", workdir / f"{written}.tmp"))
         assert ("fsync", workdir) in before[written_at:], trace
     # The job's folders, made when it started, with its first checkpoint.
     first = trace[: trace.index(("checkpoint", DECODING))]

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
-__all__ = ["fsync_path", "write_atomically", "write_json_atomically"]
+__all__ = ["fsync_path", "private_temp_name", "write_atomically", "write_json_atomically"]
 
 
 def fsync_path(path: Path) -> None:
@@ -26,16 +27,32 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def private_temp_name(path: Path) -> Path:
+    """A temporary name beside ``path`` that no other writer uses.
+
+    Two processes can write the same job file: a replica frozen past its lease wakes up and
+    finishes the step the new holder is also doing (its store writes are fenced, its files in the
+    shared folder are not). With one shared ``name.tmp`` the second rename found the first had
+    taken the file away (FileNotFoundError) and failed the job; with a temporary file of its own
+    each writer renames a complete file, and the last rename wins."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
 def write_atomically(path: Path, data: bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file (write, fsync, rename), so a crash
-    leaves the old content or the new, never part of it. The folder is not synced here: callers
-    that store a checkpoint sync it once before the commit."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Writes ``data`` to ``path`` through a temporary file of this writer's own (write, fsync,
+    rename), so a crash leaves the old content or the new, never part of it, and concurrent
+    writers never share the temporary file. The folder is not synced here: callers that store a
+    checkpoint sync it once before the commit."""
+    tmp = private_temp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_json_atomically(path: Path, value: dict[str, Any]) -> None:

@@ -25,6 +25,7 @@ from framewise.v1 import common_pb2
 from server.errors import InvalidInput, ServiceError, TooLarge
 from server.jobs.engine.context import JobContext
 from server.jobs.engine.failures import JobFailure
+from server.jobs.files.durable import private_temp_name
 from server.media.video_reader import UnreadableVideo, VideoInfo, read_frames
 from server.pipelines.prompts import ObjectPrompt
 from server.pipelines.tracking import FrameOutcome, TrackingEngine, TrackingSession
@@ -177,7 +178,7 @@ def _merge_tracks(backward: Path, forward: Path, dest: Path) -> int:
     """Backward lines (written last frame first) reversed, then the forward lines, into ``dest``
     atomically. Returns the number of frames."""
     backward_lines = backward.read_text(encoding="utf-8").splitlines(keepends=True)
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = private_temp_name(dest)
     count = 0
     with open(tmp, "w", encoding="utf-8") as out:
         for line in reversed(backward_lines):
