@@ -13,7 +13,7 @@ Layout written at ``output``::
     matting/...               background removal: the REAL U^2-Netp weights (u2netp.onnx) behind
                               the matting contract, same three files; S = 320, read from the graph
 
-Same model names and tensor contracts as the GPU repository (DESIGN.md sections 3 and 4), with
+Same model names and tensor contracts as the GPU repository (the model contract (README.md, "The model contract")), with
 one difference by design: the matting model is a different network per repository (U^2-Netp at
 S = 320 here, BiRefNet-lite at S = 1024 on the GPU), so its S differs; the orchestrator reads S
 from Triton's metadata. Every config says which network it serves (parameter ``network``).

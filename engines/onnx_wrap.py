@@ -1,7 +1,7 @@
 """Graph surgery: give an NCHW float image model a uint8 NHWC input.
 
 Frames cross the wire at one byte per channel; the conversion to the float NCHW
-tensor the network was exported with happens inside the graph (DESIGN.md section 4).
+tensor the network was exported with happens inside the graph (the model contract (README.md, "The model contract")).
 """
 
 from __future__ import annotations

@@ -25,11 +25,11 @@ SERVICE_MODELS = {
     SERVICES["vision"].full_name: ("yolov8", MATTING, sam2.IMAGE_ENCODER, sam2.MASK_DECODER),
     SERVICES["tracking"].full_name: sam2.TRACKING_MODELS,
     # Jobs queue and retry, but cannot progress without their models. Matting is not one of
-    # them: without it a talking video goes on with the plain crop (seed 003's degradation).
+    # them: without it a talking video goes on with the plain crop (graceful degradation).
     SERVICES["jobs"].full_name: ("yolov8", *sam2.TRACKING_MODELS),
     SERVICES["info"].full_name: (),
 }
-# Models the jobs use but can go on without (seed 003's graceful degradation).
+# Models the jobs use but can go on without (graceful degradation to the plain crop).
 JOB_DEGRADABLE_MODELS = (MATTING,)
 # Models whose results the result cache keeps: both processes' monitors read their specs again
 # on every refresh, so a reload in Triton changes the cache keys within one health interval.

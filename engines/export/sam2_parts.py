@@ -8,7 +8,7 @@ writes ``DIR/sam2_image_encoder.onnx``, ``sam2_mask_decoder.onnx``, ``sam2_memor
 errors, sha256 of every file). ``build_engines.py --target cpu --sam2-onnx-dir DIR`` serves them
 in place of the stand-ins.
 
-The contract is the one of DESIGN.md section 4, identical to the CPU stand-ins
+The contract is the model contract (README.md, "The model contract"), identical to the CPU stand-ins
 (engines/sam2_standin): same tensor names, ranks and dtypes, so the orchestrator cannot tell them
 apart. What each graph holds, following sam2/modeling/sam2_base.py of the reference:
 

@@ -1,7 +1,7 @@
 """SAM 2 STAND-IN contract models for the CPU model repository (no SAM 2 weights, no torch).
 
 Four small deterministic ONNX graphs with the exact tensor names, ranks and dtypes of the real
-SAM 2 parts (DESIGN.md section 4), built with ``onnx.helper`` and seeded numpy constants. They
+SAM 2 parts (the model contract (README.md, "The model contract")), built with ``onnx.helper`` and seeded numpy constants. They
 have no learned meaning; they are just meaningful enough for a tracker built on them to
 propagate a mask with differing candidates. Every size follows from the model size S
 (``image_size``): feature grid S/16, high-res grids S/4 and S/8, mask grid S/4.

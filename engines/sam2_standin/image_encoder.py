@@ -1,7 +1,7 @@
 """``sam2_image_encoder`` STAND-IN contract model: no learned meaning, no SAM 2 weights.
 
 Same tensor names, ranks and dtypes as the real Hiera image encoder export
-(DESIGN.md section 4); the numbers are only cheap, deterministic image statistics:
+(the model contract (README.md, "The model contract")); the numbers are only cheap, deterministic image statistics:
 
 - ``image`` UINT8 [B,S,S,3] RGB is scaled to 0..1 and made NCHW inside the graph;
 - ``high_res_feat0`` [B,32,S/4,S/4]: 4x4 average-pooled RGB through a seeded 1x1 projection

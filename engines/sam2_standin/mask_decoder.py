@@ -1,7 +1,7 @@
 """``sam2_mask_decoder`` STAND-IN contract model: no learned meaning, no SAM 2 weights.
 
 Same tensors as the real prompt encoder + mask decoder + object-pointer head, returning ALL
-candidates (DESIGN.md section 4). Deterministic arithmetic (indicator tensors, no control flow):
+candidates (the model contract (README.md, "The model contract")). Deterministic arithmetic (indicator tensors, no control flow):
 
 1. A logit map L on the S/4 mask grid:
    - box (a label-2 / label-3 point pair): +10 inside, -10 outside, linear over one cell at

@@ -1,6 +1,6 @@
 """``sam2_memory_attention`` STAND-IN contract model: no learned meaning, no SAM 2 weights.
 
-Same tensors as the real memory attention (DESIGN.md section 4). ``conditioned_feat`` is
+Same tensors as the real memory attention (the model contract (README.md, "The model contract")). ``conditioned_feat`` is
 ``vision_feat`` with channels 240..255 replaced by a mask prior, a logit map on the S/4 mask
 grid (4x4 space-to-depth blocks), which the mask-decoder stand-in uses when it has no prompt.
 The "attention" is template matching over small displacements:

@@ -1,6 +1,6 @@
 """``sam2_memory_encoder`` STAND-IN contract model: no learned meaning, no SAM 2 weights.
 
-Same tensors as the real memory encoder (DESIGN.md section 4); ``maskmem_feat`` is FLOAT16, as
+Same tensors as the real memory encoder (the model contract (README.md, "The model contract")); ``maskmem_feat`` is FLOAT16, as
 on the T4. What the 64 channels of the stand-in memory hold (4x4 space-to-depth blocks of
 S/4 maps on the S/16 grid; channel map in engines/sam2_standin/_graph.py):
 

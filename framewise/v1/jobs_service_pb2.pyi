@@ -448,7 +448,7 @@ class CreateTalkingVideoRequest(_message.Message):
     """Optional client-chosen id making the submission idempotent."""
     require_matting: _builtins.bool
     """Fail the job when background removal fails (after its retries). By default the job degrades
-    instead (seed 003): the crop goes to D-ID as it is, and the result says why
+    gracefully instead: the crop goes to D-ID as it is, and the result says why
     (matting_skipped, matting_skipped_reason).
     """
     all_persons: _builtins.bool

@@ -1,6 +1,6 @@
 """The one error the D-ID client raises, classified for the job pipeline.
 
-Error classes (seed 003): ``recoverable`` (a transient network failure: retry with backoff),
+Error classes: ``recoverable`` (a transient network failure: retry with backoff),
 ``permanent`` (bad input or configuration: fail fast with a clear message), ``resource`` (out
 of credits: queue and alert, do not retry now) and ``external`` (D-ID rate limits or outages:
 retry with backoff).

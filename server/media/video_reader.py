@@ -6,7 +6,7 @@ installed, PyAV is tried instead, and the backend that worked is recorded so eve
 over the file decodes it the same way. Frames are BGR uint8, in stream order; a frame's time is
 ``source_frame_index / fps`` (constant-rate assumption, as SAM 2's video loader makes).
 
-Sampling (seed 004): ``sample_fps`` keeps the source frame nearest to each tick of a
+Sampling: ``sample_fps`` keeps the source frame nearest to each tick of a
 ``sample_fps`` clock; ``max_frames`` then thins the plan evenly over the whole duration (each
 kept frame stands for an equal slice of time) instead of cutting the video short.
 """

@@ -1,7 +1,7 @@
 """The SAM 2 parts as Triton serves them: names and sizes read from the model specs.
 
 Nothing here hard-codes 1024: the image size S comes from the encoder's input shape and every
-grid size from the outputs (DESIGN.md 4).
+grid size from the outputs (the model contract (README.md, "The model contract")).
 """
 
 from __future__ import annotations

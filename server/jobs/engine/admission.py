@@ -1,4 +1,4 @@
-"""Per-model concurrency slots for jobs (seed 001: 2 detection, 1 matting on a T4).
+"""Per-model concurrency slots for jobs (sized for one T4: 2 detection, 1 matting).
 
 Interactive RPCs (Detect, Track) do not take slots: Triton's own queue serves them. Jobs do,
 so a burst of jobs never takes more of the GPU than the slots allow and waits in FIFO order

@@ -1,4 +1,4 @@
-"""How a job fails: the error classes of seed 003 and what the executor does with each.
+"""How a job fails: its error classes and what the executor does with each.
 
 * ``RECOVERABLE`` (transient network failure, busy model) and ``EXTERNAL`` (D-ID rate limit or
   outage): retried with exponential backoff and jitter; every retry is an ``error`` event with

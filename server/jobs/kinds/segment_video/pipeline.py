@@ -1,4 +1,4 @@
-"""Video segmentation job (seed 000): track one prompted object through a whole video with
+"""Video segmentation job: track one prompted object through a whole video with
 SAMURAI over the SAM 2 parts on Triton, then write mask, overlay and per-frame JSON artifacts.
 
 Stages (checkpoint, percent of its stage event)::

@@ -1,4 +1,4 @@
-"""The talking video job (JOB_KIND_TALKING_VIDEO, seeds 001 and 003): photo + audio -> a
+"""The talking video job (JOB_KIND_TALKING_VIDEO): photo + audio -> a
 talking-head video through D-ID.
 
     inputs -> YOLO person detection -> crop -> matting -> D-ID upload -> create talk

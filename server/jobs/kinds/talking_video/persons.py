@@ -141,7 +141,7 @@ def slots(state: dict[str, Any], all_persons: bool) -> list[PersonSlot]:
 
 def band(low_stage: int, high_stage: int, percents: dict[int, float], finished: int, total: int) -> float:
     """The operation's percent once ``finished`` of ``total`` persons are through a stage that
-    spans the seeds' percents of ``low_stage`` .. ``high_stage``. ``finished`` only grows (it
+    spans the fixed percents of ``low_stage`` .. ``high_stage``. ``finished`` only grows (it
     is counted from the durable state), so the percents never go back, also across retries
     and a resume after a crash."""
     low, high = percents[low_stage], percents[high_stage]

@@ -1,7 +1,7 @@
 """The photo D-ID gets for each person: the DETECTION stage (the persons found, and the one the
 request chooses or, with all_persons, every one up to the bound) and the BACKGROUND_REMOVAL
 stage (each person's crop matted and put over the requested background, or sent as it is),
-with its fallback, seed 003's graceful degradation.
+with its fallback: graceful degradation to the plain crop.
 """
 
 from __future__ import annotations

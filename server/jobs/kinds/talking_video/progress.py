@@ -1,4 +1,4 @@
-"""The talking video's progress scale: the percent each stage event reports (the seeds',
+"""The talking video's progress scale: the percent each stage event reports (fixed,
 INITIALIZED 0 ... COMPLETED 100), shared by every stage of this job kind."""
 
 from __future__ import annotations
