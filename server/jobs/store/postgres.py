@@ -94,7 +94,8 @@ from server.jobs.store.protocol import (
 )
 
 # One page-token format for both backends (where the page ended, and the filter it belongs to).
-from server.jobs.store.sqlite_schema import _decode_token, _encode_token, _from_us, _to_us
+from server.jobs.store.rows import decode_token, encode_token
+from server.jobs.store.sqlite_schema import _from_us, _to_us
 
 __all__ = ["SCHEMA_VERSION", "PostgresJobStore"]
 
@@ -446,7 +447,7 @@ class PostgresJobStore:
             where.append("kind = %s")
             params.append(int(kind))
         if page_token:
-            after_us, after_name = _decode_token(page_token, scope)
+            after_us, after_name = decode_token(page_token, scope)
             where.append("(create_time, name) > (%s, %s)")
             params.extend([_from_us(after_us), after_name])
         sql = f"SELECT {OP_COLUMNS} FROM operations"
@@ -459,7 +460,7 @@ class PostgresJobStore:
             return rows, ""
         items = rows[:size]
         last = items[-1]
-        return items, _encode_token(_to_us(last.create_time), last.name, scope)
+        return items, encode_token(_to_us(last.create_time), last.name, scope)
 
     @staticmethod
     def _assignments(update: OperationUpdate) -> tuple[list[str], list[Any]]:

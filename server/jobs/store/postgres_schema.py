@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from server.jobs.store.protocol import ArtifactRecord, EventRecord, JobState, OperationRecord, ReplicaRecord
+from server.jobs.store import rows
+from server.jobs.store.protocol import ArtifactRecord, EventRecord, OperationRecord, ReplicaRecord
 
 __all__ = [
     "ARTIFACT_COLUMNS",
@@ -173,57 +174,16 @@ def _utc(t: datetime | None) -> datetime | None:
 
 
 def op_from_row(r: tuple[Any, ...]) -> OperationRecord:
-    return OperationRecord(
-        name=r[0],
-        kind=r[1],
-        state=JobState(r[2]),
-        stage=r[3],
-        percent=float(r[4]),
-        message=r[5],
-        response=None if r[6] is None else bytes(r[6]),
-        error=None if r[7] is None else (int(r[7]), r[8] or ""),
-        create_time=_utc(r[9]),  # type: ignore[arg-type]
-        update_time=_utc(r[10]),  # type: ignore[arg-type]
-        start_time=_utc(r[11]),
-        end_time=_utc(r[12]),
-        last_sequence=r[13],
-        last_completed_stage=r[14],
-        request_id=r[15],
-        cancel_requested=bool(r[16]),
-        lease_owner=r[17],
-        lease_epoch=r[18],
-        lease_expire_time=_utc(r[19]),
-    )
+    return rows.op_from_row(r, _utc)
 
 
 def event_from_row(r: tuple[Any, ...]) -> EventRecord:
-    return EventRecord(
-        operation=r[0],
-        sequence=r[1],
-        time=_utc(r[2]),  # type: ignore[arg-type]
-        event_type=r[3],
-        payload=bytes(r[4]),
-        terminal=bool(r[5]),
-    )
+    return rows.event_from_row(r, _utc)
 
 
 def artifact_from_row(r: tuple[Any, ...]) -> ArtifactRecord:
-    return ArtifactRecord(
-        operation=r[0],
-        name=r[1],
-        kind=r[2],
-        media_type=r[3],
-        path=r[4],
-        size=r[5],
-        sha256=r[6],
-        expire_time=_utc(r[7]),
-    )
+    return rows.artifact_from_row(r, _utc)
 
 
 def replica_from_row(r: tuple[Any, ...]) -> ReplicaRecord:
-    return ReplicaRecord(
-        replica_id=r[0],
-        address=r[1],
-        register_time=_utc(r[2]),  # type: ignore[arg-type]
-        heartbeat_time=_utc(r[3]),  # type: ignore[arg-type]
-    )
+    return rows.replica_from_row(r, _utc)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, Self, TypeVar
 
 from server.errors import shown
+from server.jobs.store.rows import decode_token, encode_token
 from server.jobs.store.sqlite_schema import (  # noqa: F401 - re-exported
     _ARTIFACT_COLUMNS,
     _EPOCH,
@@ -45,8 +46,6 @@ from server.jobs.store.sqlite_schema import (  # noqa: F401 - re-exported
     _REPLICA_COLUMNS,
     SCHEMA_VERSION,
     _artifact_from_row,
-    _decode_token,
-    _encode_token,
     _event_from_row,
     _from_us,
     _op_from_row,
@@ -276,7 +275,7 @@ class SqliteJobStore:
             where.append("kind = ?")
             params.append(int(kind))
         if page_token:
-            after_us, after_name = _decode_token(page_token, scope)
+            after_us, after_name = decode_token(page_token, scope)
             where.append("(create_us > ? OR (create_us = ? AND name > ?))")
             params.extend([after_us, after_us, after_name])
         sql = f"SELECT {_OP_COLUMNS} FROM operations"
@@ -293,7 +292,7 @@ class SqliteJobStore:
             return rows, ""
         items = rows[:size]
         last = items[-1]
-        return items, _encode_token(_to_us(last.create_time), last.name, scope)
+        return items, encode_token(_to_us(last.create_time), last.name, scope)
 
     @staticmethod
     def _apply_update_sync(conn: sqlite3.Connection, name: str, update: OperationUpdate, now_us: int) -> None:
