@@ -62,12 +62,15 @@ repository: install
 # Without FRAMEWISE_DID_API_KEY, talking videos go to the project's local D-ID emulator (said
 # loudly here and in the server log); with it, to api.d-id.com (or FRAMEWISE_DID_URL).
 DID_EMULATOR_PORT ?= 8081
+# The emulator keeps its talks and uploads here across restarts, as D-ID does, so a job the
+# server resumes after a restart finds its talk (the job store and storage persist too).
+DID_EMULATOR_STATE ?= .cache/did-emulator
 SERVE := $(PY) -m server --model-repository $(REPO_CPU) --log-format text
 serve: repository
 	@if [ -n "$$FRAMEWISE_DID_API_KEY" ]; then exec $(SERVE); fi; \
 	echo "!!! FRAMEWISE_DID_API_KEY is not set: starting the LOCAL D-ID EMULATOR on 127.0.0.1:$(DID_EMULATOR_PORT)." >&2; \
 	echo "!!! Talking videos will NOT come from D-ID (the emulator holds the photo still over the audio)." >&2; \
-	$(PY) -m did_emulator --port $(DID_EMULATOR_PORT) --api-key local-emulator & emulator=$$!; \
+	$(PY) -m did_emulator --port $(DID_EMULATOR_PORT) --api-key local-emulator --state-dir $(DID_EMULATOR_STATE) & emulator=$$!; \
 	trap 'kill $$emulator 2>/dev/null' EXIT; \
 	FRAMEWISE_DID_URL=http://127.0.0.1:$(DID_EMULATOR_PORT) FRAMEWISE_DID_API_KEY=local-emulator FRAMEWISE_DID_IS_EMULATOR=1 $(SERVE)
 
@@ -121,7 +124,7 @@ EXPORT_SAM2_DEPS ?= loguru scipy
 EXPORT_EXTRA ?= ultralytics-opencv-headless==8.4.190 safetensors timm kornia einops 'transformers>=4.40,<5'
 PARITY_FRAMES ?= 30
 
-.PHONY: export-env parity
+.PHONY: export-env parity bench-real
 
 export-env: $(VENV_EXPORT)/.installed
 
@@ -145,3 +148,13 @@ $(VENV_EXPORT)/.installed: pyproject.toml | system-deps
 parity: export-env system-deps
 	$(PY_EXPORT) -m pytest -q -p no:cacheprovider parity
 	$(PY_EXPORT) -m parity.run --frames $(PARITY_FRAMES) --results bench/results
+
+# The real SAM 2.1 architecture (seeded random weights, exported once into .cache/sam2_onnx_random) served by
+# Framewise's default CPU repository against the reference SAMURAI predictor, alternating, 1 and 3 objects:
+# frames/s, p50, Triton per-part time, peak PSS, mask parity (bench/results/real_sam2.{json,md}; method in
+# bench/README.md). The bench, Triton and the orchestrator run in .venv; the reference and the export in
+# .venv-export. Short by default (8 frames per side per round, 2 rounds, ~25 minutes on 2 cores); the full
+# run: make bench-real BENCH_REAL_ARGS="--frames 40 --rounds 3".
+BENCH_REAL_ARGS ?=
+bench-real: install export-env
+	$(PY) bench/real_sam2_bench.py --reference-python $(PY_EXPORT) --output bench/results $(BENCH_REAL_ARGS)

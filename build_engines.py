@@ -14,9 +14,9 @@ onnx (needs the export environment: `make export-env`, then `.venv-export/bin/py
 build_engines.py --target onnx ...`): YOLOv8 through Ultralytics (--yolo-weights FILE.pt, or
 --random-init: yolov8n.yaml with seeded random weights), the GPU's matting network, BiRefNet,
 from a local Hugging Face snapshot folder (--birefnet-snapshot DIR; there is no BiRefNet without
-one; written as matting.onnx, the Triton model it serves), the SAM 2 parts
-through engines/export/sam2_parts.py. Every graph has the contract of the CPU repository (uint8
-NHWC images in, preprocessing inside), is checked by onnx.checker and compared with PyTorch in
+one; written as matting.onnx, the Triton model it serves), the SAM 2 parts through
+engines/export/sam2_parts.py (export_parts) at --sam2-image-size. Every graph has the contract of
+the CPU repository (uint8 NHWC images in, preprocessing inside), is checked by onnx.checker and compared with PyTorch in
 ONNX Runtime on random inputs (max abs/rel errors printed, tolerances stated), and EXPORT.json
 records it all.
 
@@ -104,10 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--u2netp-onnx", type=Path,
                      help="U^2-Netp ONNX weights served as `matting` (default: $FRAMEWISE_U2NETP_ONNX, else "
                           "../shared/assets/models/u2netp.onnx next to the repo)")
-    cpu.add_argument("--instances", type=_positive_int, default=2,
-                     help="Triton instances of yolov8 (the SAM 2 parts have fixed counts for 2 cores)")
-    cpu.add_argument("--intra-op-threads", type=_positive_int, default=1,
-                     help="ONNX Runtime intra-op threads per instance")
+    cpu.add_argument("--cpu-cores", type=_positive_int, default=None,
+                     help="tune instances and ONNX Runtime threads for this many cores (default: the cores "
+                          "this process may use, CPU affinity and cgroup quota; engines/cpu_tuning.py)")
+    cpu.add_argument("--instances", type=_positive_int, default=None,
+                     help="Triton instances of yolov8 (default: tuned for the cores)")
+    cpu.add_argument("--intra-op-threads", type=_positive_int, default=None,
+                     help="ONNX Runtime intra-op threads per instance, every model (default: tuned for the cores)")
     cpu.add_argument("--max-batch-size", type=_positive_int, default=8, help="yolov8 max batch size")
     cpu.add_argument("--max-queue-delay-us", type=_non_negative_int, default=0,
                      help="dynamic batching max queue delay in microseconds (default 0: on CPU the model "
@@ -116,7 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="serve the real SAM 2 parts exported into this folder (<part>.onnx, by "
                           "engines/export/sam2_parts.py or --target onnx) instead of the stand-ins")
     parser.add_argument("--sam2-image-size", type=_sam2_image_size, default=1024,
-                        help="SAM 2 model size S: image S x S, features S/16, masks S/4 (default 1024)")
+                        help="SAM 2 model size S: image S x S, features S/16, masks S/4 (default 1024). "
+                             "cpu: the stand-ins' size, and the size --sam2-onnx-dir's parts must have; onnx: "
+                             "the size the real parts are exported at (a multiple of 32 for SAM 2.1's hiera)")
 
     onnx = parser.add_argument_group("--target onnx (and --models for tensorrt)")
     onnx.add_argument("--models", type=_models, default=ALL_MODELS,
@@ -176,7 +181,7 @@ def _run_cpu(args: argparse.Namespace) -> int:
     try:
         path = build_cpu_repository(
             output, args.yolo_onnx or default_yolo_onnx(),
-            instances=args.instances, intra_op_threads=args.intra_op_threads,
+            instances=args.instances, intra_op_threads=args.intra_op_threads, cpu_cores=args.cpu_cores,
             max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
             sam2_image_size=args.sam2_image_size, force=args.force, sam2_onnx_dir=args.sam2_onnx_dir,
             u2netp_onnx=args.u2netp_onnx or default_u2netp_onnx(),
@@ -296,7 +301,7 @@ def _run_onnx(args: argparse.Namespace) -> int:
     if parts:
         run("sam2", lambda: _export_sam2(args, output, parts, log))
 
-    failures += _contract_failures(results)
+    failures += _contract_failures(results, args.sam2_image_size)
     report = _write_report(output, results, args)
     failed_checks = [r.name for r in results if r.report is not None and not r.report.ok]
     print(f"\nONNX export into {output} ({EXPORT_REPORT} has the details):")
@@ -316,32 +321,40 @@ def _run_onnx(args: argparse.Namespace) -> int:
 
 
 def _export_sam2(args: argparse.Namespace, output: Path, parts: tuple[str, ...], log) -> list:
-    """The SAM 2 parts, by the SAM 2 exporter engines/export/sam2_parts.py (all four at once:
-    they share one model and its learned constants)."""
-    import torch
-
+    """The SAM 2 parts, by the SAM 2 exporter's entry point ``export_parts`` (one model for all the
+    parts asked for: they share its learned constants), at model size --sam2-image-size."""
     from engines.export import sam2_parts  # the export path only (imports torch and sam2)
-    from engines.export.common import ExportResult
 
-    torch.set_grad_enabled(False)
     checkpoint = args.sam2_checkpoint.expanduser() if args.sam2_checkpoint is not None else None
-    model = sam2_parts.build_predictor(args.sam2_size, checkpoint, seed=args.seed)
-    if int(model.image_size) != args.sam2_image_size:
-        log(f"note: SAM 2.1 {args.sam2_size} works at S={model.image_size}; --sam2-image-size "
-            f"{args.sam2_image_size} does not apply to a real export")
-    source = sam2_parts.source_description(args.sam2_size, checkpoint, args.seed)
-    log(f"[sam2] exporting SAM 2.1 {source} (S={model.image_size})")
-    exported = sam2_parts.export_parts(model, output, source=source, check=True, seed=args.seed, log=log)
-    return [ExportResult(name, part.path, source, part.report) for name, part in exported.items()]
+    # A checkpoint wins over --random-init (which may be there for YOLOv8 in the same command).
+    return sam2_parts.export_parts(output, parts=parts, checkpoint=checkpoint, size=args.sam2_size,
+                                   random_init=checkpoint is None and args.random_init, seed=args.seed,
+                                   image_size=args.sam2_image_size, opset=args.opset, check=True,
+                                   log=lambda message: log(f"[sam2] {message}"))
 
 
-def _contract_failures(results: list) -> list[str]:
+def _contract_failures(results: list, sam2_image_size: int) -> list[str]:
     """Every served graph must match its committed GPU config (model_repository/), which matches
-    the CPU repository: names, dtypes, dims."""
+    the CPU repository: names, dtypes, dims. The SAM 2 parts must also have the CPU repository's
+    contract at --sam2-image-size (what --target cpu --sam2-onnx-dir demands); the GPU configs are
+    written for one S, so a part exported at another S is not compared with them (a line says so)."""
     from engines import tensorrt_build as trtb
 
     failures = []
+    gpu_s = _gpu_sam2_image_size(trtb)
     for r in results:
+        if r.name in SAM2_PARTS:
+            from engines.export import sam2_parts
+
+            problems = sam2_parts.contract_mismatches(r.path, sam2_image_size)
+            if problems:
+                failures.append(f"{r.name}: not the model contract at S={sam2_image_size}: " + "; ".join(problems))
+                continue
+            print(f"{r.path.name}: tensor contract matches the CPU repository's at S={sam2_image_size}")
+            if sam2_image_size != gpu_s:
+                print(f"{r.path.name}: not compared with model_repository/ (sized for S={gpu_s}): a GPU build needs "
+                      f"--sam2-image-size {gpu_s}")
+                continue
         config_path = trtb.MODEL_REPOSITORY / r.name / "config.pbtxt"
         if not getattr(r, "in_repository", True) or not config_path.is_file():
             continue
@@ -351,6 +364,14 @@ def _contract_failures(results: list) -> list[str]:
         else:
             print(f"{r.path.name}: tensor contract matches {config_path.relative_to(REPO_ROOT)}")
     return failures
+
+
+def _gpu_sam2_image_size(trtb) -> int | None:
+    """The model size S the committed GPU repository serves (its image encoder's input side)."""
+    config_path = trtb.MODEL_REPOSITORY / "sam2_image_encoder" / "config.pbtxt"
+    if not config_path.is_file():
+        return None
+    return trtb.read_config(config_path).inputs[0].dims[0]
 
 
 def _write_report(output: Path, results: list, args: argparse.Namespace) -> Path:

@@ -121,7 +121,9 @@ class Backbone(JobStack):
 
 def replica_args(did_url: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The jobs benchmark's orchestrator flags (JobStack.start), for every replica of every deployment."""
-    return ("--log-level", "WARNING", "--triton-shm", "on", "--result-cache-bytes", "0",
+    # Quotas lifted: one tenant drives the whole cluster here, up to --max-queued-jobs at once.
+    return ("--log-level", "WARNING", "--triton-shm", "on", "--result-cache-bytes", "0", "--quota-jobs", "0",
+            "--quota-storage-bytes", "0",
             *job_args(SimpleNamespace(url=did_url)), *extra)
 
 

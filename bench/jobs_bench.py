@@ -65,7 +65,7 @@ REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
 IMAGE = ASSETS / "images" / "zidane.jpg"  # two persons; the job picks the largest
 JOB_SERVICE = jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name
-WORKERS = 4  # the orchestrator's default --job-workers: that many holder jobs fill them
+WORKERS = 4  # the orchestrator's default --job-concurrency: that many holder jobs fill them
 HOLD_S = 120.0  # a holder's D-ID talk stays "created"/"started" this long; holders are cancelled long before
 TARGET_P99_MS = 20.0
 ISOLATION_S = 0.05
@@ -166,7 +166,7 @@ def cell_label(k: int, watched: str, watcher: str = "python") -> str:
 
 
 def tone_wav(seconds: float = 1.0, rate: int = 16000) -> bytes:
-    """The tests' audio (tests/test_did.py): a 440 Hz tone, mono 16-bit WAV."""
+    """The tests' audio (tests/unit/test_did.py): a 440 Hz tone, mono 16-bit WAV."""
     t = np.arange(int(seconds * rate)) / rate
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as w:
@@ -216,6 +216,9 @@ class JobStack(Stack):
                    "--metrics-listen", metrics, "--log-level", "WARNING", "--triton-shm", "on",
                    # Every job sends the same photo: without this its detection and matte would be cache hits.
                    "--result-cache-bytes", "0",
+                   # One tenant drives the whole server here: up to --max-queued-jobs of its jobs at once,
+                   # and no storage measurement per submit.
+                   "--quota-jobs", "0", "--quota-storage-bytes", "0",
                    "--job-store", str(self.work_dir / "jobs.sqlite3"), "--storage-root", str(self.work_dir / "storage"),
                    *job_args(SimpleNamespace(url=self.did_url)),  # the tests' job settings: 0.05 s D-ID polls
                    *(["--did-poll-interval", str(self.did_poll_interval)] if self.did_poll_interval else [])]

@@ -139,7 +139,10 @@ async def triton_stats(client: triton_aio.InferenceServerClient) -> dict[str, di
 
 def scrape(url: str) -> dict:
     samples = [s for f in text_string_to_metric_families(httpx.get(url, timeout=10).text) for s in f.samples]
-    return {"session_bytes": [s.value for s in samples if s.name == "framewise_tracking_session_bytes"],
+    # The orchestrator publishes the banks' total (no per-session series): the mean per session.
+    total = [s.value for s in samples if s.name == "framewise_tracking_session_bytes"]
+    held = [s.value for s in samples if s.name == "framewise_tracking_sessions"]
+    return {"session_bytes": [total[0] / held[0]] if total and held and held[0] else [],
             **{f"{s.labels['model']}/{s.labels['path']}": s.value
                for s in samples if s.name == "framewise_triton_transfers_total"}}
 

@@ -13,9 +13,17 @@
     framewise download OPERATION ARTIFACT OUT
     framewise operations [--filter 'state = RUNNING']
     framewise cancel OPERATION           long-running jobs (see clients/jobs_cli.py)
+    framewise admin keys create|list|revoke, admin quotas set|show
+                                        administration in the job store (clients/admin_cli.py)
 
-The server address comes from --server, else FRAMEWISE_SERVER, else localhost:50051.
-Exit codes: 0 ok, 1 service unreachable / not serving / failed, 2 bad input or usage.
+The server address comes from --server, else FRAMEWISE_SERVER, else localhost:50051. With
+authentication on, the API key comes from --api-key or FRAMEWISE_API_KEY (sent as
+"authorization: Bearer KEY"); --tls / --ca-cert / --client-cert --client-key connect with TLS
+and mutual TLS (clients/cli_connection.py lists them with their environment variables).
+
+A refused call prints its status code name and message ("error: UNAUTHENTICATED: ...").
+Exit codes: 0 ok, 1 service unreachable / not serving / failed, 2 bad input or usage,
+3 refused: UNAUTHENTICATED (no or bad credential) or PERMISSION_DENIED (a scope is missing).
 """
 
 from __future__ import annotations
@@ -23,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -31,12 +38,15 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from clients import jobs_cli, track_cli
+from clients import admin_cli, jobs_cli, track_cli
 from clients.backgrounds import add_background_options, background_option
-from clients.sdk import DEFAULT_ADDRESS, FramewiseClient
+from clients.cli_connection import add_connection_options, client_for
 from framewise.v1 import common_pb2, info_service_pb2, vision_service_pb2
 
 _USER_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND}
+# Exit 3: the server refused the caller (its credential), not the request.
+_REFUSED = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+EXIT_REFUSED = 3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(args.run(args))
     except grpc.aio.AioRpcError as exc:
         print(_describe(exc, args.server), file=sys.stderr)
+        if exc.code() in _REFUSED:
+            return EXIT_REFUSED
         return 2 if exc.code() in _USER_ERRORS else 1
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -55,11 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="framewise", description="Framewise gRPC inference service client")
-    parser.add_argument(
-        "--server",
-        default=os.environ.get("FRAMEWISE_SERVER", DEFAULT_ADDRESS),
-        help=f"host:port of the service (env FRAMEWISE_SERVER, default {DEFAULT_ADDRESS})",
-    )
+    add_connection_options(parser)
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -91,11 +99,12 @@ def _parser() -> argparse.ArgumentParser:
 
     track_cli.add_parser(commands)
     jobs_cli.add_parsers(commands)
+    admin_cli.add_parser(commands)
     return parser
 
 
 async def _info(args: argparse.Namespace) -> int:
-    async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
+    async with client_for(args) as client:
         health = await client.health_status(timeout_s=min(args.timeout, 5.0))
         info = await client.server_info()
     if args.json:
@@ -114,6 +123,8 @@ def _print_info(address: str, health: str, info: info_service_pb2.GetServerInfoR
     mode = "started by the orchestrator" if triton.managed else "external"
     state = "ready" if triton.ready else ("live, not ready" if triton.live else "unreachable")
     print(f"triton {triton.server_version or '?'} at {triton.url} ({mode}): {state}" + (f" - {triton.last_error}" if triton.last_error else ""))
+    if info.HasField("security"):
+        print(_security_line(info.security))
     print(f"{'model (network)':<48} {'ready':<6} {'backend':<14} source")
     for model in info.models:
         print(f"{_model_label(model):<48} {'yes' if model.ready else 'no':<6} {model.backend:<14} {model.source}")
@@ -123,6 +134,18 @@ def _print_info(address: str, health: str, info: info_service_pb2.GetServerInfoR
             here = " <- answered" if replica.replica_id == info.replica_id else ""
             seen = replica.heartbeat_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")
             print(f"{replica.replica_id:<24} {replica.address:<28} {'yes' if replica.live else 'no':<5} {seen}{here}")
+
+
+def _security_line(security: info_service_pb2.SecurityInfo) -> str:
+    """"authentication is off ..." stays visible: an open server should never look like a closed one."""
+    tls = "TLS on" if security.tls else "no TLS"
+    if security.client_certificates_required:
+        tls += ", client certificates required"
+    where = "loopback only" if security.loopback_only else "reachable from the network"
+    mode = f" (--auth {security.auth_mode})" if security.auth_mode else ""
+    if security.authentication_required:
+        return f"authentication required{mode}; {tls}; listening on {security.listen} ({where})"
+    return f"authentication is OFF{mode}: every caller runs as the default tenant; {tls}; listening on {security.listen} ({where})"
 
 
 def _model_label(model: info_service_pb2.ModelStatus) -> str:
@@ -139,7 +162,7 @@ def _model_label(model: info_service_pb2.ModelStatus) -> str:
 async def _detect(args: argparse.Namespace) -> int:
     data = args.image.read_bytes()
     classes = [c.strip() for c in args.classes.split(",") if c.strip()]
-    async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
+    async with client_for(args) as client:
         response = await client.detect(
             data,
             confidence=args.confidence,
@@ -180,7 +203,7 @@ def _print_detections(path: Path, response: vision_service_pb2.DetectResponse) -
 async def _remove_background(args: argparse.Namespace) -> int:
     data = args.image.read_bytes()
     background = background_option(args.background)
-    async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
+    async with client_for(args) as client:
         response = await client.remove_background(
             data,
             background=background,
@@ -220,9 +243,17 @@ def _removal_summary(source: Path, output: Path, response: vision_service_pb2.Re
 
 
 def _describe(exc: grpc.aio.AioRpcError, address: str) -> str:
-    if exc.code() == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
-        return f"error: cannot reach the Framewise service at {address} ({exc.details()}); start it with `make serve` or pass --server"
-    lines = [f"error: {exc.code().name}: {exc.details()}"]
+    """"error: CODE_NAME: details", then what to do about it."""
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
+        return (
+            f"error: UNAVAILABLE: cannot reach the Framewise service at {address} ({exc.details()}); start it with "
+            "`make serve` or pass --server (a TLS server needs --tls or --ca-cert; one that requires client "
+            "certificates, --client-cert and --client-key)"
+        )
+    lines = [f"error: {code.name}: {exc.details()}"]
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        lines.append("  the server requires a credential: pass --api-key or set FRAMEWISE_API_KEY")
     status = rpc_status.from_call(exc)
     for detail in status.details if status else []:
         bad_request = error_details_pb2.BadRequest()

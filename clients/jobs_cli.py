@@ -66,6 +66,7 @@ from clients.jobs_sdk import (
     status_code,
     talking_video_persons,
 )
+from clients.cli_connection import client_for
 from clients.sdk import FramewiseClient
 from framewise.v1 import common_pb2
 from framewise.v1 import jobs_service_pb2 as pb
@@ -170,7 +171,7 @@ async def _segment_video(args: argparse.Namespace) -> int:
     if not args.server_path:
         _check_file(Path(args.video), "VIDEO")
     progress = _Progress(quiet=args.json)
-    async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
+    async with client_for(args) as client:
         op = await client.segment_video(
             None if args.server_path else Path(args.video),
             server_path=args.video if args.server_path else None,
@@ -193,7 +194,7 @@ async def _talking_video(args: argparse.Namespace) -> int:
     if args.max_persons is not None and not args.all_persons:
         raise ValueError("--max-persons applies with --all-persons")
     background = background_option(args.background)
-    async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
+    async with client_for(args) as client:
         op = await client.create_talking_video(
             args.image,
             args.audio,
@@ -230,7 +231,7 @@ async def _submitted(client: FramewiseClient, op: operations_pb2.Operation, args
 async def _watch(args: argparse.Namespace) -> int:
     if args.after < 0:
         raise ValueError("--after must be >= 0")
-    async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
+    async with client_for(args) as client:
         return await _follow(client, _operation_name(args.operation), args.after, args.json)
 
 
@@ -238,7 +239,7 @@ async def _download(args: argparse.Namespace) -> int:
     name = _operation_name(args.operation)
     out: Path = args.out / args.artifact if args.out.is_dir() else args.out
     progress = _Progress()
-    async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
+    async with client_for(args) as client:
         try:
             result: DownloadResult = await client.download_artifact(
                 name,
@@ -261,7 +262,7 @@ async def _download(args: argparse.Namespace) -> int:
 
 async def _operations(args: argparse.Namespace) -> int:
     count = 0
-    async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
+    async with client_for(args) as client:
         if not args.json:
             print(f"{'operation':<44} {'kind':<14} {'state':<10} {'stage':<26} {'percent':>7}  created")
         async for op in client.list_operations(args.filter, page_size=50):
@@ -282,7 +283,7 @@ async def _operations(args: argparse.Namespace) -> int:
 
 async def _cancel(args: argparse.Namespace) -> int:
     name = _operation_name(args.operation)
-    async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
+    async with client_for(args) as client:
         await client.cancel_operation(name)
         op = await client.get_operation(name)
     meta = job_metadata(op)

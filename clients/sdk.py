@@ -28,6 +28,13 @@ clients/jobs_sdk.py and importable from here too.
 
 The raw stubs stay available (client.vision, client.info, client.jobs, client.operations, ...)
 for anything not wrapped here.
+
+With authentication and TLS (the key goes as "authorization: Bearer <key>" on every call):
+
+    connection = Connection(api_key=os.environ["FRAMEWISE_API_KEY"], ca_cert=Path("ca.pem"))
+    async with FramewiseClient("api.example.com:50051", connection=connection) as client:
+        ...
+    # mutual TLS: Connection(client_cert=Path("client.pem"), client_key=Path("client.key"), ca_cert=...)
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from google.longrunning import operations_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from clients.backgrounds import BackgroundLike, background_message
+from clients.channel import Connection, open_channel
 from clients.jobs_sdk import (
     INLINE_LIMIT_BYTES,
     UPLOAD_CHUNK_BYTES,
@@ -93,6 +101,7 @@ __all__ = [
     "UPLOAD_CHUNK_BYTES",
     "BackgroundLike",
     "BoxLike",
+    "Connection",
     "DownloadResult",
     "FramewiseClient",
     "IntegrityError",
@@ -138,11 +147,17 @@ class FramewiseClient(JobsClient):
         timeout_s: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         channel: grpc.aio.Channel | None = None,
+        connection: Connection | None = None,
     ) -> None:
+        """``connection``: the API key and TLS settings (clients/channel.py; default: plaintext,
+        no key, what a local ``make serve`` takes; ``Connection.from_env()`` reads
+        FRAMEWISE_API_KEY, FRAMEWISE_TLS, FRAMEWISE_CA_CERT, ...). ``channel``: a ready channel
+        instead (``connection`` is then ignored)."""
         self.address = address
         self.timeout_s = timeout_s
-        self._channel = channel or grpc.aio.insecure_channel(
+        self._channel = channel or open_channel(
             address,
+            connection or Connection(),
             options=[
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.max_receive_message_length", max_message_bytes),

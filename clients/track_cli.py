@@ -24,7 +24,7 @@ import grpc
 import numpy as np
 
 from clients.masks import decode_rle
-from clients.sdk import FramewiseClient
+from clients.cli_connection import client_for
 from framewise.v1 import common_pb2, tracking_service_pb2 as pb
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -107,7 +107,7 @@ async def run(args: argparse.Namespace) -> int:
             note = f"\nthe stream ended ({error.code().name}: {(error.details() or '')[:200]}); resuming the session"
             print(note, file=sys.stderr, flush=True)
 
-    async with FramewiseClient(args.server, timeout_s=args.timeout) as client:
+    async with client_for(args) as client:
         responses = client.track(
             requests(), session_key=args.session_key, reconnect_timeout_s=args.reconnect_timeout, on_reconnect=reconnecting
         )

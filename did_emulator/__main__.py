@@ -1,13 +1,16 @@
-"""Run the D-ID emulator: ``python -m did_emulator --port 8081 [--api-key KEY]``."""
+"""Run the D-ID emulator: ``python -m did_emulator --port 8081 [--api-key KEY] [--state-dir DIR]``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from pathlib import Path
 
 from did_emulator.server import start_emulator
+
+STATE_DIR_ENV = "DID_EMULATOR_STATE_DIR"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,14 +34,29 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="where uploads and results are kept (default: a temporary folder, removed on exit)",
     )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=os.environ.get(STATE_DIR_ENV) or None,
+        help="keep uploads, talks and results here across restarts, as D-ID does (also the storage folder; "
+        f"default ${STATE_DIR_ENV}, else nothing outlives the process)",
+    )
     args = parser.parse_args(argv)
+    if args.state_dir is not None and args.storage_dir is not None and args.state_dir != args.storage_dir:
+        parser.error("--state-dir is the storage folder too: give one of --state-dir and --storage-dir")
     handle = start_emulator(
-        args.host, args.port, args.api_key, stage_delay_s=args.stage_delay_s, storage_dir=args.storage_dir
+        args.host,
+        args.port,
+        args.api_key,
+        stage_delay_s=args.stage_delay_s,
+        storage_dir=args.storage_dir,
+        state_dir=None if args.state_dir is None else Path(args.state_dir),
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"D-ID emulator listening on {handle.url} (storage {handle.storage})", flush=True)
+    kept = " (kept across restarts)" if args.state_dir is not None else ""
+    print(f"D-ID emulator listening on {handle.url} (storage {handle.storage}{kept})", flush=True)
     try:
         stop.wait()
     finally:

@@ -177,7 +177,7 @@ class Handler(BaseHTTPRequestHandler):
         return self._send_json(200, {"talks": talks})
 
     def _talk_json(self, talk: TalkRecord) -> dict[str, Any]:
-        status = talk.status(time.monotonic())
+        status = talk.status(time.time())
         body: dict[str, Any] = {
             "id": talk.id,
             "object": "talk",
@@ -201,7 +201,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _get_result(self, name: str) -> int:
         talk = self.server.state.talk(name.removesuffix(".mp4"))
-        if talk is None or talk.status(time.monotonic()) != "done":
+        if talk is None or talk.status(time.time()) != "done":
             raise ApiError(404, f"result {name!r} not found (talk unknown or not done)")
         data = talk.video_path.read_bytes()
         self.send_response(200)

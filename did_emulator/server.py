@@ -65,14 +65,21 @@ def start_emulator(
     *,
     stage_delay_s: float = 0.2,
     storage_dir: Path | None = None,
+    state_dir: Path | None = None,
 ) -> EmulatorHandle:
     """Serve the emulator from a background thread. ``port=0`` picks a free port; ``api_key=None``
     accepts any non-empty Basic credentials; uploads and results go under ``storage_dir`` (a
-    temporary folder, removed on stop, when not given)."""
-    owns = storage_dir is None
-    storage = Path(tempfile.mkdtemp(prefix="did-emulator-")) if storage_dir is None else Path(storage_dir)
+    temporary folder, removed on stop, when not given). ``state_dir``: the uploads and talks are
+    kept there (with a state.json) and a later emulator on the same folder serves them again, as
+    D-ID keeps them across its own restarts; it is the storage folder too, and never removed."""
+    if state_dir is not None and storage_dir is not None and Path(state_dir) != Path(storage_dir):
+        raise ValueError("state_dir is the storage folder too: give one of state_dir and storage_dir")
+    chosen = state_dir if state_dir is not None else storage_dir
+    owns = chosen is None
+    storage = Path(tempfile.mkdtemp(prefix="did-emulator-")) if chosen is None else Path(chosen)
     storage.mkdir(parents=True, exist_ok=True)
-    server = EmulatorServer((host, port), api_key, EmulatorState(storage, stage_delay_s))
+    state = EmulatorState(storage, stage_delay_s, persist=state_dir is not None)
+    server = EmulatorServer((host, port), api_key, state)
     thread = threading.Thread(target=server.serve_forever, name="did-emulator", daemon=True)
     thread.start()
     return EmulatorHandle(server=server, thread=thread, storage=storage, owns_storage=owns)

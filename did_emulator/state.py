@@ -1,8 +1,18 @@
-"""The emulator's state: uploads, talks, injected faults and the request log (thread-safe)."""
+"""The emulator's state: uploads, talks, injected faults and the request log (thread-safe).
+
+With ``persist`` the uploads and talks (and the results rendered from them) outlive the process,
+as they do at D-ID: every change rewrites ``state.json`` in the storage folder atomically (a temp
+file, fsync, rename), and a new emulator on the same folder serves the same talks and accepts
+the same upload URLs. A talk's clock is wall time, so one that was rendering when the emulator
+stopped finishes on schedule after the restart (its result is rendered again if the stop cut
+that short). Faults and the request log are the test's controls of one run: never persisted.
+"""
 
 from __future__ import annotations
 
 import fnmatch
+import json
+import os
 import re
 import secrets
 import threading
@@ -14,6 +24,8 @@ from typing import Any
 from did_emulator.media import render_talk
 
 URL_PREFIX = "s3://d-id-emulator/"
+STATE_FILE = "state.json"
+STATE_VERSION = 1
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 TALK_OUTCOMES = ("done", "error", "rejected")
 
@@ -87,6 +99,7 @@ class TalkRecord:
     render_error: str | None = None
 
     def status(self, now: float) -> str:
+        """The status at wall time ``now`` (time.time(): it survives a restart, monotonic does not)."""
         elapsed = now - self.created_at
         if elapsed < self.stage_delay_s:
             return "created"
@@ -100,11 +113,16 @@ class TalkRecord:
 
 
 class EmulatorState:
-    def __init__(self, storage: Path, stage_delay_s: float) -> None:
+    def __init__(self, storage: Path, stage_delay_s: float, *, persist: bool = False) -> None:
         self.storage = storage
         self.stage_delay_s = stage_delay_s
+        self.persist = persist
         self._lock = threading.Lock()
+        # Serialises the writes of state.json, so the last snapshot taken is the last written.
+        self._save_lock = threading.Lock()
         self._reset_locked()
+        if persist:
+            self._load()
 
     def _reset_locked(self) -> None:
         self.uploads: dict[str, Upload] = {}
@@ -119,6 +137,7 @@ class EmulatorState:
     def reset(self) -> None:
         with self._lock:
             self._reset_locked()
+        self._save()
 
     # --------------------------------------------------------------------- faults and log
 
@@ -190,10 +209,11 @@ class EmulatorState:
         folder = self.storage / upload_id
         folder.mkdir(parents=True)
         path = folder / name
-        path.write_bytes(data)
+        _write_atomically(path, data)  # state.json names it only once it is whole
         upload = Upload(id=upload_id, kind=kind, path=path, url=f"{URL_PREFIX}{upload_id}/{name}")
         with self._lock:
             self.uploads[upload.url] = upload
+        self._save()
         return upload
 
     def upload_by_url(self, url: object) -> Upload | None:
@@ -212,16 +232,20 @@ class EmulatorState:
             id=talk_id,
             source=source,
             audio=audio,
-            created_at=time.monotonic(),
+            created_at=time.time(),
             stage_delay_s=delay,
             outcome=outcome,
             video_path=self.storage / "talks" / f"{talk_id}.mp4",
         )
         with self._lock:
             self.talks[talk_id] = record
+        self._save()
         if outcome.outcome == "done":
-            threading.Thread(target=self._render, args=(record,), name=f"render-{talk_id}", daemon=True).start()
+            self._start_render(record)
         return record
+
+    def _start_render(self, record: TalkRecord) -> None:
+        threading.Thread(target=self._render, args=(record,), name=f"render-{record.id}", daemon=True).start()
 
     def _targeted_outcome(self, source_url: str, index: int) -> TalkOutcome | None:
         """The first targeted outcome matching this talk (under the lock)."""
@@ -240,12 +264,98 @@ class EmulatorState:
         with self._lock:
             return sorted(self.talks.values(), key=lambda t: t.created_at, reverse=True)[:limit]
 
-    @staticmethod
-    def _render(record: TalkRecord) -> None:
+    def _render(self, record: TalkRecord) -> None:
         try:
             record.video_path.parent.mkdir(parents=True, exist_ok=True)
             render_talk(record.source.path, record.audio.path, record.video_path)
         except Exception as exc:  # noqa: BLE001 - reported to the caller as the talk's error
             record.render_error = f"{type(exc).__name__}: {exc}"
+            self._save()  # the error is the talk's status from now on, also after a restart
         finally:
             record.rendered.set()
+
+    # ----------------------------------------------------------------- persistence
+
+    def _save(self) -> None:
+        if not self.persist:
+            return
+        with self._save_lock:
+            with self._lock:
+                document = {
+                    "version": STATE_VERSION,
+                    "talks_created": self._talks_created,
+                    "uploads": [self._upload_json(u) for u in self.uploads.values()],
+                    "talks": [self._talk_json(t) for t in self.talks.values()],
+                }
+            _write_json_atomically(self.storage / STATE_FILE, document)
+
+    def _upload_json(self, upload: Upload) -> dict[str, Any]:
+        path = str(upload.path.relative_to(self.storage))
+        return {"id": upload.id, "kind": upload.kind, "path": path, "url": upload.url}
+
+    def _talk_json(self, talk: TalkRecord) -> dict[str, Any]:
+        outcome = talk.outcome
+        return {
+            "id": talk.id,
+            "source_url": talk.source.url,
+            "audio_url": talk.audio.url,
+            "created_at": talk.created_at,
+            "stage_delay_s": talk.stage_delay_s,
+            "outcome": {"outcome": outcome.outcome, "kind": outcome.kind, "description": outcome.description},
+            "video_path": str(talk.video_path.relative_to(self.storage)),
+            "render_error": talk.render_error,
+        }
+
+    def _load(self) -> None:
+        """The uploads and talks a previous emulator on this folder saved (none if it saved none).
+        A finished talk whose result is missing (the stop cut its rendering short) renders again."""
+        path = self.storage / STATE_FILE
+        if not path.exists():
+            return
+        document = json.loads(path.read_text())
+        if document.get("version") != STATE_VERSION:
+            found = document.get("version")
+            raise ValueError(f"{path} has state version {found!r}; this emulator reads {STATE_VERSION}")
+        to_render: list[TalkRecord] = []
+        with self._lock:
+            self._talks_created = int(document.get("talks_created", 0))
+            for item in document["uploads"]:
+                upload = Upload(id=item["id"], kind=item["kind"], path=self.storage / item["path"], url=item["url"])
+                self.uploads[upload.url] = upload
+            for item in document["talks"]:
+                record = TalkRecord(
+                    id=item["id"],
+                    source=self.uploads[item["source_url"]],
+                    audio=self.uploads[item["audio_url"]],
+                    created_at=float(item["created_at"]),
+                    stage_delay_s=float(item["stage_delay_s"]),
+                    outcome=TalkOutcome(**item["outcome"]),
+                    video_path=self.storage / item["video_path"],
+                    render_error=item.get("render_error"),
+                )
+                if record.outcome.outcome != "done" or record.render_error or record.video_path.exists():
+                    record.rendered.set()
+                else:
+                    to_render.append(record)
+                self.talks[record.id] = record
+        for record in to_render:
+            self._start_render(record)
+
+
+def _write_json_atomically(path: Path, document: dict[str, Any]) -> None:
+    _write_atomically(path, json.dumps(document).encode())
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Write, fsync, rename, fsync the folder: a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)

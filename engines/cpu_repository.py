@@ -24,6 +24,7 @@ features S/4 and S/8, masks S/4.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -37,15 +38,17 @@ from pathlib import Path
 
 import onnx
 
-from engines import onnx_wrap, sam2_standin, sam2_steps
+from engines import attention_fusion, cpu_tuning, onnx_wrap, sam2_standin, sam2_steps
+from engines.cpu_tuning import CpuTuning
 from engines.hashing import sha256_file
 from engines.onnx_wrap import prepend_uint8_nhwc_preprocessing, wrap_u2net_matting
 
 log = logging.getLogger(__name__)
 
 # 3: birefnet stand-in added; 4: SAM 2 step ensembles; 5: real U^2-Netp as `matting` (the
-# birefnet stand-in is gone), a `network` parameter in every config
-BUILDER_VERSION = 5
+# birefnet stand-in is gone), a `network` parameter in every config; 6: instances and ONNX Runtime
+# settings tuned for the build machine (engines/cpu_tuning.py)
+BUILDER_VERSION = 6
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_YOLO_ONNX = REPO_ROOT.parent / "shared" / "assets" / "models" / "yolov8n_int8.onnx"
 YOLO_ONNX_ENV = "FRAMEWISE_YOLO_ONNX"
@@ -59,19 +62,15 @@ INPUT_LAYOUT = "NHWC_RGB_UINT8"
 DEFAULT_SAM2_IMAGE_SIZE = 1024
 SAM2_STAND_IN_SOURCE = "stand-in contract model (no SAM 2 weights on this machine)"
 STAND_IN_NETWORK = "stand-in"
-# Instances per SAM 2 part, sized for 2 CPU cores (one ORT thread each): the parts a tracked
-# frame spends its time in get one instance per core; the memory encoder takes ~0.1 ms.
-SAM2_INSTANCES = {
-    "sam2_image_encoder": 2,
-    "sam2_mask_decoder": 2,
-    "sam2_memory_attention": 2,
-    "sam2_memory_encoder": 1,
-}
+# Heads of SAM 2.1's memory attention (self and cross, every size): the export leaves the head count
+# dynamic, so the fusion is told it; a wrong count fails the builder's output check, never silently.
+SAM2_MEMORY_ATTENTION_HEADS = 1
+# Instances and ONNX Runtime threads of every model come from the machine the repository is built
+# on (engines/cpu_tuning.py): each SAM 2 part is a heavy part (every core in one session), YOLOv8
+# and matting serve independent requests.
 # Background removal. The Triton model is named for its job, not its network: U^2-Netp here,
 # BiRefNet-lite in the GPU repository, behind the same contract (the `network` parameter says which).
 MATTING = "matting"
-# One instance per core, like the busy SAM 2 parts: a matte is one call, the whole request.
-MATTING_INSTANCES = 2
 MATTING_MAX_BATCH_SIZE = 4
 # The network each known U^2-Net file (rembg's names) is; another file is labelled by its name.
 U2NET_NETWORKS = {"u2netp": "U2-Netp", "u2net": "U2-Net", "u2net_human_seg": "U2-Net (human segmentation)"}
@@ -126,8 +125,8 @@ def build_cpu_repository(
     output: Path,
     yolo_onnx: Path,
     *,
-    instances: int = 2,
-    intra_op_threads: int = 1,
+    instances: int | None = None,
+    intra_op_threads: int | None = None,
     max_batch_size: int = 8,
     # The CPU python backend runs a batch's images one after another, so holding a lone request
     # back to form a batch buys nothing; batches still form from requests that queue while every
@@ -137,11 +136,14 @@ def build_cpu_repository(
     force: bool = False,
     sam2_onnx_dir: Path | None = None,
     u2netp_onnx: Path | None = None,
+    cpu_cores: int | None = None,
 ) -> Path:
     """Write the CPU model repository at ``output`` and return its path.
 
-    ``instances`` and ``max_batch_size`` apply to yolov8; the SAM 2 parts have fixed batch limits
-    (their contract) and ``SAM2_INSTANCES``. ``sam2_image_size`` is the SAM 2 model size S (a
+    Instances and ONNX Runtime settings are tuned for ``cpu_cores`` (None: the cores this process
+    may use, engines/cpu_tuning.available_cores) by engines/cpu_tuning.py; ``instances`` (yolov8's
+    instance count) and ``intra_op_threads`` (every model's) override the tuned values when given.
+    ``max_batch_size`` applies to yolov8; the SAM 2 parts have fixed batch limits (their contract). ``sam2_image_size`` is the SAM 2 model size S (a
     multiple of 16). ``u2netp_onnx``: the U^2-Netp weights the matting model serves (None:
     ``default_u2netp_onnx()``); its S comes from the graph (320). A no-op when
     ``output/MANIFEST.json`` already records the same builder version, source weights (sha256),
@@ -156,8 +158,10 @@ def build_cpu_repository(
     yolo_onnx = Path(yolo_onnx).expanduser().absolute()
     u2netp_onnx = Path(u2netp_onnx if u2netp_onnx is not None else default_u2netp_onnx()).expanduser().absolute()
     for name, value, low in (("instances", instances, 1), ("intra_op_threads", intra_op_threads, 1),
-                             ("max_batch_size", max_batch_size, 1),
+                             ("cpu_cores", cpu_cores, 1), ("max_batch_size", max_batch_size, 1),
                              ("max_queue_delay_us", max_queue_delay_us, 0)):
+        if value is None and name in ("instances", "intra_op_threads", "cpu_cores"):
+            continue
         if not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     sam2_standin.check_image_size(sam2_image_size)
@@ -168,6 +172,8 @@ def build_cpu_repository(
                                   default=DEFAULT_U2NETP_ONNX)
 
     standin_sha = _sha256_files(sam2_standin.SOURCE_FILES)
+    cores = cpu_cores if cpu_cores is not None else cpu_tuning.available_cores()
+    tuning = repository_tuning(cores, instances=instances, intra_op_threads=intra_op_threads)
     sam2_real = _real_sam2_parts(Path(sam2_onnx_dir).expanduser().absolute(), sam2_image_size) \
         if sam2_onnx_dir is not None else None
     fingerprint = {
@@ -175,6 +181,7 @@ def build_cpu_repository(
         "python_model_sha256": sha256_file(PYTHON_MODEL_TEMPLATE),
         "sam2_steps_sha256": sha256_file(Path(sam2_steps.__file__)),
         "onnx_wrap_sha256": sha256_file(Path(onnx_wrap.__file__)),
+        "attention_fusion_sha256": sha256_file(Path(attention_fusion.__file__)),
         "models": {
             "yolov8": {"source": yolo_onnx.name, "source_sha256": sha256_file(yolo_onnx)},
             **{part.name: ({"source": sam2_real[part.name].path.name, "source_sha256": sam2_real[part.name].sha256}
@@ -183,14 +190,13 @@ def build_cpu_repository(
             MATTING: {"source": u2netp_onnx.name, "source_sha256": sha256_file(u2netp_onnx)},
         },
         "parameters": {
-            "instances": instances,
-            "intra_op_threads": intra_op_threads,
+            "cpu_cores": cores,
             "max_batch_size": max_batch_size,
             "max_queue_delay_us": max_queue_delay_us,
             "sam2_image_size": sam2_image_size,
-            "sam2_instances": dict(SAM2_INSTANCES),
-            "matting_instances": MATTING_INSTANCES,
             "matting_max_batch_size": MATTING_MAX_BATCH_SIZE,
+            # model name -> CpuTuning fields; a repository built on another machine rebuilds
+            "tuning": {name: t.to_dict() for name, t in tuning.items()},
         },
     }
     existing = read_manifest(output)
@@ -231,6 +237,23 @@ def build_cpu_repository(
     return output
 
 
+def repository_tuning(cores: int, *, instances: int | None = None,
+                      intra_op_threads: int | None = None) -> dict[str, CpuTuning]:
+    """Every model's CpuTuning for a machine with ``cores`` cores (engines/cpu_tuning.py says why);
+    ``instances`` overrides yolov8's instance count, ``intra_op_threads`` every model's threads."""
+    tuning = {"yolov8": cpu_tuning.per_request_model(cores), MATTING: cpu_tuning.per_request_model(cores),
+              **{part.name: cpu_tuning.heavy_part(cores) for part in sam2_standin.PARTS}}
+    if instances is not None:
+        tuning["yolov8"] = dataclasses.replace(tuning["yolov8"], instances=instances)
+    if intra_op_threads is not None:
+        tuning = {name: dataclasses.replace(t, intra_op_threads=intra_op_threads) for name, t in tuning.items()}
+    return tuning
+
+
+def _tuning(params: dict, name: str) -> CpuTuning:
+    return CpuTuning(**params["tuning"][name])
+
+
 def _write_yolov8(model_dir: Path, source: Path, fingerprint: dict) -> None:
     params = fingerprint["parameters"]
     model = onnx.load(str(source))
@@ -253,7 +276,7 @@ def _write_yolov8(model_dir: Path, source: Path, fingerprint: dict) -> None:
     sha = fingerprint["models"]["yolov8"]["source_sha256"]
     parameters = {
         "onnx_file": ONNX_FILE,
-        "intra_op_threads": str(params["intra_op_threads"]),
+        **_tuning(params, "yolov8").parameters(),
         "stand_in": "false",
         "source": f"{source.name} sha256:{sha}",
         "network": _yolo_network(model),
@@ -268,7 +291,7 @@ def _write_yolov8(model_dir: Path, source: Path, fingerprint: dict) -> None:
         max_batch_size=params["max_batch_size"],
         inputs=[(in_name, in_type, in_dims)],
         outputs=[(out_name, out_type, out_dims)],
-        instances=params["instances"],
+        instances=_tuning(params, "yolov8").instances,
         max_queue_delay_us=params["max_queue_delay_us"],
         parameters=parameters,
     )
@@ -289,12 +312,12 @@ def _write_sam2_part(model_dir: Path, part: sam2_standin.StandInPart, fingerprin
         onnx.save(model, str(version_dir / ONNX_FILE))
     else:
         model = real.model  # contract checked by _real_sam2_parts
-        shutil.copyfile(real.path, version_dir / ONNX_FILE)
+        rewrite = _write_real_sam2_graph(part.name, real.path, version_dir / ONNX_FILE)
     shutil.copyfile(PYTHON_MODEL_TEMPLATE, version_dir / "model.py")
 
     parameters = {
         "onnx_file": ONNX_FILE,
-        "intra_op_threads": str(params["intra_op_threads"]),
+        **_tuning(params, part.name).parameters(),
         "stand_in": "true" if real is None else "false",
         "source": SAM2_STAND_IN_SOURCE if real is None else real.source,
         "network": STAND_IN_NETWORK if real is None else real.network,
@@ -302,18 +325,61 @@ def _write_sam2_part(model_dir: Path, part: sam2_standin.StandInPart, fingerprin
         # The stand-ins treat every batch item on its own, so a whole batch is one ORT call.
         "per_item_execution": "false",
         **part.extra_parameters,
+        **({"graph_rewrite": rewrite} if real is not None else {}),
     }
     text = _config_pbtxt(
         name=part.name,
         max_batch_size=part.max_batch_size,
         inputs=_tensors(model.graph.input, model.graph.initializer, batched=batched),
         outputs=_tensors(model.graph.output, batched=batched),
-        instances=params["sam2_instances"][part.name],
+        instances=_tuning(params, part.name).instances,
         max_queue_delay_us=params["max_queue_delay_us"] if batched else None,
         parameters=parameters,
     )
     _check_config(text, parameters)
     (model_dir / "config.pbtxt").write_text(text)
+
+
+def _write_real_sam2_graph(name: str, source: Path, target: Path) -> str:
+    """Copy an exported part, with the memory attention's attention fused into ONNX Runtime's
+    MultiHeadAttention (engines/attention_fusion.py: no materialised 4096 x ~28,700 score matrix,
+    ~1 GB less peak memory per call at a full memory bank). The fused graph is served only if it
+    gives the original's outputs on the same inputs; else the export as it is. Returns what was
+    done, for the config's ``graph_rewrite`` parameter."""
+    if name != "sam2_memory_attention":
+        shutil.copyfile(source, target)
+        return "none"
+    original = onnx.load(str(source))
+    fused, count = attention_fusion.fuse_attention(original, SAM2_MEMORY_ATTENTION_HEADS)
+    problem = _same_outputs(original, fused) if count else "no attention pattern found"
+    if problem:
+        log.warning("%s: serving the export unfused (%s)", source, problem)
+        shutil.copyfile(source, target)
+        return f"none ({problem})"
+    onnx.save(fused, str(target))
+    return f"{count} attentions fused into com.microsoft MultiHeadAttention (engines/attention_fusion.py)"
+
+
+def _same_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, seed: int = 0) -> str | None:
+    """None when both graphs give the same outputs (rtol 1e-3, atol 1e-4) on seeded inputs: dynamic
+    dimensions 1, floats standard normal, integers 0 (a valid index for every SAM 2 integer input)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (original, rewritten)]
+    feeds = {}
+    for value in sessions[0].get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in value.shape]
+        dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(value.type)
+        feeds[value.name] = rng.standard_normal(shape).astype(dtype) if dtype else \
+            np.zeros(shape, np.int64 if "int64" in value.type else np.int32)
+    want, got = (s.run(None, feeds) for s in sessions)
+    for output, a, b in zip(sessions[0].get_outputs(), want, got):
+        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3, atol=1e-4):
+            return f"output {output.name} differs after the rewrite"
+    return None
 
 
 def _write_sam2_steps(repository: Path, *, stand_in: bool, network: str) -> None:
@@ -412,7 +478,7 @@ def _write_matting(model_dir: Path, source: Path, fingerprint: dict) -> None:
     sha = fingerprint["models"][MATTING]["source_sha256"]
     parameters = {
         "onnx_file": ONNX_FILE,
-        "intra_op_threads": str(params["intra_op_threads"]),
+        **_tuning(params, MATTING).parameters(),
         "stand_in": "false",
         "source": f"{source.name} sha256:{sha}",
         "network": U2NET_NETWORKS.get(source.stem, f"U2-Net family ({source.name})"),
@@ -428,7 +494,7 @@ def _write_matting(model_dir: Path, source: Path, fingerprint: dict) -> None:
         max_batch_size=params["matting_max_batch_size"],
         inputs=inputs,
         outputs=outputs,
-        instances=params["matting_instances"],
+        instances=_tuning(params, MATTING).instances,
         max_queue_delay_us=params["max_queue_delay_us"],
         parameters=parameters,
     )

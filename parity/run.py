@@ -348,7 +348,6 @@ async def run_ours(repo: Path, work: Path, frames: list[np.ndarray], box: list[f
     from grpc_health.v1.health import aio as health_aio
     from prometheus_client import CollectorRegistry
 
-    from server.health import TritonMonitor
     from server.metrics import Metrics
     from server.pipelines import sam2_contract as sam2
     from server.pipelines import tracking as tracking_module
@@ -356,6 +355,7 @@ async def run_ours(repo: Path, work: Path, frames: list[np.ndarray], box: list[f
     from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
     from server.triton.client import TritonClient
     from server.triton.launcher import ManagedTriton, TritonPorts
+    from server.triton.monitor import TritonMonitor
     from server.triton.runner import InferenceRunner
 
     runs: dict[str, dict[int, dict[str, Any]]] = {}

@@ -4,7 +4,7 @@
 
 The stubs land in DIR/framewise/v1 (default: the repository root, i.e. the `framewise`
 package). They are committed so that clients can `pip install` the project without protoc;
-`tests/test_proto.py` regenerates them into a temporary folder and fails on any drift.
+`tests/unit/test_proto.py` regenerates them into a temporary folder and fails on any drift.
 
 Third-party imports (google/longrunning, google/api, google/rpc) are staged from the installed
 googleapis-common-protos wheel into build/proto_deps, so neither protoc nor buf needs the

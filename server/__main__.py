@@ -22,6 +22,7 @@ from server.app import serve  # noqa: E402
 from server.config import parse_args  # noqa: E402
 from server.logging_setup import configure_logging  # noqa: E402
 from server.triton.launcher import TritonStartError  # noqa: E402
+from server.transport import TransportError  # noqa: E402
 
 
 def _keep_large_buffers() -> None:
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     try:
         asyncio.run(serve(config))
-    except (TritonStartError, OSError) as exc:
+    except (TritonStartError, TransportError, OSError) as exc:
         logging.getLogger("server").error("cannot start: %s", exc)
         return 1
     return 0

@@ -1,4 +1,5 @@
-"""Wires the orchestrator together and runs it until SIGTERM/SIGINT, then drains and stops."""
+"""The serving process: builds the orchestrator from its parts (server/wiring/, the composition
+root both processes share), runs it until SIGTERM/SIGINT, then drains and stops."""
 
 from __future__ import annotations
 
@@ -8,37 +9,30 @@ import logging
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
-from framewise.v1 import info_service_pb2_grpc, tracking_service_pb2_grpc, vision_service_pb2_grpc
 from server import __version__
-from server.app_jobs import Jobs, start_jobs
-from server.cache.result_cache import ResultCache, result_cache_for
+from server.auth.layer import AuthLayer, auth_required_at_start, build_auth
 from server.cluster.membership import ReplicaMembership, advertised_address
 from server.config import ServerConfig
-from server.health import TritonMonitor
 from server.interceptors import ObservabilityInterceptor
 from server.jobs.worker.ipc import WorkerSettings
 from server.metrics import Metrics, WithChildMetrics
 from server.metrics_http import HealthReport, start_metrics_listener
-from server.pipelines.detection import DetectionPipeline
-from server.pipelines.matting import MattingPipeline
-from server.pipelines.segmentation import SegmentationPipeline
 from server.pipelines.sessions import SessionRegistry
-from server.pipelines.tracking import TrackingEngine
-from server.reflection import enable_reflection
-from server.servicers.info import InfoServicer
-from server.servicers.tracking import TrackingServicer
-from server.servicers.vision import VisionServicer
-from server.services import CACHED_MODELS, OPERATIONS_SERVICE, SERVICE_MODELS, SERVICES
-from server.triton.client import TritonClient
+from server.quotas.build import TenantStorage, build_quota_enforcer
+from server.quotas.enforcer import QuotaEnforcer
+from server.services import SERVICE_MODELS, SERVICES
 from server.triton.launcher import ManagedTriton, TritonStartError
-from server.triton.runner import InferenceRunner
+from server.transport import log_posture, resolve_posture, server_credentials
+from server.triton.monitor import TritonMonitor
+from server.wiring.grpc_server import add_services, build_grpc_server, server_interceptors
+from server.wiring.inference import InferenceStack, build_inference_stack, shared_memory_slots
+from server.wiring.jobs import Jobs, start_jobs
 
 log = logging.getLogger("server")
 
@@ -50,16 +44,19 @@ class RunningServer:
     config: ServerConfig
     grpc_server: grpc.aio.Server
     port: int
-    monitor: TritonMonitor
+    inference: InferenceStack
     sessions: SessionRegistry
-    runner: InferenceRunner
-    triton_client: TritonClient
     managed_triton: ManagedTriton | None
     metrics_port: int | None
     jobs: Jobs
     interceptor: ObservabilityInterceptor
-    result_cache: ResultCache | None = None
     membership: ReplicaMembership | None = None
+    quotas: QuotaEnforcer | None = None
+    auth: AuthLayer | None = None
+
+    @property
+    def monitor(self) -> TritonMonitor:
+        return self.inference.monitor
 
     async def stop(self) -> None:
         """Graceful shutdown: NOT_SERVING, refuse new RPCs, drain in-flight ones, stop Triton."""
@@ -79,81 +76,67 @@ class RunningServer:
         drained = await self.interceptor.drain(self.config.shutdown_grace_s)
         log.info("drained" if drained else "grace period over; cancelling the calls still running")
         await self.grpc_server.stop(max(self.config.shutdown_grace_s - (time.monotonic() - started), 0.0))
+        if self.quotas is not None:
+            # Every call has ended: this replica's session slots are freed (a handed-off session
+            # takes one again where it resumes) while the store is still open.
+            await self.quotas.stop()
         if self.membership is not None:
             await self.membership.stop()
         # Running jobs stay RUNNING in the store and resume on the next start.
         await self.jobs.stop()
-        if self.result_cache is not None:
-            await self.result_cache.close()
         await self.sessions.stop()
-        await self.runner.close()
-        await self.triton_client.close()
+        if self.auth is not None:
+            await self.auth.close()
+        await self.inference.close()
         if self.managed_triton is not None:
             await self.managed_triton.stop()
         log.info("stopped")
 
 
 async def start(config: ServerConfig) -> RunningServer:
+    """Builds the serving process in one order (Triton, the inference stack, jobs, sessions, the
+    gRPC server), listens, then starts Triton and the loops. Call ``stop`` on the result."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
 
-    managed: ManagedTriton | None = None
-    if config.triton_url is None:
-        if not all((config.model_repository / m / "config.pbtxt").exists() for m in monitor_models()):
-            raise TritonStartError(
-                f"no model repository at {config.model_repository}; build it with "
-                "`python build_engines.py --target cpu` (what `make serve` does), "
-                "or pass --triton-url for an external Triton"
-            )
-        managed = ManagedTriton(
-            config.model_repository,
-            config.triton_work_dir,
-            config.triton_ports,
-            startup_timeout_s=config.triton_startup_timeout_s,
-        )
+    # Who may reach the gRPC port, decided before anything starts: a refused public listener
+    # (no authentication, no --allow-unauthenticated-public) stops here. The listen address is
+    # resolved once ("" -> loopback, or every interface when callers must authenticate) and the
+    # rest of the start uses it.
+    posture = resolve_posture(
+        config.listen,
+        config.transport,
+        # --auth required, a JWT issuer or mTLS tenant map, or (--auth auto) a key in the store.
+        auth_required=await auth_required_at_start(config.auth, config.jobs.store),
+        auth_mode=config.auth.mode,
+    )
+    config = replace(config, listen=posture.listen)
+    # Read and checked now, so a wrong key or an unreadable certificate stops the start here.
+    credentials = server_credentials(config.transport.tls) if config.transport.tls.enabled else None
+    managed = _managed_triton(config)
     triton_url = config.triton_url or managed.url  # type: ignore[union-attr]
-    client = TritonClient(triton_url, metrics=metrics, default_timeout_s=config.triton_timeout_s)
-
+    shm_slots = shared_memory_slots(config, managed_triton=managed is not None)
     health = health_aio.HealthServicer()
-    service_names = tuple(d.full_name for d in SERVICES.values())
-    monitor = TritonMonitor(
-        client, SERVICE_MODELS, health, metrics, interval_s=config.health_interval_s, reread_models=CACHED_MODELS
+    inference = build_inference_stack(
+        config, metrics, triton_url=triton_url, shm_slots=shm_slots, service_models=SERVICE_MODELS, health=health
     )
-
-    interceptor = ObservabilityInterceptor(metrics)
-    server = grpc.aio.server(
-        interceptors=[interceptor],
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ],
-    )
-    use_shm = config.triton_shm == "on" or (config.triton_shm == "auto" and managed is not None)
-    runner = InferenceRunner(client, metrics, shm_slots_per_model=config.triton_shm_slots if use_shm else 0)
+    monitor = inference.monitor
     # Emptied here, before the job worker (which opens the same file) starts: see server/cache.
-    result_cache = result_cache_for(config, metrics)
-    if result_cache is not None:
-        await result_cache.open(clear=True)
-    detection = DetectionPipeline(runner, monitor, metrics, max_pixels=config.max_image_pixels, cache=result_cache)
-    segmentation = SegmentationPipeline(runner, monitor, max_pixels=config.max_image_pixels)
-    matting = MattingPipeline(runner, monitor, max_pixels=config.max_image_pixels, metrics=metrics, cache=result_cache)
-    vision_service_pb2_grpc.add_VisionServiceServicer_to_server(
-        VisionServicer(detection, segmentation, matting, max_response_bytes=config.max_message_bytes), server
-    )
-    info = InfoServicer(monitor, managed=managed is not None, replica_id=_replica_id(config))
-    info_service_pb2_grpc.add_InfoServiceServicer_to_server(info, server)
-    tracking = TrackingEngine(runner, monitor, max_pixels=config.max_image_pixels, max_objects=config.max_objects_per_session)
+    await inference.open_cache(clear=True)
     worker = None
     if config.jobs.process == "worker":
         # Jobs run at most `concurrency` at a time: that many slots per model cover them.
-        shm_slots = min(config.triton_shm_slots, config.jobs.concurrency) if use_shm else 0
-        worker = WorkerSettings(config, triton_url, shm_slots)
+        worker = WorkerSettings(config, triton_url, min(shm_slots, config.jobs.concurrency))
     jobs = await start_jobs(
-        config.jobs, detection=detection, matting=matting, tracking=tracking, metrics=metrics, worker=worker,
+        config.jobs,
+        detection=inference.detection,
+        matting=inference.matting,
+        tracking=inference.tracking,
+        metrics=metrics,
+        worker=worker,
         replica_id=config.replica_id,
     )
-    jobs.add_to_server(server)
+    monitor.conditions[SERVICES["jobs"].full_name] = jobs.not_serving_reason
     # Sessions a draining replica hands off go to the job store every replica shares.
     sessions = SessionRegistry(
         metrics,
@@ -162,15 +145,31 @@ async def start(config: ServerConfig) -> RunningServer:
         replica_id=config.replica_id,
         handoff=jobs.store,
     )
-    tracking_service_pb2_grpc.add_TrackingServiceServicer_to_server(
-        TrackingServicer(tracking, sessions, metrics, frame_timeout_s=config.triton_timeout_s), server
+    # Per-tenant quotas, held in the job store every replica shares (server/quotas/).
+    quotas = build_quota_enforcer(
+        config.quotas,
+        jobs.store,
+        replica_id=config.replica_id,
+        session_alive=lambda tenant, key: sessions.held(key, tenant=tenant) is not None,
+        storage=TenantStorage(jobs.store, jobs.storage, jobs.uploads, cache_s=config.quotas.refresh_s),
+        metrics=metrics,
     )
-    monitor.conditions[SERVICES["jobs"].full_name] = jobs.not_serving_reason
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    enable_reflection((*service_names, OPERATIONS_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name), server)
-    port = server.add_insecure_port(config.listen)
-    if port == 0:
-        raise OSError(f"cannot listen on {config.listen} (address in use or invalid)")
+
+    # Who is calling (API keys and JWTs checked against the shared store and the JWKS file).
+    auth = await build_auth(config.auth, jobs.store, metrics)
+    interceptor, interceptors = server_interceptors(metrics, auth=auth.interceptor, quotas=quotas)
+    # Credentials for the listening port: None listens without TLS.
+    server, port = build_grpc_server(config, interceptors=interceptors, credentials=credentials)
+    info = add_services(
+        server,
+        config,
+        inference=inference,
+        jobs=jobs,
+        sessions=sessions,
+        health=health,
+        managed_triton=managed is not None,
+        quotas=quotas,
+    )
     # Registered in the job store (the cluster's, when it is shared) once jobs start; GetServerInfo
     # lists every replica registered there.
     membership = ReplicaMembership(
@@ -180,7 +179,20 @@ async def start(config: ServerConfig) -> RunningServer:
         heartbeat=config.jobs.store_path is None,  # SQLite: one replica, nobody else to tell
     )
     info.membership = membership
-    # Listen before Triton is up, so health checks answer NOT_SERVING during startup.
+    info.security = posture.info()
+    security = info.security
+
+    def _authentication_now_required() -> None:
+        # --auth auto: the first key was created while this server ran (the listen address
+        # chosen at start stays as it was).
+        security.authentication_required = True
+
+    auth.interceptor.on_required = _authentication_now_required
+    # Listen before Triton is up, so health checks answer NOT_SERVING during startup. Published
+    # before listening: grpc's HealthServicer starts with the server ("") SERVING, and until the
+    # first refresh had asked Triton a probe (or a load balancer) took a starting replica for
+    # ready, and its first calls got UNAVAILABLE "not checked yet".
+    await monitor.publish()
     await server.start()
     await monitor.refresh()
 
@@ -196,14 +208,12 @@ async def start(config: ServerConfig) -> RunningServer:
         except BaseException:
             await managed.stop()
             await server.stop(0)
-            await runner.close()
-            await client.close()
             await jobs.stop()
-            if result_cache is not None:
-                await result_cache.close()
+            await inference.close()
             raise
     await monitor.start()
     await sessions.start()
+    await quotas.start()
     await jobs.start()
     await membership.start()
     _log_models(monitor)
@@ -217,12 +227,31 @@ async def start(config: ServerConfig) -> RunningServer:
             "triton_managed": managed is not None,
             "metrics_port": metrics_port,
             "serving": monitor.serving,
-            "triton_shared_memory": use_shm,
+            "triton_shared_memory": shm_slots > 0,
         },
     )
+    log_posture(log, posture)
     return RunningServer(
-        config, server, port, monitor, sessions, runner, client, managed, metrics_port, jobs, interceptor,
-        result_cache=result_cache, membership=membership,
+        config, server, port, inference, sessions, managed, metrics_port, jobs, interceptor, membership=membership,
+        quotas=quotas, auth=auth,
+    )
+
+
+def _managed_triton(config: ServerConfig) -> ManagedTriton | None:
+    """The tritonserver this process starts and stops, unless --triton-url names an external one."""
+    if config.triton_url is not None:
+        return None
+    if not all((config.model_repository / m / "config.pbtxt").exists() for m in monitor_models()):
+        raise TritonStartError(
+            f"no model repository at {config.model_repository}; build it with "
+            "`python build_engines.py --target cpu` (what `make serve` does), "
+            "or pass --triton-url for an external Triton"
+        )
+    return ManagedTriton(
+        config.model_repository,
+        config.triton_work_dir,
+        config.triton_ports,
+        startup_timeout_s=config.triton_startup_timeout_s,
     )
 
 

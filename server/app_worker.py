@@ -1,12 +1,12 @@
-"""Wires the job worker process (server/jobs/worker/), as server/app.py wires the serving
-process, with the same helpers (server/app_jobs.py).
+"""The job worker process (server/jobs/worker/), built from the same composition root as the
+serving process (server/app.py): server/wiring/.
 
     python -m server.app_worker FD      # started by the serving process, never by hand
 
-It builds its own half of the service from the serving process's settings: a Triton client
-and model monitor, the detection / matting / tracking pipelines the jobs call, the storage
-tiers (no cleanup loop: the serving process runs it), the D-ID client and a JobExecutor. Its
-store and event sink are the serving process's (server/jobs/worker/channel.py).
+It builds its own half of the service from the serving process's settings: the inference
+stack (its own Triton client, model monitor, runner and the model pipelines the jobs call), the
+storage tiers (no cleanup loop: the serving process runs it), the D-ID client and a
+JobExecutor. Its store and event sink are the serving process's (server/jobs/worker/channel.py).
 """
 
 from __future__ import annotations
@@ -20,23 +20,15 @@ import sys
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
-from server.app_jobs import WORKER_MODULE, job_admission, job_pipelines, storage_config
-from server.cache.result_cache import result_cache_for
-from server.health import TritonMonitor
 from server.jobs.engine.executor import JobExecutor, RetryPolicy
-from server.jobs.files.storage import StorageManager
-from server.jobs.files.uploads import UploadStore
 from server.jobs.worker.channel import FrontChannel, RemoteEventSink
 from server.jobs.worker.child import JobWorker
 from server.jobs.worker.ipc import WorkerSettings, read_message
 from server.logging_setup import configure_logging
 from server.metrics import Metrics
-from server.pipelines.detection import DetectionPipeline
-from server.pipelines.matting import MattingPipeline
-from server.pipelines.tracking import TrackingEngine
-from server.services import CACHED_MODELS, JOB_DEGRADABLE_MODELS, SERVICE_MODELS, SERVICES
-from server.triton.client import TritonClient
-from server.triton.runner import InferenceRunner
+from server.services import JOB_DEGRADABLE_MODELS, SERVICE_MODELS, SERVICES
+from server.wiring.inference import build_inference_stack
+from server.wiring.jobs import WORKER_MODULE, job_admission, job_files, job_definitions
 
 __all__ = ["WorkerParts", "main", "serve"]
 
@@ -51,59 +43,40 @@ class WorkerParts:
     def __init__(self, settings: WorkerSettings, channel: FrontChannel) -> None:
         config = settings.config
         self.metrics = Metrics(CollectorRegistry())
-        self.client = TritonClient(settings.triton_url, metrics=self.metrics, default_timeout_s=config.triton_timeout_s)
         # Its own view of the models the jobs need (a job's model call fails fast with
-        # UNAVAILABLE without them); the serving process's monitor drives health.
-        self.monitor = TritonMonitor(
-            self.client,
-            {JOBS_SERVICE: SERVICE_MODELS[JOBS_SERVICE]},
-            health_aio.HealthServicer(),
+        # UNAVAILABLE without them); the serving process's monitor drives health. The cache is
+        # the serving process's file (it cleared it before starting this process).
+        self.inference = build_inference_stack(
+            config,
             self.metrics,
-            interval_s=config.health_interval_s,
+            triton_url=settings.triton_url,
+            shm_slots=settings.triton_shm_slots,
+            service_models={JOBS_SERVICE: SERVICE_MODELS[JOBS_SERVICE]},
+            health=health_aio.HealthServicer(),
             degradable_models=JOB_DEGRADABLE_MODELS,
-            reread_models=CACHED_MODELS,
         )
-        self.inference = InferenceRunner(self.client, self.metrics, shm_slots_per_model=settings.triton_shm_slots)
-        # The serving process's cache file (it cleared it before starting this process): what a
-        # job computes, an RPC finds, and the other way round.
-        self.result_cache = result_cache_for(config, self.metrics)
-        detection = DetectionPipeline(
-            self.inference, self.monitor, self.metrics, max_pixels=config.max_image_pixels, cache=self.result_cache
+        inference = self.inference
+        storage, uploads = job_files(config.jobs, self.metrics)
+        definitions, self.did_http = job_definitions(
+            config.jobs, inference.detection, inference.matting, inference.tracking, uploads, announce=False
         )
-        matting = MattingPipeline(
-            self.inference,
-            self.monitor,
-            max_pixels=config.max_image_pixels,
-            metrics=self.metrics,
-            cache=self.result_cache,
-        )
-        tracking = TrackingEngine(
-            self.inference, self.monitor, max_pixels=config.max_image_pixels, max_objects=config.max_objects_per_session
-        )
-        storage = StorageManager(storage_config(config.jobs), self.metrics)
-        uploads = UploadStore(storage, max_bytes=config.jobs.max_upload_bytes)
-        pipelines, self.did_http = job_pipelines(config.jobs, detection, matting, tracking, uploads, announce=False)
         self.executor = JobExecutor(
             RemoteEventSink(channel),
             storage,
             job_admission(config.jobs),
-            pipelines,
+            definitions,
             retry=RetryPolicy(base_s=config.jobs.retry_base_s),
         )
 
     async def open(self) -> None:
-        if self.result_cache is not None:
-            await self.result_cache.open()
-        await self.monitor.refresh()
-        await self.monitor.start()
+        await self.inference.open_cache(clear=False)
+        await self.inference.monitor.refresh()
+        await self.inference.monitor.start()
 
     async def close(self) -> None:
         """After the JobWorker has stopped the jobs and the executor."""
-        await self.monitor.stop()
+        await self.inference.monitor.stop()
         await self.inference.close()
-        await self.client.close()
-        if self.result_cache is not None:
-            await self.result_cache.close()
         if self.did_http is not None:
             await self.did_http.aclose()
 

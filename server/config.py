@@ -8,7 +8,10 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.triton.launcher import TritonPorts
+from server.auth.config import AuthConfig, add_auth_flags, auth_config_from_args
+from server.quotas.limits import QuotaConfig, add_quota_flags, quota_config_from_args
+from server.transport import TransportSettings, tls_settings
+from server.triton.launcher import DEFAULT_TRITON_BIND_ADDRESS, TritonPorts
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,7 +32,7 @@ class JobsConfig:
     storage_root: Path = REPO_ROOT / ".cache" / "storage"
     # SegmentVideoRequest.server_path is resolved under this folder; None disables it.
     media_root: Path | None = None
-    # Jobs running at once (the job queue's lanes; flag --job-workers).
+    # Jobs running at once on this replica (the job queue's lanes; flag --job-concurrency).
     concurrency: int = 4
     # "worker": jobs run in a child process at lower CPU priority (job_worker_nice), so a job's
     # work never delays the serving process's event loop (watch streams, tracking); "inline":
@@ -78,8 +81,12 @@ class JobsConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    listen: str = "0.0.0.0:50051"
-    metrics_listen: str = "0.0.0.0:9091"  # empty: no metrics endpoint
+    # "": chosen at startup (server/transport/exposure.py default_listen): 0.0.0.0:50051 when
+    # callers must authenticate, 127.0.0.1:50051 when they need not.
+    listen: str = ""
+    # Loopback by default: /metrics names models and replicas, and /healthz is for a load
+    # balancer on the same host or network (give a private address for a remote one).
+    metrics_listen: str = "127.0.0.1:9091"  # empty: no metrics endpoint
     # External Triton (production). None: start the bundled tritonserver (embedded CPU default).
     triton_url: str | None = None
     model_repository: Path = REPO_ROOT / ".cache" / "model_repository_cpu"
@@ -105,6 +112,13 @@ class ServerConfig:
     # "": host name and PID (parse_args resolves it, so the job worker process sees the same).
     replica_id: str = ""
     jobs: JobsConfig = JobsConfig()
+    # TLS / mutual TLS on the gRPC port, and the explicit permission to listen publicly without
+    # authentication (server/transport/).
+    transport: TransportSettings = TransportSettings()
+    # Who may call: --auth, API keys, JWTs, mTLS identities (server/auth/).
+    auth: AuthConfig = AuthConfig()
+    # Per-tenant quota defaults (--quota-*; per-tenant overrides live in the job store).
+    quotas: QuotaConfig = QuotaConfig()
 
 
 def _env(name: str, default: object) -> str | None:
@@ -115,9 +129,12 @@ def _env(name: str, default: object) -> str | None:
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
     d = ServerConfig()
     p = argparse.ArgumentParser(prog="python -m server", description="Framewise gRPC orchestrator")
-    p.add_argument("--listen", default=_env("LISTEN", d.listen), help="gRPC address (FRAMEWISE_LISTEN)")
+    p.add_argument("--listen", default=_env("LISTEN", d.listen),
+                   help="gRPC address (FRAMEWISE_LISTEN; default 127.0.0.1:50051, or 0.0.0.0:50051 when callers must "
+                        "authenticate); a non-loopback address without authentication needs --allow-unauthenticated-public")
     p.add_argument("--metrics-listen", default=_env("METRICS_LISTEN", d.metrics_listen),
-                   help="Prometheus endpoint host:port, empty to disable (FRAMEWISE_METRICS_LISTEN)")
+                   help="Prometheus /metrics and /healthz host:port, empty to disable (FRAMEWISE_METRICS_LISTEN; "
+                        "default 127.0.0.1:9091)")
     p.add_argument("--triton-url", default=_env("TRITON_URL", None),
                    help="external Triton gRPC address; unset starts the bundled tritonserver (FRAMEWISE_TRITON_URL)")
     p.add_argument("--model-repository", type=Path, default=_env("MODEL_REPOSITORY", d.model_repository),
@@ -126,6 +143,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--triton-grpc-port", type=int, default=_env("TRITON_GRPC_PORT", d.triton_ports.grpc))
     p.add_argument("--triton-http-port", type=int, default=_env("TRITON_HTTP_PORT", d.triton_ports.http))
     p.add_argument("--triton-metrics-port", type=int, default=_env("TRITON_METRICS_PORT", d.triton_ports.metrics))
+    p.add_argument("--triton-bind-address", default=_env("TRITON_BIND_ADDRESS", DEFAULT_TRITON_BIND_ADDRESS),
+                   help="address the bundled tritonserver's HTTP, gRPC and metrics ports bind to (FRAMEWISE_TRITON_BIND_ADDRESS; "
+                        "default 127.0.0.1: Triton has no authentication, so only a private network address belongs here)")
     p.add_argument("--triton-startup-timeout", type=float, default=_env("TRITON_STARTUP_TIMEOUT", d.triton_startup_timeout_s))
     p.add_argument("--triton-timeout", type=float, default=_env("TRITON_TIMEOUT", d.triton_timeout_s),
                    help="seconds per Triton inference unless the RPC's deadline is sooner")
@@ -151,6 +171,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
     p.add_argument("--log-level", default=_env("LOG_LEVEL", d.log_level))
     p.add_argument("--log-format", choices=("json", "text"), default=_env("LOG_FORMAT", d.log_format))
     _add_job_flags(p, d.jobs)
+    _add_transport_flags(p)
+    add_auth_flags(p)
+    add_quota_flags(p)
     a = p.parse_args(argv)
     if a.job_lease <= 0:
         p.error(f"--job-lease must be > 0 seconds, got {a.job_lease}")
@@ -168,13 +191,19 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         sqlite_path(a.job_store)
     except ValueError as exc:
         p.error(f"--job-store: {exc}")
+    try:
+        tls = tls_settings(a.tls_cert, a.tls_key, a.tls_client_ca, a.tls_client_auth)
+    except ValueError as exc:
+        p.error(str(exc))
     return ServerConfig(
         listen=a.listen,
         metrics_listen=a.metrics_listen,
         triton_url=a.triton_url or None,
         model_repository=Path(a.model_repository),
         triton_work_dir=Path(a.triton_work_dir),
-        triton_ports=TritonPorts(grpc=a.triton_grpc_port, http=a.triton_http_port, metrics=a.triton_metrics_port),
+        triton_ports=TritonPorts(
+            grpc=a.triton_grpc_port, http=a.triton_http_port, metrics=a.triton_metrics_port, bind_address=a.triton_bind_address
+        ),
         triton_startup_timeout_s=a.triton_startup_timeout,
         triton_timeout_s=a.triton_timeout,
         triton_shm=a.triton_shm,
@@ -191,7 +220,33 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         log_format=a.log_format,
         replica_id=a.replica_id or f"{socket.gethostname()}-{os.getpid()}",
         jobs=_jobs_config(a),
+        quotas=quota_config_from_args(p, a),
+        auth=auth_config_from_args(a, p.error),
+        transport=TransportSettings(tls=tls, allow_unauthenticated_public=a.allow_unauthenticated_public),
     )
+
+
+def _flag_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _add_transport_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("transport security (TLS, mutual TLS, who may reach the port)")
+    g.add_argument("--tls-cert", type=_flag_path, default=_env("TLS_CERT", None),
+                   help="PEM certificate chain of the gRPC port (FRAMEWISE_TLS_CERT); with --tls-key, the port speaks TLS only")
+    g.add_argument("--tls-key", type=_flag_path, default=_env("TLS_KEY", None),
+                   help="PEM private key of --tls-cert (FRAMEWISE_TLS_KEY)")
+    g.add_argument("--tls-client-ca", type=_flag_path, default=_env("TLS_CLIENT_CA", None),
+                   help="PEM CA bundle that signs client certificates: mutual TLS (FRAMEWISE_TLS_CLIENT_CA); a verified "
+                        "certificate's subject CN / SANs identify the client")
+    g.add_argument("--tls-client-auth", default=_env("TLS_CLIENT_AUTH", None),
+                   help="none or require (FRAMEWISE_TLS_CLIENT_AUTH; default: require when --tls-client-ca is given): "
+                        "require refuses the TLS handshake of a client without a certificate signed by --tls-client-ca")
+    g.add_argument("--allow-unauthenticated-public", action="store_true",
+                   default=_env("ALLOW_UNAUTHENTICATED_PUBLIC", "") in ("1", "true", "yes"),
+                   help="let the server listen on a non-loopback address although callers need not authenticate "
+                        "(FRAMEWISE_ALLOW_UNAUTHENTICATED_PUBLIC=1): only for a trusted private network or behind a "
+                        "proxy that authenticates")
 
 
 def _add_job_flags(p: argparse.ArgumentParser, d: JobsConfig) -> None:
@@ -208,7 +263,11 @@ def _add_job_flags(p: argparse.ArgumentParser, d: JobsConfig) -> None:
                    help="folder of the uploads/processed/videos/temp tiers (FRAMEWISE_STORAGE_ROOT)")
     g.add_argument("--media-root", type=Path, default=_env("MEDIA_ROOT", d.media_root),
                    help="folder SegmentVideo's server_path may read from; unset disables server paths")
-    g.add_argument("--job-workers", type=int, default=_env("JOB_WORKERS", d.concurrency), help="jobs running at once")
+    # "worker" names the job worker process (--job-process worker); this is how many jobs run
+    # at once in it. --job-workers was its old name and stays accepted.
+    g.add_argument("--job-concurrency", "--job-workers", dest="job_concurrency", type=int,
+                   default=_env("JOB_CONCURRENCY", _env("JOB_WORKERS", d.concurrency)),
+                   help="jobs running at once on this replica (FRAMEWISE_JOB_CONCURRENCY)")
     g.add_argument("--job-process", choices=("worker", "inline"), default=_env("JOB_PROCESS", d.process),
                    help="where jobs run: a child worker process at lower CPU priority (default), or inline in the "
                         "serving process")
@@ -259,7 +318,7 @@ def _jobs_config(a: argparse.Namespace) -> JobsConfig:
         store_sync=a.job_store_sync,
         storage_root=Path(a.storage_root),
         media_root=Path(a.media_root) if a.media_root else None,
-        concurrency=a.job_workers,
+        concurrency=a.job_concurrency,
         process=a.job_process,
         worker_nice=a.job_worker_nice,
         max_queued=a.max_queued_jobs,

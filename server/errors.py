@@ -111,6 +111,51 @@ class Unavailable(ServiceError):
         super().__init__(message, [], grpc.StatusCode.UNAVAILABLE, retry_after_s)
 
 
+class Unauthenticated(ServiceError):
+    """No credential, or one that does not hold (UNAUTHENTICATED). The message says what is
+    missing or expected, never why a presented credential failed: that helps a guesser."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, [], grpc.StatusCode.UNAUTHENTICATED)
+
+
+class PermissionDenied(ServiceError):
+    """An authenticated caller lacks the scope an RPC family needs (PERMISSION_DENIED)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, [], grpc.StatusCode.PERMISSION_DENIED)
+
+
+@dataclass
+class QuotaViolation:
+    """One google.rpc.QuotaFailure violation: which quota (subject) and what it allows."""
+
+    subject: str
+    description: str
+
+
+class QuotaExceeded(ServiceError):
+    """A tenant's quota is used up (RESOURCE_EXHAUSTED with google.rpc.QuotaFailure and
+    RetryInfo, the time after which the quota will have room again)."""
+
+    def __init__(self, message: str, violations: list[QuotaViolation], retry_after_s: float) -> None:
+        super().__init__(message, [], grpc.StatusCode.RESOURCE_EXHAUSTED, retry_after_s)
+        self.quota_violations = violations
+
+    def to_status(self) -> status_pb2.Status:
+        status = super().to_status()
+        failure = error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(
+                    subject=bounded(v.subject, MAX_VIOLATION_BYTES // 4), description=bounded(v.description, MAX_VIOLATION_BYTES)
+                )
+                for v in self.quota_violations[:MAX_VIOLATIONS]
+            ]
+        )
+        status.details.append(_pack(failure))
+        return status
+
+
 class DeadlineExceeded(ServiceError):
     def __init__(self, message: str) -> None:
         super().__init__(message, [], grpc.StatusCode.DEADLINE_EXCEEDED)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 import uuid
@@ -18,13 +17,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 
-from server.errors import ServiceError, Unavailable
+from server.errors import InvalidInput, ServiceError, Unavailable
 from server.jobs.store.protocol import JobStoreUnavailableError
 from server.metrics import Metrics
 from server.request_limits import check_string_lengths
+from server.rpc_handlers import responses, wrap_handler
 
 log = logging.getLogger("server.rpc")
 
@@ -61,28 +61,12 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method = handler_call_details.method
         exempt = method.startswith(DRAIN_EXEMPT_PREFIXES)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.unary_unary, exempt, streaming_requests=False),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=_accept_bytes(handler.response_serializer),
-            )
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary(method, handler.stream_unary, exempt, streaming_requests=True),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=_accept_bytes(handler.response_serializer),
-            )
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream(method, handler.unary_stream, exempt, streaming_requests=False),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=_accept_bytes(handler.response_serializer),
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._wrap_stream(method, handler.stream_stream, exempt, streaming_requests=True),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=_accept_bytes(handler.response_serializer),
+        return wrap_handler(
+            handler,
+            lambda behavior, streaming: self._wrap_unary(method, behavior, exempt, streaming_requests=streaming),
+            lambda behavior, streaming: self._wrap_stream(method, behavior, exempt, streaming_requests=streaming),
+            deserializer=_tolerant,
+            serializer=_accept_bytes,
         )
 
     def _wrap_unary(self, method: str, behavior, exempt: bool, *, streaming_requests: bool):  # noqa: ANN001, ANN202 - grpc handler types
@@ -101,15 +85,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(request, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:  # noqa: ANN001
             started, peer = self._begin(method, context, exempt)
             try:
-                result = behavior(self._admit(request, exempt, streaming_requests), context)
-                if inspect.isasyncgen(result):
-                    # aclosing: if this stream is closed early, the handler's own cleanup (a
-                    # tracking session's detach) runs now, not when it is garbage-collected.
-                    async with contextlib.aclosing(result):
-                        async for message in result:
-                            yield message
-                else:
-                    await result
+                async with responses(behavior(self._admit(request, exempt, streaming_requests), context)) as messages:
+                    async for message in messages:
+                        yield message
             except Exception as exc:  # noqa: BLE001
                 await self._abort(method, exc, context)
             finally:
@@ -124,6 +102,8 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
             raise Unavailable("the server is shutting down; retry on another replica or after its restart", retry_after_s=5.0)
         if streaming_requests:
             return _bounded_stream(request)
+        if isinstance(request, Undecodable):
+            raise request.error()
         if isinstance(request, Message):
             check_string_lengths(request)
         return request
@@ -172,9 +152,40 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):
 
 async def _bounded_stream(requests: AsyncIterator[Message]) -> AsyncIterator[Message]:
     async for message in requests:
+        if isinstance(message, Undecodable):
+            raise message.error()
         if isinstance(message, Message):
             check_string_lengths(message)
         yield message
+
+
+class Undecodable:
+    """What the request deserializer hands on for bytes that are no message of the method's
+    type. gRPC runs the deserializer outside every handler, so an exception there would reach
+    the client as UNKNOWN "Unexpected <class 'DecodeError'>"; this marker reaches the wrapped
+    handler instead, which answers INVALID_ARGUMENT before anything else runs (the
+    authentication check included: nothing was asked of the server yet)."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+    def error(self) -> InvalidInput:
+        return InvalidInput(f"the request is not a valid {self.type_name} message (its bytes do not parse)")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    type_name = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = type_name.full_name if type_name is not None else "request"
+
+    def deserialize(data: bytes) -> Any:  # noqa: ANN401 - whatever the method's message type is
+        try:
+            return deserializer(data)
+        except DecodeError:
+            return Undecodable(name)
+
+    return deserialize
 
 
 def _accept_bytes(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:

@@ -26,6 +26,22 @@ class Metrics:
         self.rpc_in_flight = Gauge(
             "framewise_rpc_in_flight", "RPCs being handled right now.", ["method"], registry=registry
         )
+        # Authentication outcomes (server/auth/interceptor.py). Bounded labels only: outcome is
+        # ok, missing (no credential), refused (one that did not hold), denied (a scope missing)
+        # or cross_tenant (another tenant's resource asked for); via is api_key, jwt, mtls or
+        # none. Never a key id, tenant or peer: those go to the audit log (logger server.audit).
+        self.auth_total = Counter(
+            "framewise_auth_total",
+            "Authentication and authorization outcomes of the calls that needed credentials.",
+            ["outcome", "via"],
+            registry=registry,
+        )
+        # Per-tenant quota refusals (server/quotas/), by quota name (sessions, jobs, storage_bytes,
+        # rate.<family>: a fixed set). Never the tenant: that would grow with the tenants.
+        self.quota_refusals = Counter(
+            "framewise_quota_refusals_total", "Calls refused because a tenant's quota was used up.", ["quota"],
+            registry=registry,
+        )
         self.rpc_errors = Counter(
             "framewise_rpc_errors_total", "RPCs that ended with a status other than OK.", ["method", "code"],
             registry=registry,
@@ -49,10 +65,16 @@ class Metrics:
         self.tracking_sessions = Gauge(
             "framewise_tracking_sessions", "Tracking sessions held (attached to a stream or waiting for resume).", registry=registry
         )
+        # No label per session: a session id is the key a resume needs, and one series per
+        # session grows without bound. Labels here stay bounded and tenant-free.
         self.tracking_session_bytes = Gauge(
             "framewise_tracking_session_bytes",
-            "Memory bank bytes held per tracking session (memories, object pointers).",
-            ["session"],
+            "Memory bank bytes (memories, object pointers) held by all tracking sessions of this process together.",
+            registry=registry,
+        )
+        self.tracking_session_bytes_max = Gauge(
+            "framewise_tracking_session_bytes_max",
+            "Memory bank bytes of the largest tracking session held right now.",
             registry=registry,
         )
         self.tracking_handoffs = Counter(

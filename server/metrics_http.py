@@ -63,12 +63,14 @@ def health_app(healthz: Callable[[], HealthReport], metrics: Callable[..., Itera
 
 def start_metrics_listener(listen: str, registry: Collector, healthz: Callable[[], HealthReport]) -> int | None:
     """Serves ``/metrics`` (of ``registry``) and ``/healthz`` on ``listen`` (host:port; port 0
-    picks one) until the process exits; returns the port, None when ``listen`` is empty."""
+    picks one) until the process exits; returns the port, None when ``listen`` is empty. A
+    missing host (":9091") means loopback: the endpoint has no authentication, so every
+    interface (0.0.0.0) has to be asked for by name."""
     if not listen:
         return None
     host, _, port_text = listen.rpartition(":")
     server = make_server(
-        host or "0.0.0.0",
+        host.strip("[]") or "127.0.0.1",
         int(port_text),
         health_app(healthz, make_wsgi_app(registry)),
         server_class=_ThreadingServer,

@@ -28,7 +28,7 @@ from grpc_status import rpc_status
 
 from did_emulator import EmulatorHandle, start_emulator
 from engines.cpu_repository import build_cpu_repository
-from framewise.v1 import jobs_service_pb2_grpc
+from framewise.v1 import info_service_pb2, info_service_pb2_grpc, jobs_service_pb2_grpc
 from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,6 +142,9 @@ class Orchestrator:
     metrics_url: str
     process: subprocess.Popen
     log_path: Path
+    # The API key its callers send (the session `orchestrator` requires one); None: the server
+    # was started without authentication.
+    api_key: str | None = None
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -169,7 +172,7 @@ def start_orchestrator(tmp: Path, extra_args: list[str], name: str = "orchestrat
         # Every orchestrator gets its own job store and storage folder (extra_args may override).
         "--job-store", str(tmp / f"{name}-jobs.sqlite3"),
         "--storage-root", str(tmp / f"{name}-storage"),
-        # No result cache unless a test asks for one (tests/test_result_cache_server.py): the
+        # No result cache unless a test asks for one (tests/e2e/test_result_cache_server.py): the
         # other tests send the same image again and count what Triton ran for it.
         "--result-cache-bytes", "0",
         *extra_args,
@@ -265,16 +268,103 @@ def job_args(did: EmulatorHandle) -> list[str]:
     ]  # fmt: skip
 
 
+# The tenant the shared end-to-end fixtures run as: the session orchestrator requires
+# authentication (as a production server does) and its callers send an API key of this tenant,
+# made by `framewise admin keys create` in the server's job store.
+E2E_TENANT = "e2e"
+
+
+def create_api_key(store: Path, tenant: str, *scopes: str) -> str:
+    """A new API key of ``tenant`` in the job store ``store``, made the way an operator makes
+    one: ``framewise admin keys create --tenant NAME --json`` (default scopes: all but admin)."""
+    command = [sys.executable, "-m", "clients.cli", "admin", "keys", "create", "--tenant", tenant, "--job-store", str(store), "--json"]
+    command += [a for scope in scopes for a in ("--scope", scope)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"framewise admin keys create exited {done.returncode}: {done.stderr[-2000:]}"
+    return json.loads(done.stdout)["key"]
+
+
+def media_root_for(root: Path, tenant: str) -> Path:
+    """``root`` holding the shared test videos under ``<root>/<tenant>/``: an authenticated
+    tenant's server_path resolves there (copies, since a symlink out of the root is refused)."""
+    folder = root / tenant
+    folder.mkdir(parents=True, exist_ok=True)
+    for video in (ASSETS / "videos").iterdir():
+        if not (folder / video.name).exists():
+            (folder / video.name).write_bytes(video.read_bytes())
+    return root
+
+
+class BearerInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds ``authorization: Bearer <key>`` to every call of a (synchronous) channel, whatever
+    its kind, unless the call brings its own ``authorization``."""
+
+    def __init__(self, key: str) -> None:
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = list(details.metadata or ())
+        if not any(k == "authorization" for k, _ in metadata):
+            metadata.append(self._header)
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, method, timeout, metadata, credentials, wait_for_ready, compression) -> None:  # noqa: ANN001
+        self.method, self.timeout, self.metadata = method, timeout, metadata
+        self.credentials, self.wait_for_ready, self.compression = credentials, wait_for_ready, compression
+
+
 @pytest.fixture(scope="session")
 def orchestrator(
     tmp_path_factory: pytest.TempPathFactory, triton: TritonProcess, did_emulator: EmulatorHandle
 ) -> Iterator[Orchestrator]:
+    """The shared orchestrator, authentication required: its callers (the `channel` fixture,
+    the CLI through FRAMEWISE_API_KEY, set for the session) send a key of tenant E2E_TENANT."""
+    tmp = tmp_path_factory.mktemp("orchestrator")
+    store = tmp / "orchestrator-jobs.sqlite3"
+    key = create_api_key(store, E2E_TENANT)
     orch = serving_orchestrator(
-        tmp_path_factory.mktemp("orchestrator"),
+        tmp,
         ["--triton-url", triton.url, *SHARED_MEMORY_ARGS, "--session-idle-ttl", str(SESSION_IDLE_TTL_S),
-         "--max-tracking-sessions", str(MAX_TRACKING_SESSIONS), *job_args(did_emulator)],
-    )
-    yield orch
+         "--max-tracking-sessions", str(MAX_TRACKING_SESSIONS), *job_args(did_emulator),
+         "--job-store", str(store), "--media-root", str(media_root_for(tmp / "media", E2E_TENANT)), "--auth", "required",
+         # One tenant drives this whole server, and test_tracking fills its global session bound:
+         # the tenant's quota sits above that bound, because a kept session's quota slot is freed
+         # at the slot renewal after it expired (--quota-session-renew), so slots of sessions the
+         # registry already dropped can still count. Quotas: tests/e2e/test_quota_enforcement.py.
+         "--quota-sessions", str(2 * MAX_TRACKING_SESSIONS)],
+    )  # fmt: skip
+    orch.api_key = key
+    with grpc.insecure_channel(orch.address) as plain:  # it really requires a credential
+        try:
+            info_service_pb2_grpc.InfoServiceStub(plain).GetServerInfo(info_service_pb2.GetServerInfoRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAUTHENTICATED, exc
+        else:
+            stop_process(orch.process)
+            raise AssertionError("the session orchestrator answered a call without credentials")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FRAMEWISE_API_KEY", key)
+        yield orch
     stop_process(orch.process)
 
 
@@ -283,7 +373,7 @@ def channel(orchestrator: Orchestrator) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(
         orchestrator.address, options=[("grpc.max_send_message_length", 64 * 1024 * 1024)]
     ) as ch:
-        yield ch
+        yield grpc.intercept_channel(ch, BearerInterceptor(orchestrator.api_key)) if orchestrator.api_key else ch
 
 
 @pytest.fixture

@@ -10,6 +10,11 @@ Run it from the repository root (the ghz configs in this folder name the default
     .venv/bin/python clients/ghz/make_data.py                      # -> clients/ghz/data/detect_bus.json
     .venv/bin/python clients/ghz/make_data.py --image photo.jpg --confidence 0.4
 
+It also writes clients/ghz/data/metadata.json, the request metadata every config sends
+("metadata-file"): {"authorization": "Bearer <key>"} when FRAMEWISE_API_KEY is set (readable by
+its owner only, in the git-ignored data folder: the key stays off the command line and out of
+the configs), else {} for a server without authentication.
+
 Standard library only, so it also runs outside the project's virtual environment.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,6 +31,8 @@ GHZ_DIR = Path(__file__).resolve().parent
 REPO = GHZ_DIR.parents[1]
 DEFAULT_IMAGE = REPO.parent / "shared" / "assets" / "images" / "bus.jpg"
 DATA_DIR = GHZ_DIR / "data"  # git-ignored: generated, never committed
+METADATA_FILE = DATA_DIR / "metadata.json"
+API_KEY_ENV = "FRAMEWISE_API_KEY"
 
 
 def default_output(image: Path) -> Path:
@@ -50,6 +58,20 @@ def write_data_file(
     return out
 
 
+def request_metadata(api_key: str | None) -> dict[str, str]:
+    """The metadata ghz sends with every call: the API key as a bearer credential, if any."""
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def write_metadata_file(api_key: str | None, out: Path = METADATA_FILE) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Created owner-only before the key is written into it.
+    out.touch(mode=0o600, exist_ok=True)
+    out.chmod(0o600)
+    out.write_text(json.dumps(request_metadata(api_key)) + "\n")
+    return out
+
+
 def _unit_interval(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -69,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = write_data_file(args.image, args.out, args.confidence, args.iou)
     print(f"wrote {out} ({out.stat().st_size} bytes) from {args.image}")
+    api_key = os.environ.get(API_KEY_ENV) or None
+    metadata = write_metadata_file(api_key)
+    print(f"wrote {metadata}: " + (f"authorization from {API_KEY_ENV}" if api_key else f"no credentials ({API_KEY_ENV} is not set)"))
     return 0
 
 

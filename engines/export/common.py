@@ -70,7 +70,11 @@ def seed_everything(seed: int) -> None:
 
 def contract(path: Path) -> dict[str, list[dict[str, Any]]]:
     """Graph inputs and outputs as (name, Triton datatype, shape with symbolic dims as strings)."""
-    model = onnx.load(str(path), load_external_data=False)
+    return model_contract(onnx.load(str(path), load_external_data=False))
+
+
+def model_contract(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    """``contract`` of a graph in memory."""
     initializers = {i.name for i in model.graph.initializer}
 
     def describe(values) -> list[dict[str, Any]]:

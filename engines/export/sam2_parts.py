@@ -1,12 +1,18 @@
 """Export SAM 2.1 (the SAMURAI fork, module ``sam2``) as the four Framewise SAM 2 parts.
 
     .venv-export/bin/python -m engines.export.sam2_parts --output DIR [--size tiny] \
-        (--checkpoint sam2.1_hiera_tiny.pt | --random-init [--seed 0]) [--image-size-check]
+        (--checkpoint sam2.1_hiera_tiny.pt | --random-init [--seed 0]) [--image-size S]
 
 writes ``DIR/sam2_image_encoder.onnx``, ``sam2_mask_decoder.onnx``, ``sam2_memory_attention.onnx``,
 ``sam2_memory_encoder.onnx`` and ``DIR/sam2_export.json`` (model size, weights, per-part check
 errors, sha256 of every file). ``build_engines.py --target cpu --sam2-onnx-dir DIR`` serves them
-in place of the stand-ins.
+in place of the stand-ins. ``build_engines.py --target onnx --models sam2`` calls ``export_parts``.
+
+The model size S (``--image-size``, ``build_engines.py --sam2-image-size``; 1024 in every SAM 2.1
+config) may be any multiple of 32 for the hiera sizes of SAM 2.1: Hiera cuts the image into S/4 x
+S/4 patches and tiles its first stage's 8 x 8 windows over them (``trunk.window_spec[0]``), so S/4
+must be a multiple of 8. The learned weights do not depend on S (the position embedding is
+interpolated), so a checkpoint exports at any such S.
 
 The contract is the model contract (README.md, "The model contract"), identical to the CPU stand-ins
 (engines/sam2_standin): same tensor names, ranks and dtypes, so the orchestrator cannot tell them
@@ -427,6 +433,7 @@ def export_model(model, output: Path, *, source: str, parts: tuple[str, ...] = P
     unknown = set(parts) - set(PART_NAMES)
     if unknown:
         raise ValueError(f"unknown SAM 2 parts {sorted(unknown)}; expected some of {PART_NAMES}")
+    check_image_size(model)
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -622,17 +629,42 @@ def _write_metadata(output: Path, results: dict[str, PartExport], *, source: str
     path.write_text(json.dumps(metadata, indent=2) + "\n")
 
 
+def image_size_multiple(model) -> int:
+    """What S must be a multiple of for ``model``: Hiera's patch stride (4) times its first stage's
+    window (8 in every SAM 2.1 config), since the window position embedding is tiled over the
+    S/4 x S/4 patch grid (``Hiera._get_pos_embed``) and the tiling must come out even."""
+    trunk = model.image_encoder.trunk
+    stride = int(trunk.patch_embed.proj.stride[0])
+    return stride * int(trunk.window_spec[0])
+
+
+def check_image_size(model) -> None:
+    """Refuse a model size S the image encoder cannot run, before anything is exported (the torch
+    error would otherwise come from the middle of a trace: "size of tensor a (20) must match...")."""
+    s, multiple = int(model.image_size), image_size_multiple(model)
+    if s % multiple:
+        below, above = s // multiple * multiple, (s // multiple + 1) * multiple
+        sizes = f"{below} or {above}" if below else str(above)
+        raise ValueError(f"SAM 2 model size S={s} is not a multiple of {multiple}: the hiera image encoder tiles "
+                         f"its {multiple // 4}x{multiple // 4} first-stage windows over the S/4 patch grid "
+                         f"(try S={sizes})")
+
+
 def export_parts(output: Path, *, parts: tuple[str, ...] = PART_NAMES, checkpoint: Path | None = None,
                  config: str | None = None, size: str = "tiny", random_init: bool = False, seed: int = 0,
                  image_size: int | None = None, opset: int = OPSET, check: bool = True, log=print) -> list:
-    """Build the model (``checkpoint``, or seeded random weights with ``random_init``) and export
-    ``parts`` into ``output``; the entry point of ``build_engines.py --target onnx``. Returns
+    """Build the model (``checkpoint``, or seeded random weights with ``random_init``) at model size
+    ``image_size`` (None: the config's, 1024) and export ``parts`` into ``output``; the entry point
+    of ``build_engines.py --target onnx`` and of this module's command. Returns
     ``engines.export.common.ExportResult`` objects (name, path, source, report)."""
+    import torch
+
     from engines.export.common import ExportResult
 
     if checkpoint is None and not random_init:
         raise ValueError("SAM 2: give a checkpoint or random_init=True")
     checkpoint = Path(checkpoint).expanduser() if checkpoint is not None else None
+    torch.set_grad_enabled(False)  # inference only: no autograd graph over the reference checks
     model = build_predictor(size, checkpoint, seed=seed, config=config, image_size=image_size)
     source = source_description(size if config is None else config, checkpoint, seed)
     log(f"SAM 2.1 {source}, config {config or config_name(size)}, S={model.image_size}")
@@ -640,6 +672,36 @@ def export_parts(output: Path, *, parts: tuple[str, ...] = PART_NAMES, checkpoin
                             opset=opset, log=log)
     return [ExportResult(name=name, path=part.path, source=source, report=part.report,
                          notes=[_NOTES[name]]) for name, part in exported.items()]
+
+
+def contract_mismatches(path: Path, image_size: int) -> list[str]:
+    """How the exported part at ``path`` differs from the model contract at model size ``image_size``:
+    the CPU stand-in of the same name (engines/sam2_standin) is the reference, exactly as
+    ``build_engines.py --target cpu --sam2-onnx-dir`` will demand it (names, order, dtypes, dims;
+    a dynamic dim must stay dynamic)."""
+    from engines import sam2_standin
+    from engines.export.common import contract, model_contract
+
+    name = Path(path).stem
+    part = next((p for p in sam2_standin.PARTS if p.name == name), None)
+    if part is None:
+        return [f"{name}: not a SAM 2 part ({', '.join(PART_NAMES)})"]
+    want = model_contract(part.build(image_size))
+    got = contract(Path(path))
+
+    def dims(tensor):
+        return [d if isinstance(d, int) else -1 for d in tensor["shape"]]
+
+    problems = []
+    for kind in ("inputs", "outputs"):
+        if [t["name"] for t in got[kind]] != [t["name"] for t in want[kind]]:
+            problems.append(f"{kind} {[t['name'] for t in got[kind]]} != {[t['name'] for t in want[kind]]}")
+            continue
+        for g, w in zip(got[kind], want[kind]):
+            if g["datatype"] != w["datatype"] or dims(g) != dims(w):
+                problems.append(f"{g['name']}: {g['datatype']} {dims(g)} != {w['datatype']} {dims(w)} "
+                                f"at S={image_size}")
+    return problems
 
 
 _NOTES = {
@@ -714,23 +776,24 @@ def main(argv: list[str] | None = None) -> int:
     weights.add_argument("--random-init", action="store_true",
                          help="no checkpoint: the architecture with seeded random weights (parity tests)")
     parser.add_argument("--seed", type=int, default=0, help="torch.manual_seed for --random-init (default 0)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="model size S, a multiple of 32 (default: the config's, 1024)")
     parser.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime vs PyTorch checks")
     args = parser.parse_args(argv)
 
-    import torch
-
-    torch.set_grad_enabled(False)
     size = canonical_size(args.size)
-    checkpoint = None if args.random_init else args.checkpoint
-    if checkpoint is not None and not checkpoint.is_file():
-        parser.error(f"checkpoint not found: {checkpoint}")
-    model = build_predictor(size, checkpoint, seed=args.seed)
-    source = source_description(size, checkpoint, args.seed)
-    print(f"exporting SAM 2.1 {source}, config {config_name(size)}, S={model.image_size} -> {args.output}")
-    parts = export_model(model, args.output, source=source, check=not args.no_check, seed=args.seed)
-    failed = [name for name, part in parts.items() if part.report is not None and not part.report.ok]
-    for part in parts.values():
-        print(f"  {part.path}  ({part.path.stat().st_size:,} bytes)")
+    if args.checkpoint is not None and not args.checkpoint.is_file():
+        parser.error(f"checkpoint not found: {args.checkpoint}")
+    # The same function as build_engines.py --target onnx, so the two commands cannot drift apart.
+    try:
+        results = export_parts(args.output, checkpoint=args.checkpoint, size=size, random_init=args.random_init,
+                               seed=args.seed, image_size=args.image_size, check=not args.no_check)
+    except ValueError as exc:
+        print(f"engines.export.sam2_parts: {exc}", file=sys.stderr)
+        return 2
+    failed = [r.name for r in results if r.report is not None and not r.report.ok]
+    for r in results:
+        print(f"  {r.path}  ({r.path.stat().st_size:,} bytes)")
     if failed:
         print(f"FAILED checks: {', '.join(failed)}", file=sys.stderr)
         return 1

@@ -1,8 +1,9 @@
 """Triton python-backend model: one ONNX file run by ONNX Runtime on CPU.
 
-Generic: the ONNX file, the thread count and the tensor names all come from the model's
-config.pbtxt (parameters ``onnx_file``, ``intra_op_threads`` and ``per_item_execution``; input
-and output lists). ``per_item_execution`` "true" (the default) runs a batched request one item
+Generic: the ONNX file, the session options and the tensor names all come from the model's
+config.pbtxt (parameters ``onnx_file``, ``intra_op_threads``, ``allow_spinning``,
+``graph_optimization_level``, ``cpu_mem_arena``, ``arena_shrinkage`` and ``per_item_execution``; input and output
+lists). ``per_item_execution`` "true" (the default) runs a batched request one item
 at a time, "false" runs the whole batch in one ORT call. Models whose ``stand_in`` parameter is
 "true" say so loudly in the startup log.
 The CPU model repository builder (engines/cpu_repository.py) copies this file to
@@ -26,6 +27,13 @@ import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
+_OPTIMIZATION_LEVELS = {
+    "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
 
 class TritonPythonModel:
     def initialize(self, args):
@@ -46,6 +54,20 @@ class TritonPythonModel:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Set by engines/cpu_tuning.py for the machine the repository was built on; absent: ORT's
+        # defaults. Spinning off: other instances and Triton share these cores, and a pool thread
+        # busy-waiting between operators burns the core they need.
+        spinning = params.get("allow_spinning", "true").strip().lower() == "true"
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        level = params.get("graph_optimization_level", "all").strip().lower()
+        options.graph_optimization_level = _OPTIMIZATION_LEVELS[level]
+        options.enable_cpu_mem_arena = params.get("cpu_mem_arena", "true").strip().lower() == "true"
+        # Heavy parts hand their arena back after each call, so this process does not hold its peak
+        # activations while the other parts of the frame run theirs.
+        self.run_options = ort.RunOptions()
+        shrink = params.get("arena_shrinkage", "false").strip().lower() == "true"
+        if shrink:
+            self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
 
         have_in = {i.name for i in self.session.get_inputs()}
@@ -56,7 +78,9 @@ class TritonPythonModel:
             raise ValueError(f"{onnx_path} has no tensors named {missing}")
         pb_utils.Logger.log_info(
             f"{self.model_name} instance {args['model_instance_name']}: {onnx_path} on "
-            f"onnxruntime {ort.__version__} CPU, intra_op_threads={threads}, "
+            f"onnxruntime {ort.__version__} CPU, intra_op_threads={threads}, allow_spinning={spinning}, "
+            f"graph_optimization_level={level}, cpu_mem_arena={options.enable_cpu_mem_arena}, "
+            f"arena_shrinkage={shrink}, "
             f"per_item_execution={self.per_item}, stand_in={stand_in}"
         )
         if stand_in == "true":
@@ -95,14 +119,14 @@ class TritonPythonModel:
             if batch < 1:
                 raise ValueError("empty batch")
         if not self.batched or not self.per_item or batch == 1:
-            results = self.session.run(output_names, feeds)
+            results = self.session.run(output_names, feeds, self.run_options)
         else:
             # per_item_execution (yolov8), one image at a time, on purpose: the int8 weights are
             # dynamically quantised per tensor (DynamicQuantizeLinear picks the activation scale
             # and zero point from the min/max of the whole tensor), so running several images as
             # one batch would make each image's result depend on the other images in the batch.
             per_image = [
-                self.session.run(output_names, {n: a[i:i + 1] for n, a in feeds.items()})
+                self.session.run(output_names, {n: a[i:i + 1] for n, a in feeds.items()}, self.run_options)
                 for i in range(batch)
             ]
             results = [np.concatenate([r[k] for r in per_image], axis=0) for k in range(len(output_names))]

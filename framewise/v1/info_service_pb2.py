@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66ramewise/v1/info_service.proto\x12\x0c\x66ramewise.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x16\n\x14GetServerInfoRequest\"\xda\x01\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12,\n\x06triton\x18\x02 \x01(\x0b\x32\x1c.framewise.v1.TritonEndpoint\x12)\n\x06models\x18\x03 \x03(\x0b\x32\x19.framewise.v1.ModelStatus\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12\x12\n\nreplica_id\x18\x05 \x01(\t\x12+\n\x08replicas\x18\x06 \x03(\x0b\x32\x19.framewise.v1.ReplicaInfo\"\xa7\x01\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x31\n\rregister_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0eheartbeat_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04live\x18\x05 \x01(\x08\"w\n\x0eTritonEndpoint\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0f\n\x07managed\x18\x02 \x01(\x08\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x16\n\x0eserver_version\x18\x05 \x01(\t\x12\x12\n\nlast_error\x18\x06 \x01(\t\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xfe\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x10\n\x08stand_in\x18\x05 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12(\n\x06inputs\x18\t \x03(\x0b\x32\x18.framewise.v1.TensorSpec\x12)\n\x07outputs\x18\n \x03(\x0b\x32\x18.framewise.v1.TensorSpec\x12\x0f\n\x07network\x18\x0b \x01(\t2g\n\x0bInfoService\x12X\n\rGetServerInfo\x12\".framewise.v1.GetServerInfoRequest\x1a#.framewise.v1.GetServerInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66ramewise/v1/info_service.proto\x12\x0c\x66ramewise.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x16\n\x14GetServerInfoRequest\"\x88\x02\n\x15GetServerInfoResponse\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12,\n\x06triton\x18\x02 \x01(\x0b\x32\x1c.framewise.v1.TritonEndpoint\x12)\n\x06models\x18\x03 \x03(\x0b\x32\x19.framewise.v1.ModelStatus\x12\x0f\n\x07serving\x18\x04 \x01(\x08\x12\x12\n\nreplica_id\x18\x05 \x01(\t\x12+\n\x08replicas\x18\x06 \x03(\x0b\x32\x19.framewise.v1.ReplicaInfo\x12,\n\x08security\x18\x07 \x01(\x0b\x32\x1a.framewise.v1.SecurityInfo\"\x9c\x01\n\x0cSecurityInfo\x12\x1f\n\x17\x61uthentication_required\x18\x01 \x01(\x08\x12\x11\n\tauth_mode\x18\x02 \x01(\t\x12\x0b\n\x03tls\x18\x03 \x01(\x08\x12$\n\x1c\x63lient_certificates_required\x18\x04 \x01(\x08\x12\x0e\n\x06listen\x18\x05 \x01(\t\x12\x15\n\rloopback_only\x18\x06 \x01(\x08\"\xa7\x01\n\x0bReplicaInfo\x12\x12\n\nreplica_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x31\n\rregister_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0eheartbeat_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04live\x18\x05 \x01(\x08\"w\n\x0eTritonEndpoint\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0f\n\x07managed\x18\x02 \x01(\x08\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\r\n\x05ready\x18\x04 \x01(\x08\x12\x16\n\x0eserver_version\x18\x05 \x01(\t\x12\x12\n\nlast_error\x18\x06 \x01(\t\";\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x64\x61tatype\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xfe\x01\n\x0bModelStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x10\n\x08stand_in\x18\x05 \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12(\n\x06inputs\x18\t \x03(\x0b\x32\x18.framewise.v1.TensorSpec\x12)\n\x07outputs\x18\n \x03(\x0b\x32\x18.framewise.v1.TensorSpec\x12\x0f\n\x07network\x18\x0b \x01(\t2g\n\x0bInfoService\x12X\n\rGetServerInfo\x12\".framewise.v1.GetServerInfoRequest\x1a#.framewise.v1.GetServerInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,15 +35,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVERINFOREQUEST']._serialized_start=82
   _globals['_GETSERVERINFOREQUEST']._serialized_end=104
   _globals['_GETSERVERINFORESPONSE']._serialized_start=107
-  _globals['_GETSERVERINFORESPONSE']._serialized_end=325
-  _globals['_REPLICAINFO']._serialized_start=328
-  _globals['_REPLICAINFO']._serialized_end=495
-  _globals['_TRITONENDPOINT']._serialized_start=497
-  _globals['_TRITONENDPOINT']._serialized_end=616
-  _globals['_TENSORSPEC']._serialized_start=618
-  _globals['_TENSORSPEC']._serialized_end=677
-  _globals['_MODELSTATUS']._serialized_start=680
-  _globals['_MODELSTATUS']._serialized_end=934
-  _globals['_INFOSERVICE']._serialized_start=936
-  _globals['_INFOSERVICE']._serialized_end=1039
+  _globals['_GETSERVERINFORESPONSE']._serialized_end=371
+  _globals['_SECURITYINFO']._serialized_start=374
+  _globals['_SECURITYINFO']._serialized_end=530
+  _globals['_REPLICAINFO']._serialized_start=533
+  _globals['_REPLICAINFO']._serialized_end=700
+  _globals['_TRITONENDPOINT']._serialized_start=702
+  _globals['_TRITONENDPOINT']._serialized_end=821
+  _globals['_TENSORSPEC']._serialized_start=823
+  _globals['_TENSORSPEC']._serialized_end=882
+  _globals['_MODELSTATUS']._serialized_start=885
+  _globals['_MODELSTATUS']._serialized_end=1139
+  _globals['_INFOSERVICE']._serialized_start=1141
+  _globals['_INFOSERVICE']._serialized_end=1244
 # @@protoc_insertion_point(module_scope)

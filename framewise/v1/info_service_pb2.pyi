@@ -44,6 +44,7 @@ class GetServerInfoResponse(_message.Message):
     SERVING_FIELD_NUMBER: _builtins.int
     REPLICA_ID_FIELD_NUMBER: _builtins.int
     REPLICAS_FIELD_NUMBER: _builtins.int
+    SECURITY_FIELD_NUMBER: _builtins.int
     server_version: _builtins.str
     """Version of the Framewise orchestrator."""
     serving: _builtins.bool
@@ -65,6 +66,12 @@ class GetServerInfoResponse(_message.Message):
         replica answering is always live.
         """
 
+    @_builtins.property
+    def security(self) -> Global___SecurityInfo:
+        """Who may call this replica and how the bytes travel: authentication on or off, TLS, client
+        certificates, loopback-only listening.
+        """
+
     def __init__(
         self,
         *,
@@ -74,14 +81,64 @@ class GetServerInfoResponse(_message.Message):
         serving: _builtins.bool = ...,
         replica_id: _builtins.str = ...,
         replicas: _abc.Iterable[Global___ReplicaInfo] | None = ...,
+        security: Global___SecurityInfo | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["triton", b"triton"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["security", b"security", "triton", b"triton"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "replica_id", b"replica_id", "replicas", b"replicas", "server_version", b"server_version", "serving", b"serving", "triton", b"triton"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["models", b"models", "replica_id", b"replica_id", "replicas", b"replicas", "security", b"security", "server_version", b"server_version", "serving", b"serving", "triton", b"triton"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetServerInfoResponse: _TypeAlias = GetServerInfoResponse  # noqa: Y015
+
+@_typing.final
+class SecurityInfo(_message.Message):
+    """The replica's transport and authentication settings, as it started with them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHENTICATION_REQUIRED_FIELD_NUMBER: _builtins.int
+    AUTH_MODE_FIELD_NUMBER: _builtins.int
+    TLS_FIELD_NUMBER: _builtins.int
+    CLIENT_CERTIFICATES_REQUIRED_FIELD_NUMBER: _builtins.int
+    LISTEN_FIELD_NUMBER: _builtins.int
+    LOOPBACK_ONLY_FIELD_NUMBER: _builtins.int
+    authentication_required: _builtins.bool
+    """True when every call (except the open methods: health, reflection) must carry a valid
+    credential (an API key, a JWT, or a verified client certificate). False: authentication is
+    off and every caller runs as the default tenant with every scope.
+    """
+    auth_mode: _builtins.str
+    """The configured authentication mode (--auth): "off", "auto" (required once a key exists in
+    the store or a JWT issuer is configured) or "required"; empty when the server does not say.
+    """
+    tls: _builtins.bool
+    """True when the gRPC port speaks TLS (--tls-cert / --tls-key)."""
+    client_certificates_required: _builtins.bool
+    """True when the TLS handshake requires a client certificate signed by the configured client
+    CA (mutual TLS, --tls-client-ca).
+    """
+    listen: _builtins.str
+    """The address the gRPC port listens on (--listen), for example "127.0.0.1:50051"."""
+    loopback_only: _builtins.bool
+    """True when that address is reachable from this machine only (loopback or a Unix socket)."""
+    def __init__(
+        self,
+        *,
+        authentication_required: _builtins.bool = ...,
+        auth_mode: _builtins.str = ...,
+        tls: _builtins.bool = ...,
+        client_certificates_required: _builtins.bool = ...,
+        listen: _builtins.str = ...,
+        loopback_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_mode", b"auth_mode", "authentication_required", b"authentication_required", "client_certificates_required", b"client_certificates_required", "listen", b"listen", "loopback_only", b"loopback_only", "tls", b"tls"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecurityInfo: _TypeAlias = SecurityInfo  # noqa: Y015
 
 @_typing.final
 class ReplicaInfo(_message.Message):

@@ -4,7 +4,10 @@ Why a SQLite file
     Jobs run in the job worker process and RPCs in the serving process, so a dict in either
     is not shared. Both open the same file (``<storage-root>/cache/results.sqlite3``), so a
     talking video submitted again finds what its first run, or a RemoveBackground RPC,
-    computed. With several replicas each has its own file: the cache is per replica.
+    computed. With several replicas each has its own file: the cache is per replica. Replicas
+    sharing a job store (PostgreSQL) also share the storage root, so there the file is named
+    after the replica (``results-<replica-id>.sqlite3``): one shared file, emptied by every
+    replica as it starts, failed the others' open with "disk I/O error".
 
 What a key is
     server/cache/keys.py: sha256 over the input content (encoded bytes, or raw pixels with
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sqlite3
 import time
 from collections import Counter
@@ -90,8 +94,12 @@ _SCHEMA = (
 
 
 def result_cache_path(config: ServerConfig) -> Path:
-    """The replica's cache file: under its storage root, beside the job storage tiers."""
-    return config.jobs.storage_root / "cache" / "results.sqlite3"
+    """The replica's cache file: under its storage root, beside the job storage tiers; named
+    after the replica when the storage root is shared by several (a PostgreSQL job store)."""
+    if config.jobs.store_path is not None:  # SQLite: one replica owns the storage root
+        return config.jobs.storage_root / "cache" / "results.sqlite3"
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", config.replica_id)[:100]
+    return config.jobs.storage_root / "cache" / f"results-{safe}.sqlite3"
 
 
 def result_cache_for(config: ServerConfig, metrics: Metrics) -> ResultCache | None:

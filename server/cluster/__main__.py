@@ -15,12 +15,18 @@ import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import os  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from server.cluster.launcher import Cluster, ClusterSettings  # noqa: E402
 from server.logging_setup import configure_logging  # noqa: E402
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "")
+    return Path(value) if value else None
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ClusterSettings, Path | None]:
@@ -42,17 +48,25 @@ def parse_args(argv: list[str] | None = None) -> tuple[ClusterSettings, Path | N
     p.add_argument("--emulator-port", type=int, default=d.emulator_port, help="the D-ID emulator's port (default 8081)")
     p.add_argument("--no-restart", action="store_true", help="leave a replica that exits stopped")
     p.add_argument("--state-file", type=Path, default=None, help="write the cluster's addresses and pids here (JSON)")
+    p.add_argument("--tls-cert", type=Path, default=_env_path("FRAMEWISE_TLS_CERT"),
+                   help="PEM certificate chain for clients; TLS terminates at HAProxy, the replicas behind it stay "
+                        "plaintext on --host (env FRAMEWISE_TLS_CERT)")
+    p.add_argument("--tls-key", type=Path, default=_env_path("FRAMEWISE_TLS_KEY"),
+                   help="PEM private key of --tls-cert (env FRAMEWISE_TLS_KEY)")
     p.add_argument("replica_args", nargs=argparse.REMAINDER,
                    help="after --: more `python -m server` flags for every replica")
     a = p.parse_args(argv)
     if a.replicas < 1:
         p.error(f"--replicas must be >= 1, got {a.replicas}")
+    if (a.tls_cert is None) != (a.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
     extra = [x for x in a.replica_args if x != "--"] if a.replica_args[:1] == ["--"] else a.replica_args
     settings = ClusterSettings(
         replicas=a.replicas, host=a.host, port=a.port, grpc_base=a.grpc_base, metrics_base=a.metrics_base,
         stats_port=a.stats_port or None, work_dir=a.work_dir, model_repository=a.model_repository,
         triton_url=a.triton_url, job_store=a.job_store, storage_root=a.storage_root,
         emulator_port=a.emulator_port, replica_args=tuple(extra), restart_replicas=not a.no_restart,
+        tls_cert=a.tls_cert, tls_key=a.tls_key,
     )  # fmt: skip
     return settings, a.state_file
 

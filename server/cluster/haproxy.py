@@ -44,6 +44,7 @@ __all__ = [
     "HAProxyNotFoundError",
     "compose_config",
     "find_haproxy",
+    "write_frontend_pem",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,11 @@ class HAProxyConfig:
     # DNS, 127.0.0.11:53): a replica container that restarts with a new IP is found again, and
     # one not up yet does not stop HAProxy from starting. Empty: resolved once at start (IPs).
     nameservers: tuple[str, ...] = field(default_factory=tuple)
+    # TLS for clients (write_frontend_pem: the certificate chain and its key in one PEM file, as
+    # HAProxy loads them). TLS ends here: HAProxy decrypts, then speaks plaintext h2 to the
+    # replicas, which listen on loopback or a private network (see the README's cluster TLS
+    # notes). None: clients connect in plaintext.
+    tls_pem: Path | None = None
 
     def render(self) -> str:
         """The haproxy.cfg text."""
@@ -130,8 +136,7 @@ class HAProxyConfig:
             "    option redispatch 1",
             "",
             "frontend grpc",
-            # gRPC clients speak HTTP/2 in clear text (prior knowledge): proto h2 on the bind.
-            f"    bind {self.listen_host}:{self.listen_port} proto h2",
+            self._bind_line(),
             "    default_backend replicas",
             "",
             "backend replicas",
@@ -164,6 +169,27 @@ class HAProxyConfig:
                 "    stats refresh 2s",
             ]
         return "\n".join(lines) + "\n"
+
+    def _bind_line(self) -> str:
+        if self.tls_pem is None:
+            # gRPC clients speak HTTP/2 in clear text (prior knowledge): proto h2 on the bind.
+            return f"    bind {self.listen_host}:{self.listen_port} proto h2"
+        # Over TLS, gRPC clients ask for h2 by ALPN; one that does not is not a gRPC client.
+        return f"    bind {self.listen_host}:{self.listen_port} ssl crt {self.tls_pem} alpn h2"
+
+
+def write_frontend_pem(cert: Path, key: Path, destination: Path) -> Path:
+    """The certificate chain and its private key in one file, owner-only, as HAProxy's ``crt``
+    takes them. Rewritten at every start, so a renewed certificate is picked up by a restart."""
+    chain, secret = cert.read_bytes(), key.read_bytes()
+    for what, data, marker in (("--tls-cert", chain, b"CERTIFICATE"), ("--tls-key", secret, b"PRIVATE KEY")):
+        if b"-----BEGIN " not in data or marker not in data:
+            raise ValueError(f"{what}: not a PEM file holding a {marker.decode().lower()}")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.touch(mode=0o600, exist_ok=True)
+    destination.chmod(0o600)
+    destination.write_bytes(chain.rstrip(b"\n") + b"\n" + secret)
+    return destination
 
 
 class HAProxy:

@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from server.aio import cancel_and_wait
-from server.cluster.haproxy import Backend, HAProxy, HAProxyConfig
+from server.cluster.haproxy import Backend, HAProxy, HAProxyConfig, write_frontend_pem
 from server.cluster.topology import ReplicaSpec, free_port, plan_replicas, replica_command
 from server.processes import child_setup, terminate
 
@@ -65,6 +65,10 @@ class ClusterSettings:
     emulator_port: int = 8081
     replica_args: tuple[str, ...] = ()
     restart_replicas: bool = True
+    # TLS for clients, terminated at HAProxy (--tls-cert / --tls-key): the replicas behind it
+    # listen in plaintext on `host` (loopback by default), which only this machine reaches.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     startup_timeout_s: float = 180.0
     python: str = sys.executable
 
@@ -110,11 +114,15 @@ class Cluster:
             await self._start_triton()
             await self._start_did()
             await self._start_replicas()
+            tls_pem = None
+            if s.tls_cert is not None and s.tls_key is not None:
+                tls_pem = write_frontend_pem(s.tls_cert, s.tls_key, s.work_dir / "haproxy" / "frontend.pem")
             config = HAProxyConfig(
                 tuple(Backend(r.spec.replica_id, r.spec.host, r.spec.grpc_port, r.spec.metrics_port) for r in self.replicas),
                 listen_host=s.host,
                 listen_port=s.port,
                 stats_port=s.stats_port,
+                tls_pem=tls_pem,
             )
             self._haproxy = HAProxy(config, s.work_dir / "haproxy")
             await self._haproxy.start()
@@ -149,6 +157,10 @@ class Cluster:
 
     async def _start_did(self) -> None:
         self._env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # TLS ends at HAProxy, which speaks plaintext h2 to the replicas: a TLS setting in the
+        # environment is HAProxy's (settings.tls_cert), never a replica's.
+        for name in ("FRAMEWISE_TLS_CERT", "FRAMEWISE_TLS_KEY", "FRAMEWISE_TLS_CLIENT_CA", "FRAMEWISE_TLS_CLIENT_AUTH"):
+            self._env.pop(name, None)
         if os.environ.get("FRAMEWISE_DID_API_KEY"):
             self.did_url = os.environ.get("FRAMEWISE_DID_URL", "https://api.d-id.com")
             return
@@ -228,6 +240,7 @@ class Cluster:
         """What a user (or a test) needs to reach each part."""
         return {
             "address": self.address,
+            "tls": self.settings.tls_cert is not None,
             "stats": None if self.settings.stats_port is None else f"http://{self.settings.host}:{self.settings.stats_port}/",
             "triton_url": self.triton_url,
             "did_url": self.did_url,

@@ -23,6 +23,8 @@ from server.did.errors import API_KEY_ENV, DIDError
 
 TalkStatus = Literal["created", "started", "done", "error", "rejected"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"done", "error", "rejected"})
+# A talk that ended in one of these can never become a video: never adopted for a retry.
+FAILED_STATUSES: frozenset[str] = frozenset({"error", "rejected"})
 _KNOWN_STATUSES: frozenset[str] = frozenset({"created", "started", "done", "error", "rejected"})
 
 OnRetry = Callable[[int, DIDError, float], Any]
@@ -123,7 +125,8 @@ class DIDClient:
 
         D-ID has no idempotency key and bills a talk when it is created. Upload URLs are unique per
         upload, so a talk listed with these URLs is ours: the client adopts it instead of posting
-        (a job resumed after a crash, a stage retried after a failed attempt), and when a POST
+        (a job resumed after a crash, a stage retried after a failed attempt), unless it ended in
+        ``error``/``rejected`` (polling it again can only fail again), and when a POST
         fails without an answer that rules creation out (a timeout, a dropped connection, a 5xx)
         it gives that request ``landing_wait_s`` to land and looks again before posting anew.
         A talk that lands even later than that can still make a second one."""
@@ -152,7 +155,8 @@ class DIDClient:
         return talk_id
 
     async def find_talk(self, source_url: str, audio_url: str) -> str | None:
-        """The newest of the account's latest 100 talks made from these uploads; None if none."""
+        """The newest of the account's latest 100 talks made from these uploads that did not end
+        in failure (it is rendering, or done); None if none."""
         payload = await self._json_call("GET", "/talks", "list talks", expect=(200,), params={"limit": 100})
         talks = payload.get("talks")
         if not isinstance(talks, list):
@@ -163,6 +167,7 @@ class DIDClient:
                 and talk.get("source_url") == source_url
                 and talk.get("audio_url", audio_url) == audio_url  # not every listing carries it
                 and isinstance(talk.get("id"), str)
+                and talk.get("status") not in FAILED_STATUSES
             ):
                 return str(talk["id"])
         return None

@@ -8,7 +8,7 @@ across restarts, watched event by event.
     files/   the storage tiers, uploads, durable writes and artifact files
     kinds/   the job kinds: talking_video/, segment_video/
 
-The service wires them in server/app_jobs.py (and the worker process in server/app_worker.py).
+The service wires them in server/wiring/jobs.py (both processes: server/app.py, server/app_worker.py).
 This package's face is the store and the event fan-out that the Operations / WatchOperation
 services build on:
 

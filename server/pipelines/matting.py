@@ -35,9 +35,9 @@ from framewise.v1 import common_pb2
 from server.cache.keys import CacheKey
 from server.cache.result_cache import ResultCache
 from server.errors import InvalidInput, ServiceError
-from server.health import TritonMonitor
 from server.metrics import Metrics
 from server.triton.model_spec import ModelSpec
+from server.triton.monitor import TritonMonitor
 from server.triton.runner import InferenceRunner
 from server.vision.image_decode import DecodedImage, decode_image
 from server.vision.resample import lanczos_resize

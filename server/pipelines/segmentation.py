@@ -13,10 +13,10 @@ import cv2
 import numpy as np
 
 from framewise.v1 import common_pb2
-from server.health import TritonMonitor
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_tensors
 from server.pipelines.sam2_contract import Sam2Contract
+from server.triton.monitor import TritonMonitor
 from server.triton.runner import InferenceRunner
 from server.vision.image_decode import decode_image
 from server.vision.masks import mask_at_resolution

@@ -7,12 +7,18 @@ and the load balancer hashes that key, so the open and every resume reach the sa
 SIGTERM the replica drains: it opens no more sessions, and writes each live session's state to
 the shared job store (server/pipelines/session_state.py); a resume reaching any replica whose
 registry lacks the key takes that state and tracks on exactly where the session stopped.
+
+A session belongs to the tenant that opened it: the registry holds sessions under
+``(tenant, key)`` and the handoff store keys their state the same way, so two tenants may use
+the same key, and a resume by another tenant is NOT_FOUND with exactly the message of a key
+nobody holds (``UnknownSession.other_tenant`` tells the servicer to audit it).
+
+Metrics carry no session id: the memory-bank gauges are aggregates over the held sessions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Protocol
@@ -20,6 +26,7 @@ from typing import Protocol
 import grpc
 
 from server.aio import cancel_and_wait
+from server.auth.principal import DEFAULT_TENANT
 from server.errors import ServiceError, Unavailable, shown
 from server.metrics import Metrics
 from server.pipelines.session_state import SnapshotError, dump_session, load_session
@@ -35,9 +42,18 @@ SESSION_KEY_METADATA = "x-framewise-session"
 class SessionHandoff(Protocol):
     """Where a draining replica leaves its sessions (the shared JobStore implements it)."""
 
-    async def put_session_state(self, key: str, state: bytes, ttl_s: float) -> None: ...
+    async def put_session_state(self, key: str, state: bytes, ttl_s: float, *, tenant: str = DEFAULT_TENANT) -> None: ...
 
-    async def take_session_state(self, key: str) -> bytes | None: ...
+    async def take_session_state(self, key: str, *, tenant: str = DEFAULT_TENANT) -> bytes | None: ...
+
+
+class UnknownSession(ServiceError):
+    """NOT_FOUND for a resume; ``other_tenant`` when this replica holds the key for another
+    tenant (the message does not say so: it is the unknown key's, word for word)."""
+
+    def __init__(self, message: str, *, other_tenant: bool) -> None:
+        super().__init__(message, code=grpc.StatusCode.NOT_FOUND)
+        self.other_tenant = other_tenant
 
 
 class SessionRegistry:
@@ -55,7 +71,8 @@ class SessionRegistry:
         self.idle_ttl_s = idle_ttl_s
         self.replica_id = replica_id
         self.handoff = handoff
-        self._sessions: dict[str, TrackingSession] = {}
+        # Keyed by (tenant, session id): a key is unique within its tenant only.
+        self._sessions: dict[tuple[str, str], TrackingSession] = {}
         self._task: asyncio.Task[None] | None = None
         # Set on drain: streams end after their current frame and hand their session off.
         self.draining = asyncio.Event()
@@ -63,11 +80,15 @@ class SessionRegistry:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def open(self, config: SamuraiConfig, key: str | None = None) -> TrackingSession:
-        """A new session, attached; ``key`` (the client's session key) becomes its id."""
+    def held(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> TrackingSession | None:
+        """The session ``tenant`` holds under this id on this replica, if any."""
+        return self._sessions.get((tenant, session_id))
+
+    def open(self, config: SamuraiConfig, key: str | None = None, *, tenant: str = DEFAULT_TENANT) -> TrackingSession:
+        """A new session of ``tenant``, attached; ``key`` (the client's session key) becomes its id."""
         self._refuse_while_draining()
         self.evict_idle()
-        if key is not None and key in self._sessions:
+        if key is not None and (tenant, key) in self._sessions:
             raise ServiceError(
                 f"tracking session {shown(key)} already exists on this replica; resume it (resume_session_id) "
                 "or open the new session under another key",
@@ -75,8 +96,9 @@ class SessionRegistry:
             )
         self._check_room()
         session = TrackingSession(config) if key is None else TrackingSession(config, session_id=key)
+        session.tenant = tenant
         session.attached = True
-        self._sessions[session.session_id] = session
+        self._sessions[(tenant, session.session_id)] = session
         self._report()
         log.info("tracking session opened", extra={"session": session.session_id, "sessions": len(self._sessions)})
         return session
@@ -98,22 +120,23 @@ class SessionRegistry:
                 retry_after_s=0.5,
             )
 
-    async def resume(self, session_id: str) -> TrackingSession:
-        """The session to drive again: from this replica's memory, else from the state a draining
-        replica handed off to the shared store (taken: no other replica can restore it too)."""
+    async def resume(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> TrackingSession:
+        """``tenant``'s session to drive again: from this replica's memory, else from the state a
+        draining replica handed off to the shared store (taken: no other replica can restore it
+        too). Another tenant's session is not found, exactly as a key nobody holds."""
         self._refuse_while_draining()
         self.evict_idle()  # an expired session is gone even if the eviction loop has not run yet
-        session = self._sessions.get(session_id)
+        session = self._sessions.get((tenant, session_id))
         if session is None and self.handoff is not None:
             self._check_room()
-            session = await self._take_handed_off(session_id)
+            session = await self._take_handed_off(session_id, tenant)
         if session is None:
-            raise ServiceError(
+            raise UnknownSession(
                 f"tracking session {shown(session_id)} is not held by replica {shown(self.replica_id)} and no replica "
                 f"handed it off (it never existed here, expired after its idle TTL of {self.idle_ttl_s:.0f} s, or lives "
                 f"on another replica); reconnect with metadata {SESSION_KEY_METADATA}: {shown(session_id)} so the load "
                 "balancer routes you to its replica, or open a new session",
-                code=grpc.StatusCode.NOT_FOUND,
+                other_tenant=any(sid == session_id for _t, sid in self._sessions),
             )
         if session.attached:
             raise ServiceError(
@@ -123,16 +146,16 @@ class SessionRegistry:
         session.last_active = time.monotonic()
         return session
 
-    async def _take_handed_off(self, session_id: str) -> TrackingSession | None:
+    async def _take_handed_off(self, session_id: str, tenant: str) -> TrackingSession | None:
         assert self.handoff is not None
         try:
-            blob = await self.handoff.take_session_state(session_id)
+            blob = await self.handoff.take_session_state(session_id, tenant=tenant)
         except Exception as exc:  # noqa: BLE001 - the store is down or refused: say so, retryably
             raise Unavailable(
                 f"cannot look up the handed-off state of tracking session {shown(session_id)}: {shown(exc, 200)}; retry",
                 retry_after_s=1.0,
             ) from exc
-        held = self._sessions.get(session_id)
+        held = self._sessions.get((tenant, session_id))
         if held is not None or blob is None:
             return held  # another stream on this replica took it while this one waited
         try:
@@ -140,16 +163,17 @@ class SessionRegistry:
         except SnapshotError as exc:
             # A format this code cannot read (a newer replica wrote it): leave it for one that can.
             self.metrics.tracking_handoffs.labels("in", "failed").inc()
-            await self.handoff.put_session_state(session_id, blob, self.idle_ttl_s)
+            await self.handoff.put_session_state(session_id, blob, self.idle_ttl_s, tenant=tenant)
             raise ServiceError(
                 f"the handed-off state of tracking session {shown(session_id)} cannot be read by replica "
                 f"{shown(self.replica_id)}: {shown(exc, 200)}",
                 code=grpc.StatusCode.FAILED_PRECONDITION,
             ) from exc
         if len(self._sessions) >= self.max_sessions:
-            await self.handoff.put_session_state(session_id, blob, self.idle_ttl_s)
+            await self.handoff.put_session_state(session_id, blob, self.idle_ttl_s, tenant=tenant)
             self._check_room()
-        self._sessions[session_id] = session
+        session.tenant = tenant
+        self._sessions[(tenant, session_id)] = session
         self.metrics.tracking_handoffs.labels("in", "ok").inc()
         log.info(
             "tracking session restored from its handoff",
@@ -164,15 +188,15 @@ class SessionRegistry:
         session is then lost, as it would have been without a handoff."""
         if self.handoff is None:
             self.metrics.tracking_handoffs.labels("out", "failed").inc()
-            self.release(session.session_id)
+            self.release(session.session_id, tenant=session.tenant)
             return False
         try:
             blob = await asyncio.to_thread(dump_session, session)
-            await self.handoff.put_session_state(session.session_id, blob, self.idle_ttl_s)
+            await self.handoff.put_session_state(session.session_id, blob, self.idle_ttl_s, tenant=session.tenant)
         except Exception:  # noqa: BLE001 - logged; the drain goes on with the other sessions
             log.exception("tracking session handoff failed", extra={"session": session.session_id})
             self.metrics.tracking_handoffs.labels("out", "failed").inc()
-            self.release(session.session_id)
+            self.release(session.session_id, tenant=session.tenant)
             return False
         self.metrics.tracking_handoffs.labels("out", "ok").inc()
         log.info(
@@ -180,7 +204,7 @@ class SessionRegistry:
             extra={"session": session.session_id, "bytes": len(blob), "next_frame": session.next_frame_index,
                    "objects": len(session.objects)},
         )
-        self.release(session.session_id)
+        self.release(session.session_id, tenant=session.tenant)
         return True
 
     async def drain(self, timeout_s: float) -> None:
@@ -206,15 +230,13 @@ class SessionRegistry:
         session.attached = False
         session.last_active = time.monotonic()
         if not keep:
-            self.release(session.session_id)
+            self.release(session.session_id, tenant=session.tenant)
         self._report()
 
-    def release(self, session_id: str) -> None:
-        session = self._sessions.pop(session_id, None)
+    def release(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        session = self._sessions.pop((tenant, session_id), None)
         if session is not None:
             session.objects.clear()
-            with contextlib.suppress(KeyError):  # never reported if it ended before its first frame
-                self.metrics.tracking_session_bytes.remove(session_id)
             log.info("tracking session released", extra={"session": session_id, "sessions": len(self._sessions)})
         self._report()
 
@@ -222,16 +244,19 @@ class SessionRegistry:
         now = time.monotonic()
         for session in [s for s in self._sessions.values() if not s.attached and now - s.last_active > self.idle_ttl_s]:
             log.info("tracking session expired", extra={"session": session.session_id})
-            self.release(session.session_id)
+            self.release(session.session_id, tenant=session.tenant)
 
     def _report(self) -> None:
-        self.metrics.tracking_sessions.set(len(self._sessions))
-        for session in self._sessions.values():
-            self.metrics.tracking_session_bytes.labels(session.session_id).set(session.memory_bytes())
+        # Aggregates only: a label per session would publish every session id (the key a
+        # resume needs) on /metrics and grow without bound.
+        sizes = [s.memory_bytes() for s in self._sessions.values()]
+        self.metrics.tracking_sessions.set(len(sizes))
+        self.metrics.tracking_session_bytes.set(sum(sizes))
+        self.metrics.tracking_session_bytes_max.set(max(sizes, default=0))
 
     def report(self, session: TrackingSession) -> None:
-        if session.session_id in self._sessions:  # never re-create the label of a released session
-            self.metrics.tracking_session_bytes.labels(session.session_id).set(session.memory_bytes())
+        """After a frame: the session's bank changed size."""
+        self._report()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._evict_forever(), name="session-eviction")
@@ -244,5 +269,5 @@ class SessionRegistry:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
-        for session_id in list(self._sessions):
-            self.release(session_id)
+        for tenant, session_id in list(self._sessions):
+            self.release(session_id, tenant=tenant)

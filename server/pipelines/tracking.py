@@ -26,12 +26,13 @@ import grpc
 import numpy as np
 
 from framewise.v1 import common_pb2
+from server.auth.principal import DEFAULT_TENANT
 from server.errors import InvalidInput, ServiceError, TooLarge
-from server.health import TritonMonitor
 from server.pipelines import sam2_contract as sam2
 from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_tensors
 from server.pipelines.sam2_contract import Sam2Contract
 from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
+from server.triton.monitor import TritonMonitor
 from server.triton.runner import Held, InferenceRunner, Input, Tensor
 from server.vision.image_decode import DecodedImage, decode_image
 from server.vision.image_header import read_header
@@ -66,6 +67,9 @@ class TrackingSession:
     last_active: float = field(default_factory=time.monotonic)
     # One stream at a time drives a session.
     attached: bool = False
+    # The tenant that opened it (server.auth.principal.Principal.tenant): only it can resume it.
+    # Not part of the handed-off snapshot: the handoff store keys the state by tenant instead.
+    tenant: str = DEFAULT_TENANT
 
     def memory_bytes(self) -> int:
         return sum(o.bank.nbytes() for o in self.objects.values())

@@ -11,9 +11,9 @@ import grpc
 from framewise.v1 import info_service_pb2, info_service_pb2_grpc
 from server import __version__
 from server.cluster.membership import ReplicaMembership
-from server.health import TritonMonitor
 from server.jobs.store import JobStoreError
 from server.triton.model_spec import TensorSpec
+from server.triton.monitor import TritonMonitor
 
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,9 @@ class InfoServicer(info_service_pb2_grpc.InfoServiceServicer):
         self.managed = managed
         self.replica_id = replica_id
         self.membership = membership
+        # The transport and authentication settings this replica started with (set by the
+        # composition root once the listen address is known: server/transport/ builds it).
+        self.security: info_service_pb2.SecurityInfo | None = None
 
     async def GetServerInfo(
         self, request: info_service_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
@@ -67,6 +70,8 @@ class InfoServicer(info_service_pb2_grpc.InfoServiceServicer):
                 status.inputs.extend(_tensors(spec.inputs))
                 status.outputs.extend(_tensors(spec.outputs))
         response.replica_id = self.replica_id
+        if self.security is not None:
+            response.security.CopyFrom(self.security)
         if self.membership is not None:
             try:
                 # Bounded: a store that is going down may hold a query for its pool's whole timeout.

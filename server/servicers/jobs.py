@@ -1,25 +1,37 @@
 """JobService: uploads, the two submit RPCs (AIP-151 operations), the durable watch stream,
-artifact download and storage stats."""
+artifact download and storage stats.
+
+Tenancy: an upload and an operation belong to the caller's tenant; a submit may name only the
+caller's uploads, and its ``server_path`` resolves under the caller's media root; watching and
+downloading reach the caller's operations only (another tenant's read as unknown ones); storage
+stats count the caller's uploads, job folders and artifacts (the anonymous caller of a server
+without authentication sees the whole storage, as before)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 from google.longrunning import operations_pb2
+from google.protobuf.message import Message
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from framewise.v1 import jobs_service_pb2_grpc
+from server.auth.principal import DEFAULT_TENANT, Principal
 from server.errors import InvalidInput, ServiceError, Unavailable, shown
 from server.jobs.engine.events import EventBus, Heartbeat
 from server.jobs.engine.queue import JobQueue
 from server.jobs.files.storage import StorageManager
-from server.jobs.files.uploads import UploadError, UploadStore, upload_status
+from server.jobs.files.uploads import UploadError, UploadOfOtherTenant, UploadStore, resolve_server_path, upload_status
 from server.jobs.store import EventRecord, JobState
+from server.quotas.enforcer import QuotaEnforcer
 from server.servicers import convert
 from server.servicers.operations import operation_proto, queue_position, require_name, store_errors
+from server.servicers.tenancy import caller, cross_tenant, media_root, upload_fields
 
 __all__ = ["JobServicer"]
 
@@ -62,12 +74,26 @@ def watch_response(item: EventRecord | Heartbeat) -> jobs_pb2.WatchOperationResp
 
 
 class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
-    def __init__(self, queue: JobQueue, bus: EventBus, uploads: UploadStore, storage: StorageManager) -> None:
+    def __init__(
+        self,
+        queue: JobQueue,
+        bus: EventBus,
+        uploads: UploadStore,
+        storage: StorageManager,
+        *,
+        media_root: Path | None = None,
+        quotas: QuotaEnforcer | None = None,
+    ) -> None:
+        """``media_root``: the folder SegmentVideo's server_path reads from (--media-root), the
+        one the job pipelines resolve against; each authenticated tenant gets its sub-folder."""
         self.queue = queue
         self.bus = bus
         self.store = bus.store
         self.uploads = uploads
         self.storage = storage
+        self.media_root = media_root
+        # Per-tenant quotas (jobs queued or running, storage bytes); None: not limited.
+        self.quotas = quotas
         self.encoded_events = EncodedEvents()
 
     async def UploadFile(
@@ -78,6 +104,10 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
         if first is None or first.WhichOneof("message") != "header":
             raise InvalidInput("the first UploadFileRequest must carry the header (kind, size_bytes, sha256)", "header")
         header = first.header
+        if self.quotas is not None and caller().has_quotas:
+            # Before a byte is written: an upload that would take the tenant past its storage
+            # quota is refused on its declared size.
+            await self.quotas.check_storage(caller().tenant, max(0, header.size_bytes))
 
         async def chunks() -> AsyncIterator[bytes]:
             async for message in request_iterator:
@@ -86,7 +116,9 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
                 yield message.chunk
 
         try:
-            info = await self.uploads.receive(header.kind, header.filename, header.size_bytes, header.sha256, chunks())
+            info = await self.uploads.receive(
+                header.kind, header.filename, header.size_bytes, header.sha256, chunks(), tenant=caller().tenant
+            )
         except UploadError as exc:
             raise upload_status(exc) from None
         return jobs_pb2.UploadFileResponse(
@@ -101,16 +133,68 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
     ) -> operations_pb2.Operation:
         return await self._submit(jobs_pb2.JOB_KIND_TALKING_VIDEO, request, request.request_id)
 
-    async def _submit(self, kind: int, request: object, request_id: str) -> operations_pb2.Operation:
+    async def _submit(self, kind: int, request: Message, request_id: str) -> operations_pb2.Operation:
         if len(request_id) > 128:
             raise InvalidInput("request_id is longer than 128 characters", "request_id")
         self._check_disk()
+        principal = caller()
+        tenant = principal.tenant
+        await self._check_uploads(request, tenant)
+        request = await self._tenant_server_path(request, principal)
         try:
             with store_errors():
-                op = await self.queue.submit(kind, request, request_id)  # type: ignore[arg-type]
+                async with self._job_quota(kind, request_id, tenant):
+                    op = await self.queue.submit(kind, request, request_id, tenant=tenant)
         except UploadError as exc:
             raise upload_status(exc) from None
         return operation_proto(op, await queue_position(self.queue, op))
+
+    @contextlib.asynccontextmanager
+    async def _job_quota(self, kind: int, request_id: str, tenant: str) -> AsyncIterator[None]:
+        """The tenant's jobs and storage quotas around a submit, checked before the queue's
+        global bound so that one tenant's burst is refused while the queue has room for others.
+        A repeat of a submission that exists (same request_id) is answered with it, quota or not:
+        the client is retrying a call whose answer it lost."""
+        if (
+            self.quotas is None
+            or not caller().has_quotas
+            or (request_id and await self.store.find_request(request_id, kind, tenant=tenant))
+        ):
+            yield
+            return
+        async with self.quotas.job_admission(tenant):
+            yield
+
+    async def _check_uploads(self, request: Message, tenant: str) -> None:
+        """Every upload the request names must be the caller's: another tenant's upload is
+        NOT_FOUND exactly as one that does not exist (the job later reads it by id only)."""
+        for field, upload_id in upload_fields(request):
+            try:
+                await self.uploads.get(upload_id, tenant=tenant)
+            except UploadOfOtherTenant as exc:
+                cross_tenant(f"uploads/{upload_id}")
+                raise upload_status(exc, field) from None
+            except UploadError as exc:
+                raise upload_status(exc, field) from None
+
+    async def _tenant_server_path(self, request: Message, principal: Principal) -> Message:
+        """An authenticated caller's ``server_path`` is relative to ``<media root>/<tenant>/``:
+        checked there (a path or symlink leaving that folder is refused like one leaving the
+        media root), then handed to the job prefixed with the tenant's folder, so the pipeline,
+        which resolves against the media root, reads the same file. The anonymous caller's
+        path is left as it is."""
+        server_path = getattr(request, "server_path", "")
+        root = media_root(self.media_root, principal) if server_path else None
+        if not server_path or root is None or root == self.media_root:
+            return request
+        try:
+            await asyncio.to_thread(resolve_server_path, root, server_path)
+        except UploadError as exc:
+            raise upload_status(exc, "server_path") from None
+        scoped = type(request)()
+        scoped.CopyFrom(request)
+        scoped.server_path = f"{root.name}/{server_path}"  # type: ignore[attr-defined]
+        return scoped
 
     def _check_disk(self) -> None:
         """Low disk turns JobService NOT_SERVING; new work is refused too, not accepted only to
@@ -128,7 +212,7 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
         if request.after_sequence < 0:
             raise InvalidInput("after_sequence must be >= 0", "after_sequence")
         with store_errors():
-            op = await self.store.get_operation(require_name(request.name))
+            op = await self.store.get_operation(require_name(request.name), tenant=caller().tenant)
         # Refused for a running operation too: no client can have seen a sequence past
         # last_sequence (an event is committed before it is published), and the subscription
         # would skip every later event, the terminal one included, and heartbeat forever.
@@ -148,14 +232,15 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
     async def DownloadArtifact(
         self, request: jobs_pb2.DownloadArtifactRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.DownloadArtifactResponse]:
+        tenant = caller().tenant
         with store_errors():
-            op = await self.store.get_operation(require_name(request.name))
+            op = await self.store.get_operation(require_name(request.name), tenant=tenant)
         if op.state != JobState.SUCCEEDED:
             raise ServiceError(
                 f"operation {op.name} is {op.state.name}; artifacts can be downloaded once it SUCCEEDED",
                 code=grpc.StatusCode.FAILED_PRECONDITION,
             )
-        artifacts = {a.name: a for a in await self.store.list_artifacts(op.name)}
+        artifacts = {a.name: a for a in await self.store.list_artifacts(op.name, tenant=tenant)}
         record = artifacts.get(request.artifact)
         if record is None:
             raise ServiceError(
@@ -194,7 +279,7 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
     async def GetStorageStats(
         self, request: jobs_pb2.GetStorageStatsRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.GetStorageStatsResponse:
-        stats = await self.storage.stats()
+        stats = await self.storage.stats(await self._owned_storage(caller()))
         return jobs_pb2.GetStorageStatsResponse(
             tiers=[
                 jobs_pb2.StorageTierStats(tier=tier, files=t.files, bytes=t.bytes, retention_seconds=int(t.retention_seconds))
@@ -205,3 +290,13 @@ class JobServicer(jobs_service_pb2_grpc.JobServiceServicer):
             low_disk=stats.low_disk,
             low_disk_threshold_bytes=stats.low_disk_threshold_bytes,
         )
+
+    async def _owned_storage(self, principal: Principal) -> dict[str, list[str]] | None:
+        """The caller's share of the storage tiers (its upload folders, its operations' working
+        and artifact folders; temp files belong to nobody yet); None (the whole storage) for
+        the anonymous caller of a server without authentication."""
+        if principal.via == "anonymous":
+            return None
+        names, _files, _bytes = await self.store.tenant_usage(principal.tenant)
+        folders = [name.removeprefix("operations/") for name in names]
+        return {"uploads": await self.uploads.owned(principal.tenant), "processed": folders, "videos": folders}

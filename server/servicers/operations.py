@@ -1,6 +1,9 @@
 """google.longrunning.Operations (AIP-151) over the job store: Get, List (paged, filtered by
 state or kind), Cancel, Delete, Wait. Also the record -> Operation conversion the submit RPCs
-share."""
+share.
+
+Every call sees the caller's tenant's operations only: another tenant's operation is NOT_FOUND
+with the message of a name that does not exist, and List lists the caller's own."""
 
 from __future__ import annotations
 
@@ -24,9 +27,11 @@ from server.jobs.store import (
     OperationNotFinishedError,
     OperationNotFoundError,
     OperationRecord,
+    OtherTenantError,
     RequestIdConflictError,
 )
 from server.servicers import convert
+from server.servicers.tenancy import caller, cross_tenant
 
 __all__ = ["OperationsServicer", "operation_proto", "queue_position", "require_name", "store_errors"]
 
@@ -92,10 +97,13 @@ def require_name(name: str, field: str = "name") -> str:
 
 @contextlib.contextmanager
 def store_errors() -> Iterator[None]:
-    """The store's exceptions as the API's statuses."""
+    """The store's exceptions as the API's statuses. Another tenant's operation reads exactly as
+    an unknown one (the same message), and is audited."""
     try:
         yield
     except OperationNotFoundError as exc:
+        if isinstance(exc, OtherTenantError):
+            cross_tenant(exc.name)
         raise ServiceError(f"{exc}; names look like operations/<id> as returned by the submit RPC", code=grpc.StatusCode.NOT_FOUND) from None
     except OperationNotFinishedError as exc:
         raise ServiceError(f"{exc}; cancel it first or wait for it to finish", code=grpc.StatusCode.FAILED_PRECONDITION) from None
@@ -157,7 +165,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     async def GetOperation(self, request: operations_pb2.GetOperationRequest, context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
         with store_errors():
-            op = await self.store.get_operation(require_name(request.name))
+            op = await self.store.get_operation(require_name(request.name), tenant=caller().tenant)
         return operation_proto(op, await queue_position(self.queue, op))
 
     async def ListOperations(
@@ -170,7 +178,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         states, kind = parse_filter(request.filter)
         try:
             ops, token = await self.store.list_operations(
-                states=states, kind=kind, page_size=request.page_size, page_token=request.page_token
+                states=states, kind=kind, page_size=request.page_size, page_token=request.page_token, tenant=caller().tenant
             )
         except ValueError as exc:  # not our token, or one issued for another filter (AIP-158)
             raise InvalidInput(str(exc), "page_token") from None
@@ -180,7 +188,9 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     async def CancelOperation(self, request: operations_pb2.CancelOperationRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         with store_errors():
-            op = await self.store.get_operation(require_name(request.name))
+            # The operation is the caller's (checked here; a tenant never changes), so the queue
+            # cancels it by name.
+            op = await self.store.get_operation(require_name(request.name), tenant=caller().tenant)
             if op.done:
                 raise ServiceError(
                     f"operation {op.name} already finished ({op.state.name}); nothing to cancel",
@@ -191,14 +201,15 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     async def DeleteOperation(self, request: operations_pb2.DeleteOperationRequest, context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
         with store_errors():
-            await delete_operation(self.store, require_name(request.name))
+            await delete_operation(self.store, require_name(request.name), tenant=caller().tenant)
         return empty_pb2.Empty()
 
     async def WaitOperation(self, request: operations_pb2.WaitOperationRequest, context: grpc.aio.ServicerContext) -> operations_pb2.Operation:
         """Returns when the operation is done or the timeout (capped at 10 min and by the
         call's deadline) passes, whichever is first; the operation as it stands then."""
+        tenant = caller().tenant
         with store_errors():
-            op = await self.store.get_operation(require_name(request.name))
+            op = await self.store.get_operation(require_name(request.name), tenant=tenant)
         if not op.done:
             limit = MAX_WAIT_S
             if request.HasField("timeout"):
@@ -212,5 +223,5 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
                         if item.terminal:
                             break
             with store_errors():
-                op = await self.store.get_operation(request.name)
+                op = await self.store.get_operation(request.name, tenant=tenant)
         return operation_proto(op, await queue_position(self.queue, op))

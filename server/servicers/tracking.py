@@ -10,6 +10,9 @@ load balancer hashes, so the open and every resume reach the same replica) and/o
 ``OpenSession.session_key``; the session id is then that key. When the replica drains (SIGTERM),
 a stream finishes its current frame, hands its session to the shared store and ends with
 UNAVAILABLE: the client resumes with the same key, on whichever replica the balancer picks.
+
+A session belongs to the caller's tenant: a resume by another tenant is NOT_FOUND with the
+message of a key nobody holds, and is audited.
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ from framewise.v1 import tracking_service_pb2, tracking_service_pb2_grpc
 from server.errors import InvalidInput, ServiceError, Unavailable, shown
 from server.metrics import Metrics
 from server.pipelines.prompts import ObjectPrompt, prompt_from_proto
-from server.pipelines.sessions import SESSION_KEY_METADATA, SessionRegistry
+from server.pipelines.sessions import SESSION_KEY_METADATA, SessionRegistry, UnknownSession
 from server.pipelines.tracking import FrameOutcome, TrackingEngine, TrackingSession
+from server.quotas.enforcer import QuotaEnforcer
 from server.servicers import convert
+from server.servicers.tenancy import caller, cross_tenant
 from server.tracking import SamuraiConfig
 
 # Failures after which the client is told to retry: the session must still be there to resume.
@@ -54,12 +59,23 @@ class _Draining(Exception):
 
 class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
     def __init__(
-        self, engine: TrackingEngine, sessions: SessionRegistry, metrics: Metrics, *, frame_timeout_s: float
+        self,
+        engine: TrackingEngine,
+        sessions: SessionRegistry,
+        metrics: Metrics,
+        *,
+        frame_timeout_s: float,
+        quotas: QuotaEnforcer | None = None,
+        idle_timeout_s: float | None = None,
     ) -> None:
+        """``quotas``: the tenants' session quotas (None: not limited). ``idle_timeout_s``: how
+        long a stream may wait for its client's next message (None: for ever)."""
         self.engine = engine
         self.sessions = sessions
         self.metrics = metrics
         self.frame_timeout_s = frame_timeout_s
+        self.quotas = quotas
+        self.idle_timeout_s = idle_timeout_s
 
     async def Track(
         self, request_iterator: AsyncIterator[tracking_service_pb2.TrackRequest], context: grpc.aio.ServicerContext
@@ -71,6 +87,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             )
         self.engine.contract()  # UNAVAILABLE before anything is allocated when the models are not ready
         session = await self._open(first.open, _metadata_key(context))
+        await self._take_quota_slot(session, resumed=bool(first.open.resume_session_id))
         ended_cleanly = False
         failed_retryably = False
         requests = aiter(request_iterator)
@@ -81,9 +98,12 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             )
             while True:
                 try:
-                    request = await _next_request(requests, drain)
+                    async with asyncio.timeout(self.idle_timeout_s):
+                        request = await _next_request(requests, drain)
                 except _Draining:
                     await self._hand_off(session)
+                except TimeoutError:
+                    raise self._idle(session) from None
                 if request is None:
                     break
                 if request.WhichOneof("message") != "frame":
@@ -113,10 +133,44 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             # has tracked something worth resuming, or was told to retry (Triton down, a
             # deadline): a failed frame is undone, so the session is as before that frame.
             broken_with_state = not ended_cleanly and (session.next_frame_index > 0 or failed_retryably)
-            self.sessions.detach(session, keep=broken_with_state or first.open.keep_on_close)
+            keep = broken_with_state or first.open.keep_on_close
+            self.sessions.detach(session, keep=keep)
+            if not keep and self.quotas is not None:
+                # A kept session keeps its quota slot until it expires (the slot renewal then
+                # frees it); a released one frees it now.
+                self.quotas.release_session_soon(session.tenant, session.session_id)
+
+    async def _take_quota_slot(self, session: TrackingSession, *, resumed: bool) -> None:
+        """One of the tenant's session slots, counted over every replica (the same session
+        resumed holds the slot it had). Checked after the registry took the session, so the
+        slot is taken under its final id; a refused new session is released at once, a refused
+        resume stays resumable."""
+        if self.quotas is None or not caller().has_quotas:
+            return
+        try:
+            await self.quotas.acquire_session(session.tenant, session.session_id)
+        except BaseException:
+            self.sessions.detach(session, keep=resumed)
+            raise
+
+    def _idle(self, session: TrackingSession) -> ServiceError:
+        """The client sent nothing for idle_timeout_s: the stream ends, so that a stream that
+        only opened cannot hold a session (and its tenant's quota slot) for ever. A session
+        that tracked frames stays resumable for its idle TTL; one that tracked none is released."""
+        key = shown(session.session_id)
+        after = (
+            f"tracking session {key} is kept for {self.sessions.idle_ttl_s:.0f} s: resume it (resume_session_id {key})"
+            if session.next_frame_index > 0
+            else f"tracking session {key} tracked no frame and was released: open a new one when frames are ready"
+        )
+        return ServiceError(
+            f"the Track stream received no message for {self.idle_timeout_s:g} s (--track-idle-timeout); {after}",
+            code=grpc.StatusCode.ABORTED,
+        )
 
     async def _open(self, request: tracking_service_pb2.OpenSession, metadata_key: str | None) -> TrackingSession:
         key = _session_key(request, metadata_key)
+        tenant = caller().tenant
         if request.resume_session_id:
             if key is not None and key != request.resume_session_id:
                 raise InvalidInput(
@@ -124,13 +178,18 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                     "a resumed session keeps its key: send the same value in both (or only resume_session_id)",
                     "open.resume_session_id",
                 )
-            return await self.sessions.resume(request.resume_session_id)
+            try:
+                return await self.sessions.resume(request.resume_session_id, tenant=tenant)
+            except UnknownSession as exc:
+                if exc.other_tenant:
+                    cross_tenant(f"sessions/{request.resume_session_id}")
+                raise
         overrides = {name: getattr(request.options, name) for name in _OPTION_FIELDS if request.options.HasField(name)}
         try:
             config = SamuraiConfig(**overrides)
         except (TypeError, ValueError) as exc:
             raise InvalidInput(f"invalid tracker options: {exc}", "open.options") from exc
-        return self.sessions.open(config, key)
+        return self.sessions.open(config, key, tenant=tenant)
 
     async def _hand_off(self, session: TrackingSession) -> NoReturn:
         """The replica drains: the session goes to the shared store, and the stream ends telling

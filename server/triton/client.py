@@ -154,8 +154,15 @@ def _status_name(exc: InferenceServerException) -> str:
     return status or "UNKNOWN"
 
 
+# What Triton answers, with another status than UNAVAILABLE, when it is going down or a model's
+# instance died under a request (stopped mid-frame, a python-backend stub killed): the request
+# was fine and a retry after Triton's restart succeeds, so the caller gets UNAVAILABLE, not
+# INTERNAL.
+_TRITON_GOING_AWAY = ("server is stopping", "stub process", "is not healthy", "unknown model", "is not ready", "unloading")
+
+
 def _status_error(model: str, status: str, message: str, timeout: float) -> ServiceError:
-    if status == "UNAVAILABLE":
+    if status == "UNAVAILABLE" or any(marker in message.lower() for marker in _TRITON_GOING_AWAY):
         return Unavailable(f"Triton is unavailable ({message}); retry shortly")
     if status == "DEADLINE_EXCEEDED":
         return DeadlineExceeded(f"the {model} inference did not finish within {timeout:.3f} s")

@@ -37,11 +37,29 @@ class TritonStartError(RuntimeError):
         self.crashed = crashed
 
 
+# Triton's own endpoints have no authentication at all (anyone reaching its HTTP or gRPC port can
+# run models, list and unregister the orchestrator's shared-memory regions, or unload models), so
+# the managed Triton listens on loopback unless told otherwise (--triton-bind-address, for a
+# private network only).
+DEFAULT_TRITON_BIND_ADDRESS = "127.0.0.1"
+
+
 @dataclass(frozen=True)
 class TritonPorts:
     grpc: int = 8001
     http: int = 8000
     metrics: int = 8002
+    # The address all three bind to (tritonserver's --http-address, --grpc-address and
+    # --metrics-address; Triton's own default is 0.0.0.0).
+    bind_address: str = DEFAULT_TRITON_BIND_ADDRESS
+
+    @property
+    def connect_host(self) -> str:
+        """Where this machine reaches them: the bind address, or loopback when it is every interface."""
+        host = self.bind_address.strip("[]")
+        if host in ("", "0.0.0.0", "::"):
+            return "127.0.0.1"
+        return f"[{host}]" if ":" in host else host
 
 
 @dataclass(frozen=True)
@@ -141,7 +159,7 @@ class ManagedTriton:
 
     @property
     def url(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
+        return f"{self.ports.connect_host}:{self.ports.grpc}"
 
     @property
     def log_path(self) -> Path:
@@ -160,6 +178,9 @@ class ManagedTriton:
             f"--grpc-port={self.ports.grpc}",
             f"--http-port={self.ports.http}",
             f"--metrics-port={self.ports.metrics}",
+            f"--grpc-address={self.ports.bind_address}",
+            f"--http-address={self.ports.bind_address}",
+            f"--metrics-address={self.ports.bind_address}",
             # config.pbtxt files are complete; skipping auto-complete saves a stub start per model.
             "--disable-auto-complete-config",
             "--strict-readiness=true",

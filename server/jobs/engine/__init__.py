@@ -3,7 +3,7 @@
     queue.py      JobQueue: lanes claiming jobs from the store's queue with leases (renewed,
                   taken over when they expire), cancel wherever a job runs, drain, resumption
     executor.py   JobExecutor: one job's stages in order, checkpoints, retries, the terminal event
-    pipeline.py   JobPipeline and Stage: what a job kind gives the engine (server/jobs/kinds/)
+    definition.py JobDefinition and Stage: what a job kind gives the engine (server/jobs/kinds/)
     context.py    JobContext: what a running stage sees (request, folder, state, events, slots)
     failures.py   JobFailure: the error classes and what the engine does with each
     admission.py  Admission: per-model concurrency slots for jobs

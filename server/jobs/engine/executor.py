@@ -31,7 +31,7 @@ from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.jobs.engine.admission import Admission
 from server.jobs.engine.context import JobContext
 from server.jobs.engine.failures import JobCancelled, JobFailure, from_os_error
-from server.jobs.engine.pipeline import JobPipeline, Stage
+from server.jobs.engine.definition import JobDefinition, Stage
 from server.jobs.files.artifacts import artifact_proto, remove_files
 from server.jobs.files.storage import StorageManager
 from server.jobs.store import (
@@ -120,7 +120,7 @@ class JobExecutor:
         bus: EventSink,
         storage: StorageManager,
         admission: Admission,
-        pipelines: Mapping[int, JobPipeline],
+        definitions: Mapping[int, JobDefinition],
         *,
         retry: RetryPolicy = RetryPolicy(),
         rng: random.Random | None = None,
@@ -129,7 +129,7 @@ class JobExecutor:
         self.store = bus.store
         self.storage = storage
         self.admission = admission
-        self.pipelines = dict(pipelines)
+        self.definitions = dict(definitions)
         self.retry = retry
         self._rng = rng or random.Random()
         self._tasks: dict[str, tuple[asyncio.Task[None], JobContext | None]] = {}
@@ -225,7 +225,7 @@ class JobExecutor:
                 await self._emit_failed(name, jobs_pb2.JOB_STAGE_INITIALIZED, failure, epoch)
             return
         self._tasks[name] = (self._tasks[name][0], ctx)
-        pipeline = self.pipelines[op.kind]
+        definition = self.definitions[op.kind]
         handed_over = False
         try:
             # Cancelled before it got here (a cancel landing between the claim and this task):
@@ -233,7 +233,7 @@ class JobExecutor:
             ctx.check_cancelled()
             if op.state == JobState.QUEUED:
                 await self.store.update_operation(name, state=JobState.RUNNING, epoch=epoch)
-            stages = list(pipeline.stages())
+            stages = list(definition.stages())
             done = [s.checkpoint for s in stages]
             start = done.index(op.last_completed_stage) + 1 if op.last_completed_stage in done else 0
             for stage in stages[start:]:
@@ -242,7 +242,7 @@ class JobExecutor:
                 if not ctx.checkpoint_stored:  # the stage did not end with a completing event
                     await ctx.sync_workdir()
                     await self.store.update_operation(name, last_completed_stage=stage.checkpoint, epoch=epoch)
-            response = await pipeline.response(ctx)
+            response = await definition.response(ctx)
             await self._finish_succeeded(ctx, response)
         except (LeaseLostError, JobStoreUnavailableError) as exc:
             # Fencing: another replica holds the job now (or may by the time the store is back),
@@ -275,12 +275,12 @@ class JobExecutor:
                 self.storage.release(ctx.workdir)
 
     def _context(self, op: OperationRecord, request: bytes) -> JobContext:
-        pipeline = self.pipelines[op.kind]
+        definition = self.definitions[op.kind]
         workdir = workdir_of(self.storage, op.name)
         self.storage.keep(workdir)
         return JobContext(
             operation=op,
-            request=pipeline.request_type.FromString(request),
+            request=definition.request_type.FromString(request),
             bus=self.bus,
             storage=self.storage,
             admission=self.admission,

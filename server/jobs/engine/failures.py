@@ -8,7 +8,7 @@
 * ``RESOURCE`` (out of disk, out of D-ID credits): fails with a message for the operator. A
   stage that runs out of disk (ENOSPC, EDQUOT) is this class, not an internal error.
 
-A pipeline raises :class:`JobFailure`; anything else that escapes a stage is a bug and is
+A stage raises :class:`JobFailure`; anything else that escapes a stage is a bug and is
 reported as an INTERNAL, permanent failure (never retried: it would fail the same way).
 
 A failure's description goes to the client (Operation.error, the error events), so it never

@@ -17,7 +17,10 @@ every ``renew_s`` (lease/3 by default: two renewals may fail before it lapses) a
 the job carries the epoch. A replica that dies (kill -9) or freezes stops renewing; once its
 lease expired another replica's claim takes the job over (epoch + 1) and resumes it after its
 last completed stage. The frozen replica, should it wake up, has every write refused
-(LeaseLostError) and stops the job without writing anything more.
+(LeaseLostError) and stops the job without writing anything more. A replica cut off from the
+store for longer than the lease, whose job went on meanwhile, never claims that job a second
+time (its lanes skip the jobs it runs): its renewer takes the lapsed lease back at the same
+epoch, unless another replica claimed it first, and then the run stops as above.
 
 Lanes wake on a local submit, on the store's notifications (another replica queued work, or
 handed a lease back), and when a lane finishes a job (it claims again at once). The only timer,
@@ -44,11 +47,12 @@ import grpc
 from google.protobuf.message import Message
 
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
+from server.auth.principal import DEFAULT_TENANT
 from server.errors import ServiceError
 from server.jobs.engine.admission import Admission
 from server.jobs.engine.events import EventBus
 from server.jobs.engine.executor import JobExecution, JobExecutor, RetryPolicy, finish_cancelled
-from server.jobs.engine.pipeline import JobPipeline
+from server.jobs.engine.definition import JobDefinition
 from server.jobs.files.storage import StorageManager
 from server.jobs.store import (
     JobState,
@@ -97,7 +101,7 @@ class JobQueue:
         bus: EventBus,
         storage: StorageManager,
         admission: Admission,
-        pipelines: Mapping[int, JobPipeline],
+        definitions: Mapping[int, JobDefinition],
         *,
         concurrency: int = 4,
         max_queued: int = 64,
@@ -113,7 +117,7 @@ class JobQueue:
         """``concurrency``: lanes, so jobs this replica runs at once. ``max_queued``: jobs
         waiting in the whole cluster (the store's count). ``execution`` runs what the lanes
         claim; by default a JobExecutor on this event loop (built from bus, storage, admission,
-        pipelines, retry and rng). ``replica_id`` names this replica in leases (default: host
+        definitions, retry and rng). ``replica_id`` names this replica in leases (default: host
         name and PID); ``renew_s`` defaults to lease/3, ``poll_s`` to lease/2; ``store_retry_s``:
         how long lanes pause while the store is unreachable."""
         if concurrency < 1 or max_queued < 1:
@@ -125,7 +129,7 @@ class JobQueue:
         self.store = bus.store
         self.storage = storage
         self.admission = admission
-        self.pipelines = dict(pipelines)
+        self.definitions = dict(definitions)
         self.concurrency = concurrency
         self.max_queued = max_queued
         self.replica_id = replica_id or default_replica_id()
@@ -134,7 +138,7 @@ class JobQueue:
         self.poll_s = lease_s / 2 if poll_s is None else poll_s
         self.store_retry_s = store_retry_s
         self.execution = execution or JobExecutor(
-            bus, storage, admission, pipelines, retry=retry or RetryPolicy(), rng=rng
+            bus, storage, admission, definitions, retry=retry or RetryPolicy(), rng=rng
         )
         # Submits check the cluster's count and create their operation under this lock, so
         # this replica's concurrent submits cannot push the queue past max_queued together.
@@ -149,8 +153,8 @@ class JobQueue:
 
     # ------------------------------------------------------------------ public surface
 
-    def pipeline(self, kind: int) -> JobPipeline:
-        return self.pipelines[kind]
+    def definition(self, kind: int) -> JobDefinition:
+        return self.definitions[kind]
 
     @property
     def running(self) -> list[str]:
@@ -162,40 +166,44 @@ class JobQueue:
         unknown)."""
         return await self.store.waiting_position(name)
 
-    async def submit(self, kind: int, request: Message, request_id: str = "") -> OperationRecord:
-        """Validates, stores (so queues) a job; a repeated request_id returns the first operation."""
-        pipeline = self.pipelines[kind]
+    async def submit(
+        self, kind: int, request: Message, request_id: str = "", *, tenant: str = DEFAULT_TENANT
+    ) -> OperationRecord:
+        """Validates, stores (so queues) a job of ``tenant``; a repeated request_id of the same
+        tenant returns the first operation (request ids are per tenant)."""
+        definition = self.definitions[kind]
         # Checked before validation too: a full queue answers at once, without probing a video
         # or reading an upload first.
         if await self.store.count_waiting() >= self.max_queued:
-            return await self._answer_full(kind, request_id)
-        await pipeline.validate(request)
+            return await self._answer_full(kind, request_id, tenant)
+        await definition.validate(request)
         # Shielded: once the row may be committed (the store finishes its write even if this
         # call is cancelled), its "queued" event must be written too and the lanes woken.
-        return await asyncio.shield(asyncio.ensure_future(self._store(kind, request, request_id)))
+        return await asyncio.shield(asyncio.ensure_future(self._store(kind, request, request_id, tenant)))
 
-    async def _answer_full(self, kind: int, request_id: str) -> OperationRecord:
+    async def _answer_full(self, kind: int, request_id: str, tenant: str) -> OperationRecord:
         # A repeat of a submission that exists is answered with it, full queue or not: the
         # client is retrying a call whose answer it lost, and its job is already in line.
-        existing = await self.store.find_request(request_id, kind) if request_id else None
+        existing = await self.store.find_request(request_id, kind, tenant=tenant) if request_id else None
         if existing is not None:
             return existing
         raise QueueFull(f"the job queue is full ({self.max_queued} jobs waiting); retry later or raise --max-queued-jobs")
 
-    async def _store(self, kind: int, request: Message, request_id: str) -> OperationRecord:
+    async def _store(self, kind: int, request: Message, request_id: str, tenant: str) -> OperationRecord:
         async with self._admit:
             # The count is the cluster's (every replica's waiting jobs). Two replicas admitting
             # at the same instant may each see the last free place: the bound can be passed by
             # at most one job per other replica, never by this replica's own submits.
             position = await self.store.count_waiting()
             if position >= self.max_queued:
-                return await self._answer_full(kind, request_id)
+                return await self._answer_full(kind, request_id, tenant)
             op, created = await self.store.create_operation(
                 kind=kind,
                 request=request.SerializeToString(),
                 request_id=request_id or None,
                 stage=jobs_pb2.JOB_STAGE_INITIALIZED,
                 message="queued",
+                tenant=tenant,
             )
         if not created:
             return op
@@ -303,7 +311,10 @@ class JobQueue:
             while self._to_release:
                 lease = self._to_release.pop()
                 await self._hand_back_unfinished(lease)
-            claim = asyncio.ensure_future(self.store.claim_next(self.replica_id, self.lease_s))
+            # Jobs still running here are never claimed again, even when their lease lapsed
+            # (a store outage longer than the lease): their renewer takes the lease back, and a
+            # second run of one job under a new epoch beside the first is never started.
+            claim = asyncio.ensure_future(self.store.claim_next(self.replica_id, self.lease_s, skip=tuple(self._running)))
             self._claims.add(claim)
             try:
                 op = await asyncio.shield(claim)

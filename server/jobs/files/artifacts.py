@@ -30,11 +30,11 @@ def artifact_proto(record: ArtifactRecord) -> jobs_pb2.Artifact:
     return artifact
 
 
-async def delete_operation(store: JobStore, name: str) -> None:
+async def delete_operation(store: JobStore, name: str, *, tenant: str | None = None) -> None:
     """A finished operation out of the store (its row, events and artifact rows), then its
-    artifact files off the disk. Raises the store's OperationNotFoundError and
-    OperationNotFinishedError."""
-    paths = await store.delete_operation(name)
+    artifact files off the disk. Raises the store's OperationNotFoundError (OtherTenantError
+    for an operation of another ``tenant``) and OperationNotFinishedError."""
+    paths = await store.delete_operation(name, tenant=tenant)
     await asyncio.to_thread(remove_files, paths)
 
 

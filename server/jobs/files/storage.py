@@ -33,7 +33,7 @@ import shutil
 import stat
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -359,9 +359,13 @@ class StorageManager:
             return None
         return path
 
-    async def stats(self) -> StorageStats:
-        """Files and bytes per tier plus free disk space; updates the gauges when given."""
-        counts = await asyncio.to_thread(self._count_sync)
+    async def stats(self, owned: Mapping[str, Collection[str]] | None = None) -> StorageStats:
+        """Files and bytes per tier plus free disk space; updates the gauges when given.
+
+        ``owned``: one tenant's share only: per tier, the names of the top-level entries that
+        are its own (upload ids, operation hex folders); a tier it does not name counts nothing.
+        The gauges stay the whole server's (they are not updated from a share)."""
+        counts = await asyncio.to_thread(self._count_sync, owned)
         usage = await asyncio.to_thread(shutil.disk_usage, self._existing_root())
         threshold = self.config.low_disk_bytes
         result = StorageStats(
@@ -375,30 +379,27 @@ class StorageManager:
             low_disk_threshold_bytes=threshold,
         )
         self._set_low_disk(usage.free)
-        if self._metrics is not None:
+        if self._metrics is not None and owned is None:
             for tier, tier_stats in result.tiers.items():
                 self._metrics.storage_files.labels(tier=tier).set(tier_stats.files)
                 self._metrics.storage_bytes.labels(tier=tier).set(tier_stats.bytes)
         return result
 
-    def _count_sync(self) -> dict[str, tuple[int, int]]:
+    def _count_sync(self, owned: Mapping[str, Collection[str]] | None = None) -> dict[str, tuple[int, int]]:
         counts: dict[str, tuple[int, int]] = {}
         for tier in TIERS:
             files = size = 0
             top = self._walkable_tier(tier)
             if top is not None:
-                # os.walk does not descend into symlinked folders (followlinks=False).
-                for dirpath, _dirnames, filenames in os.walk(top):
-                    for name in filenames:
-                        if name == KEEP_MARKER:
-                            continue
-                        try:
-                            st = os.lstat(os.path.join(dirpath, name))
-                        except OSError:
-                            continue
-                        if stat.S_ISREG(st.st_mode):
-                            files += 1
-                            size += st.st_size
+                if owned is None:
+                    tops = [top]
+                else:
+                    # Plain names only: a name is a folder directly under the tier, never a path.
+                    tops = [top / n for n in sorted(set(owned.get(tier, ()))) if n and "/" not in n and n not in (".", "..")]
+                for start in tops:
+                    f, b = _count_tree(start)
+                    files += f
+                    size += b
             counts[tier] = (files, size)
         return counts
 
@@ -459,6 +460,25 @@ class StorageManager:
                 # A full disk or a permission problem must not end retention for good.
                 log.exception("storage cleanup pass failed")
             await asyncio.sleep(self.config.cleanup_interval_s)
+
+
+def _count_tree(top: Path) -> tuple[int, int]:
+    """Regular files (but the keep markers) under ``top`` and their bytes; 0 when it is missing."""
+    files = size = 0
+    # os.walk does not descend into symlinked folders (followlinks=False); a missing top yields
+    # nothing.
+    for dirpath, _dirnames, filenames in os.walk(top):
+        for name in filenames:
+            if name == KEEP_MARKER:
+                continue
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                files += 1
+                size += st.st_size
+    return files, size
 
 
 @dataclass

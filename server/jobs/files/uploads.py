@@ -8,6 +8,11 @@ file is removed: nothing half-received is ever visible under ``uploads/``.
 A job that reads an upload should ``storage.keep(info.path.parent)`` while it runs, so the
 uploads retention cannot remove the file under it.
 
+An upload belongs to the tenant that sent it (``meta.json``'s ``tenant``; one written before
+tenancy belongs to the default tenant). ``get``/``delete`` with a ``tenant`` answer another
+tenant's upload exactly as one that does not exist (``UploadOfOtherTenant``, a subclass the
+servicer audits); without one they are the job's own lookups, after its submit was checked.
+
 The gRPC servicer maps the exceptions to status codes: ``UploadInvalid`` -> INVALID_ARGUMENT,
 ``UploadTooLarge`` and ``UploadNoSpace`` (the disk filled up) -> RESOURCE_EXHAUSTED,
 ``UploadNotFound`` -> NOT_FOUND, with ``field`` as the BadRequest field violation.
@@ -32,6 +37,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import grpc
 
+from server.auth.principal import DEFAULT_TENANT
 from server.errors import FieldViolation, InvalidInput, ServiceError, TooLarge, shown
 from server.jobs.files.storage import StorageManager, validate_relative_path
 
@@ -41,14 +47,18 @@ __all__ = [
     "UploadInvalid",
     "UploadNoSpace",
     "UploadNotFound",
+    "UploadOfOtherTenant",
     "UploadStore",
     "UploadTooLarge",
     "resolve_server_path",
+    "tenant_media_root",
 ]
 
 log = logging.getLogger("server.jobs.files.uploads")
 
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+# A tenant's media folder name: one path component, no dot-only names.
+_TENANT_FOLDER = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _MAX_FILENAME_CHARS = 1024
 _DATA_NAME = "data"
@@ -77,6 +87,10 @@ class UploadNotFound(UploadError):
     pass
 
 
+class UploadOfOtherTenant(UploadNotFound):
+    """The upload exists but another tenant sent it: worded exactly as an unknown upload."""
+
+
 class UploadNoSpace(UploadError):
     """The server's disk (or quota) filled up while storing the upload: not the caller's fault."""
 
@@ -91,6 +105,7 @@ class UploadInfo:
     path: Path  # the data file
     create_time: datetime
     expire_time: datetime
+    tenant: str = DEFAULT_TENANT
 
 
 class UploadStore:
@@ -112,7 +127,14 @@ class UploadStore:
         return self._max_bytes
 
     async def receive(
-        self, kind: int, filename: str, size_bytes: int, sha256: str, chunks: AsyncIterator[bytes]
+        self,
+        kind: int,
+        filename: str,
+        size_bytes: int,
+        sha256: str,
+        chunks: AsyncIterator[bytes],
+        *,
+        tenant: str = DEFAULT_TENANT,
     ) -> UploadInfo:
         """Validates the header, streams ``chunks`` to disk and commits the upload once the
         exact size and sha256 match. Raises UploadInvalid / UploadTooLarge before reading a
@@ -137,6 +159,7 @@ class UploadStore:
                 "size_bytes": size_bytes,
                 "sha256": actual_sha,
                 "create_time": create_time.isoformat(),
+                "tenant": tenant,
             }
             await _uninterruptible(asyncio.to_thread(_write_json, meta_temp, meta))
             data = await _uninterruptible(self._storage.place(temp, "uploads", f"{upload_id}/{_DATA_NAME}"))
@@ -162,6 +185,7 @@ class UploadStore:
             path=data,
             create_time=create_time,
             expire_time=self._storage.expire_time("uploads", create_time),
+            tenant=tenant,
         )
 
     def _check_header(self, kind: int, filename: str, size_bytes: int, sha256: str) -> str:
@@ -216,7 +240,9 @@ class UploadStore:
         finally:
             await _uninterruptible(asyncio.to_thread(handle.close))
 
-    async def get(self, upload_id: str) -> UploadInfo:
+    async def get(self, upload_id: str, *, tenant: str | None = None) -> UploadInfo:
+        """The upload; UploadNotFound when there is none, or (``UploadOfOtherTenant``, same
+        message) when ``tenant`` is given and another tenant sent it."""
         upload_dir = self._upload_dir(upload_id)
         try:
             meta = await asyncio.to_thread(_read_meta, upload_dir)
@@ -230,18 +256,39 @@ class UploadStore:
                 path=upload_dir / _DATA_NAME,
                 create_time=create_time,
                 expire_time=self._storage.expire_time("uploads", create_time),
+                tenant=str(meta.get("tenant", DEFAULT_TENANT)),
             )
         except FileNotFoundError:
-            raise UploadNotFound(
-                f"upload {shown(upload_id)} not found (never received, expired or deleted)", field="upload_id"
-            ) from None
+            raise UploadNotFound(_not_found(upload_id), field="upload_id") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("upload %s has unreadable metadata: %s", upload_id, exc)
             raise UploadNotFound(f"upload {shown(upload_id)} not found (unreadable metadata)", field="upload_id") from exc
+        if tenant is not None and info.tenant != tenant:
+            raise UploadOfOtherTenant(_not_found(upload_id), field="upload_id")
         return info
 
-    async def delete(self, upload_id: str) -> None:
-        """Removes the upload; UploadNotFound when there is none."""
+    async def owned(self, tenant: str) -> list[str]:
+        """The ids of the uploads ``tenant`` sent (what its storage stats count)."""
+        return await asyncio.to_thread(self._owned_sync, tenant)
+
+    def _owned_sync(self, tenant: str) -> list[str]:
+        ids: list[str] = []
+        with os.scandir(self._storage.tier_dir("uploads")) as entries:
+            for entry in entries:
+                if _UPLOAD_ID.fullmatch(entry.name) is None:
+                    continue
+                try:
+                    meta = _read_meta(Path(entry.path))
+                except (OSError, ValueError, TypeError):
+                    continue  # half-written or expiring: nobody's yet
+                if str(meta.get("tenant", DEFAULT_TENANT)) == tenant:
+                    ids.append(entry.name)
+        return sorted(ids)
+
+    async def delete(self, upload_id: str, *, tenant: str | None = None) -> None:
+        """Removes the upload; UploadNotFound when there is none (or it is another ``tenant``'s)."""
+        if tenant is not None:
+            await self.get(upload_id, tenant=tenant)
         upload_dir = self._upload_dir(upload_id)
         try:
             await asyncio.to_thread(shutil.rmtree, upload_dir)
@@ -252,6 +299,22 @@ class UploadStore:
         if _UPLOAD_ID.fullmatch(upload_id) is None:
             raise UploadInvalid("upload_id must be 32 lowercase hex characters", field="upload_id")
         return self._storage.tier_dir("uploads") / upload_id
+
+
+def _not_found(upload_id: str) -> str:
+    return f"upload {shown(upload_id)} not found (never received, expired or deleted)"
+
+
+def tenant_media_root(root: Path | None, tenant: str, *, authenticated: bool) -> Path | None:
+    """Where ``server_path`` resolves for a caller: ``<root>/<tenant>/`` once callers
+    authenticate, so one tenant's server-side media is out of another's reach; the root itself
+    for the anonymous caller of a server without authentication (one team: the layout it always
+    had). UploadInvalid for a tenant name that cannot be one folder name."""
+    if root is None or not authenticated:
+        return root
+    if not _TENANT_FOLDER.fullmatch(tenant):
+        raise UploadInvalid("server-side paths are not available to this tenant (its name is not a folder name)", field="server_path")
+    return root / tenant
 
 
 def resolve_server_path(root: Path | None, relative: str) -> Path:

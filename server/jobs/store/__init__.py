@@ -1,13 +1,16 @@
 """The job store: where operations, their events and artifacts live durably.
 
     protocol.py         the JobStore protocol, its records (OperationRecord, EventRecord,
-                        ArtifactRecord, OperationUpdate, ReplicaRecord), JobState and the store errors
+                        ArtifactRecord, OperationUpdate, ReplicaRecord, ApiKeyRecord), JobState and
+                        the store errors
     sqlite.py           SqliteJobStore: the embedded single-replica backend
     sqlite_schema.py    SQLite DDL and row <-> record conversion
     postgres.py         PostgresJobStore: the store replicas share
     postgres_schema.py  PostgreSQL DDL, versioned migrations, row <-> record conversion
     postgres_listen.py  the store's one LISTEN connection (reconnects by itself, then RESYNC)
     notifications.py    JobStore.listen's wake-ups: event committed, queued, cancel, released
+    sqlite_api_keys.py  the API key table's methods, SQLite (a base of SqliteJobStore)
+    postgres_api_keys.py  the same on PostgreSQL (a base of PostgresJobStore)
     factory.py          open_job_store(url): a path or sqlite:/// URL, or a postgresql:// URL
 
 This package re-exports the protocol names so callers write
@@ -19,6 +22,8 @@ from server.jobs.store.protocol import (
     TERMINAL_EVENT_TYPES,
     TERMINAL_STATES,
     UNFINISHED_STATES,
+    ApiKeyExistsError,
+    ApiKeyRecord,
     ArtifactRecord,
     EventRecord,
     JobState,
@@ -30,6 +35,7 @@ from server.jobs.store.protocol import (
     OperationNotFoundError,
     OperationRecord,
     OperationUpdate,
+    OtherTenantError,
     ReplicaRecord,
     RequestIdConflictError,
     check_lease_args,
@@ -41,6 +47,8 @@ __all__ = [
     "TERMINAL_EVENT_TYPES",
     "TERMINAL_STATES",
     "UNFINISHED_STATES",
+    "ApiKeyExistsError",
+    "ApiKeyRecord",
     "ArtifactRecord",
     "EventRecord",
     "JobState",
@@ -52,6 +60,7 @@ __all__ = [
     "OperationNotFoundError",
     "OperationRecord",
     "OperationUpdate",
+    "OtherTenantError",
     "ReplicaRecord",
     "RequestIdConflictError",
     "check_lease_args",

@@ -45,7 +45,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from datetime import datetime
 from typing import Any, Self, TypeVar
 
@@ -54,9 +54,12 @@ from psycopg import AsyncConnection
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
+from server.auth.principal import DEFAULT_TENANT
 from server.errors import shown
 from server.jobs.store.notifications import EVENTS_CHANNEL, JOBS_CHANNEL, Notification, NotificationListeners
+from server.jobs.store.postgres_api_keys import PostgresApiKeys
 from server.jobs.store.postgres_listen import PostgresListener
+from server.jobs.store.postgres_quotas import PostgresQuotaMethods
 from server.jobs.store.postgres_schema import (
     ARTIFACT_COLUMNS,
     EVENT_COLUMNS,
@@ -85,6 +88,7 @@ from server.jobs.store.protocol import (
     LeaseLostError,
     OperationNotFinishedError,
     OperationNotFoundError,
+    OtherTenantError,
     OperationRecord,
     OperationUpdate,
     ReplicaRecord,
@@ -132,7 +136,7 @@ def _is_unavailable(exc: BaseException) -> bool:
     return False
 
 
-class PostgresJobStore:
+class PostgresJobStore(PostgresApiKeys, PostgresQuotaMethods):
     """The PostgreSQL `JobStore`. ``PostgresJobStore(url)`` with a libpq URL
     (``postgresql://user:password@host:port/database``; libpq's parameters such as
     ``sslmode`` or ``options=-csearch_path%3Dmyschema`` work as usual); ``await open()``
@@ -370,14 +374,15 @@ class PostgresJobStore:
         request_id: str | None = None,
         message: str = "",
         stage: int = 0,
+        tenant: str = DEFAULT_TENANT,
     ) -> tuple[OperationRecord, bool]:
         request_id = request_id or None
         sql = f"""
             WITH op AS (
-                INSERT INTO operations (name, kind, state, stage, message, create_time, update_time, request_id)
-                SELECT %s, %s, {int(JobState.QUEUED)}, %s, %s, t.now, t.now, %s
+                INSERT INTO operations (name, kind, state, stage, message, create_time, update_time, request_id, tenant)
+                SELECT %s, %s, {int(JobState.QUEUED)}, %s, %s, t.now, t.now, %s, %s
                 FROM (SELECT clock_timestamp() AS now) t
-                ON CONFLICT (request_id) DO NOTHING
+                ON CONFLICT (tenant, request_id) DO NOTHING
                 RETURNING {OP_COLUMNS}
             ), req AS (
                 INSERT INTO operation_requests (name, request) SELECT name, %s FROM op
@@ -387,18 +392,18 @@ class PostgresJobStore:
         # A repeat whose first creation is being deleted at this very moment finds neither: retry.
         for _ in range(3):
             name = f"operations/{uuid.uuid4().hex}"
-            row = await self._fetchone(sql, (name, int(kind), int(stage), message, request_id, bytes(request)))
+            row = await self._fetchone(sql, (name, int(kind), int(stage), message, request_id, tenant, bytes(request)))
             if row is not None:
                 return op_from_row(row), True
             assert request_id is not None  # without a request_id nothing can conflict
-            existing = await self.find_request(request_id, kind)
+            existing = await self.find_request(request_id, kind, tenant=tenant)
             if existing is not None:
                 return existing, False
         raise JobStoreError(f"request_id {shown(request_id)} kept changing while it was being created; try again")
 
-    async def find_request(self, request_id: str, kind: int) -> OperationRecord | None:
+    async def find_request(self, request_id: str, kind: int, *, tenant: str = DEFAULT_TENANT) -> OperationRecord | None:
         row = await self._fetchone(
-            f"SELECT {OP_COLUMNS} FROM operations WHERE request_id = %s", (request_id,), read=True
+            f"SELECT {OP_COLUMNS} FROM operations WHERE tenant = %s AND request_id = %s", (tenant, request_id), read=True
         )
         if row is None:
             return None
@@ -407,11 +412,14 @@ class PostgresJobStore:
             raise RequestIdConflictError(f"request_id {shown(request_id)} was used for {existing.name} of another kind")
         return existing
 
-    async def get_operation(self, name: str) -> OperationRecord:
+    async def get_operation(self, name: str, *, tenant: str | None = None) -> OperationRecord:
         row = await self._fetchone(f"SELECT {OP_COLUMNS} FROM operations WHERE name = %s", (name,), read=True)
         if row is None:
             raise OperationNotFoundError(name)
-        return op_from_row(row)
+        op = op_from_row(row)
+        if tenant is not None and op.tenant != tenant:
+            raise OtherTenantError(name)
+        return op
 
     async def get_request(self, name: str) -> bytes:
         row = await self._fetchone("SELECT request FROM operation_requests WHERE name = %s", (name,), read=True)
@@ -430,6 +438,7 @@ class PostgresJobStore:
         kind: int | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
+        tenant: str | None = None,
     ) -> tuple[list[OperationRecord], str]:
         size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
         where: list[str] = []
@@ -441,11 +450,15 @@ class PostgresJobStore:
                 return [], ""
             where.append("state = ANY(%s)")
             params.append(state_list)
-        # The filter as the token records it (state order does not matter).
-        scope = [None if state_list is None else sorted(set(state_list)), None if kind is None else int(kind)]
+        # The filter as the token records it (state order does not matter); the tenant too, so
+        # a token never continues another tenant's listing.
+        scope = [None if state_list is None else sorted(set(state_list)), None if kind is None else int(kind), tenant]
         if kind is not None:
             where.append("kind = %s")
             params.append(int(kind))
+        if tenant is not None:
+            where.append("tenant = %s")
+            params.append(tenant)
         if page_token:
             after_us, after_name = decode_token(page_token, scope)
             where.append("(create_time, name) > (%s, %s)")
@@ -535,7 +548,9 @@ class PostgresJobStore:
             raise await self._refusal(name, epoch)
         return op_from_row(row)
 
-    async def request_cancel(self, name: str) -> OperationRecord:
+    async def request_cancel(self, name: str, *, tenant: str | None = None) -> OperationRecord:
+        if tenant is not None:
+            await self.get_operation(name, tenant=tenant)  # OtherTenantError: nothing is set
         row = await self._fetchone(
             f"WITH c AS (UPDATE operations SET cancel_requested = true, update_time = clock_timestamp() "
             f"WHERE name = %s AND state IN ({_UNFINISHED}) AND NOT cancel_requested RETURNING {OP_COLUMNS}) "
@@ -546,7 +561,10 @@ class PostgresJobStore:
             return op_from_row(row)
         return await self.get_operation(name)  # finished or already requested: as it is
 
-    async def delete_operation(self, name: str) -> list[str]:
+    async def delete_operation(self, name: str, *, tenant: str | None = None) -> list[str]:
+        if tenant is not None:
+            # An operation never changes tenant, so checking first leaves no window.
+            await self.get_operation(name, tenant=tenant)  # OtherTenantError: nothing is deleted
         # The SELECT reads the statement's snapshot, taken before the DELETE (and its cascade to
         # events, artifacts and the request) runs: it still sees the artifact rows.
         row = await self._fetchone(
@@ -667,15 +685,31 @@ class PostgresJobStore:
             raise await self._refusal(a.operation, epoch)
         return a
 
-    async def list_artifacts(self, name: str) -> list[ArtifactRecord]:
-        rows = await self._fetchall(
-            f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE operation = %s ORDER BY name", (name,), read=True
-        )
+    async def list_artifacts(self, name: str, *, tenant: str | None = None) -> list[ArtifactRecord]:
+        sql = f"SELECT {ARTIFACT_COLUMNS} FROM artifacts WHERE operation = %s"
+        params: tuple[str, ...] = (name,)
+        if tenant is not None:
+            sql += " AND operation IN (SELECT name FROM operations WHERE name = %s AND tenant = %s)"
+            params = (name, name, tenant)
+        rows = await self._fetchall(sql + " ORDER BY name", params, read=True)
         return [artifact_from_row(r) for r in rows]
+
+    async def tenant_usage(self, tenant: str) -> tuple[list[str], int, int]:
+        names = await self._fetchall("SELECT name FROM operations WHERE tenant = %s ORDER BY name", (tenant,), read=True)
+        row = await self._fetchone(
+            "SELECT count(*), coalesce(sum(a.size), 0) FROM artifacts a JOIN operations o ON o.name = a.operation "
+            "WHERE o.tenant = %s",
+            (tenant,),
+            read=True,
+        )
+        assert row is not None
+        return [r[0] for r in names], int(row[0]), int(row[1])
 
     # -- leases ---------------------------------------------------------------------------------
 
-    async def claim_next(self, replica_id: str, lease_s: float) -> OperationRecord | None:
+    async def claim_next(
+        self, replica_id: str, lease_s: float, *, skip: Collection[str] = ()
+    ) -> OperationRecord | None:
         check_lease_args(replica_id, lease_s)
         row = await self._fetchone(
             f"""
@@ -683,6 +717,7 @@ class PostgresJobStore:
                 SELECT name FROM operations
                 WHERE state IN ({_UNFINISHED})
                   AND (lease_expire_time IS NULL OR lease_expire_time <= clock_timestamp())
+                  AND name <> ALL(%s::text[])
                 ORDER BY create_time, name
                 LIMIT 1
                 FOR UPDATE SKIP LOCKED
@@ -693,7 +728,7 @@ class PostgresJobStore:
             FROM next WHERE o.name = next.name
             RETURNING {_O_COLUMNS}
             """,
-            (replica_id, float(lease_s)),
+            (list(skip), replica_id, float(lease_s)),
         )
         return None if row is None else op_from_row(row)
 
@@ -799,28 +834,29 @@ class PostgresJobStore:
 
     # -- tracking sessions handed off -------------------------------------------------------------
 
-    async def put_session_state(self, key: str, state: bytes, ttl_s: float) -> None:
+    async def put_session_state(self, key: str, state: bytes, ttl_s: float, *, tenant: str = DEFAULT_TENANT) -> None:
         check_session_state_args(key, ttl_s)
 
         async def tx(conn: AsyncConnection[Any]) -> None:
             async with conn.transaction():
                 await conn.execute("DELETE FROM tracking_sessions WHERE expire_time <= clock_timestamp()")
                 await conn.execute(
-                    "INSERT INTO tracking_sessions (session_key, state, expire_time) "
-                    "VALUES (%s, %s, clock_timestamp() + %s * interval '1 second') "
-                    "ON CONFLICT (session_key) DO UPDATE SET state = excluded.state, expire_time = excluded.expire_time",
-                    (key, bytes(state), float(ttl_s)),
+                    "INSERT INTO tracking_sessions (tenant, session_key, state, expire_time) "
+                    "VALUES (%s, %s, %s, clock_timestamp() + %s * interval '1 second') "
+                    "ON CONFLICT (tenant, session_key) DO UPDATE SET state = excluded.state, expire_time = excluded.expire_time",
+                    (tenant, key, bytes(state), float(ttl_s)),
                     binary=True,
                 )
 
         await self._call(tx, read=False)
 
-    async def take_session_state(self, key: str) -> bytes | None:
+    async def take_session_state(self, key: str, *, tenant: str = DEFAULT_TENANT) -> bytes | None:
         # DELETE ... RETURNING: of two replicas taking the key at once, the second's DELETE
         # waits on the first's row lock and then matches nothing.
         row = await self._fetchone(
-            "DELETE FROM tracking_sessions WHERE session_key = %s RETURNING state, expire_time > clock_timestamp()",
-            (key,),
+            "DELETE FROM tracking_sessions WHERE tenant = %s AND session_key = %s "
+            "RETURNING state, expire_time > clock_timestamp()",
+            (tenant, key),
         )
         if row is None or not row[1]:
             return None

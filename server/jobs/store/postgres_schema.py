@@ -138,6 +138,73 @@ MIGRATIONS: list[Migration] = [
         CREATE INDEX tracking_sessions_by_expiry ON tracking_sessions (expire_time);
         """,
     ),
+    # Version 4.
+    Migration(
+        "tenancy: operations and handed-off tracking sessions owned by a tenant",
+        """
+        -- Every operation belongs to a tenant (rows written before: 'default'); a request_id is
+        -- unique per tenant, not across tenants (NULLs stay distinct: no key, no conflict).
+        ALTER TABLE operations ADD COLUMN tenant text NOT NULL DEFAULT 'default';
+        ALTER TABLE operations DROP CONSTRAINT operations_request_id_key;
+        ALTER TABLE operations ADD CONSTRAINT operations_tenant_request_id_key UNIQUE (tenant, request_id);
+        CREATE INDEX operations_by_tenant ON operations (tenant, create_time, name);
+        -- A handed-off session's key is unique per tenant: another tenant's resume of the same
+        -- key finds nothing (and takes nothing).
+        ALTER TABLE tracking_sessions ADD COLUMN tenant text NOT NULL DEFAULT 'default';
+        ALTER TABLE tracking_sessions DROP CONSTRAINT tracking_sessions_pkey;
+        ALTER TABLE tracking_sessions ADD PRIMARY KEY (tenant, session_key);
+        """,
+    ),
+    Migration(
+        "API keys",
+        """
+        -- server/auth/keys.py: the SHA-256 of each key, never the key, with its tenant, scopes
+        -- (space-separated), expiry, revocation and last use. Rows are never deleted: a revoked
+        -- key stays listed, and `--auth auto` keeps requiring credentials.
+        CREATE TABLE api_keys (
+            key_id         text PRIMARY KEY,
+            tenant         text NOT NULL,
+            scopes         text NOT NULL,
+            secret_hash    text NOT NULL,
+            create_time    timestamptz NOT NULL,
+            expire_time    timestamptz,
+            revoke_time    timestamptz,
+            last_used_time timestamptz
+        );
+        CREATE INDEX api_keys_by_tenant ON api_keys (tenant, create_time);
+        """,
+    ),
+    # Version 6.
+    Migration(
+        "per-tenant quotas: overrides and session slots",
+        """
+        -- server/quotas/: the overrides of the flag defaults, one row per tenant and quota name
+        -- (a quota without a row takes the default).
+        CREATE TABLE tenant_quotas (
+            tenant      text NOT NULL,
+            quota       text NOT NULL,
+            value       double precision NOT NULL,
+            update_time timestamptz NOT NULL,
+            PRIMARY KEY (tenant, quota)
+        );
+        -- The slots of counted resources that live in one replica's memory (tracking
+        -- sessions): renewed by the replica holding them, lapsing when it stops, so every
+        -- replica counts a tenant's sessions the same. Acquiring takes an advisory lock per
+        -- (resource, tenant), so replicas cannot both take the last slot.
+        CREATE TABLE quota_leases (
+            resource    text NOT NULL,
+            tenant      text NOT NULL,
+            lease_key   text NOT NULL,
+            holder      text NOT NULL,
+            expire_time timestamptz NOT NULL,
+            PRIMARY KEY (resource, tenant, lease_key)
+        );
+        CREATE INDEX quota_leases_by_holder ON quota_leases (resource, holder);
+        -- A tenant's queued and running jobs (its jobs quota), counted without walking its
+        -- finished ones.
+        CREATE INDEX operations_unfinished_by_tenant ON operations (tenant) WHERE state IN (1, 2);
+        """,
+    ),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -156,7 +223,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 OP_COLUMNS = (
     "name, kind, state, stage, percent, message, response, error_code, error_message, "
     "create_time, update_time, start_time, end_time, last_sequence, last_completed_stage, request_id, "
-    "cancel_requested, lease_owner, lease_epoch, lease_expire_time"
+    "cancel_requested, lease_owner, lease_epoch, lease_expire_time, tenant"
 )
 EVENT_COLUMNS = "operation, sequence, time, event_type, payload, terminal"
 ARTIFACT_COLUMNS = "operation, name, kind, media_type, path, size, sha256, expire_time"

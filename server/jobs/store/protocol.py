@@ -19,20 +19,30 @@ Conventions shared by every backend:
   ``terminal`` flag (``"complete"`` is always terminal; a final ``"error"`` with
   ``will_retry=false`` is appended with ``terminal=True``).
 * Heartbeats are never stored (see ``server.jobs.engine.events``).
+* Tenancy: every operation (with its events and artifacts) and every handed-off tracking
+  session belongs to one tenant. The methods a servicer calls for a client (create, find, get,
+  list, cancel, delete, list artifacts, session handoff) take ``tenant``: another tenant's
+  operation is "not found" exactly as a name that does not exist (``OtherTenantError`` is an
+  ``OperationNotFoundError`` with the same message; only its type tells the caller to audit the
+  attempt). ``tenant=None`` on get/list/cancel/delete/list_artifacts means "any tenant": the
+  job engine's own lookups by name, never a client's. A request_id is unique per tenant.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Protocol, runtime_checkable
 
+from server.auth.principal import DEFAULT_TENANT
 from server.errors import shown
 from server.jobs.store.notifications import Notification
 
 __all__ = [
+    "ApiKeyExistsError",
+    "ApiKeyRecord",
     "TERMINAL_EVENT_TYPES",
     "ArtifactRecord",
     "EventRecord",
@@ -45,6 +55,7 @@ __all__ = [
     "OperationNotFoundError",
     "OperationRecord",
     "OperationUpdate",
+    "OtherTenantError",
     "ReplicaRecord",
     "RequestIdConflictError",
     "utcnow",
@@ -108,6 +119,11 @@ class OperationNotFoundError(JobStoreError, KeyError):
 
     def __str__(self) -> str:
         return f"operation {shown(self.name)} not found"
+
+
+class OtherTenantError(OperationNotFoundError):
+    """The operation exists but belongs to another tenant. Its message is exactly the one of an
+    unknown name (existence is not leaked); the type only lets the servicer audit the attempt."""
 
 
 class OperationNotFinishedError(JobStoreError):
@@ -179,6 +195,8 @@ class OperationRecord:
     lease_owner: str | None = None
     lease_epoch: int = 0
     lease_expire_time: datetime | None = None
+    # Who owns the operation (server.auth.principal.Principal.tenant of its submitter).
+    tenant: str = DEFAULT_TENANT
 
     @property
     def done(self) -> bool:
@@ -206,6 +224,26 @@ class ArtifactRecord:
     size: int
     sha256: str
     expire_time: datetime | None = None
+
+
+class ApiKeyExistsError(JobStoreError):
+    """create_api_key was given a key id the store already holds (ids are random: a repeat is a
+    bug or an attack, never a reason to overwrite the other key)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKeyRecord:
+    """An API key as the store holds it (server/auth/keys.py makes and checks them): never the
+    key itself, only the SHA-256 of it, so a copy of the store lets nobody call the service."""
+
+    key_id: str  # the non-secret id that is also part of the key; how a key is found and named
+    tenant: str
+    scopes: tuple[str, ...]
+    secret_hash: str  # hex SHA-256 of the whole key string
+    create_time: datetime
+    expire_time: datetime | None  # None: never expires
+    revoke_time: datetime | None = None  # set once by revoke_api_key; a revoked key never works again
+    last_used_time: datetime | None = None  # touch_api_key: roughly when it last authenticated a call
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,20 +295,23 @@ class JobStore(Protocol):
         request_id: str | None = None,
         message: str = "",
         stage: int = 0,
+        tenant: str = DEFAULT_TENANT,
     ) -> tuple[OperationRecord, bool]:
-        """Creates a QUEUED operation, or returns the one already created with this
-        ``request_id``. Returns ``(record, created)``: ``created`` is False for a repeat, so the
-        caller enqueues the job only once. Raises RequestIdConflictError when the request_id
-        belongs to an operation of another kind."""
+        """Creates a QUEUED operation owned by ``tenant``, or returns the one that tenant already
+        created with this ``request_id`` (another tenant's equal request_id is another key).
+        Returns ``(record, created)``: ``created`` is False for a repeat, so the caller enqueues
+        the job only once. Raises RequestIdConflictError when the request_id belongs to an
+        operation of another kind."""
         ...
 
-    async def find_request(self, request_id: str, kind: int) -> OperationRecord | None:
-        """The operation created with this ``request_id``, or None. Raises
+    async def find_request(self, request_id: str, kind: int, *, tenant: str = DEFAULT_TENANT) -> OperationRecord | None:
+        """The operation ``tenant`` created with this ``request_id``, or None. Raises
         RequestIdConflictError when it belongs to an operation of another kind."""
         ...
 
-    async def get_operation(self, name: str) -> OperationRecord:
-        """Raises OperationNotFoundError."""
+    async def get_operation(self, name: str, *, tenant: str | None = None) -> OperationRecord:
+        """Raises OperationNotFoundError; OtherTenantError when ``tenant`` is given and the
+        operation belongs to another one."""
         ...
 
     async def get_request(self, name: str) -> bytes:
@@ -286,12 +327,14 @@ class JobStore(Protocol):
         kind: int | None = None,
         page_size: int = 50,
         page_token: str = "",
+        tenant: str | None = None,
     ) -> tuple[list[OperationRecord], str]:
         """One page, ordered by (create_time, name); returns ``(items, next_page_token)`` with
         ``""`` on the last page. A token stays valid while operations are added or deleted.
-        ``page_size`` <= 0 means the default (50); it is capped at 1000. A token continues only
-        the listing it came from: ValueError for a malformed token or one issued for another
-        ``states``/``kind`` filter (AIP-158)."""
+        ``page_size`` <= 0 means the default (50); it is capped at 1000. With ``tenant``, only
+        that tenant's operations. A token continues only the listing it came from: ValueError
+        for a malformed token or one issued for another ``states``/``kind``/``tenant`` filter
+        (AIP-158)."""
         ...
 
     async def update_operation(
@@ -336,19 +379,25 @@ class JobStore(Protocol):
         update_operation."""
         ...
 
-    async def list_artifacts(self, name: str) -> list[ArtifactRecord]:
-        """Artifacts of an operation, by name."""
+    async def list_artifacts(self, name: str, *, tenant: str | None = None) -> list[ArtifactRecord]:
+        """Artifacts of an operation, by name; [] for an operation of another ``tenant``."""
         ...
 
-    async def request_cancel(self, name: str) -> OperationRecord:
+    async def request_cancel(self, name: str, *, tenant: str | None = None) -> OperationRecord:
         """Sets ``cancel_requested`` (a no-op on a finished operation) and returns the record;
-        the executor notices the flag and moves the job to CANCELLED."""
+        the executor notices the flag and moves the job to CANCELLED. OtherTenantError (and
+        nothing set) for an operation of another ``tenant``."""
         ...
 
-    async def delete_operation(self, name: str) -> list[str]:
+    async def delete_operation(self, name: str, *, tenant: str | None = None) -> list[str]:
         """Deletes a finished operation with its events and artifact rows and returns the
-        artifact paths for the caller to delete from disk. Raises OperationNotFoundError and
-        OperationNotFinishedError."""
+        artifact paths for the caller to delete from disk. Raises OperationNotFoundError,
+        OtherTenantError (nothing deleted) and OperationNotFinishedError."""
+        ...
+
+    async def tenant_usage(self, tenant: str) -> tuple[list[str], int, int]:
+        """What ``tenant``'s operations hold: their names, and the count and total size of
+        their artifacts (what storage stats and storage quotas report per tenant)."""
         ...
 
     async def unfinished_operations(self) -> list[OperationRecord]:
@@ -363,13 +412,20 @@ class JobStore(Protocol):
 
     # -- leases: many replicas (or one) running the jobs of one store ----------------------------
 
-    async def claim_next(self, replica_id: str, lease_s: float) -> OperationRecord | None:
+    async def claim_next(
+        self, replica_id: str, lease_s: float, *, skip: Collection[str] = ()
+    ) -> OperationRecord | None:
         """Claims the oldest (create_time, name) unfinished operation that nobody holds: QUEUED
         or RUNNING with no lease, or whose lease expired (its holder stopped renewing). Returns
         it with ``lease_owner = replica_id``, ``lease_epoch`` one more than before and the lease
         expiring ``lease_s`` from now on the store's clock; None when there is nothing to claim.
         Concurrent claimers (threads, processes, replicas) never get the same operation. The
-        state is left as it is: the job's first event moves it to RUNNING."""
+        state is left as it is: the job's first event moves it to RUNNING.
+
+        ``skip``: operations the caller is still running, whose lease lapsed while the store was
+        out of reach for longer than the lease. The caller renews those (renew_lease accepts an
+        expired lease nobody took) instead of claiming its own job a second time under a new
+        epoch while the first run is alive; another replica may still take them over."""
         ...
 
     async def renew_lease(self, name: str, replica_id: str, epoch: int, lease_s: float) -> OperationRecord:
@@ -443,16 +499,106 @@ class JobStore(Protocol):
 
     # -- tracking sessions handed off by a draining replica ------------------------------------
 
-    async def put_session_state(self, key: str, state: bytes, ttl_s: float) -> None:
+    async def put_session_state(self, key: str, state: bytes, ttl_s: float, *, tenant: str = DEFAULT_TENANT) -> None:
         """Stores a tracking session's state (server/pipelines/session_state.py's bytes) under
-        its session key for ``ttl_s`` seconds on the store's clock (the one clock replicas
+        ``(tenant, key)`` for ``ttl_s`` seconds on the store's clock (the one clock replicas
         share), replacing any state stored under that key. Rows already expired are deleted on
         the way (nothing else sweeps them). ValueError for an empty key or ttl_s <= 0."""
         ...
 
-    async def take_session_state(self, key: str) -> bytes | None:
-        """Removes and returns the state stored under ``key``; None when there is none or it
-        expired. Atomic: of replicas taking the same key at once, exactly one gets the state."""
+    async def take_session_state(self, key: str, *, tenant: str = DEFAULT_TENANT) -> bytes | None:
+        """Removes and returns the state ``tenant`` stored under ``key``; None when there is none
+        or it expired (another tenant's state under the same key is neither returned nor
+        removed). Atomic: of replicas taking the same key at once, exactly one gets the state."""
+        ...
+
+    # -- API keys (server/auth/keys.py): every replica reads them here, so a revocation holds ----
+    # -- everywhere as soon as it is committed ---------------------------------------------------
+
+    async def create_api_key(
+        self,
+        *,
+        key_id: str,
+        tenant: str,
+        scopes: tuple[str, ...],
+        secret_hash: str,
+        expire_time: datetime | None,
+    ) -> ApiKeyRecord:
+        """Stores a new key (create_time now). Raises ApiKeyExistsError when ``key_id`` is
+        taken; ValueError for an empty key id, tenant or hash, or a scope containing a space."""
+        ...
+
+    async def get_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        """The key with this id (revoked and expired ones included), or None."""
+        ...
+
+    async def list_api_keys(self, *, tenant: str | None = None) -> list[ApiKeyRecord]:
+        """Every key (of ``tenant`` when given), by (create_time, key_id)."""
+        ...
+
+    async def revoke_api_key(self, key_id: str) -> ApiKeyRecord | None:
+        """Sets ``revoke_time`` to now unless it is set already (revoking twice keeps the first
+        time) and returns the record; None for an unknown key id."""
+        ...
+
+    async def touch_api_key(self, key_id: str) -> None:
+        """Sets ``last_used_time`` to now (a no-op for an unknown key id)."""
+        ...
+
+    async def has_api_keys(self) -> bool:
+        """Whether any key was ever created, revoked ones included: ``--auth auto`` requires
+        credentials from then on (revoking the last key must not open the server to anyone)."""
+        ...
+
+    # -- per-tenant quotas (server/quotas/): held here, so every replica enforces the same ------
+
+    async def set_tenant_quotas(self, tenant: str, values: Mapping[str, float | None]) -> dict[str, float]:
+        """Sets (a number) or clears (None: back to the default) the tenant's overrides of the
+        named quotas (server/quotas/limits.py QUOTA_NAMES) in one transaction; returns all the
+        tenant's overrides after it. ValueError for an empty tenant, an unknown quota name or a
+        value no quota takes (negative, not finite, a fractional count), with nothing stored."""
+        ...
+
+    async def tenant_quotas(self, tenant: str) -> dict[str, float]:
+        """The tenant's overrides, by quota name ({} when it has none)."""
+        ...
+
+    async def all_tenant_quotas(self) -> dict[str, dict[str, float]]:
+        """Every tenant's overrides (tenant -> quota -> value): what each replica re-reads every
+        few seconds (a few rows per tenant that has any)."""
+        ...
+
+    async def acquire_quota_lease(
+        self, resource: str, tenant: str, key: str, holder: str, limit: int, ttl_s: float
+    ) -> tuple[bool, int]:
+        """Takes one of the tenant's ``limit`` slots of ``resource`` (``"sessions"``) under
+        ``key`` (the session id) for ``holder`` (the replica), lapsing ``ttl_s`` from now on the
+        store's clock unless renewed. Atomic against acquirers on every replica: ``limit`` is
+        never exceeded. A key the tenant holds already is renewed and moved to ``holder``
+        without counting twice (a session resumed on another replica). Returns ``(granted,
+        held)``: ``held`` is the tenant's live slots after the call (when refused: before it).
+        ``limit`` 0: unlimited. ValueError for an empty resource, tenant or key, or ttl_s <= 0."""
+        ...
+
+    async def release_quota_lease(self, resource: str, tenant: str, key: str, holder: str) -> None:
+        """Frees the slot if ``holder`` holds it (a no-op otherwise: a replica that lost a
+        session to another, e.g. resumed there after a handoff, cannot free the new holder's slot)."""
+        ...
+
+    async def renew_quota_leases(
+        self, resource: str, holder: str, keys: Collection[tuple[str, str]], ttl_s: float
+    ) -> None:
+        """The holder's periodic sync: its slots whose ``(tenant, key)`` is in ``keys`` lapse
+        ``ttl_s`` from now; its other slots (sessions it no longer holds) are freed; every lapsed
+        slot of ``resource`` is deleted on the way. Slots another holder took are untouched."""
+        ...
+
+    async def count_quota_leases(self, resource: str, tenant: str) -> int:
+        """The tenant's live (not lapsed) slots of ``resource``."""
+        ...
+
+    async def count_tenant_jobs(self, tenant: str) -> int:
+        """The tenant's QUEUED and RUNNING operations over every replica (its jobs quota)."""
         ...
 
     async def close(self) -> None: ...

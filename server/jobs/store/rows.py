@@ -41,6 +41,7 @@ def op_from_row(r: Any, when: When) -> OperationRecord:
         lease_owner=r[17],
         lease_epoch=r[18],
         lease_expire_time=when(r[19]),
+        tenant=r[20],
     )
 
 

@@ -30,11 +30,12 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+from server.auth.principal import DEFAULT_TENANT
 from server.errors import shown
 from server.jobs.store.rows import decode_token, encode_token
 from server.jobs.store.sqlite_schema import (  # noqa: F401 - re-exported
@@ -66,6 +67,7 @@ from server.jobs.store.protocol import (
     OperationNotFoundError,
     OperationRecord,
     OperationUpdate,
+    OtherTenantError,
     ReplicaRecord,
     RequestIdConflictError,
     check_lease_args,
@@ -73,6 +75,8 @@ from server.jobs.store.protocol import (
     utcnow,
 )
 from server.jobs.store.notifications import Notification, NotificationKind, NotificationListeners
+from server.jobs.store.sqlite_api_keys import SqliteApiKeys
+from server.jobs.store.sqlite_quotas import SqliteQuotaMethods
 from server.sqlite_thread import SqliteThread
 
 __all__ = ["SCHEMA_VERSION", "SqliteJobStore"]
@@ -83,7 +87,7 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
 
 
-class SqliteJobStore:
+class SqliteJobStore(SqliteApiKeys, SqliteQuotaMethods):
     """The SQLite `JobStore`. Open with ``SqliteJobStore(path)`` (the file and its parent
     folder are created); the schema is created or migrated on first use, or explicitly with
     ``await store.open()``."""
@@ -184,11 +188,14 @@ class SqliteJobStore:
     # -- operations -----------------------------------------------------------------------------
 
     @staticmethod
-    def _get_sync(conn: sqlite3.Connection, name: str) -> OperationRecord:
+    def _get_sync(conn: sqlite3.Connection, name: str, tenant: str | None = None) -> OperationRecord:
         row = conn.execute(f"SELECT {_OP_COLUMNS} FROM operations WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise OperationNotFoundError(name)
-        return _op_from_row(row)
+        op = _op_from_row(row)
+        if tenant is not None and op.tenant != tenant:
+            raise OtherTenantError(name)
+        return op
 
     async def create_operation(
         self,
@@ -198,20 +205,21 @@ class SqliteJobStore:
         request_id: str | None = None,
         message: str = "",
         stage: int = 0,
+        tenant: str = DEFAULT_TENANT,
     ) -> tuple[OperationRecord, bool]:
         request_id = request_id or None
 
         def tx(conn: sqlite3.Connection) -> tuple[OperationRecord, bool]:
             if request_id is not None:
-                existing = self._find_request_sync(conn, request_id, kind)
+                existing = self._find_request_sync(conn, request_id, kind, tenant)
                 if existing is not None:
                     return existing, False
             name = f"operations/{uuid.uuid4().hex}"
             now = _to_us(utcnow())
             conn.execute(
-                "INSERT INTO operations (name, kind, state, stage, message, create_us, update_us, request_id) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, int(kind), int(JobState.QUEUED), int(stage), message, now, now, request_id),
+                "INSERT INTO operations (name, kind, state, stage, message, create_us, update_us, tenant_request_id, tenant) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, int(kind), int(JobState.QUEUED), int(stage), message, now, now, request_id, tenant),
             )
             conn.execute("INSERT INTO operation_requests (name, request) VALUES (?, ?)", (name, bytes(request)))
             return self._get_sync(conn, name), True
@@ -221,12 +229,14 @@ class SqliteJobStore:
             self._notifications.deliver(Notification(NotificationKind.QUEUED, op.name))
         return op, created
 
-    async def find_request(self, request_id: str, kind: int) -> OperationRecord | None:
-        return await self._run(lambda: self._find_request_sync(self._require_conn(), request_id, kind))
+    async def find_request(self, request_id: str, kind: int, *, tenant: str = DEFAULT_TENANT) -> OperationRecord | None:
+        return await self._run(lambda: self._find_request_sync(self._require_conn(), request_id, kind, tenant))
 
     @staticmethod
-    def _find_request_sync(conn: sqlite3.Connection, request_id: str, kind: int) -> OperationRecord | None:
-        row = conn.execute(f"SELECT {_OP_COLUMNS} FROM operations WHERE request_id = ?", (request_id,)).fetchone()
+    def _find_request_sync(conn: sqlite3.Connection, request_id: str, kind: int, tenant: str) -> OperationRecord | None:
+        row = conn.execute(
+            f"SELECT {_OP_COLUMNS} FROM operations WHERE tenant = ? AND tenant_request_id = ?", (tenant, request_id)
+        ).fetchone()
         if row is None:
             return None
         existing = _op_from_row(row)
@@ -234,8 +244,8 @@ class SqliteJobStore:
             raise RequestIdConflictError(f"request_id {shown(request_id)} was used for {existing.name} of another kind")
         return existing
 
-    async def get_operation(self, name: str) -> OperationRecord:
-        return await self._run(lambda: self._get_sync(self._require_conn(), name))
+    async def get_operation(self, name: str, *, tenant: str | None = None) -> OperationRecord:
+        return await self._run(lambda: self._get_sync(self._require_conn(), name, tenant))
 
     async def get_request(self, name: str) -> bytes:
         def q() -> bytes:
@@ -258,6 +268,7 @@ class SqliteJobStore:
         kind: int | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
+        tenant: str | None = None,
     ) -> tuple[list[OperationRecord], str]:
         size = DEFAULT_PAGE_SIZE if page_size <= 0 else min(page_size, MAX_PAGE_SIZE)
         where: list[str] = []
@@ -269,11 +280,15 @@ class SqliteJobStore:
                 return [], ""
             where.append(f"state IN ({','.join('?' * len(state_list))})")
             params.extend(state_list)
-        # The filter as the token records it (state order does not matter).
-        scope = [None if state_list is None else sorted(set(state_list)), None if kind is None else int(kind)]
+        # The filter as the token records it (state order does not matter); the tenant too, so
+        # a token never continues another tenant's listing.
+        scope = [None if state_list is None else sorted(set(state_list)), None if kind is None else int(kind), tenant]
         if kind is not None:
             where.append("kind = ?")
             params.append(int(kind))
+        if tenant is not None:
+            where.append("tenant = ?")
+            params.append(tenant)
         if page_token:
             after_us, after_name = decode_token(page_token, scope)
             where.append("(create_us > ? OR (create_us = ? AND name > ?))")
@@ -357,9 +372,9 @@ class SqliteJobStore:
 
         return await self._run(self._write, tx)
 
-    async def request_cancel(self, name: str) -> OperationRecord:
+    async def request_cancel(self, name: str, *, tenant: str | None = None) -> OperationRecord:
         def tx(conn: sqlite3.Connection) -> tuple[OperationRecord, bool]:
-            op = self._get_sync(conn, name)
+            op = self._get_sync(conn, name, tenant)
             if op.state.is_terminal or op.cancel_requested:
                 return op, False
             conn.execute(
@@ -373,9 +388,9 @@ class SqliteJobStore:
             self._notifications.deliver(Notification(NotificationKind.CANCEL, name))
         return op
 
-    async def delete_operation(self, name: str) -> list[str]:
+    async def delete_operation(self, name: str, *, tenant: str | None = None) -> list[str]:
         def tx(conn: sqlite3.Connection) -> list[str]:
-            op = self._get_sync(conn, name)
+            op = self._get_sync(conn, name, tenant)
             if not op.state.is_terminal:
                 raise OperationNotFinishedError(name, op.state)
             paths = [
@@ -499,13 +514,28 @@ class SqliteJobStore:
 
         return await self._run(self._write, tx)
 
-    async def list_artifacts(self, name: str) -> list[ArtifactRecord]:
+    async def list_artifacts(self, name: str, *, tenant: str | None = None) -> list[ArtifactRecord]:
         def q() -> list[ArtifactRecord]:
-            rows = self._require_conn().execute(
-                f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE operation = ? ORDER BY name",
-                (name,),
-            )
+            sql = f"SELECT {_ARTIFACT_COLUMNS} FROM artifacts WHERE operation = ?"
+            params: tuple[str, ...] = (name,)
+            if tenant is not None:
+                sql += " AND operation IN (SELECT name FROM operations WHERE name = ? AND tenant = ?)"
+                params = (name, name, tenant)
+            rows = self._require_conn().execute(sql + " ORDER BY name", params)
             return [_artifact_from_row(r) for r in rows]
+
+        return await self._run(q)
+
+    async def tenant_usage(self, tenant: str) -> tuple[list[str], int, int]:
+        def q() -> tuple[list[str], int, int]:
+            conn = self._require_conn()
+            names = [r[0] for r in conn.execute("SELECT name FROM operations WHERE tenant = ? ORDER BY name", (tenant,))]
+            files, size = conn.execute(
+                "SELECT count(*), coalesce(sum(a.size), 0) FROM artifacts a JOIN operations o ON o.name = a.operation "
+                "WHERE o.tenant = ?",
+                (tenant,),
+            ).fetchone()
+            return names, int(files), int(size)
 
         return await self._run(q)
 
@@ -524,15 +554,19 @@ class SqliteJobStore:
         if row[0] != epoch:
             raise LeaseLostError(name, epoch, row[0], row[1])
 
-    async def claim_next(self, replica_id: str, lease_s: float) -> OperationRecord | None:
+    async def claim_next(
+        self, replica_id: str, lease_s: float, *, skip: Collection[str] = ()
+    ) -> OperationRecord | None:
         check_lease_args(replica_id, lease_s)
+        skipped = list(skip)
 
         def tx(conn: sqlite3.Connection) -> OperationRecord | None:
             now_us = _to_us(utcnow())
             row = conn.execute(
                 "SELECT name FROM operations WHERE state IN (?, ?) "
-                "AND (lease_expire_us IS NULL OR lease_expire_us <= ?) ORDER BY create_us, name LIMIT 1",
-                (*(int(s) for s in UNFINISHED_STATES), now_us),
+                "AND (lease_expire_us IS NULL OR lease_expire_us <= ?) "
+                f"AND name NOT IN ({', '.join('?' * len(skipped))}) ORDER BY create_us, name LIMIT 1",
+                (*(int(s) for s in UNFINISHED_STATES), now_us, *skipped),
             ).fetchone()
             if row is None:
                 return None
@@ -634,26 +668,27 @@ class SqliteJobStore:
 
     # -- tracking sessions handed off -------------------------------------------------------------
 
-    async def put_session_state(self, key: str, state: bytes, ttl_s: float) -> None:
+    async def put_session_state(self, key: str, state: bytes, ttl_s: float, *, tenant: str = DEFAULT_TENANT) -> None:
         check_session_state_args(key, ttl_s)
 
         def tx(conn: sqlite3.Connection) -> None:
             now_us = _to_us(utcnow())
             conn.execute("DELETE FROM tracking_sessions WHERE expire_us <= ?", (now_us,))
             conn.execute(
-                "INSERT INTO tracking_sessions (session_key, state, expire_us) VALUES (?, ?, ?) "
-                "ON CONFLICT (session_key) DO UPDATE SET state = excluded.state, expire_us = excluded.expire_us",
-                (key, bytes(state), now_us + round(ttl_s * 1_000_000)),
+                "INSERT INTO tracking_sessions (tenant, session_key, state, expire_us) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (tenant, session_key) DO UPDATE SET state = excluded.state, expire_us = excluded.expire_us",
+                (tenant, key, bytes(state), now_us + round(ttl_s * 1_000_000)),
             )
 
         await self._run(self._write, tx)
 
-    async def take_session_state(self, key: str) -> bytes | None:
+    async def take_session_state(self, key: str, *, tenant: str = DEFAULT_TENANT) -> bytes | None:
         def tx(conn: sqlite3.Connection) -> bytes | None:
             # One statement inside BEGIN IMMEDIATE: a second taker waits for this commit and then
             # finds no row.
             row = conn.execute(
-                "DELETE FROM tracking_sessions WHERE session_key = ? RETURNING state, expire_us", (key,)
+                "DELETE FROM tracking_sessions WHERE tenant = ? AND session_key = ? RETURNING state, expire_us",
+                (tenant, key),
             ).fetchone()
             if row is None or row[1] <= _to_us(utcnow()):
                 return None

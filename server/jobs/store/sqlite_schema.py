@@ -101,13 +101,80 @@ _MIGRATIONS: list[str] = [
     );
     CREATE INDEX tracking_sessions_by_expiry ON tracking_sessions (expire_us);
     """,
+    # Version 6: tenancy. Every operation belongs to a tenant (rows written before: "default"),
+    # and a request_id is unique per tenant, not across tenants. The column-level UNIQUE on
+    # request_id cannot be dropped without rebuilding `operations`, and a rebuild (DROP TABLE
+    # under foreign keys) would cascade-delete every event and artifact: so the key moves to
+    # tenant_request_id under a (tenant, tenant_request_id) unique index, and request_id stays,
+    # always NULL. A handed-off tracking session is owned by its tenant too: its key is unique
+    # per tenant (a transient table, rebuilt with its rows).
+    """
+    ALTER TABLE operations ADD COLUMN tenant TEXT NOT NULL DEFAULT 'default';
+    ALTER TABLE operations ADD COLUMN tenant_request_id TEXT;
+    UPDATE operations SET tenant_request_id = request_id, request_id = NULL WHERE request_id IS NOT NULL;
+    CREATE UNIQUE INDEX operations_by_tenant_request ON operations (tenant, tenant_request_id);
+    CREATE INDEX operations_by_tenant ON operations (tenant, create_us, name);
+    CREATE TABLE tracking_sessions_v6 (
+        tenant      TEXT NOT NULL,
+        session_key TEXT NOT NULL,
+        state       BLOB NOT NULL,
+        expire_us   INTEGER NOT NULL,
+        PRIMARY KEY (tenant, session_key)
+    );
+    INSERT INTO tracking_sessions_v6 (tenant, session_key, state, expire_us)
+        SELECT 'default', session_key, state, expire_us FROM tracking_sessions;
+    DROP TABLE tracking_sessions;
+    ALTER TABLE tracking_sessions_v6 RENAME TO tracking_sessions;
+    CREATE INDEX tracking_sessions_by_expiry ON tracking_sessions (expire_us);
+    """,
+    # Version 7: API keys (server/auth/keys.py): the SHA-256 of each key, never the key, with
+    # its tenant, scopes (space-separated), expiry, revocation and last use. Rows are never
+    # deleted: a revoked key stays listed, and `--auth auto` keeps requiring credentials.
+    """
+    CREATE TABLE api_keys (
+        key_id       TEXT PRIMARY KEY,
+        tenant       TEXT NOT NULL,
+        scopes       TEXT NOT NULL,
+        secret_hash  TEXT NOT NULL,
+        create_us    INTEGER NOT NULL,
+        expire_us    INTEGER,
+        revoke_us    INTEGER,
+        last_used_us INTEGER
+    ) WITHOUT ROWID;
+    CREATE INDEX api_keys_by_tenant ON api_keys (tenant, create_us);
+    """,
+    # Version 8: per-tenant quotas (server/quotas/). tenant_quotas holds the overrides of the
+    # flag defaults, one row per tenant and quota name (a quota without a row takes the
+    # default). quota_leases holds the slots of counted resources that live in a replica's
+    # memory (tracking sessions): one row per session, renewed by the replica that holds it and
+    # lapsing when that replica stops, so every replica counts a tenant's sessions the same.
+    """
+    CREATE TABLE tenant_quotas (
+        tenant    TEXT NOT NULL,
+        quota     TEXT NOT NULL,
+        value     REAL NOT NULL,
+        update_us INTEGER NOT NULL,
+        PRIMARY KEY (tenant, quota)
+    ) WITHOUT ROWID;
+    CREATE TABLE quota_leases (
+        resource  TEXT NOT NULL,
+        tenant    TEXT NOT NULL,
+        lease_key TEXT NOT NULL,
+        holder    TEXT NOT NULL,
+        expire_us INTEGER NOT NULL,
+        PRIMARY KEY (resource, tenant, lease_key)
+    ) WITHOUT ROWID;
+    CREATE INDEX quota_leases_by_holder ON quota_leases (resource, holder);
+    -- A tenant's queued and running jobs (its jobs quota), counted without walking its finished ones.
+    CREATE INDEX operations_unfinished_by_tenant ON operations (tenant) WHERE state IN (1, 2);
+    """,
 ]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _OP_COLUMNS = (
     "name, kind, state, stage, percent, message, response, error_code, error_message, "
-    "create_us, update_us, start_us, end_us, last_sequence, last_completed_stage, request_id, "
-    "cancel_requested, lease_owner, lease_epoch, lease_expire_us"
+    "create_us, update_us, start_us, end_us, last_sequence, last_completed_stage, tenant_request_id, "
+    "cancel_requested, lease_owner, lease_epoch, lease_expire_us, tenant"
 )
 _EVENT_COLUMNS = "operation, sequence, time_us, event_type, payload, terminal"
 _ARTIFACT_COLUMNS = "operation, name, kind, media_type, path, size, sha256, expire_us"

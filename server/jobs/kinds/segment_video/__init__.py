@@ -1,11 +1,11 @@
 """The video segmentation job (JOB_KIND_SEGMENT_VIDEO): one prompted object tracked through a
 whole video, written out as mask, overlay and per-frame JSON artifacts.
 
-    pipeline.py   SegmentVideoPipeline: submit-time checks and the stages
+    definition.py SegmentVideoJob: submit-time checks and the stages
     tracking.py   the TRACKING stage: forward and backward sessions into tracks.jsonl
     artifacts.py  the WRITING_ARTIFACTS stage: artifacts made from tracks.jsonl
 """
 
-from server.jobs.kinds.segment_video.pipeline import SegmentVideoPipeline
+from server.jobs.kinds.segment_video.definition import SegmentVideoJob
 
-__all__ = ["SegmentVideoPipeline"]
+__all__ = ["SegmentVideoJob"]

@@ -1,4 +1,4 @@
-"""The WRITING_ARTIFACTS stage of the video segmentation job (its stages are in pipeline.py
+"""The WRITING_ARTIFACTS stage of the video segmentation job (its stages are in definition.py
 beside this module): the mask video, the mask PNG zip, the overlay and frames.json, written
 through server/media/video_writers.py.
 

@@ -1,4 +1,4 @@
-"""The TRACKING stage of the video segmentation job (its stages are in pipeline.py beside this
+"""The TRACKING stage of the video segmentation job (its stages are in definition.py beside this
 module): one prompted object tracked through the sampled frames, into ``tracks.jsonl``.
 
 Tracking follows SAM 2's ``propagate_in_video``: the prompt goes on ``prompt_frame_index`` (an
@@ -37,7 +37,7 @@ TRACKS_FILE = "tracks.jsonl"
 
 
 class TrackerSettings(Protocol):
-    """What the tracking stage reads from its job kind's settings (SegmentVideoPipeline has them)."""
+    """What the tracking stage reads from its job kind's settings (SegmentVideoJob has them)."""
 
     @property
     def tracking(self) -> TrackingEngine: ...

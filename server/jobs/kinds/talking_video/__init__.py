@@ -4,7 +4,7 @@ talking-head video through D-ID.
     inputs -> YOLO person detection -> crop -> matting -> D-ID upload -> create talk
            -> poll until done -> download into storage
 
-    pipeline.py  TalkingVideoPipeline: its settings, the stages in order, FINALIZING, response
+    definition.py TalkingVideoJob: its settings, the stages in order, FINALIZING, response
     inputs.py    submit-time checks, the request's sources, the UPLOAD_COMPLETE stage
     photos.py    the DETECTION and BACKGROUND_REMOVAL stages: the photo D-ID gets per person
     talks.py     the D-ID stages: DID_UPLOAD and DID_COMPLETE (one talk per person, never two)
@@ -17,8 +17,8 @@ are progress_update events naming the person, and the percents move through each
 as persons finish.
 """
 
-from server.jobs.kinds.talking_video.pipeline import TalkingVideoPipeline
+from server.jobs.kinds.talking_video.definition import TalkingVideoJob
 from server.jobs.kinds.talking_video.progress import STAGE_PERCENT
 from server.jobs.kinds.talking_video.talks import DIDFactory
 
-__all__ = ["STAGE_PERCENT", "DIDFactory", "TalkingVideoPipeline"]
+__all__ = ["STAGE_PERCENT", "DIDFactory", "TalkingVideoJob"]

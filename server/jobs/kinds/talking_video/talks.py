@@ -2,6 +2,13 @@
 DID_COMPLETE (one talk per person, created once, its id saved the moment it exists so a resumed
 job polls that talk instead of paying for a second one; then waited for and downloaded), with
 their fallbacks for all_persons: a person whose retries are spent fails alone, the others go on.
+
+D-ID keeps uploads and talks for a limited time, so a job resumed late (or whose talk D-ID lost)
+can find its talk gone (404) and its upload URLs refused (400/404 on POST /talks). Neither is the
+user's input at fault: the talk stage goes back to the upload stage (uploads what D-ID refused
+again, once per stage run) and creates a new talk, never a second live one: a talk is only
+forgotten when D-ID says it is gone or ended in failure. A talk that ended in ``error`` is
+retried with a new talk (the client never adopts a failed one), never by polling it again.
 """
 
 from __future__ import annotations
@@ -30,6 +37,11 @@ from server.jobs.kinds.talking_video.progress import STAGE_PERCENT, S
 __all__ = ["DIDFactory", "Talks"]
 
 DIDFactory = Callable[[OnRetry], DIDClient]
+
+# What POST /talks answers for upload URLs D-ID no longer has (expired or lost): a 400
+# ValidationError naming source_url/audio_url, or a 404 for the upload.
+_UPLOADS_REFUSED = frozenset({400, 404})
+_AUDIO = "audio"
 
 
 class Talks:
@@ -83,13 +95,14 @@ class Talks:
         if ctx.request.all_persons:
             await self._all_talks(ctx)
             return
-        await ctx.stage(S.JOB_STAGE_DID_PROCESSING, STAGE_PERCENT[S.JOB_STAGE_DID_PROCESSING], "D-ID is rendering the video")
+        percent = STAGE_PERCENT[S.JOB_STAGE_DID_PROCESSING]
+        await ctx.stage(S.JOB_STAGE_DID_PROCESSING, percent, "D-ID is rendering the video")
+        person = PersonSlot(0, 1, ctx.state)
         async with self._did_client(ctx) as did:
             talk_id = ctx.state.get("did_talk_id")
             if not talk_id:
-                talk_id = await did.create_talk(ctx.state["did_image_url"], ctx.state["did_audio_url"])
-                await ctx.save_state(did_talk_id=talk_id)
-            video = await self._wait_and_download(ctx, did, PersonSlot(0, 1, ctx.state), talk_id)
+                talk_id = await self._create_talk(ctx, did, person, percent, set())
+            video = await self._wait_and_download(ctx, did, person, talk_id)
         await asyncio.to_thread(write_atomically, ctx.workdir / "talk.mp4", video)
         await ctx.stage(
             S.JOB_STAGE_DID_COMPLETE,
@@ -107,18 +120,17 @@ class Talks:
         percent = band(S.JOB_STAGE_DID_PROCESSING, S.JOB_STAGE_DID_COMPLETE, STAGE_PERCENT, finished, total)
         todo = [p for p in persons if not p.failed and not p.state.get("video_file")]
         await ctx.stage(S.JOB_STAGE_DID_PROCESSING, percent, f"D-ID is rendering the videos of {persons_text(len(todo))}")
+        refreshed: set[str] = set()  # the uploads made again in this run (the audio is shared)
         for person in todo:
             if person.state.get("did_talk_id"):
                 continue  # created before a retry or a restart: polled below, never created again
             await ctx.progress(percent, f"{person.prefix}creating the D-ID talk", done=finished, total=total, person=person.number)
             try:
                 async with self._did_client(ctx, person) as did:
-                    talk_id = await did.create_talk(person.state["did_image_url"], ctx.state["did_audio_url"])
+                    await self._create_talk(ctx, did, person, percent, refreshed)
             except JobFailure as failure:
                 await self._person_failed(ctx, person, failure, percent)
                 continue
-            person.state["did_talk_id"] = talk_id
-            await ctx.save_state()
         for person in todo:
             talk_id = person.state.get("did_talk_id")
             if not talk_id:
@@ -142,6 +154,61 @@ class Talks:
         raise_person_failures(persons)
         await ctx.stage(S.JOB_STAGE_DID_COMPLETE, STAGE_PERCENT[S.JOB_STAGE_DID_COMPLETE], talks_summary(persons), completes=True)
 
+    async def _create_talk(
+        self, ctx: JobContext, did: DIDClient, person: PersonSlot, percent: float, refreshed: set[str]
+    ) -> str:
+        """Creates the person's talk (or adopts the live one listed for its uploads) and saves
+        its id at once. Upload URLs D-ID refuses, unless they were made in this run, are
+        forgotten and made again (back to the upload stage), then the talk is asked for again;
+        refused once more, the refusal is final (it is about the files, not their age)."""
+        image_key = f"image-{person.number}"
+        while True:
+            image_url, audio_url = await self._ensure_uploads(ctx, did, person, refreshed)
+            try:
+                talk_id = await did.create_talk(image_url, audio_url)
+            except DIDError as exc:
+                if exc.status not in _UPLOADS_REFUSED or {image_key, _AUDIO} <= refreshed:
+                    raise
+                await ctx.stage(
+                    S.JOB_STAGE_DID_UPLOAD,
+                    percent,
+                    f"{person.prefix}D-ID no longer accepts the uploads (HTTP {exc.status} {exc.kind}: "
+                    f"{exc.description}): uploading the photo and audio again",
+                    person=person.number,
+                )
+                if _AUDIO not in refreshed:
+                    ctx.state["did_audio_url"] = None
+                if image_key not in refreshed:
+                    person.state["did_image_url"] = None
+                await ctx.save_state()
+                await self._ensure_uploads(ctx, did, person, refreshed)
+                await ctx.stage(
+                    S.JOB_STAGE_DID_PROCESSING, percent, f"{person.prefix}uploaded again; creating a new D-ID talk",
+                    person=person.number,
+                )
+                continue
+            person.state["did_talk_id"] = talk_id
+            await ctx.save_state()
+            return talk_id
+
+    async def _ensure_uploads(
+        self, ctx: JobContext, did: DIDClient, person: PersonSlot, refreshed: set[str]
+    ) -> tuple[str, str]:
+        """The person's photo and the audio as D-ID URLs, uploading the ones the state lacks
+        (forgotten after D-ID refused them, possibly before a crash); each upload is saved at once
+        and noted in ``refreshed``."""
+        if not ctx.state.get("did_audio_url"):
+            audio = await asyncio.to_thread((ctx.workdir / ctx.state["audio_file"]).read_bytes)
+            url = await did.upload_audio(audio, ctx.state["audio_file"], ctx.state["audio_media_type"])
+            await ctx.save_state(did_audio_url=url)
+            refreshed.add(_AUDIO)
+        if not person.state.get("did_image_url"):
+            image = await asyncio.to_thread((ctx.workdir / person.photo_file).read_bytes)
+            person.state["did_image_url"] = await did.upload_image(image, person.photo_file, person.photo_media_type)
+            await ctx.save_state()
+            refreshed.add(f"image-{person.number}")
+        return str(person.state["did_image_url"]), str(ctx.state["did_audio_url"])
+
     async def _wait_and_download(self, ctx: JobContext, did: DIDClient, person: PersonSlot, talk_id: str) -> bytes:
         try:
             talk = await did.wait_for_talk(talk_id, poll_interval_s=self.did_poll_interval_s, timeout_s=self.did_wait_timeout_s)
@@ -149,7 +216,8 @@ class Talks:
             # Not for a poll that failed (5xx, 429, a timeout, the connection): the talk may
             # still be rendering, and a new one would be paid twice. Only a talk that ended
             # in error/rejected, or one D-ID answers 404 for, is forgotten; the retry's
-            # create_talk then adopts a talk still listed for these uploads, or posts one.
+            # create_talk then adopts a live talk still listed for these uploads (never the
+            # failed one), or posts one, going back to the uploads if D-ID refuses them.
             if exc.talk_ended or exc.status == 404:
                 person.state["did_talk_id"] = None
                 await ctx.save_state()

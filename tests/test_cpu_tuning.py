@@ -1,0 +1,96 @@
+"""engines/cpu_tuning.py: instances and ONNX Runtime threads chosen from the core count, and the
+repository builder writing them into every config (engines/cpu_repository.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from engines import cpu_tuning
+from engines.cpu_repository import MATTING, build_cpu_repository, default_yolo_onnx, repository_tuning
+from engines.cpu_tuning import CpuTuning, available_cores, heavy_part, per_request_model
+
+SAM2_PARTS = ("sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention", "sam2_memory_encoder")
+
+
+@pytest.mark.parametrize(("cores", "instances", "threads"), [(1, 1, 1), (2, 1, 2), (4, 1, 4), (8, 1, 8),
+                                                              (16, 2, 8), (24, 3, 8)])
+def test_heavy_part_puts_every_core_in_one_session_without_oversubscribing(cores, instances, threads):
+    tuning = heavy_part(cores)
+    assert (tuning.instances, tuning.intra_op_threads) == (instances, threads)
+    assert tuning.instances * tuning.intra_op_threads <= cores
+
+
+@pytest.mark.parametrize(("cores", "instances", "threads"), [(1, 2, 1), (2, 2, 2), (4, 2, 4), (8, 2, 4),
+                                                              (16, 4, 4)])
+def test_per_request_model_has_threads_for_one_request_and_instances_for_load(cores, instances, threads):
+    tuning = per_request_model(cores)
+    assert (tuning.instances, tuning.intra_op_threads) == (instances, threads)
+
+
+def test_spinning_off_arena_on_and_full_graph_optimisation_by_default():
+    for tuning, shrink in ((heavy_part(2), "true"), (per_request_model(2), "false")):
+        assert tuning.parameters() == {"intra_op_threads": "2", "allow_spinning": "false",
+                                       "graph_optimization_level": "all", "cpu_mem_arena": "true",
+                                       "arena_shrinkage": shrink}
+
+
+@pytest.mark.parametrize("cores", [0, -1, 1.5, None])
+def test_bad_core_counts_are_refused(cores):
+    with pytest.raises(ValueError, match="cores"):
+        heavy_part(cores)  # type: ignore[arg-type]
+
+
+def test_tuning_validates_its_fields():
+    with pytest.raises(ValueError):
+        CpuTuning(instances=0, intra_op_threads=1)
+    with pytest.raises(ValueError, match="graph_optimization_level"):
+        CpuTuning(instances=1, intra_op_threads=1, graph_optimization_level="fast")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("max 100000\n", 64), ("200000 100000\n", 2),
+                                                 ("150000 100000\n", 2), ("50000 100000\n", 1)])
+def test_available_cores_respects_the_cgroup_quota(tmp_path, monkeypatch, text, expected):
+    monkeypatch.setattr(cpu_tuning.os, "sched_getaffinity", lambda pid: set(range(64)))
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text(text)
+    assert available_cores(cpu_max) == expected
+
+
+def test_available_cores_without_a_cgroup_file_is_the_affinity(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu_tuning.os, "sched_getaffinity", lambda pid: {0, 3, 5})
+    assert available_cores(tmp_path / "absent") == 3
+
+
+def test_repository_tuning_overrides():
+    tuned = repository_tuning(2)
+    assert tuned["yolov8"] == per_request_model(2) and tuned[MATTING] == per_request_model(2)
+    assert all(tuned[part] == heavy_part(2) for part in SAM2_PARTS)
+    explicit = repository_tuning(2, instances=5, intra_op_threads=1)
+    assert explicit["yolov8"].instances == 5 and explicit["sam2_image_encoder"].instances == 1
+    assert {t.intra_op_threads for t in explicit.values()} == {1}
+
+
+def _config(repo: Path, name: str) -> model_config_pb2.ModelConfig:
+    return text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.mark.skipif(not default_yolo_onnx().is_file(), reason="no YOLOv8 weights in ../shared/assets")
+def test_repository_written_for_the_given_cores_and_rebuilt_on_another_machine(tmp_path):
+    out = tmp_path / "repo"
+    build_cpu_repository(out, default_yolo_onnx(), cpu_cores=16, sam2_image_size=256)
+    for name in (*SAM2_PARTS, "yolov8", MATTING):
+        config = _config(out, name)
+        expected = heavy_part(16) if name in SAM2_PARTS else per_request_model(16)
+        assert config.instance_group[0].count == expected.instances, name
+        params = {k: v.string_value for k, v in config.parameters.items()}
+        assert {k: params[k] for k in expected.parameters()} == expected.parameters(), name
+    built = (out / "MANIFEST.json").stat().st_mtime_ns
+    build_cpu_repository(out, default_yolo_onnx(), cpu_cores=16, sam2_image_size=256)
+    assert (out / "MANIFEST.json").stat().st_mtime_ns == built  # same machine: up to date
+    build_cpu_repository(out, default_yolo_onnx(), cpu_cores=2, sam2_image_size=256)
+    assert _config(out, "sam2_memory_attention").parameters["intra_op_threads"].string_value == "2"
+    assert _config(out, "yolov8").instance_group[0].count == 2

@@ -1,0 +1,72 @@
+"""server/wiring/: the composition root both processes build from. Its layering (nothing below
+it imports it or the process entry points) and its gRPC server's listening socket."""
+
+from __future__ import annotations
+
+import ast
+import socket
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from server.config import ServerConfig
+from server.interceptors import ObservabilityInterceptor
+from server.metrics import Metrics
+from server.wiring.grpc_server import build_grpc_server, server_interceptors
+
+SERVER = Path(__file__).resolve().parents[2] / "server"
+# The packages the composition root builds from: their dependencies are passed in.
+LOW_PACKAGES = ("jobs", "pipelines", "triton", "cache", "vision", "media", "tracking", "did", "servicers")
+TOP_MODULES = ("server.app", "server.app_worker", "server.wiring")
+
+
+def _imported_modules(path: Path) -> set[str]:
+    modules: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            modules.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            modules.add(node.module)
+            # `from server import app_worker` names the module in the alias.
+            modules.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return modules
+
+
+def test_no_module_below_the_composition_root_imports_it_or_a_process_entry_point() -> None:
+    checked, offenders = 0, []
+    for package in LOW_PACKAGES:
+        for path in sorted((SERVER / package).rglob("*.py")):
+            checked += 1
+            for module in _imported_modules(path):
+                if any(module == top or module.startswith(top + ".") for top in TOP_MODULES):
+                    offenders.append(f"{path.relative_to(SERVER.parent)} imports {module}")
+    assert checked > 50, "the layering check found too few modules to mean anything"
+    assert offenders == []
+
+
+def test_the_monitor_lives_in_the_triton_package() -> None:
+    assert not (SERVER / "health.py").exists()
+    assert "TritonMonitor" in (SERVER / "triton" / "monitor.py").read_text()
+
+
+def test_the_interceptor_chain_starts_with_observability() -> None:
+    observability, chain = server_interceptors(Metrics(CollectorRegistry()))
+    assert isinstance(observability, ObservabilityInterceptor)
+    assert chain[0] is observability
+
+
+async def test_the_server_listens_without_tls_when_given_no_credentials_and_refuses_a_taken_port() -> None:
+    config = ServerConfig(listen="127.0.0.1:0")
+    _, chain = server_interceptors(Metrics(CollectorRegistry()))
+    server, port = build_grpc_server(config, interceptors=chain, credentials=None)
+    await server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        # so_reuseport is off: a second server on the same port fails loudly instead of
+        # silently sharing the calls.
+        with pytest.raises(OSError, match="cannot listen"):
+            build_grpc_server(ServerConfig(listen=f"127.0.0.1:{port}"), interceptors=chain, credentials=None)
+    finally:
+        await server.stop(0)
