@@ -38,6 +38,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -397,7 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     repository = build_repository(args, s)
     tuning = (read_manifest(repository) or {}).get("fingerprint", {}).get("parameters", {}).get("tuning", {})
     tuning_text = ", ".join(f"{m}: {t['instances']} x {t['intra_op_threads']} threads"
+                            + (", arena shrinkage" if t.get("arena_shrinkage") else "")
                             for m, t in tuning.items() if m in PARTS) or "unknown"
+    rewrite = re.search(r'key: "graph_rewrite" value \{ string_value: "([^"]*)"',
+                        (repository / "sam2_memory_attention" / "config.pbtxt").read_text())
+    tuning_text += f"; memory attention graph: {rewrite.group(1) if rewrite else 'as exported'}"
     log(f"repository {repository} ({tuning_text})")
     service = pb.DESCRIPTOR.services_by_name["TrackingService"].full_name
     stack = Stack(repository, args.work / "stack", {}, models=PARTS, service=service,

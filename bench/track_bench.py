@@ -610,8 +610,8 @@ def markdown(rep: dict) -> str:
                       round((c["bank_bytes_per_object"] or 0) / MIB, 3)]
                      for c in (base, several)]),
             ("The first row is the 1-object cell at c=1 (the main verdict's). With several objects the calls of "
-             "different objects overlap in Triton (2 instances of attention and decoder, one memory encoder, on "
-             "2 cores): the statistics sum the overlapping executions' wall times (each stretched by the others "
+             "different objects overlap in Triton (as far as each part's instance count, tuned for the cores by "
+             "engines/cpu_tuning.py, lets them): the statistics sum the overlapping executions' wall times (each stretched by the others "
              "sharing the cores, and queue time that runs while another call computes), so the summed compute + "
              "queue exceeds the frame's time in Triton and the formula's overhead is not meaningful there. The "
              "per-object cost the orchestrator adds shows in its own time (total_ms - triton_ms, triton_ms being "

@@ -12,13 +12,13 @@ import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 if str(REPO_ROOT) not in sys.path:  # tests/ is not a package; make `engines` importable
     sys.path.insert(0, str(REPO_ROOT))
 
 from engines.cpu_repository import MissingWeightsError, build_cpu_repository  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+ASSETS = Path(__file__).resolve().parents[2].parent / "shared" / "assets"
 YOLO_ONNX = ASSETS / "models" / "yolov8n_int8.onnx"
 U2NETP_ONNX = ASSETS / "models" / "u2netp.onnx"
 BUS = ASSETS / "images" / "bus.jpg"
