@@ -810,8 +810,10 @@ class PostgresJobStore(PostgresApiKeys, PostgresQuotaMethods):
             raise ValueError("replica_id must not be empty")
         row = await self._fetchone(
             f"""
+            -- One clock reading for both columns: two clock_timestamp() calls may differ by a
+            -- microsecond, and a new registration's heartbeat must equal its registration.
             INSERT INTO replicas (replica_id, address, register_time, heartbeat_time)
-            VALUES (%s, %s, clock_timestamp(), clock_timestamp())
+            SELECT %s, %s, t, t FROM (SELECT clock_timestamp() AS t) AS now
             ON CONFLICT (replica_id) DO UPDATE SET address = excluded.address, heartbeat_time = excluded.heartbeat_time
             RETURNING {REPLICA_COLUMNS}
             """,
