@@ -79,6 +79,38 @@ def bad_request_fields(error: grpc.RpcError) -> list[str] | None:
     return fields
 
 
+def quota_failure(status) -> tuple[list[str], float | None]:  # noqa: ANN001 - a google.rpc.Status
+    """The google.rpc.QuotaFailure subjects and the RetryInfo delay (seconds; None without one)
+    of a refusal's status (``rpc_status.from_call(error)``, or ``QuotaExceeded.to_status()``)."""
+    subjects: list[str] = []
+    delay = None
+    for detail in status.details:
+        failure, retry = error_details_pb2.QuotaFailure(), error_details_pb2.RetryInfo()
+        if detail.Unpack(failure):
+            subjects += [v.subject for v in failure.violations]
+        elif detail.Unpack(retry):
+            delay = retry.retry_delay.ToNanoseconds() / 1e9
+    return subjects, delay
+
+
+def quota_details(error: grpc.RpcError) -> tuple[list[str], float | None]:
+    """quota_failure of a refused call."""
+    status = rpc_status.from_call(error)
+    assert status is not None, f"no google.rpc.Status in the trailers of {error.code()}: {error.details()}"
+    return quota_failure(status)
+
+
+def network_address() -> str | None:
+    """This machine's address on its default route (no packet is sent), or None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+        except OSError:
+            return None
+        address = s.getsockname()[0]
+    return None if address.startswith("127.") else address
+
+
 def health_status(channel: grpc.Channel, service: str = "") -> int | None:
     try:
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status

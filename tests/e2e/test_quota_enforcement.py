@@ -25,14 +25,12 @@ import grpc
 import httpx
 import pytest
 from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from PIL import Image
 
 from framewise.v1 import common_pb2, jobs_service_pb2, jobs_service_pb2_grpc, vision_service_pb2, vision_service_pb2_grpc
 from framewise.v1 import tracking_service_pb2 as pb
 from framewise.v1 import tracking_service_pb2_grpc
-from tests.conftest import ASSETS, REPO, free_port, health_status, stop_process, wait_until
+from tests.conftest import ASSETS, REPO, free_port, health_status, quota_details, stop_process, wait_until
 
 TENANTS = ("rate-a", "rate-b", "sess-a", "sess-b", "idle-a", "jobs-a", "jobs-b", "store-a")
 # An override stored before the server starts (`framewise admin quotas set` writes the same row).
@@ -113,20 +111,6 @@ def channel(server: Server) -> Iterator[grpc.Channel]:
 def as_tenant(tenant: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {KEYS[tenant]}")]
 
-
-def quota_details(error: grpc.RpcError) -> tuple[list[str], float | None]:
-    """The QuotaFailure subjects and the RetryInfo delay (seconds) of a refused call."""
-    status = rpc_status.from_call(error)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    subjects: list[str] = []
-    delay = None
-    for detail in status.details:
-        failure, retry = error_details_pb2.QuotaFailure(), error_details_pb2.RetryInfo()
-        if detail.Unpack(failure):
-            subjects += [v.subject for v in failure.violations]
-        elif detail.Unpack(retry):
-            delay = retry.retry_delay.ToNanoseconds() / 1e9
-    return subjects, delay
 
 
 def _jpeg() -> bytes:

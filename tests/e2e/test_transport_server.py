@@ -4,7 +4,6 @@ authentication, and the explicit flag that allows it."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,16 @@ import pytest
 from clients import cli
 from clients.channel import Connection
 from clients.sdk import FramewiseClient
-from tests.conftest import REPO, Orchestrator, TritonProcess, free_port, start_orchestrator, stop_process, wait_until
+from tests.conftest import (
+    Orchestrator,
+    REPO,
+    TritonProcess,
+    free_port,
+    network_address,
+    start_orchestrator,
+    stop_process,
+    wait_until,
+)
 from tests.tls_certs import Pki
 from tests.tls_fixtures import mtls_orchestrator, pki, serving, tls_address  # noqa: F401 - pytest fixtures
 
@@ -90,15 +98,6 @@ def test_cli_info_says_authentication_is_off(
         stop_process(orch.process)
 
 
-def _network_address() -> str | None:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))
-        except OSError:
-            return None
-        address = s.getsockname()[0]
-    return None if address.startswith("127.") else address
-
 
 def test_public_listen_without_authentication_is_refused(tmp_path: Path) -> None:
     port = free_port()
@@ -116,7 +115,7 @@ def test_public_listen_without_authentication_is_refused(tmp_path: Path) -> None
 
 
 def test_public_listen_with_the_explicit_flag(tmp_path: Path, triton: TritonProcess, capsys: pytest.CaptureFixture[str]) -> None:
-    network = _network_address()
+    network = network_address()
     if network is None:
         pytest.fail("this machine has no non-loopback IPv4 address to check against")
     port = free_port()

@@ -12,18 +12,8 @@ import httpx
 import pytest
 
 from server.triton.launcher import ManagedTriton, TritonPorts
-from tests.conftest import free_port
+from tests.conftest import free_port, network_address
 
-
-def _network_address() -> str | None:
-    """This machine's address on its default route (no packet is sent), or None without one."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        try:
-            s.connect(("10.255.255.255", 1))
-        except OSError:
-            return None
-        address = s.getsockname()[0]
-    return None if address.startswith("127.") else address
 
 
 def _accepts(host: str, port: int) -> bool:
@@ -45,7 +35,7 @@ def test_command_passes_the_bind_address_to_every_port(tmp_path: Path) -> None:
 
 
 async def test_managed_triton_listens_on_loopback_only(tmp_path: Path) -> None:
-    network = _network_address()
+    network = network_address()
     if network is None:
         pytest.fail("this machine has no non-loopback IPv4 address to check against")
     (tmp_path / "repository").mkdir()
@@ -68,7 +58,7 @@ async def test_managed_triton_listens_on_loopback_only(tmp_path: Path) -> None:
 async def test_the_check_sees_a_triton_on_every_interface(tmp_path: Path) -> None:
     """The same connection check against --triton-bind-address 0.0.0.0 (Triton's own default):
     reachable on the network address, so the loopback test above can fail."""
-    network = _network_address()
+    network = network_address()
     if network is None:
         pytest.fail("this machine has no non-loopback IPv4 address to check against")
     (tmp_path / "repository").mkdir()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
 
 from server.errors import QuotaExceeded
 from server.jobs.store import JobState, JobStore
@@ -23,7 +22,7 @@ from server.quotas.families import family_of
 from server.quotas.limits import FAMILIES, QUOTA_NAMES, QuotaConfig, add_quota_flags, check_quota_value, quota_config_from_args
 from server.quotas.rates import RateLimiter
 from server.services import OPERATIONS_SERVICE, SERVICES
-from tests.conftest import drop_postgres_schema, fresh_postgres_schema
+from tests.conftest import drop_postgres_schema, fresh_postgres_schema, quota_failure
 
 
 class FakeClock:
@@ -201,18 +200,6 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, postgres_server)
     await drop_postgres_schema(postgres_server, schema)
 
 
-def _quota_failure(exc: QuotaExceeded) -> tuple[list[str], float]:
-    status = exc.to_status()
-    subjects: list[str] = []
-    delay = -1.0
-    for detail in status.details:
-        failure, retry = error_details_pb2.QuotaFailure(), error_details_pb2.RetryInfo()
-        if detail.Unpack(failure):
-            subjects += [v.subject for v in failure.violations]
-        elif detail.Unpack(retry):
-            delay = retry.retry_delay.ToNanoseconds() / 1e9
-    return subjects, delay
-
 
 async def test_a_stored_override_applies_after_a_refresh(store: JobStore) -> None:
     clock = FakeClock()
@@ -222,7 +209,7 @@ async def test_a_stored_override_applies_after_a_refresh(store: JobStore) -> Non
         quotas.check_rate("acme", "vision")
     assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "rate.vision" in refused.value.message and "1 vision calls per second" in refused.value.message
-    assert _quota_failure(refused.value) == (["rate.vision"], pytest.approx(1.0))
+    assert quota_failure(refused.value.to_status()) == (["rate.vision"], pytest.approx(1.0))
     await store.set_tenant_quotas("acme", {"rate.vision": 100, "burst.vision": 50})
     await quotas.refresh()
     assert quotas.limits("acme").rates["vision"] == (100.0, 50.0)
@@ -248,7 +235,7 @@ async def test_session_slots_are_counted_per_tenant_and_freed(store: JobStore) -
     with pytest.raises(QuotaExceeded) as refused:
         await two.acquire_session("acme", "c")  # the limit holds on the other replica too
     assert "holds 2 of its 2 tracking sessions" in refused.value.message
-    assert _quota_failure(refused.value)[0] == ["sessions"]
+    assert quota_failure(refused.value.to_status())[0] == ["sessions"]
     await two.acquire_session("globex", "c")  # another tenant is not blocked
     # Session "b" ended without a release (expired in the registry): the renewal frees its slot.
     held.discard(("acme", "b"))

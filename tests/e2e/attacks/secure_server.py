@@ -26,14 +26,12 @@ from typing import Any
 import grpc
 from google.longrunning import operations_proto_pb2
 from google.protobuf import descriptor, message, message_factory
-from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
 from joserfc import jwt
 from joserfc.jwk import RSAKey
 
 from framewise.v1 import info_service_pb2, info_service_pb2_grpc, jobs_service_pb2, tracking_service_pb2, vision_service_pb2
-from tests.conftest import ASSETS, REPO, Orchestrator
+from tests.conftest import ASSETS, Orchestrator, REPO, quota_details
 from tests.tls_certs import Pki
 
 # The name the test server certificate carries (tests/tls_certs.py): the channel checks the
@@ -127,20 +125,6 @@ def refusal(call: Any) -> grpc.RpcError:  # noqa: ANN401 - a zero-argument calla
         return exc
     raise AssertionError("the call succeeded; it should have been refused")
 
-
-def quota_details(error: grpc.RpcError) -> tuple[list[str], float | None]:
-    """The google.rpc.QuotaFailure subjects and the RetryInfo delay (seconds) of a refused call."""
-    status = rpc_status.from_call(error)
-    assert status is not None, f"no google.rpc.Status in the trailers of {error.code()}: {error.details()}"
-    subjects: list[str] = []
-    delay = None
-    for detail in status.details:
-        failure, retry = error_details_pb2.QuotaFailure(), error_details_pb2.RetryInfo()
-        if detail.Unpack(failure):
-            subjects += [v.subject for v in failure.violations]
-        elif detail.Unpack(retry):
-            delay = retry.retry_delay.ToNanoseconds() / 1e9
-    return subjects, delay
 
 
 def bearer(token: str) -> list[tuple[str, str]]:
