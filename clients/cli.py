@@ -35,12 +35,10 @@ import sys
 from pathlib import Path
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from clients import admin_cli, jobs_cli, track_cli
 from clients.backgrounds import add_background_options, background_option
-from clients.cli_connection import add_connection_options, client_for
+from clients.cli_connection import add_connection_options, client_for, describe_refusal
 from framewise.v1 import common_pb2, info_service_pb2, vision_service_pb2
 
 _USER_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND}
@@ -54,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(args.run(args))
     except grpc.aio.AioRpcError as exc:
-        print(_describe(exc, args.server), file=sys.stderr)
+        print(describe_refusal(exc, args.server), file=sys.stderr)
         if exc.code() in _REFUSED:
             return EXIT_REFUSED
         return 2 if exc.code() in _USER_ERRORS else 1
@@ -241,25 +239,6 @@ def _removal_summary(source: Path, output: Path, response: vision_service_pb2.Re
         f"{t.total_ms:.0f} ms (decode {t.decode_ms:.1f}, preprocess {t.preprocess_ms:.1f}, triton {t.triton_ms:.1f}, post {t.postprocess_ms:.1f})"
     )
 
-
-def _describe(exc: grpc.aio.AioRpcError, address: str) -> str:
-    """"error: CODE_NAME: details", then what to do about it."""
-    code = exc.code()
-    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
-        return (
-            f"error: UNAVAILABLE: cannot reach the Framewise service at {address} ({exc.details()}); start it with "
-            "`make serve` or pass --server (a TLS server needs --tls or --ca-cert; one that requires client "
-            "certificates, --client-cert and --client-key)"
-        )
-    lines = [f"error: {code.name}: {exc.details()}"]
-    if code == grpc.StatusCode.UNAUTHENTICATED:
-        lines.append("  the server requires a credential: pass --api-key or set FRAMEWISE_API_KEY")
-    status = rpc_status.from_call(exc)
-    for detail in status.details if status else []:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            lines += [f"  field {v.field}: {v.description}" for v in bad_request.field_violations]
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

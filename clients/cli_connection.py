@@ -18,10 +18,14 @@ import argparse
 import os
 from pathlib import Path
 
+import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
 from clients.channel import Connection
 from clients.sdk import DEFAULT_ADDRESS, FramewiseClient
 
-__all__ = ["add_connection_options", "client_for", "connection_from_args"]
+__all__ = ["add_connection_options", "client_for", "connection_from_args", "describe_refusal"]
 
 
 def add_connection_options(parser: argparse.ArgumentParser) -> None:
@@ -58,3 +62,23 @@ def connection_from_args(args: argparse.Namespace) -> Connection:
 def client_for(args: argparse.Namespace) -> FramewiseClient:
     """The client every command uses: --server, --timeout and the connection options."""
     return FramewiseClient(args.server, timeout_s=args.timeout, connection=connection_from_args(args))
+
+
+def describe_refusal(exc: grpc.aio.AioRpcError, address: str) -> str:
+    """What a refused call prints: "error: CODE_NAME: details", then what to do about it."""
+    code = exc.code()
+    if code == grpc.StatusCode.UNAVAILABLE and "connect" in (exc.details() or "").lower():
+        return (
+            f"error: UNAVAILABLE: cannot reach the Framewise service at {address} ({exc.details()}); start it with "
+            "`make serve` or pass --server (a TLS server needs --tls or --ca-cert; one that requires client "
+            "certificates, --client-cert and --client-key)"
+        )
+    lines = [f"error: {code.name}: {exc.details()}"]
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        lines.append("  the server requires a credential: pass --api-key or set FRAMEWISE_API_KEY")
+    status = rpc_status.from_call(exc)
+    for detail in status.details if status else []:
+        bad_request = error_details_pb2.BadRequest()
+        if detail.Unpack(bad_request):
+            lines += [f"  field {v.field}: {v.description}" for v in bad_request.field_violations]
+    return "\n".join(lines)

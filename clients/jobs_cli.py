@@ -66,7 +66,7 @@ from clients.jobs_sdk import (
     status_code,
     talking_video_persons,
 )
-from clients.cli_connection import client_for
+from clients.cli_connection import client_for, describe_refusal
 from clients.sdk import FramewiseClient
 from framewise.v1 import common_pb2
 from framewise.v1 import jobs_service_pb2 as pb
@@ -151,9 +151,7 @@ def _operation_command(run: Command) -> Command:
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.NOT_FOUND:
                 raise
-            from clients.cli import _describe  # clients.cli imports this module
-
-            print(_describe(exc, args.server), file=sys.stderr)
+            print(describe_refusal(exc, args.server), file=sys.stderr)
             return 1
 
     return wrapper
