@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import re
 import shutil
 import uuid
-import subprocess
-import sys
 from collections.abc import Iterator
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -59,11 +56,11 @@ from server.tracking import SamuraiConfig
 from server.wiring.grpc_server import server_interceptors
 from tests.conftest import (
     ASSETS,
-    REPO,
     SHARED_MEMORY_ARGS,
     EmulatorHandle,
     Orchestrator,
     TritonProcess,
+    create_api_key,
     job_args,
     serving_orchestrator,
     stop_process,
@@ -200,11 +197,7 @@ class KeyedServer:
 
 
 def cli_key(store: Path, tenant: str) -> tuple[tuple[str, str], ...]:
-    done = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "admin", "keys", "create", "--tenant", tenant, "--json", "--job-store", str(store)],
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-    return (("authorization", f"Bearer {json.loads(done.stdout)['key']}"),)
+    return (("authorization", f"Bearer {create_api_key(store, tenant)}"),)
 
 
 @pytest.fixture(scope="module")
