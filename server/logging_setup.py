@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from typing import TextIO
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is a field.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
@@ -36,9 +37,20 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def configure_logging(level: str, fmt: str) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+# Libraries whose DEBUG records are about their own internals, not about Framewise: at
+# --log-level DEBUG, grpc's Cython layer writes a "Loaded running loop" line for every call
+# operation (thousands a minute) and httpcore one per connection step, burying the server's own
+# debug records. They stay at INFO unless the level asked for is stricter.
+QUIET_LIBRARIES = ("grpc", "httpcore", "hpack", "asyncio")
+
+
+def configure_logging(level: str, fmt: str, stream: TextIO | None = None) -> None:
+    """Every record to ``stream`` (default: stderr), one line each."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    floor = max(logging.INFO, root.level)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(floor)

@@ -31,6 +31,23 @@ from engines.cpu_repository import build_cpu_repository
 from framewise.v1 import info_service_pb2, info_service_pb2_grpc, jobs_service_pb2_grpc
 from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment
 
+
+# Test ids that failed, printed once more after pytest's last line (pytest_unconfigure runs after
+# it): CI shows the end of the output, and on CI pytest's short summary prints each failure's
+# whole message, which can push the failing test's id out of view.
+_FAILED: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.failed:
+        _FAILED.append(report.nodeid if report.when == "call" else f"{report.nodeid} ({report.when})")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _FAILED:
+        print(f"\nfailed ({len(_FAILED)}): " + "  ".join(_FAILED), flush=True)
+
+
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
 YOLO_ONNX = ASSETS / "models" / "yolov8n_int8.onnx"
