@@ -142,7 +142,7 @@ $(VENV_EXPORT)/.installed: pyproject.toml | system-deps
 	$(PY_EXPORT) -m pip install -q -e '.[embedded]'
 	touch $@
 
-# Reference SAMURAI video predictor vs our TrackingEngine over the exported parts on a real Triton
+# Reference SAMURAI video predictor vs our VideoPredictor (server/sam2/video_predictor.py) over the exported parts on a real Triton
 # (seeded random weights, ../shared/assets/sequences/Crossing): bench/results/parity.{json,md}.
 # About 15-25 minutes on 2 cores for 30 frames.
 parity: export-env system-deps

@@ -38,6 +38,8 @@ import os
 import sys
 from pathlib import Path
 
+from engines.cpu_tuning import SAM2_PRECISION_CHOICES
+
 REPO_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUTPUT = {
     "cpu": REPO_ROOT / ".cache" / "model_repository_cpu",
@@ -118,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     cpu.add_argument("--sam2-onnx-dir", type=Path, default=None,
                      help="serve the real SAM 2 parts exported into this folder (<part>.onnx, by "
                           "engines/export/sam2_parts.py or --target onnx) instead of the stand-ins")
+    cpu.add_argument("--sam2-precision", choices=SAM2_PRECISION_CHOICES, default="auto",
+                     help="the SAM 2 parts' arithmetic: f32 (ONNX Runtime), bf16 (OpenVINO; for CPUs with AMX "
+                          "or AVX512-BF16) or auto (default: bf16 for real parts where the CPU has it, else f32; "
+                          "engines/cpu_tuning.py)")
     parser.add_argument("--sam2-image-size", type=_sam2_image_size, default=1024,
                         help="SAM 2 model size S: image S x S, features S/16, masks S/4 (default 1024). "
                              "cpu: the stand-ins' size, and the size --sam2-onnx-dir's parts must have; onnx: "
@@ -184,9 +190,9 @@ def _run_cpu(args: argparse.Namespace) -> int:
             instances=args.instances, intra_op_threads=args.intra_op_threads, cpu_cores=args.cpu_cores,
             max_batch_size=args.max_batch_size, max_queue_delay_us=args.max_queue_delay_us,
             sam2_image_size=args.sam2_image_size, force=args.force, sam2_onnx_dir=args.sam2_onnx_dir,
-            u2netp_onnx=args.u2netp_onnx or default_u2netp_onnx(),
+            u2netp_onnx=args.u2netp_onnx or default_u2netp_onnx(), sam2_precision=args.sam2_precision,
         )
-    except (MissingWeightsError, FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (MissingWeightsError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"build_engines.py: {exc}", file=sys.stderr)
         return 1
 

@@ -69,8 +69,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--objects", default="1,3", help="comma-separated object counts (default 1,3)")
     p.add_argument("--threads", type=int, default=2, help="the reference's torch threads (default 2)")
     p.add_argument("--seed", type=int, default=0, help="torch.manual_seed of the random weights (default 0)")
+    p.add_argument("--image-size", type=int, default=1024,
+                   help="SAM 2 model size S of both sides (default 1024, SAM 2.1's; 512: the real-time forks')")
+    p.add_argument("--sam2-precision", choices=("auto", "f32", "bf16"), default="auto",
+                   help="Framewise's SAM 2 parts (build_engines.py --sam2-precision; default auto, what the "
+                        "default build gives on this machine)")
     p.add_argument("--sequence", type=Path, default=DEFAULT_SEQUENCE)
-    p.add_argument("--onnx-dir", type=Path, default=REPO / ".cache" / "sam2_onnx_random",
+    p.add_argument("--onnx-dir", type=Path, default=None,
                    help="the exported parts; exported there (random-init, --seed) when missing")
     p.add_argument("--repository", type=Path, default=None,
                    help="serve this CPU repository instead of building one from --onnx-dir (default: build)")
@@ -175,7 +180,7 @@ def reference_worker(spec_path: Path) -> int:
     spec = json.loads(spec_path.read_text())
     torch.set_grad_enabled(False)
     torch.set_num_threads(spec["threads"])
-    model = sam2_parts.build_predictor(spec["size"], None, seed=spec["seed"])
+    model = sam2_parts.build_predictor(spec["size"], None, seed=spec["seed"], image_size=spec["image_size"])
     predictors = [model] + [copy.deepcopy(model) for _ in spec["boxes"][1:]]
     times = [0.0] * spec["frames"]
     logits: dict[str, np.ndarray] = {}
@@ -218,6 +223,7 @@ def run_reference(args: argparse.Namespace, frames_dir: Path, boxes: list[list[f
     spec_path = args.work / f"reference_{cell}.json"
     output = args.work / f"reference_{cell}.npz"
     spec_path.write_text(json.dumps({"threads": args.threads, "size": "tiny", "seed": args.seed, "boxes": boxes,
+                                     "image_size": args.image_size,
                                      "frames": args.frames, "frames_dir": str(frames_dir), "output": str(output)}))
     command = [str(args.reference_python), str(Path(__file__).resolve()), "--reference-worker", str(spec_path)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
@@ -261,6 +267,10 @@ async def run_framewise(stack, frames: list[np.ndarray], boxes_model: list[list[
     from framewise.v1 import tracking_service_pb2 as pb
 
     before = await triton_part_stats(stack.triton_url)
+    # The session's resident memory: the orchestrator holds every object's memory bank and Kalman
+    # state between frames (Triton keeps nothing between calls).
+    orchestrator = [stack.procs["orchestrator"].pid]
+    pss_before = pss_kib(orchestrator)
     h, w = frames[0].shape[:2]
     times, masks = [], {}
     async with grpc.aio.insecure_channel(stack.address, options=GRPC_LIMITS) as channel:
@@ -281,12 +291,13 @@ async def run_framewise(stack, frames: list[np.ndarray], boxes_model: list[list[
             assert response.WhichOneof("message") == "frame" and result.frame_index == t, response
             for k, obj in enumerate(result.objects):
                 masks[f"{t}_{k}"] = decode_rle(obj.mask)
+        session_kib = pss_kib(orchestrator) - pss_before  # the last frame answered, the session still open
         await call.done_writing()
         while await call.read() is not grpc.aio.EOF:
             pass
     after = await triton_part_stats(stack.triton_url)
     parts = {part: {key: after[part][key] - before[part][key] for key in after[part]} for part in PARTS}
-    return {"times": times, "masks": masks, "parts": parts}
+    return {"times": times, "masks": masks, "parts": parts, "session_mib": round(session_kib / 1024, 1)}
 
 
 def build_repository(args: argparse.Namespace, s: int) -> Path:
@@ -300,7 +311,8 @@ def build_repository(args: argparse.Namespace, s: int) -> Path:
                         "--random-init", "--seed", str(args.seed), "--sam2-image-size", str(s),
                         "--output", str(args.onnx_dir)], cwd=REPO, check=True)
     return build_cpu_repository(args.work / "model_repository_cpu", default_yolo_onnx(), sam2_image_size=s,
-                                sam2_onnx_dir=args.onnx_dir, intra_op_threads=args.intra_op_threads)
+                                sam2_onnx_dir=args.onnx_dir, intra_op_threads=args.intra_op_threads,
+                                sam2_precision=args.sam2_precision)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,7 +354,8 @@ def markdown(report: dict[str, Any]) -> str:
          f"{env['versions'].get('absolutely-not-samurai')}, torch {env['versions'].get('torch')}, {env['threads']} "
          f"threads; K objects = K predictors stepped in lockstep, a frame's time = the sum of theirs. Framewise: "
          f"TrackingService/Track over gRPC, one session with K objects, Triton python backend over ONNX Runtime "
-         f"{env['versions'].get('onnxruntime')}, repository as build_engines.py writes it "
+         f"{env['versions'].get('onnxruntime')} / OpenVINO {env['versions'].get('openvino')}, repository as "
+         f"build_engines.py writes it "
          f"({env['repository_tuning']})."),
         "",
         "| objects | side | frames/s | p50 s/frame | p90 | prompt frame s | peak PSS MiB | speed-up (fps) | min mask IoU |",
@@ -368,6 +381,14 @@ def markdown(report: dict[str, Any]) -> str:
                    f"(orchestrator + tritonserver + its python-backend stubs). Peak PSS is the maximum of the summed "
                    f"PSS of each side's process tree, sampled every 0.5 s during its cell; the reference's is the "
                    f"worker process (model(s), inference states, decoded frames)."), ""]
+    sessions = [(cell["objects"], cell["framewise"].get("session_pss_mib")) for cell in report["cells"]]
+    if all(mib is not None for _, mib in sessions):
+        lines += ["Resident memory of one open session (the orchestrator's PSS with the session open after its last "
+                  "frame, less before it opened; the smallest over rounds): "
+                  + ", ".join(f"{k} object{'s' if k > 1 else ''}: {mib:.1f} MiB" for k, mib in sessions) + "."]
+        if len(sessions) > 1 and sessions[-1][0] > sessions[0][0]:
+            (k0, m0), (k1, m1) = sessions[0], sessions[-1]
+            lines += [f"Per object (difference over {k1 - k0} more objects): {(m1 - m0) / (k1 - k0):.1f} MiB.", ""]
     return "\n".join(lines)
 
 
@@ -389,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     from engines.cpu_repository import read_manifest
     from framewise.v1 import tracking_service_pb2 as pb
 
-    s = 1024
+    s = args.image_size
+    if args.onnx_dir is None:  # one export per size
+        args.onnx_dir = REPO / ".cache" / ("sam2_onnx_random" if s == 1024 else f"sam2_onnx_random_s{s}")
     args.work = args.work.absolute()
     args.work.mkdir(parents=True, exist_ok=True)
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -398,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     repository = build_repository(args, s)
     tuning = (read_manifest(repository) or {}).get("fingerprint", {}).get("parameters", {}).get("tuning", {})
     tuning_text = ", ".join(f"{m}: {t['instances']} x {t['intra_op_threads']} threads"
+                            + f", {t.get('runtime', 'onnxruntime')} {t.get('inference_precision', 'f32')}"
                             + (", arena shrinkage" if t.get("arena_shrinkage") else "")
                             for m, t in tuning.items() if m in PARTS) or "unknown"
     rewrite = re.search(r'key: "graph_rewrite" value \{ string_value: "([^"]*)"',
@@ -408,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(repository, args.work / "stack", {}, models=PARTS, service=service,
                   orchestrator_args=("--max-tracking-sessions", "4"))
     cells: dict[int, dict[str, Any]] = {k: {"reference": [], "framewise": [], "ref_pss": 0.0, "fw_pss": 0.0,
-                                            "ious": [], "parts": []} for k in args.objects}
+                                            "ious": [], "parts": [], "session_mib": []} for k in args.objects}
     with stack:
         roots = lambda: [p.pid for p in stack.procs.values() if p.poll() is None]  # noqa: E731
         time.sleep(2)
@@ -432,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                         cells[k]["framewise"].append(ours["times"])
                         cells[k]["fw_pss"] = max(cells[k]["fw_pss"], peak.peak_mib)
                         cells[k]["parts"].append(ours["parts"])
+                        cells[k]["session_mib"].append(ours["session_mib"])
                         log(f"round {r} k={k} framewise: {[round(x, 2) for x in ours['times']]} s, "
                             f"peak PSS {peak.peak_mib:.0f} MiB")
                 versions = ref["versions"]
@@ -450,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         report_cells.append({
             "objects": k,
             "reference": {**summarise(c["reference"]), "peak_pss_mib": c["ref_pss"], "times_s": c["reference"]},
-            "framewise": {**summarise(c["framewise"]), "peak_pss_mib": c["fw_pss"], "times_s": c["framewise"]},
+            "framewise": {**summarise(c["framewise"]), "peak_pss_mib": c["fw_pss"], "times_s": c["framewise"],
+                          # the smallest over rounds: the first round also pays first-use growth
+                          "session_pss_mib": min(c["session_mib"]), "session_pss_mib_rounds": c["session_mib"]},
             "parity": {"min_iou": min(c["ious"]), "mean_iou": float(np.mean(c["ious"])), "frames_objects": len(c["ious"]),
                        "pass": min(c["ious"]) >= MASK_IOU_MIN},
             "parts": parts,
@@ -465,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
             "sequence": str(args.sequence.relative_to(ASSETS.parent)) if args.sequence.is_relative_to(ASSETS.parent)
             else str(args.sequence),
             "frames": args.frames, "rounds": args.rounds, "threads": args.threads,
-            "versions": {**versions, "onnxruntime": _version("onnxruntime")}, "repository_tuning": tuning_text, "tuning": tuning,
+            "versions": {**versions, "onnxruntime": _version("onnxruntime"), "openvino": _version("openvino")},
+            "repository_tuning": tuning_text, "tuning": tuning,
         },
         "framewise_idle_pss_mib": round(idle, 1),
         "cells": report_cells,

@@ -42,11 +42,11 @@ from detect_bench import GRPC_LIMITS, Stack, _table, cpu_seconds, write_report
 
 from framewise.v1 import common_pb2, tracking_service_pb2_grpc
 from framewise.v1 import tracking_service_pb2 as pb
-from server.pipelines.prompts import prompt_tensors
-from server.pipelines.tracking import ResizedFrame
+from server.sam2.frame_calls import ResizedFrame
+from server.sam2.masks import mask_at_resolution
+from server.sam2.prompts import prompt_tensors
+from server.sam2.samurai import CandidateSelector, MemoryBank, SamuraiConfig, box_from_mask_upsampled
 from server.vision.image_decode import decode_image
-from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig, box_from_mask_upsampled
-from server.vision.masks import mask_at_resolution
 
 REPO = Path(__file__).resolve().parents[1]
 SEQUENCE = REPO.parent / "shared" / "assets" / "sequences" / "Crossing"  # 120 JPEGs, 360x240
@@ -273,7 +273,7 @@ NOTES = {"image": "the frame, resized to S x S straight into the slot", "memory_
 
 
 def frame_calls(objects: int) -> list[dict]:
-    """The Triton calls of one tracked frame (full bank, no prompt) as TrackingEngine._track makes them. Inputs
+    """The Triton calls of one tracked frame (full bank, no prompt) as VideoPredictor._track makes them. Inputs
     not listed under refs are written into the call's shm slot, outputs not listed are read back."""
     memory_encoder = {"model": "sam2_memory_encoder", "count": objects, "refs": {
         ("input", "vision_feat"): "the frame's vision_feat (output above)",
@@ -430,7 +430,7 @@ def host_costs(S: int, jpeg: bytes, box: Box, reps: int = 25) -> dict[str, float
         logits = np.array(v["masks"][0, index])
         frames, new_pointer = itertools.count(WARM_FRAMES), pointer()
 
-        def memory_inputs():  # TrackingEngine._memory_inputs
+        def memory_inputs():  # VideoPredictor._memory_inputs
             s = bank.select_for(WARM_FRAMES)
             return ([m.astype(np.float16, copy=False) for m in s.memories], np.asarray(s.tpos_enc_index, np.int32),
                     np.stack(s.obj_ptrs).astype(np.float32, copy=False), np.asarray(s.obj_ptr_tdiff, np.int32))

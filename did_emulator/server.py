@@ -43,11 +43,15 @@ class EmulatorHandle:
     def state(self) -> EmulatorState:
         return self.server.state
 
-    def stop(self) -> None:
+    def stop(self, render_timeout_s: float = 30.0) -> None:
+        """Stop serving, then let the talks being rendered finish (up to ``render_timeout_s``): a
+        render cut short by the process exiting leaves a truncated mp4 and, inside ffmpeg at
+        interpreter shutdown, can keep the process from exiting at all."""
         self.server.stopping.set()
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=5)
+        self.server.state.wait_for_renders(render_timeout_s)
         if self.owns_storage:
             shutil.rmtree(self.storage, ignore_errors=True)
 

@@ -120,6 +120,9 @@ class EmulatorState:
         self._lock = threading.Lock()
         # Serialises the writes of state.json, so the last snapshot taken is the last written.
         self._save_lock = threading.Lock()
+        # Renders still running (daemon threads encoding an mp4 with PyAV): stop() waits for them,
+        # so the process never finalises the interpreter while one is inside ffmpeg.
+        self._renders: set[threading.Thread] = set()
         self._reset_locked()
         if persist:
             self._load()
@@ -245,7 +248,19 @@ class EmulatorState:
         return record
 
     def _start_render(self, record: TalkRecord) -> None:
-        threading.Thread(target=self._render, args=(record,), name=f"render-{record.id}", daemon=True).start()
+        thread = threading.Thread(target=self._render, args=(record,), name=f"render-{record.id}", daemon=True)
+        with self._lock:
+            self._renders.add(thread)
+        thread.start()
+
+    def wait_for_renders(self, timeout_s: float) -> bool:
+        """Wait (up to ``timeout_s`` in all) for the renders under way; whether none is left."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            running = list(self._renders)
+        for thread in running:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return not any(thread.is_alive() for thread in running)
 
     def _targeted_outcome(self, source_url: str, index: int) -> TalkOutcome | None:
         """The first targeted outcome matching this talk (under the lock)."""
@@ -273,6 +288,8 @@ class EmulatorState:
             self._save()  # the error is the talk's status from now on, also after a restart
         finally:
             record.rendered.set()
+            with self._lock:
+                self._renders.discard(threading.current_thread())
 
     # ----------------------------------------------------------------- persistence
 

@@ -47,8 +47,9 @@ log = logging.getLogger(__name__)
 
 # 3: birefnet stand-in added; 4: SAM 2 step ensembles; 5: real U^2-Netp as `matting` (the
 # birefnet stand-in is gone), a `network` parameter in every config; 6: instances and ONNX Runtime
-# settings tuned for the build machine (engines/cpu_tuning.py)
-BUILDER_VERSION = 6
+# settings tuned for the build machine (engines/cpu_tuning.py); 7: the SAM 2 parts' runtime and
+# precision (OpenVINO bf16 where the CPU has it)
+BUILDER_VERSION = 7
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_YOLO_ONNX = REPO_ROOT.parent / "shared" / "assets" / "models" / "yolov8n_int8.onnx"
 YOLO_ONNX_ENV = "FRAMEWISE_YOLO_ONNX"
@@ -137,6 +138,7 @@ def build_cpu_repository(
     sam2_onnx_dir: Path | None = None,
     u2netp_onnx: Path | None = None,
     cpu_cores: int | None = None,
+    sam2_precision: str = "auto",
 ) -> Path:
     """Write the CPU model repository at ``output`` and return its path.
 
@@ -153,6 +155,9 @@ def build_cpu_repository(
     engines/export/sam2_parts.py); they are served instead of the stand-ins (``stand_in: false``,
     their file, sha256 and export source in the config), after checking they have the stand-ins'
     exact contract. Their model size S must be ``sam2_image_size``. None (default): stand-ins.
+
+    ``sam2_precision``: "f32" (ONNX Runtime), "bf16" (OpenVINO) or "auto" (bf16 for real parts on a
+    CPU with native bf16, else f32: engines/cpu_tuning.resolve_sam2_precision).
     """
     output = Path(output).expanduser().absolute()
     yolo_onnx = Path(yolo_onnx).expanduser().absolute()
@@ -173,7 +178,9 @@ def build_cpu_repository(
 
     standin_sha = _sha256_files(sam2_standin.SOURCE_FILES)
     cores = cpu_cores if cpu_cores is not None else cpu_tuning.available_cores()
-    tuning = repository_tuning(cores, instances=instances, intra_op_threads=intra_op_threads)
+    precision = cpu_tuning.resolve_sam2_precision(sam2_precision, real_parts=sam2_onnx_dir is not None)
+    tuning = repository_tuning(cores, instances=instances, intra_op_threads=intra_op_threads,
+                               sam2_precision=precision)
     sam2_real = _real_sam2_parts(Path(sam2_onnx_dir).expanduser().absolute(), sam2_image_size) \
         if sam2_onnx_dir is not None else None
     fingerprint = {
@@ -237,12 +244,17 @@ def build_cpu_repository(
     return output
 
 
-def repository_tuning(cores: int, *, instances: int | None = None,
-                      intra_op_threads: int | None = None) -> dict[str, CpuTuning]:
+def repository_tuning(cores: int, *, instances: int | None = None, intra_op_threads: int | None = None,
+                      sam2_precision: str = "f32") -> dict[str, CpuTuning]:
     """Every model's CpuTuning for a machine with ``cores`` cores (engines/cpu_tuning.py says why);
-    ``instances`` overrides yolov8's instance count, ``intra_op_threads`` every model's threads."""
+    ``instances`` overrides yolov8's instance count, ``intra_op_threads`` every model's threads,
+    ``sam2_precision`` ("f32" or "bf16") sets the runtime of the SAM 2 parts that run in bf16 when
+    asked (cpu_tuning.BF16_SAM2_PARTS); the others stay fp32."""
+    heavy = cpu_tuning.heavy_part(cores)
     tuning = {"yolov8": cpu_tuning.per_request_model(cores), MATTING: cpu_tuning.per_request_model(cores),
-              **{part.name: cpu_tuning.heavy_part(cores) for part in sam2_standin.PARTS}}
+              **{part.name: cpu_tuning.sam2_runtime(heavy, sam2_precision if part.name in cpu_tuning.BF16_SAM2_PARTS
+                                                     else "f32")
+                 for part in sam2_standin.PARTS}}
     if instances is not None:
         tuning["yolov8"] = dataclasses.replace(tuning["yolov8"], instances=instances)
     if intra_op_threads is not None:
@@ -312,7 +324,8 @@ def _write_sam2_part(model_dir: Path, part: sam2_standin.StandInPart, fingerprin
         onnx.save(model, str(version_dir / ONNX_FILE))
     else:
         model = real.model  # contract checked by _real_sam2_parts
-        rewrite = _write_real_sam2_graph(part.name, real.path, version_dir / ONNX_FILE)
+        rewrite = _write_real_sam2_graph(part.name, real.path, version_dir / ONNX_FILE,
+                                         runtime=_tuning(params, part.name).runtime)
     shutil.copyfile(PYTHON_MODEL_TEMPLATE, version_dir / "model.py")
 
     parameters = {
@@ -340,13 +353,14 @@ def _write_sam2_part(model_dir: Path, part: sam2_standin.StandInPart, fingerprin
     (model_dir / "config.pbtxt").write_text(text)
 
 
-def _write_real_sam2_graph(name: str, source: Path, target: Path) -> str:
+def _write_real_sam2_graph(name: str, source: Path, target: Path, *, runtime: str) -> str:
     """Copy an exported part, with the memory attention's attention fused into ONNX Runtime's
     MultiHeadAttention (engines/attention_fusion.py: no materialised 4096 x ~28,700 score matrix,
     ~1 GB less peak memory per call at a full memory bank). The fused graph is served only if it
-    gives the original's outputs on the same inputs; else the export as it is. Returns what was
-    done, for the config's ``graph_rewrite`` parameter."""
-    if name != "sam2_memory_attention":
+    gives the original's outputs on the same inputs; else the export as it is. OpenVINO gets the
+    export as it is: the fused op is ONNX Runtime's own (com.microsoft), and OpenVINO fuses the
+    attention pattern itself. Returns what was done, for the config's ``graph_rewrite`` parameter."""
+    if name != "sam2_memory_attention" or runtime != "onnxruntime":
         shutil.copyfile(source, target)
         return "none"
     original = onnx.load(str(source))

@@ -22,6 +22,16 @@ The rules (figures behind them: bench/README.md, "Tuning the CPU repository"):
   burns the core another session needs.
 - Graph optimisation level "all" (ORT's default, written down so a config says what runs) and
   the CPU arena on: turning it off raised the encoder's peak RSS and slowed it (bench/README.md).
+- Reduced precision where the CPU computes it natively: on a CPU with bfloat16 arithmetic (Intel
+  AMX or AVX512-BF16, ``cpu_has_bf16``) the two real SAM 2 parts that are a frame's cost, the image
+  encoder and the memory attention (``BF16_SAM2_PARTS``), run on OpenVINO with bf16 inference
+  precision (``sam2_runtime``): they are matrix products, and AMX runs them in bf16 2-2.5x faster
+  than ONNX Runtime's fp32 kernels (bench/README.md). ONNX Runtime's CPU provider has no bf16
+  kernels on x86, hence a second runtime for these parts only. The mask decoder and the memory
+  encoder stay fp32: together ~5 % of a frame, and they write the masks and the memories
+  themselves (with them in bf16 too, the masks fell below the parity bound). The masks stay within
+  it (min IoU >= 0.99 per frame against the fp32 reference, ``make bench-real``). Elsewhere, and
+  whenever fp32 is asked for, ONNX Runtime in fp32 as before.
 - Heavy parts give their arena back after every call (ORT's run option
   ``memory.enable_memory_arena_shrinkage``): a frame runs the parts one after another, and without
   it every part's process keeps its own peak activations for good (the encoder ~0.8 GB, the memory
@@ -31,8 +41,9 @@ The rules (figures behind them: bench/README.md, "Tuning the CPU repository"):
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 HEAVY_MAX_THREADS = 8
@@ -40,6 +51,16 @@ LIGHT_MAX_THREADS = 4
 LIGHT_MIN_INSTANCES = 2
 GRAPH_OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CPUINFO = Path("/proc/cpuinfo")
+RUNTIMES = ("onnxruntime", "openvino")
+PRECISIONS = ("f32", "bf16")
+# What build_engines.py --sam2-precision takes: "auto" is bf16 where the CPU has it (see above).
+SAM2_PRECISION_CHOICES = ("auto", *PRECISIONS)
+# The SAM 2 parts that run in bf16 when bf16 is chosen (see above).
+BF16_SAM2_PARTS = ("sam2_image_encoder", "sam2_memory_attention")
+# /proc/cpuinfo flags of native bfloat16 matrix arithmetic (Sapphire Rapids and later: amx_bf16;
+# Cooper Lake, Zen 4: avx512_bf16).
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 @dataclass(frozen=True)
@@ -52,12 +73,19 @@ class CpuTuning:
     graph_optimization_level: str = "all"
     cpu_mem_arena: bool = True
     arena_shrinkage: bool = False
+    # Which library runs the ONNX file, and (OpenVINO only) in which precision.
+    runtime: str = "onnxruntime"
+    inference_precision: str = "f32"
 
     def __post_init__(self) -> None:
         if self.instances < 1 or self.intra_op_threads < 1:
             raise ValueError(f"instances and intra_op_threads must be >= 1: {self}")
         if self.graph_optimization_level not in GRAPH_OPTIMIZATION_LEVELS:
             raise ValueError(f"graph_optimization_level must be one of {GRAPH_OPTIMIZATION_LEVELS}: {self}")
+        if self.runtime not in RUNTIMES or self.inference_precision not in PRECISIONS:
+            raise ValueError(f"runtime must be one of {RUNTIMES} and inference_precision one of {PRECISIONS}: {self}")
+        if self.inference_precision != "f32" and self.runtime != "openvino":
+            raise ValueError(f"ONNX Runtime's CPU provider runs fp32 only; bf16 needs runtime openvino: {self}")
 
     def parameters(self) -> dict[str, str]:
         """The config.pbtxt parameters engines/python_backend/onnx_model.py reads."""
@@ -67,6 +95,8 @@ class CpuTuning:
             "graph_optimization_level": self.graph_optimization_level,
             "cpu_mem_arena": "true" if self.cpu_mem_arena else "false",
             "arena_shrinkage": "true" if self.arena_shrinkage else "false",
+            "runtime": self.runtime,
+            "inference_precision": self.inference_precision,
         }
 
     def to_dict(self) -> dict:
@@ -78,6 +108,48 @@ def heavy_part(cores: int) -> CpuTuning:
     _check_cores(cores)
     threads = min(cores, HEAVY_MAX_THREADS)
     return CpuTuning(instances=max(1, cores // threads), intra_op_threads=threads, arena_shrinkage=True)
+
+
+def sam2_runtime(tuning: CpuTuning, precision: str) -> CpuTuning:
+    """``tuning`` (a SAM 2 part's) running in ``precision``: "f32" on ONNX Runtime, "bf16" on
+    OpenVINO. Resolve "auto" with ``resolve_sam2_precision`` first."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "f32":
+        return replace(tuning, runtime="onnxruntime", inference_precision="f32")
+    # The arena options are ONNX Runtime's; OpenVINO's CPU plugin manages its own buffers.
+    return replace(tuning, runtime="openvino", inference_precision="bf16", arena_shrinkage=False)
+
+
+def resolve_sam2_precision(asked: str, *, real_parts: bool, cpuinfo: Path = CPUINFO,
+                           openvino_installed: bool | None = None) -> str:
+    """The SAM 2 parts' precision for ``asked`` ("auto", "f32" or "bf16"). "auto": bf16 for real
+    parts on a CPU with native bf16 when OpenVINO is installed; fp32 otherwise (the stand-ins cost
+    nothing, so they keep the runtime the tests exercise most). "bf16" asked for without OpenVINO
+    is an error, not a silent fp32."""
+    if asked not in SAM2_PRECISION_CHOICES:
+        raise ValueError(f"SAM 2 precision must be one of {SAM2_PRECISION_CHOICES}, got {asked!r}")
+    installed = openvino_available() if openvino_installed is None else openvino_installed
+    if asked == "bf16" and not installed:
+        raise RuntimeError("--sam2-precision bf16 runs the SAM 2 parts on OpenVINO, which is not installed "
+                           "(pip install '.[embedded]')")
+    if asked != "auto":
+        return asked
+    return "bf16" if real_parts and installed and cpu_has_bf16(cpuinfo) else "f32"
+
+
+def cpu_has_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """Whether every CPU listed in ``cpuinfo`` computes bfloat16 natively (see BF16_CPU_FLAGS)."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return False
+    flag_lines = [line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")]
+    return bool(flag_lines) and all(any(flag in flags for flag in BF16_CPU_FLAGS) for flags in flag_lines)
+
+
+def openvino_available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
 
 
 def per_request_model(cores: int) -> CpuTuning:

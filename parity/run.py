@@ -11,7 +11,7 @@
    path on random inputs (max abs / rel error per output);
 3. the clip: the first ``--frames`` frames of ../shared/assets/sequences/Crossing, the first
    ground-truth box as the prompt on frame 0; the reference reads the JPEG folder itself
-   (``init_state``: PIL resize to S x S, /255, ImageNet normalisation); our engine gets the very
+   (``init_state``: PIL resize to S x S, /255, ImageNet normalisation); our predictor gets the very
    same S x S uint8 frames (PIL-resized exactly like the reference's loader, sent as raw RGB8),
    and the box in those S x S pixels computed in float32 as the reference does (box / [W, H] * S),
    so both sides see identical inputs;
@@ -22,7 +22,7 @@
    against the stored per-frame memories / pointers, the temporal-encoding row recovered from the
    position encoding, the pointer distance from its sine encoding);
 5. ours: a CPU model repository with the exported parts (build_cpu_repository(sam2_onnx_dir=...)),
-   a real Triton started like tests/conftest.py does (ManagedTriton), and TrackingEngine.step()
+   a real Triton started like tests/conftest.py does (ManagedTriton), and VideoPredictor.step()
    driven in-process frame by frame (shared memory on, as the server runs it), instrumented by
    wrapping CandidateSelector.select, MemoryBank.select_for and mask_at_resolution;
 6. per frame: chosen candidate, mask IoU (both low-res logits upsampled to S x S the same way,
@@ -333,8 +333,11 @@ def run_reference(model, frames_dir: Path, box: list[float], overrides: dict[str
 def build_repository(onnx_dir: Path, output: Path, s: int, threads: int) -> Path:
     from engines.cpu_repository import build_cpu_repository
 
+    # fp32 on purpose: this suite checks that our arithmetic IS the reference's (Kalman state to
+    # 1e-4, the same candidate chosen on every frame), which bf16 would blur; what the default build
+    # does on a bf16 CPU is checked against the reference's masks by bench/real_sam2_bench.py.
     return build_cpu_repository(output, YOLO_ONNX, sam2_image_size=s, sam2_onnx_dir=onnx_dir,
-                                intra_op_threads=max(1, threads))
+                                intra_op_threads=max(1, threads), sam2_precision="f32")
 
 
 def _free_port() -> int:
@@ -349,10 +352,11 @@ async def run_ours(repo: Path, work: Path, frames: list[np.ndarray], box: list[f
     from prometheus_client import CollectorRegistry
 
     from server.metrics import Metrics
-    from server.pipelines import sam2_contract as sam2
-    from server.pipelines import tracking as tracking_module
-    from server.pipelines.tracking import TrackingEngine, TrackingSession
-    from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
+    from server.sam2 import contract as sam2
+    from server.sam2 import video_predictor as video_predictor_module
+    from server.sam2.samurai import CandidateSelector, MemoryBank, SamuraiConfig
+    from server.sam2.session import TrackingSession
+    from server.sam2.video_predictor import VideoPredictor
     from server.triton.client import TritonClient
     from server.triton.launcher import ManagedTriton, TritonPorts
     from server.triton.monitor import TritonMonitor
@@ -363,7 +367,7 @@ async def run_ours(repo: Path, work: Path, frames: list[np.ndarray], box: list[f
     current = {"frame": None}
     original_select_for = MemoryBank.select_for
     original_select = CandidateSelector.select
-    original_mask = tracking_module.mask_at_resolution
+    original_mask = video_predictor_module.mask_at_resolution
 
     def select_for(self, frame_idx, num_frames=None):
         selection = original_select_for(self, frame_idx, num_frames)
@@ -397,32 +401,32 @@ async def run_ours(repo: Path, work: Path, frames: list[np.ndarray], box: list[f
     runner = InferenceRunner(client, metrics, shm_slots_per_model=2)
     MemoryBank.select_for = select_for
     CandidateSelector.select = select
-    tracking_module.mask_at_resolution = mask_at_resolution
+    video_predictor_module.mask_at_resolution = mask_at_resolution
     try:
         monitor = TritonMonitor(client, {"parity": sam2.TRACKING_MODELS}, health_aio.HealthServicer(), metrics)
         await monitor.refresh()
-        engine = TrackingEngine(runner, monitor, max_pixels=1 << 30)
+        predictor = VideoPredictor(runner, monitor, max_pixels=1 << 30)
         for name in sam2.MODELS:
             spec = monitor.require_ready(name)
             if spec.stand_in:
                 raise SystemExit(f"{name} is a stand-in in {repo}: the parity run needs the real export")
         for name, overrides in scenarios.items():
             records = runs[name] = {}
-            await _track(engine, TrackingSession(SamuraiConfig.for_model(size, **overrides)),  # type: ignore[arg-type]
+            await _track(predictor, TrackingSession(SamuraiConfig.for_model(size, **overrides)),  # type: ignore[arg-type]
                          frames, box, records, current, name)
     finally:
         MemoryBank.select_for = original_select_for
         CandidateSelector.select = original_select
-        tracking_module.mask_at_resolution = original_mask
+        video_predictor_module.mask_at_resolution = original_mask
         await runner.close()
         await client.close()
         await managed.stop()
     return runs
 
 
-async def _track(engine, session, frames, box, records, current, name) -> None:
+async def _track(predictor, session, frames, box, records, current, name) -> None:
     from framewise.v1 import common_pb2
-    from server.pipelines.prompts import ObjectPrompt
+    from server.sam2.prompts import ObjectPrompt
 
     h, w = frames[0].shape[:2]
     for t, frame in enumerate(frames):
@@ -431,7 +435,7 @@ async def _track(engine, session, frames, box, records, current, name) -> None:
             width=w, height=h, pixel_format=common_pb2.PIXEL_FORMAT_RGB8, data=frame.tobytes()))
         prompts = [ObjectPrompt(1, tuple(box), ())] if t == 0 else []  # type: ignore[arg-type]
         started = time.perf_counter()
-        outcome = await engine.step(session, None, image, prompts, [], timeout_s=900)
+        outcome = await predictor.step(session, None, image, prompts, [], timeout_s=900)
         records.setdefault(t, {}).update(candidate_index_0_3=outcome.objects[0].candidate_index,
                                          seconds=time.perf_counter() - started)
         log(f"ours ({name}): frame {t} in {time.perf_counter() - started:.1f} s")
@@ -595,7 +599,7 @@ def markdown(report: dict[str, Any]) -> str:
          f"absolutely-not-samurai {setup['versions'].get('absolutely-not-samurai', '?')} (samurai_mode on, "
          f"kf_score_weight {setup['samurai']['kf_score_weight']}, built by `build_sam2_video_predictor` with its "
          f"default post-processing overrides), torch {setup['versions'].get('torch', '?')} on CPU. "
-         f"Ours: `TrackingEngine` (server/pipelines/tracking.py) over the four parts exported from that same model "
+         f"Ours: `VideoPredictor` (server/sam2/video_predictor.py) over the four parts exported from that same model "
          f"instance, served by a real Triton (python backend, ONNX Runtime {setup['versions'].get('onnxruntime', '?')}"
          f", shared memory). Both sides get the same {setup['image_size']}x{setup['image_size']} uint8 frames (the "
          f"reference loader's PIL resize; ours would otherwise resize with OpenCV) and the same prompt box in model "

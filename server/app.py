@@ -23,9 +23,9 @@ from server.interceptors import ObservabilityInterceptor
 from server.jobs.worker.ipc import WorkerSettings
 from server.metrics import Metrics, WithChildMetrics
 from server.metrics_http import HealthReport, start_metrics_listener
-from server.pipelines.sessions import SessionRegistry
 from server.quotas.build import TenantStorage, build_quota_enforcer
 from server.quotas.enforcer import QuotaEnforcer
+from server.sam2.session_registry import SessionRegistry
 from server.services import SERVICE_MODELS, SERVICES
 from server.triton.launcher import ManagedTriton, TritonStartError
 from server.transport import log_posture, resolve_posture, server_credentials
@@ -131,7 +131,7 @@ async def start(config: ServerConfig) -> RunningServer:
         config.jobs,
         detection=inference.detection,
         matting=inference.matting,
-        tracking=inference.tracking,
+        video_predictor=inference.video_predictor,
         metrics=metrics,
         worker=worker,
         replica_id=config.replica_id,

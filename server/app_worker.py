@@ -58,7 +58,7 @@ class WorkerParts:
         inference = self.inference
         storage, uploads = job_files(config.jobs, self.metrics)
         definitions, self.did_http = job_definitions(
-            config.jobs, inference.detection, inference.matting, inference.tracking, uploads, announce=False
+            config.jobs, inference.detection, inference.matting, inference.video_predictor, uploads, announce=False
         )
         self.executor = JobExecutor(
             RemoteEventSink(channel),

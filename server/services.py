@@ -7,8 +7,8 @@ job worker process (its own view of the models its jobs call).
 from __future__ import annotations
 
 from framewise.v1 import info_service_pb2, jobs_service_pb2, tracking_service_pb2, vision_service_pb2
-from server.pipelines import sam2_contract as sam2
 from server.pipelines.matting import MODEL_NAME as MATTING
+from server.sam2 import contract as sam2
 
 __all__ = ["CACHED_MODELS", "JOB_DEGRADABLE_MODELS", "OPERATIONS_SERVICE", "SERVICES", "SERVICE_MODELS"]
 

@@ -32,7 +32,7 @@ apart. What each graph holds, following sam2/modeling/sam2_base.py of the refere
   a box), 1..3 the multimask outputs; ``obj_ptrs`` per candidate (token 0 for candidate 0, tokens
   1..3 with use_multimask_token_for_obj_ptr) through ``obj_ptr_proj`` and the no-object mixing of
   ``_forward_sam_heads`` (object present iff score logit > ``min_obj_score_logits``). Masks are NOT
-  blanked for an absent object: the orchestrator does that (server/tracking/selection.py), as it
+  blanked for an absent object: the orchestrator does that (server/sam2/samurai/selection.py), as it
   does the SAMURAI choice among the candidates.
 - ``sam2_memory_attention``: ``_prepare_memory_conditioned_features`` after the frame selection:
   memories [N,64,H,W] (N 1..7, FP16) with the memory encoder's sine position encoding plus

@@ -1,9 +1,12 @@
-"""Triton python-backend model: one ONNX file run by ONNX Runtime on CPU.
+"""Triton python-backend model: one ONNX file run on CPU by ONNX Runtime or OpenVINO.
 
-Generic: the ONNX file, the session options and the tensor names all come from the model's
-config.pbtxt (parameters ``onnx_file``, ``intra_op_threads``, ``allow_spinning``,
-``graph_optimization_level``, ``cpu_mem_arena``, ``arena_shrinkage`` and ``per_item_execution``; input and output
-lists). ``per_item_execution`` "true" (the default) runs a batched request one item
+Generic: the ONNX file, the runtime, the session options and the tensor names all come from the
+model's config.pbtxt (parameters ``onnx_file``, ``runtime`` ("onnxruntime", the default, or
+"openvino"), ``inference_precision`` (OpenVINO: "f32" or "bf16"), ``intra_op_threads``,
+``allow_spinning``, ``graph_optimization_level``, ``cpu_mem_arena``, ``arena_shrinkage`` (the last
+four ONNX Runtime's) and ``per_item_execution``; input and output lists). OpenVINO is there for
+one reason: bf16 on CPUs that compute it natively (AMX), which ONNX Runtime's CPU provider lacks
+(engines/cpu_tuning.py). ``per_item_execution`` "true" (the default) runs a batched request one item
 at a time, "false" runs the whole batch in one ORT call. Models whose ``stand_in`` parameter is
 "true" say so loudly in the startup log.
 The CPU model repository builder (engines/cpu_repository.py) copies this file to
@@ -50,37 +53,20 @@ class TritonPythonModel:
 
         onnx_path = os.path.join(args["model_repository"], args["model_version"], params["onnx_file"])
         threads = int(params.get("intra_op_threads", "1"))
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Set by engines/cpu_tuning.py for the machine the repository was built on; absent: ORT's
-        # defaults. Spinning off: other instances and Triton share these cores, and a pool thread
-        # busy-waiting between operators burns the core they need.
-        spinning = params.get("allow_spinning", "true").strip().lower() == "true"
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-        level = params.get("graph_optimization_level", "all").strip().lower()
-        options.graph_optimization_level = _OPTIMIZATION_LEVELS[level]
-        options.enable_cpu_mem_arena = params.get("cpu_mem_arena", "true").strip().lower() == "true"
-        # Heavy parts hand their arena back after each call, so this process does not hold its peak
-        # activations while the other parts of the frame run theirs.
-        self.run_options = ort.RunOptions()
-        shrink = params.get("arena_shrinkage", "false").strip().lower() == "true"
-        if shrink:
-            self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
-        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        runtime = params.get("runtime", "onnxruntime").strip().lower()
+        if runtime == "openvino":
+            self.session = _OpenVinoSession(onnx_path, threads, params.get("inference_precision", "f32").strip().lower())
+        elif runtime == "onnxruntime":
+            self.session = _OrtSession(onnx_path, threads, params)
+        else:
+            raise ValueError(f"{self.model_name}: unknown runtime {runtime!r} (onnxruntime or openvino)")
 
-        have_in = {i.name for i in self.session.get_inputs()}
-        have_out = {o.name for o in self.session.get_outputs()}
-        missing = [n for n in self.input_names if n not in have_in]
-        missing += [n for n, _ in self.outputs if n not in have_out]
+        missing = [n for n in self.input_names if n not in self.session.input_names]
+        missing += [n for n, _ in self.outputs if n not in self.session.output_names]
         if missing:
             raise ValueError(f"{onnx_path} has no tensors named {missing}")
         pb_utils.Logger.log_info(
-            f"{self.model_name} instance {args['model_instance_name']}: {onnx_path} on "
-            f"onnxruntime {ort.__version__} CPU, intra_op_threads={threads}, allow_spinning={spinning}, "
-            f"graph_optimization_level={level}, cpu_mem_arena={options.enable_cpu_mem_arena}, "
-            f"arena_shrinkage={shrink}, "
+            f"{self.model_name} instance {args['model_instance_name']}: {onnx_path} on {self.session.describe()}, "
             f"per_item_execution={self.per_item}, stand_in={stand_in}"
         )
         if stand_in == "true":
@@ -119,14 +105,14 @@ class TritonPythonModel:
             if batch < 1:
                 raise ValueError("empty batch")
         if not self.batched or not self.per_item or batch == 1:
-            results = self.session.run(output_names, feeds, self.run_options)
+            results = self.session.run(output_names, feeds)
         else:
             # per_item_execution (yolov8), one image at a time, on purpose: the int8 weights are
             # dynamically quantised per tensor (DynamicQuantizeLinear picks the activation scale
             # and zero point from the min/max of the whole tensor), so running several images as
             # one batch would make each image's result depend on the other images in the batch.
             per_image = [
-                self.session.run(output_names, {n: a[i:i + 1] for n, a in feeds.items()}, self.run_options)
+                self.session.run(output_names, {n: a[i:i + 1] for n, a in feeds.items()})
                 for i in range(batch)
             ]
             results = [np.concatenate([r[k] for r in per_image], axis=0) for k in range(len(output_names))]
@@ -138,3 +124,73 @@ class TritonPythonModel:
 
     def finalize(self):
         self.session = None
+
+
+class _OrtSession:
+    """An ONNX Runtime CPU session with the config's options."""
+
+    def __init__(self, onnx_path, threads, params):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Set by engines/cpu_tuning.py for the machine the repository was built on; absent: ORT's
+        # defaults. Spinning off: other instances and Triton share these cores, and a pool thread
+        # busy-waiting between operators burns the core they need.
+        spinning = params.get("allow_spinning", "true").strip().lower() == "true"
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        level = params.get("graph_optimization_level", "all").strip().lower()
+        options.graph_optimization_level = _OPTIMIZATION_LEVELS[level]
+        options.enable_cpu_mem_arena = params.get("cpu_mem_arena", "true").strip().lower() == "true"
+        # Heavy parts hand their arena back after each call, so this process does not hold its peak
+        # activations while the other parts of the frame run theirs.
+        self.run_options = ort.RunOptions()
+        shrink = params.get("arena_shrinkage", "false").strip().lower() == "true"
+        if shrink:
+            self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.output_names = {o.name for o in self.session.get_outputs()}
+        self._described = (
+            f"onnxruntime {ort.__version__} CPU fp32, intra_op_threads={threads}, allow_spinning={spinning}, "
+            f"graph_optimization_level={level}, cpu_mem_arena={options.enable_cpu_mem_arena}, arena_shrinkage={shrink}"
+        )
+
+    def describe(self):
+        return self._described
+
+    def run(self, output_names, feeds):
+        return self.session.run(output_names, feeds, self.run_options)
+
+
+class _OpenVinoSession:
+    """An OpenVINO CPU model compiled for latency (one stream: Triton's instances are the
+    parallelism) in the config's inference precision."""
+
+    def __init__(self, onnx_path, threads, precision):
+        import openvino as ov  # only models that ask for it need it installed
+
+        if precision not in ("f32", "bf16"):
+            raise ValueError(f"inference_precision must be f32 or bf16, got {precision!r}")
+        core = ov.Core()
+        self.model = core.compile_model(core.read_model(onnx_path), "CPU", {
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": "1",
+            "INFERENCE_NUM_THREADS": str(threads),
+            "INFERENCE_PRECISION_HINT": precision,
+        })
+        # What the plugin settled on (bf16 asked for on a CPU without it falls back to f32): logged.
+        granted = self.model.get_property("INFERENCE_PRECISION_HINT").to_string()
+        self.request = self.model.create_infer_request()
+        self.input_names = {name for port in self.model.inputs for name in port.get_names()}
+        self.output_names = {name for port in self.model.outputs for name in port.get_names()}
+        self._outputs = {name: port for port in self.model.outputs for name in port.get_names()}
+        self._described = f"openvino {ov.__version__} CPU, inference precision {granted}, threads={threads}"
+
+    def describe(self):
+        return self._described
+
+    def run(self, output_names, feeds):
+        # Copies: the request's output buffers are reused by the next call.
+        results = self.request.infer(feeds)
+        return [np.array(results[self._outputs[name]]) for name in output_names]

@@ -29,13 +29,14 @@ from google.protobuf import duration_pb2
 from framewise.v1 import tracking_service_pb2, tracking_service_pb2_grpc
 from server.errors import InvalidInput, ServiceError, Unavailable, shown
 from server.metrics import Metrics
-from server.pipelines.prompts import ObjectPrompt, prompt_from_proto
-from server.pipelines.sessions import SESSION_KEY_METADATA, SessionRegistry, UnknownSession
-from server.pipelines.tracking import FrameOutcome, TrackingEngine, TrackingSession
 from server.quotas.enforcer import QuotaEnforcer
+from server.sam2.prompts import ObjectPrompt, prompt_from_proto
+from server.sam2.samurai import SamuraiConfig
+from server.sam2.session import TrackingSession
+from server.sam2.session_registry import SESSION_KEY_METADATA, SessionRegistry, UnknownSession
+from server.sam2.video_predictor import FrameOutcome, VideoPredictor
 from server.servicers import convert
 from server.servicers.tenancy import caller, cross_tenant
-from server.tracking import SamuraiConfig
 
 # Failures after which the client is told to retry: the session must still be there to resume.
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
@@ -60,7 +61,7 @@ class _Draining(Exception):
 class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
     def __init__(
         self,
-        engine: TrackingEngine,
+        predictor: VideoPredictor,
         sessions: SessionRegistry,
         metrics: Metrics,
         *,
@@ -70,7 +71,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
     ) -> None:
         """``quotas``: the tenants' session quotas (None: not limited). ``idle_timeout_s``: how
         long a stream may wait for its client's next message (None: for ever)."""
-        self.engine = engine
+        self.predictor = predictor
         self.sessions = sessions
         self.metrics = metrics
         self.frame_timeout_s = frame_timeout_s
@@ -85,7 +86,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
             raise InvalidInput(
                 "the first message of a Track stream must be `open` (a new session or resume_session_id)", "open"
             )
-        self.engine.contract()  # UNAVAILABLE before anything is allocated when the models are not ready
+        self.predictor.contract()  # UNAVAILABLE before anything is allocated when the models are not ready
         session = await self._open(first.open, _metadata_key(context))
         await self._take_quota_slot(session, resumed=bool(first.open.resume_session_id))
         ended_cleanly = False
@@ -111,7 +112,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
                 frame = request.frame
                 remaining = context.time_remaining()
                 timeout = self.frame_timeout_s if remaining is None else min(self.frame_timeout_s, remaining)
-                outcome = await self.engine.step(
+                outcome = await self.predictor.step(
                     session,
                     frame.frame_index,
                     frame.image,
@@ -209,7 +210,7 @@ class TrackingServicer(tracking_service_pb2_grpc.TrackingServiceServicer):
         )
 
     def _opened(self, session: TrackingSession, *, resumed: bool) -> tracking_service_pb2.SessionOpened:
-        contract = self.engine.contract()
+        contract = self.predictor.contract()
         return tracking_service_pb2.SessionOpened(
             session_id=session.session_id,
             resumed=resumed,

@@ -11,11 +11,11 @@ import numpy as np
 
 from framewise.v1 import common_pb2, vision_service_pb2, vision_service_pb2_grpc
 from server.errors import InvalidInput, ServiceError, TooLarge
-from server.pipelines import sam2_contract as sam2
 from server.pipelines.detection import DetectionPipeline, DetectOptions
 from server.pipelines.matting import MattingPipeline, crop_pixels
-from server.pipelines.prompts import prompt_from_proto
-from server.pipelines.segmentation import SegmentationPipeline
+from server.sam2 import contract as sam2
+from server.sam2.image_predictor import ImagePredictor
+from server.sam2.prompts import prompt_from_proto
 from server.servicers import convert
 from server.pipelines.backgrounds import background_mode, proto_mode, resolve_background
 from server.vision.compositing import MAX_FEATHER_PX, BackgroundMode, BackgroundSpec, encode_png, feather, render
@@ -34,13 +34,13 @@ class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
     def __init__(
         self,
         detection: DetectionPipeline,
-        segmentation: SegmentationPipeline,
+        image_predictor: ImagePredictor,
         matting: MattingPipeline,
         *,
         max_response_bytes: int | None = None,
     ) -> None:
         self.detection = detection
-        self.segmentation = segmentation
+        self.image_predictor = image_predictor
         self.matting = matting
         # The server's max send size: a bigger PNG gets a clear error here instead of gRPC's own.
         self.max_response_bytes = max_response_bytes
@@ -159,7 +159,7 @@ class VisionServicer(vision_service_pb2_grpc.VisionServiceServicer):
         self, request: vision_service_pb2.SegmentRequest, context: grpc.aio.ServicerContext
     ) -> vision_service_pb2.SegmentResponse:
         prompt = prompt_from_proto(1, request.box if request.HasField("box") else None, list(request.points), "")
-        result = await self.segmentation.segment(request.image, prompt, timeout_s=context.time_remaining())
+        result = await self.image_predictor.segment(request.image, prompt, timeout_s=context.time_remaining())
         response = vision_service_pb2.SegmentResponse(
             best_index=result.best_index,
             models=[convert.model_ref(result.contract.specs[name]) for name in (sam2.IMAGE_ENCODER, sam2.MASK_DECODER)],

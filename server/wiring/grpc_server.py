@@ -22,10 +22,10 @@ from framewise.v1 import info_service_pb2_grpc, jobs_service_pb2_grpc, tracking_
 from server.config import ServerConfig
 from server.interceptors import ObservabilityInterceptor
 from server.metrics import Metrics
-from server.pipelines.sessions import SessionRegistry
 from server.quotas.enforcer import QuotaEnforcer
 from server.quotas.interceptor import QuotaInterceptor
 from server.reflection import enable_reflection
+from server.sam2.session_registry import SessionRegistry
 from server.servicers.info import InfoServicer
 from server.servicers.jobs import JobServicer
 from server.servicers.operations import OperationsServicer
@@ -103,7 +103,7 @@ def add_services(
     """Every servicer, health and reflection; returns InfoServicer (it lists the replicas once
     the server knows its own address)."""
     vision = VisionServicer(
-        inference.detection, inference.segmentation, inference.matting, max_response_bytes=config.max_message_bytes
+        inference.detection, inference.image_predictor, inference.matting, max_response_bytes=config.max_message_bytes
     )
     vision_service_pb2_grpc.add_VisionServiceServicer_to_server(vision, server)
     info = InfoServicer(inference.monitor, managed=managed_triton, replica_id=config.replica_id)
@@ -114,7 +114,7 @@ def add_services(
     )
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(jobs.queue, jobs.bus), server)
     tracking = TrackingServicer(
-        inference.tracking,
+        inference.video_predictor,
         sessions,
         inference.metrics,
         frame_timeout_s=config.triton_timeout_s,

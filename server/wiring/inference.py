@@ -13,8 +13,8 @@ from server.config import ServerConfig
 from server.metrics import Metrics
 from server.pipelines.detection import DetectionPipeline
 from server.pipelines.matting import MattingPipeline
-from server.pipelines.segmentation import SegmentationPipeline
-from server.pipelines.tracking import TrackingEngine
+from server.sam2.image_predictor import ImagePredictor
+from server.sam2.video_predictor import VideoPredictor
 from server.services import CACHED_MODELS
 from server.triton.client import TritonClient
 from server.triton.monitor import TritonMonitor
@@ -33,9 +33,9 @@ class InferenceStack:
     runner: InferenceRunner
     result_cache: ResultCache | None
     detection: DetectionPipeline
-    segmentation: SegmentationPipeline
+    image_predictor: ImagePredictor
     matting: MattingPipeline
-    tracking: TrackingEngine
+    video_predictor: VideoPredictor
 
     async def open_cache(self, *, clear: bool) -> None:
         """The serving process clears the replica's cache file before its job worker (which
@@ -95,7 +95,7 @@ def build_inference_stack(
         runner=runner,
         result_cache=cache,
         detection=DetectionPipeline(runner, monitor, metrics, max_pixels=pixels, cache=cache),
-        segmentation=SegmentationPipeline(runner, monitor, max_pixels=pixels),
+        image_predictor=ImagePredictor(runner, monitor, max_pixels=pixels),
         matting=MattingPipeline(runner, monitor, max_pixels=pixels, metrics=metrics, cache=cache),
-        tracking=TrackingEngine(runner, monitor, max_pixels=pixels, max_objects=config.max_objects_per_session),
+        video_predictor=VideoPredictor(runner, monitor, max_pixels=pixels, max_objects=config.max_objects_per_session),
     )

@@ -33,7 +33,7 @@ from server.jobs.worker.process import WorkerProcess
 from server.metrics import Metrics
 from server.pipelines.detection import DetectionPipeline
 from server.pipelines.matting import MattingPipeline
-from server.pipelines.tracking import TrackingEngine
+from server.sam2.video_predictor import VideoPredictor
 
 __all__ = ["WORKER_MODULE", "Jobs", "job_admission", "job_files", "job_definitions", "start_jobs", "storage_config"]
 
@@ -88,7 +88,7 @@ async def start_jobs(
     *,
     detection: DetectionPipeline,
     matting: MattingPipeline,
-    tracking: TrackingEngine,
+    video_predictor: VideoPredictor,
     metrics: Metrics,
     worker: WorkerSettings | None = None,
     replica_id: str = "",
@@ -101,7 +101,7 @@ async def start_jobs(
     bus = EventBus(store, heartbeat_s=config.heartbeat_s)
     # One storage root shared by the replicas is swept by one of them.
     storage, uploads = job_files(config, metrics, duty=lambda: store.try_cluster_duty(STORAGE_CLEANUP_DUTY))
-    definitions, did_http = job_definitions(config, detection, matting, tracking, uploads)
+    definitions, did_http = job_definitions(config, detection, matting, video_predictor, uploads)
     execution = None if worker is None else WorkerProcess(worker, bus, module=WORKER_MODULE)
     queue = JobQueue(
         bus,
@@ -153,7 +153,7 @@ def job_definitions(
     config: JobsConfig,
     detection: DetectionPipeline,
     matting: MattingPipeline,
-    tracking: TrackingEngine,
+    video_predictor: VideoPredictor,
     uploads: UploadStore,
     *,
     announce: bool = True,
@@ -162,7 +162,7 @@ def job_definitions(
     ``announce``: log where talking videos go (the serving process does; its worker need not)."""
     did_factory, did_http = _did_factory(config, announce)
     definitions: dict[int, JobDefinition] = {
-        jobs_pb2.JOB_KIND_SEGMENT_VIDEO: SegmentVideoJob(tracking, uploads, media_root=config.media_root),
+        jobs_pb2.JOB_KIND_SEGMENT_VIDEO: SegmentVideoJob(video_predictor, uploads, media_root=config.media_root),
         jobs_pb2.JOB_KIND_TALKING_VIDEO: TalkingVideoJob(
             detection,
             matting,

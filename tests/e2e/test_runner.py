@@ -60,7 +60,7 @@ async def test_stacked_parts_already_in_the_slot_are_not_written_again(triton) -
     """Memory attention with a stacked memories input: a second request whose parts are partly
     the same arrays at the same rows writes only the new ones, and still gives exactly what the
     same request over gRPC gives; a part replaced by another array is written."""
-    from server.pipelines import sam2_contract as sam2
+    from server.sam2 import contract as sam2
 
     client = TritonClient(triton.url)
     metrics = Metrics(CollectorRegistry())
@@ -102,8 +102,8 @@ async def test_stacked_parts_already_in_the_slot_are_not_written_again(triton) -
 async def test_a_fill_input_is_computed_in_place_and_matches_an_array(triton) -> None:  # noqa: ANN001
     """A Fill (the tracker's frame resized to S x S) gives the encoder what the resized array gives,
     through shared memory and through gRPC."""
-    from server.pipelines import sam2_contract as sam2
-    from server.pipelines.tracking import ResizedFrame
+    from server.sam2 import contract as sam2
+    from server.sam2.frame_calls import ResizedFrame
 
     client = TritonClient(triton.url)
     metrics = Metrics(CollectorRegistry())
@@ -166,7 +166,7 @@ async def test_concurrent_shm_requests_on_one_stream_get_their_own_responses(tri
     concurrent memory-encoder calls with different inputs each read exactly what the same call
     over plain gRPC gives; a request that times out fails alone, and the stream keeps serving."""
     from server.errors import DeadlineExceeded
-    from server.pipelines import sam2_contract as sam2
+    from server.sam2 import contract as sam2
 
     client = TritonClient(triton.url)
     metrics = Metrics(CollectorRegistry())

@@ -1,5 +1,5 @@
 """SegmentVideoJob's stages run directly with a real JobContext (SQLite store, event bus,
-storage, admission) and a real TrackingEngine on the test Triton (SAM 2 stand-ins at S=256),
+storage, admission) and a real VideoPredictor on the test Triton (SAM 2 stand-ins at S=256),
 on a short sampled part of bedroom.mp4. Validation and the stages before tracking need no Triton."""
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from server.jobs.engine.failures import JobCancelled, JobFailure
 from server.jobs.files.storage import StorageConfig, StorageManager
 from server.jobs.files.uploads import UploadStore
 from server.jobs.kinds.segment_video import SegmentVideoJob
-from server.jobs.kinds.segment_video.tracking import TRACKS_FILE
+from server.jobs.kinds.segment_video.propagation import TRACKS_FILE
 from server.jobs.store.sqlite import SqliteJobStore
 from server.metrics import Metrics
-from server.pipelines import sam2_contract as sam2
-from server.pipelines.tracking import TrackingEngine
+from server.sam2 import contract as sam2
+from server.sam2.video_predictor import VideoPredictor
 from server.triton.client import TritonClient
 from server.triton.monitor import TritonMonitor
 from server.triton.runner import InferenceRunner
@@ -106,7 +106,7 @@ async def harness(tmp_path: Path) -> AsyncIterator[Harness]:
 
 
 @pytest.fixture(scope="module")
-async def engine(triton) -> AsyncIterator[TrackingEngine]:  # conftest's TritonProcess
+async def predictor(triton) -> AsyncIterator[VideoPredictor]:  # conftest's TritonProcess
     client = TritonClient(triton.url)
     metrics = Metrics(CollectorRegistry())
     monitor = TritonMonitor(client, {"tracking": sam2.TRACKING_MODELS}, health_aio.HealthServicer(), metrics)
@@ -114,19 +114,19 @@ async def engine(triton) -> AsyncIterator[TrackingEngine]:  # conftest's TritonP
     assert monitor.serving, monitor.state.last_error
     runner = InferenceRunner(client, metrics)
     try:
-        yield TrackingEngine(runner, monitor, max_pixels=3_000_000)
+        yield VideoPredictor(runner, monitor, max_pixels=3_000_000)
     finally:
         await runner.close()
         await client.close()
 
 
-def offline_engine() -> TrackingEngine:
+def offline_predictor() -> VideoPredictor:
     """Validation and the stages before TRACKING only read max_pixels."""
-    return TrackingEngine(None, None, max_pixels=3_000_000)  # type: ignore[arg-type]
+    return VideoPredictor(None, None, max_pixels=3_000_000)  # type: ignore[arg-type]
 
 
-def pipeline(engine: TrackingEngine, h: Harness, **kwargs: object) -> SegmentVideoJob:
-    return SegmentVideoJob(engine, h.uploads, media_root=VIDEOS, progress_every=4, **kwargs)  # type: ignore[arg-type]
+def pipeline(predictor: VideoPredictor, h: Harness, **kwargs: object) -> SegmentVideoJob:
+    return SegmentVideoJob(predictor, h.uploads, media_root=VIDEOS, progress_every=4, **kwargs)  # type: ignore[arg-type]
 
 
 async def run_all(p: SegmentVideoJob, ctx: JobContext) -> None:
@@ -146,10 +146,10 @@ def sha256(path: Path) -> str:
 # ---------------------------------------------------------------------- with Triton
 
 
-async def test_upload_job_tracks_both_ways_and_writes_artifacts(harness: Harness, engine: TrackingEngine) -> None:
+async def test_upload_job_tracks_both_ways_and_writes_artifacts(harness: Harness, predictor: VideoPredictor) -> None:
     upload_id = await harness.upload(BEDROOM)
     request = jobs_pb2.SegmentVideoRequest(upload_id=upload_id, prompt_frame_index=5, box=BOX, max_frames=12)
-    p = pipeline(engine, harness)
+    p = pipeline(predictor, harness)
     await p.validate(request)
     ctx = await harness.job(request)
     await run_all(p, ctx)
@@ -234,7 +234,7 @@ async def test_upload_job_tracks_both_ways_and_writes_artifacts(harness: Harness
     first = (ctx.workdir / TRACKS_FILE).read_bytes()
     (ctx.workdir / TRACKS_FILE).unlink()
     await ctx.save_state(source=str(BEDROOM))  # FINALIZING removed the working copy
-    small = pipeline(engine, harness, reverse_buffer_bytes=2 * FRAME_BYTES)
+    small = pipeline(predictor, harness, reverse_buffer_bytes=2 * FRAME_BYTES)
     stages_by_checkpoint = {s.checkpoint: s for s in small.stages()}
     await stages_by_checkpoint[S.JOB_STAGE_TRACKING].run(ctx)
     assert (ctx.workdir / TRACKS_FILE).read_bytes() == first
@@ -246,7 +246,7 @@ async def test_upload_job_tracks_both_ways_and_writes_artifacts(harness: Harness
     assert sha256(Path(again["overlay.mp4"].path)) == again["overlay.mp4"].sha256
 
 
-async def test_server_path_job_forward_only_with_chosen_artifacts(harness: Harness, engine: TrackingEngine) -> None:
+async def test_server_path_job_forward_only_with_chosen_artifacts(harness: Harness, predictor: VideoPredictor) -> None:
     request = jobs_pb2.SegmentVideoRequest(
         server_path="bedroom.mp4",
         points=[common_pb2.PointPrompt(point=common_pb2.Point(x=480, y=300), label=common_pb2.POINT_LABEL_POSITIVE)],
@@ -254,7 +254,7 @@ async def test_server_path_job_forward_only_with_chosen_artifacts(harness: Harne
         max_frames=6,
         artifacts=[A.ARTIFACT_KIND_FRAMES_JSON, A.ARTIFACT_KIND_MASK_PNG_ZIP],
     )
-    p = pipeline(engine, harness)
+    p = pipeline(predictor, harness)
     await p.validate(request)
     ctx = await harness.job(request)
     await run_all(p, ctx)
@@ -278,7 +278,7 @@ def sampling_reference(*, sample_fps: float, max_frames: int) -> list[int]:
 
 async def test_stages_before_tracking_and_cancellation(harness: Harness) -> None:
     request = jobs_pb2.SegmentVideoRequest(server_path="bedroom.mp4", box=BOX, max_frames=3)
-    p = pipeline(offline_engine(), harness)
+    p = pipeline(offline_predictor(), harness)
     ctx = await harness.job(request)
     stages = list(p.stages())
     assert [s.checkpoint for s in stages] == [
@@ -301,7 +301,7 @@ async def test_corrupt_video_fails_permanently(harness: Harness, tmp_path: Path)
     media = tmp_path / "media"
     media.mkdir()
     (media / "noise.mp4").write_bytes(np.random.default_rng(0).integers(0, 256, 40_000, dtype=np.uint8).tobytes())
-    p = SegmentVideoJob(offline_engine(), harness.uploads, media_root=media)
+    p = SegmentVideoJob(offline_predictor(), harness.uploads, media_root=media)
     request = jobs_pb2.SegmentVideoRequest(server_path="noise.mp4", box=BOX)
     with pytest.raises(ServiceError) as rejected:
         await p.validate(request)
@@ -367,7 +367,7 @@ def _point(x: float, y: float) -> common_pb2.PointPrompt:
     ],
 )
 async def test_validate_rejects(harness: Harness, request_fields: dict, field: str, code: grpc.StatusCode) -> None:
-    p = SegmentVideoJob(offline_engine(), harness.uploads, media_root=VIDEOS, max_frames=100)
+    p = SegmentVideoJob(offline_predictor(), harness.uploads, media_root=VIDEOS, max_frames=100)
     with pytest.raises(ServiceError) as rejected:
         await p.validate(jobs_pb2.SegmentVideoRequest(**request_fields))
     assert rejected.value.code == code, rejected.value.message
@@ -378,7 +378,7 @@ async def test_validate_rejects_a_non_video_upload_and_disabled_server_paths(har
     image = tmp_path / "still.png"
     cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
     upload_id = await harness.upload(image, kind=jobs_pb2.FILE_KIND_IMAGE)
-    p = SegmentVideoJob(offline_engine(), harness.uploads, media_root=None)
+    p = SegmentVideoJob(offline_predictor(), harness.uploads, media_root=None)
     with pytest.raises(ServiceError, match="not a FILE_KIND_VIDEO") as rejected:
         await p.validate(jobs_pb2.SegmentVideoRequest(upload_id=upload_id, box=BOX))
     assert rejected.value.violations[0].field == "upload_id"

@@ -47,12 +47,12 @@ from server.jobs.files.uploads import UploadStore, tenant_media_root
 from server.jobs.store import ArtifactRecord, JobState, OperationUpdate
 from server.jobs.store.sqlite import SqliteJobStore
 from server.metrics import Metrics
-from server.pipelines.session_state import dump_session
-from server.pipelines.sessions import SessionRegistry, UnknownSession
+from server.sam2.samurai import SamuraiConfig
+from server.sam2.session import dump_session
+from server.sam2.session_registry import SessionRegistry, UnknownSession
 from server.servicers.jobs import JobServicer
 from server.servicers.operations import OperationsServicer
 from server.servicers.tenancy import media_root, upload_fields
-from server.tracking import SamuraiConfig
 from server.wiring.grpc_server import server_interceptors
 from tests.conftest import (
     ASSETS,

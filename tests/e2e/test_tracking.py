@@ -317,39 +317,3 @@ def test_shared_memory_references_change_nothing(tmp_path: Path, triton, sequenc
     vision_feat_bytes = 256 * (SAM2_TEST_IMAGE_SIZE // 16) ** 2 * 4
     high_res_bytes = (32 * (SAM2_TEST_IMAGE_SIZE // 4) ** 2 + 64 * (SAM2_TEST_IMAGE_SIZE // 8) ** 2) * 4
     assert shm_bytes + 2 * vision_feat_bytes <= grpc_bytes < shm_bytes + 2 * vision_feat_bytes + high_res_bytes
-
-
-async def test_concurrent_object_calls_fail_with_the_first_error_itself() -> None:
-    """Several objects' Triton calls run in a task group; a failure must reach the servicer as
-    the ServiceError it is (UNAVAILABLE, DEADLINE_EXCEEDED), not as an ExceptionGroup."""
-    from server.errors import Unavailable
-    from server.pipelines.tracking import _each
-
-    async def call(object_id: int) -> None:
-        if object_id == 2:
-            raise Unavailable("model 'sam2_track_step' is not ready")
-
-    with pytest.raises(Unavailable):
-        await _each([1, 2, 3], call)
-    with pytest.raises(Unavailable):
-        await _each([2], call)
-
-
-def test_memory_rows_keep_each_memory_where_it_was_sent() -> None:
-    """The stable order the driver sends memories in: a memory keeps its row while it is selected,
-    a new one takes the row freed by the one that left, and every memory is sent exactly once."""
-    from server.pipelines.tracking import memory_rows
-
-    m = [np.full(1, k) for k in range(9)]
-    assert memory_rows([], m[:3]) == [0, 1, 2]
-    sent = [id(x) for x in (m[0], m[1], m[2], m[3])]
-    # m[1] leaves, m[4] arrives (the bank's order: prompt, then oldest -> newest).
-    current = [m[0], m[2], m[3], m[4]]
-    rows = memory_rows(sent, current)
-    assert [current[i] for i in rows] == [m[0], m[4], m[2], m[3]]
-    # Fewer memories than rows sent: those beyond the end move into the free rows.
-    rows = memory_rows(sent, [m[0], m[3]])
-    assert sorted(rows) == [0, 1] and [m[0], m[3]][rows[0]] is m[0]
-    # More memories than before: the new ones take the new rows.
-    rows = memory_rows([id(m[0])], [m[0], m[5], m[6]])
-    assert rows == [0, 1, 2]

@@ -35,7 +35,8 @@ def test_spinning_off_arena_on_and_full_graph_optimisation_by_default():
     for tuning, shrink in ((heavy_part(2), "true"), (per_request_model(2), "false")):
         assert tuning.parameters() == {"intra_op_threads": "2", "allow_spinning": "false",
                                        "graph_optimization_level": "all", "cpu_mem_arena": "true",
-                                       "arena_shrinkage": shrink}
+                                       "arena_shrinkage": shrink, "runtime": "onnxruntime",
+                                       "inference_precision": "f32"}
 
 
 @pytest.mark.parametrize("cores", [0, -1, 1.5, None])
@@ -49,6 +50,56 @@ def test_tuning_validates_its_fields():
         CpuTuning(instances=0, intra_op_threads=1)
     with pytest.raises(ValueError, match="graph_optimization_level"):
         CpuTuning(instances=1, intra_op_threads=1, graph_optimization_level="fast")
+    with pytest.raises(ValueError, match="runtime"):
+        CpuTuning(instances=1, intra_op_threads=1, runtime="tensorrt")
+    with pytest.raises(ValueError, match="bf16 needs runtime openvino"):
+        CpuTuning(instances=1, intra_op_threads=1, inference_precision="bf16")
+
+
+AMX_CPU = "processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\nprocessor\t: 1\nflags\t\t: fpu avx512f amx_bf16\n"
+ZEN4_CPU = "processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n"
+OLD_CPU = "processor\t: 0\nflags\t\t: fpu avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2 fma\n"
+# A hybrid or misreported machine: one CPU without bf16 must not get bf16 threads scheduled on it.
+MIXED_CPU = "processor\t: 0\nflags\t\t: fpu amx_bf16\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
+
+
+@pytest.mark.parametrize(("text", "expected"), [(AMX_CPU, True), (ZEN4_CPU, True), (OLD_CPU, False),
+                                                 (MIXED_CPU, False), ("", False)])
+def test_cpu_has_bf16_reads_every_cpus_flags(tmp_path, text, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(text)
+    assert cpu_tuning.cpu_has_bf16(cpuinfo) is expected
+    assert cpu_tuning.cpu_has_bf16(tmp_path / "absent") is False
+
+
+@pytest.mark.parametrize(("asked", "real", "cpu", "installed", "expected"), [
+    ("auto", True, AMX_CPU, True, "bf16"),
+    ("auto", True, OLD_CPU, True, "f32"),  # no native bf16: emulating it would be slower than fp32
+    ("auto", True, AMX_CPU, False, "f32"),  # OpenVINO missing (an orchestrator-only install)
+    ("auto", False, AMX_CPU, True, "f32"),  # stand-ins keep ONNX Runtime
+    ("f32", True, AMX_CPU, True, "f32"),
+    ("bf16", False, OLD_CPU, True, "bf16"),  # asked for: given, whatever the CPU
+])
+def test_sam2_precision_auto_is_bf16_only_for_real_parts_on_a_bf16_cpu(tmp_path, asked, real, cpu, installed, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(cpu)
+    got = cpu_tuning.resolve_sam2_precision(asked, real_parts=real, cpuinfo=cpuinfo, openvino_installed=installed)
+    assert got == expected
+
+
+def test_sam2_precision_bf16_without_openvino_or_unknown_is_refused(tmp_path):
+    with pytest.raises(RuntimeError, match="OpenVINO, which is not installed"):
+        cpu_tuning.resolve_sam2_precision("bf16", real_parts=True, openvino_installed=False)
+    with pytest.raises(ValueError, match="auto"):
+        cpu_tuning.resolve_sam2_precision("fp16", real_parts=True, openvino_installed=True)
+
+
+def test_sam2_runtime_bf16_is_openvino_and_f32_is_onnx_runtime():
+    bf16 = cpu_tuning.sam2_runtime(heavy_part(2), "bf16")
+    assert (bf16.runtime, bf16.inference_precision) == ("openvino", "bf16")
+    assert (bf16.instances, bf16.intra_op_threads) == (1, 2)  # the cores, as before
+    assert not bf16.arena_shrinkage  # an ONNX Runtime option
+    assert cpu_tuning.sam2_runtime(heavy_part(2), "f32") == heavy_part(2)
 
 
 @pytest.mark.parametrize(("text", "expected"), [("max 100000\n", 64), ("200000 100000\n", 2),
@@ -72,6 +123,11 @@ def test_repository_tuning_overrides():
     explicit = repository_tuning(2, instances=5, intra_op_threads=1)
     assert explicit["yolov8"].instances == 5 and explicit["sam2_image_encoder"].instances == 1
     assert {t.intra_op_threads for t in explicit.values()} == {1}
+    bf16 = repository_tuning(2, sam2_precision="bf16")
+    assert {part for part in SAM2_PARTS if bf16[part].runtime == "openvino"} == {"sam2_image_encoder",
+                                                                                "sam2_memory_attention"}
+    assert all(bf16[part] == heavy_part(2) for part in ("sam2_mask_decoder", "sam2_memory_encoder"))
+    assert bf16["yolov8"].runtime == "onnxruntime" and bf16[MATTING].runtime == "onnxruntime"
 
 
 def _config(repo: Path, name: str) -> model_config_pb2.ModelConfig:

@@ -87,6 +87,22 @@ async def test_a_talk_rendering_at_the_stop_finishes_after_the_restart(tmp_path:
         second.stop()
 
 
+async def test_stop_lets_the_renders_under_way_finish(tmp_path: Path) -> None:
+    handle = start_emulator("127.0.0.1", 0, API_KEY, stage_delay_s=0.02, storage_dir=tmp_path / "files")
+    try:
+        async with client(handle.url) as did:
+            image_url = await did.upload_image(IMAGE.read_bytes(), "girl-1.jpg", "image/jpeg")
+            # 20 s of audio: a render of ~1.5 s, longer than the server's shutdown takes
+            audio_url = await did.upload_audio(tone_wav(20.0), "voice.wav", "audio/wav")
+            talk_id = await did.create_talk(image_url, audio_url)
+        record = handle.state.talk(talk_id)
+        assert record is not None
+    finally:
+        handle.stop()
+    assert record.rendered.is_set() and record.render_error is None
+    assert record.video_path.stat().st_size > 1000
+
+
 async def test_a_failed_talk_stays_failed_after_a_restart(tmp_path: Path) -> None:
     state_dir = tmp_path / "did-state"
     first = start_emulator("127.0.0.1", 0, API_KEY, stage_delay_s=0.02, state_dir=state_dir)
@@ -151,7 +167,12 @@ def _run_emulator(extra: list[str], env: dict[str, str]) -> tuple[subprocess.Pop
 
 def _stop(process: subprocess.Popen[str], sig: int) -> None:
     process.send_signal(sig)
-    process.wait(timeout=30)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output = process.communicate()[0]
+        raise AssertionError(f"the emulator did not exit within 30 s of signal {sig}; its output:\n{output[-3000:]}") from None
 
 
 async def test_the_command_keeps_state_across_a_kill_9_by_flag_or_environment(tmp_path: Path) -> None:

@@ -500,7 +500,7 @@ class JobStore(Protocol):
     # -- tracking sessions handed off by a draining replica ------------------------------------
 
     async def put_session_state(self, key: str, state: bytes, ttl_s: float, *, tenant: str = DEFAULT_TENANT) -> None:
-        """Stores a tracking session's state (server/pipelines/session_state.py's bytes) under
+        """Stores a tracking session's state (server/sam2/session.py's bytes) under
         ``(tenant, key)`` for ``ttl_s`` seconds on the store's clock (the one clock replicas
         share), replacing any state stored under that key. Rows already expired are deleted on
         the way (nothing else sweeps them). ValueError for an empty key or ttl_s <= 0."""

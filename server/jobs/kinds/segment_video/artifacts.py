@@ -22,7 +22,7 @@ import numpy as np
 from framewise.v1 import jobs_service_pb2 as jobs_pb2
 from server.jobs.engine.context import JobContext
 from server.jobs.engine.failures import JobFailure
-from server.jobs.kinds.segment_video.tracking import TRACKS_FILE, decode_frames
+from server.jobs.kinds.segment_video.propagation import TRACKS_FILE, decode_frames
 from server.media.video_reader import UnreadableVideo, VideoInfo
 from server.media.video_writers import (
     CODEC_H264,

@@ -10,10 +10,11 @@ Stages (checkpoint, percent of its stage event)::
     WRITING_ARTIFACTS 90 -> 95   masks.mkv, masks.zip, overlay.mp4, frames.json
     FINALIZING        95   (the executor then emits COMPLETED 100)
 
-The tracking stage (forward from the prompt frame, then backward, into ``tracks.jsonl``) is in
-tracking.py beside this module; the artifacts stage (from that file only, so they can be written
-again after a crash without tracking again) is in artifacts.py. Every stage starts from scratch
-and replaces its outputs, so a stage cut off half-way can simply run again.
+The tracking stage (forward from the prompt frame, then backward, into ``tracks.jsonl``, as SAM
+2's ``propagate_in_video``) is in propagation.py beside this module; the artifacts stage (from
+that file only, so they can be written again after a crash without tracking again) is in
+artifacts.py. Every stage starts from scratch and replaces its outputs, so a stage cut off
+half-way can simply run again.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from server.jobs.files.artifacts import artifact_proto
 from server.jobs.files.durable import fsync_path
 from server.jobs.files.uploads import UploadError, UploadInfo, UploadStore, resolve_server_path, upload_status
 from server.jobs.kinds.segment_video.artifacts import ARTIFACTS, ArtifactSpec, describe_artifact, write_artifacts
-from server.jobs.kinds.segment_video.tracking import Tracker
+from server.jobs.kinds.segment_video.propagation import Propagation
 from server.media.video_reader import (
     UnreadableVideo,
     VideoInfo,
@@ -49,8 +50,8 @@ from server.media.video_reader import (
     probe_video,
     sampling_plan,
 )
-from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_from_proto
-from server.pipelines.tracking import TrackingEngine
+from server.sam2.prompts import ObjectPrompt, check_inside, prompt_from_proto
+from server.sam2.video_predictor import VideoPredictor
 
 __all__ = ["STAGE_PERCENT", "SegmentVideoJob"]
 
@@ -90,7 +91,7 @@ class SegmentVideoJob:
 
     def __init__(
         self,
-        tracking: TrackingEngine,
+        video_predictor: VideoPredictor,
         uploads: UploadStore,
         *,
         media_root: Path | None,
@@ -101,7 +102,7 @@ class SegmentVideoJob:
     ) -> None:
         if max_frames < 1 or progress_every < 1 or frame_timeout_s <= 0 or reverse_buffer_bytes < 1:
             raise ValueError("max_frames, progress_every, frame_timeout_s and reverse_buffer_bytes must be positive")
-        self.tracking = tracking
+        self.video_predictor = video_predictor
         self.uploads = uploads
         self.media_root = media_root
         self.max_frames = max_frames
@@ -148,10 +149,10 @@ class SegmentVideoJob:
                 "lower sample_fps",
                 "max_frames",
             )
-        if video.width * video.height > self.tracking.max_pixels:
+        if video.width * video.height > self.video_predictor.max_pixels:
             raise TooLarge(
                 f"the video's frames are {video.width}x{video.height} = {video.width * video.height} pixels; this "
-                f"server tracks at most {self.tracking.max_pixels} pixels per frame: downscale the video",
+                f"server tracks at most {self.video_predictor.max_pixels} pixels per frame: downscale the video",
                 field,
             )
         if request.prompt_frame_index >= len(plan):
@@ -279,11 +280,11 @@ class SegmentVideoJob:
             STAGE_PERCENT[S.JOB_STAGE_TRACKING],
             f"tracking {len(plan)} frames from frame {start} ({direction})",
         )
-        tracker = Tracker(self, ctx, video, plan, prompt, (STAGE_PERCENT[S.JOB_STAGE_TRACKING], _TRACKING_END))
-        count = await tracker.run(source, start)
+        propagation = Propagation(self, ctx, video, plan, prompt, (STAGE_PERCENT[S.JOB_STAGE_TRACKING], _TRACKING_END))
+        count = await propagation.run(source, start)
         await ctx.save_state(tracked_frames=count)
         # The masks are only as good as the SAM 2 parts: say so where the user watches the job.
-        stand_in = " with SAM 2 STAND-IN models (the masks have no learned meaning)" if self.tracking.contract().stand_in else ""
+        stand_in = " with SAM 2 STAND-IN models (the masks have no learned meaning)" if self.video_predictor.contract().stand_in else ""
         await ctx.progress(_TRACKING_END, f"tracked {count}/{len(plan)} frames{stand_in}", done=count, total=len(plan))
 
     async def _write_artifacts(self, ctx: JobContext) -> None:

@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 
-from server.tracking.boxes import (
+from server.sam2.samurai.boxes import (
     EMPTY_BOX,
     box_from_mask,
     box_from_mask_upsampled,
@@ -38,7 +38,7 @@ from server.tracking.boxes import (
     xyah_to_xyxy,
     xyxy_to_xyah,
 )
-from server.tracking.kalman import KalmanFilter
+from server.sam2.samurai.kalman import KalmanFilter
 
 ModelSize = Literal["tiny", "small", "base_plus", "large"]
 

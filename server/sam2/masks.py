@@ -1,4 +1,5 @@
-"""SAM 2 low-resolution mask logits -> a mask at the image's resolution, its box and COCO RLE."""
+"""SAM 2 low-resolution mask logits -> a mask at the image's resolution, its box and COCO RLE
+(the post-processing both predictors share)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The tracking-session registry (server/pipelines/sessions.py): session keys, drain and handoff
+"""The tracking-session registry (server/sam2/session_registry.py): session keys, drain and handoff
 through a real job store (SQLite here; the contract suite runs the store methods on PostgreSQL
 too, and tests/e2e/test_session_handoff.py drains real replicas on PostgreSQL). Registries stand for
 replicas: two registries on one store are two replicas sharing it."""
@@ -16,10 +16,9 @@ from prometheus_client import CollectorRegistry
 from server.errors import ServiceError
 from server.jobs.store.sqlite import SqliteJobStore
 from server.metrics import Metrics
-from server.pipelines.session_state import dump_session
-from server.pipelines.sessions import SessionRegistry
-from server.pipelines.tracking import TrackedObject
-from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
+from server.sam2.samurai import CandidateSelector, MemoryBank, SamuraiConfig
+from server.sam2.session import TrackedObject, dump_session
+from server.sam2.session_registry import SessionRegistry
 
 
 @pytest.fixture

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.tracking.selection import SamuraiConfig
+from server.sam2.samurai.selection import SamuraiConfig
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class _FrameMemory:
 @dataclass(frozen=True)
 class BankState:
     """Everything a MemoryBank holds, in its own order: what a session handoff carries from one
-    replica to another (server/tracking/snapshot.py encodes it). The scores a tracked frame came
+    replica to another (server/sam2/samurai/snapshot.py encodes it). The scores a tracked frame came
     with are reduced to the ``usable`` verdict when it is added: that verdict is all that later
     frames read, so it is what is kept."""
 

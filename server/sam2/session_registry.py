@@ -5,7 +5,7 @@ A session lives in one replica's memory (its memory bank is megabytes of feature
 frame reads). With several replicas, the client names the session (its key, the session id)
 and the load balancer hashes that key, so the open and every resume reach the same replica. On
 SIGTERM the replica drains: it opens no more sessions, and writes each live session's state to
-the shared job store (server/pipelines/session_state.py); a resume reaching any replica whose
+the shared job store (server/sam2/session.py encodes it); a resume reaching any replica whose
 registry lacks the key takes that state and tracks on exactly where the session stopped.
 
 A session belongs to the tenant that opened it: the registry holds sessions under
@@ -29,9 +29,8 @@ from server.aio import cancel_and_wait
 from server.auth.principal import DEFAULT_TENANT
 from server.errors import ServiceError, Unavailable, shown
 from server.metrics import Metrics
-from server.pipelines.session_state import SnapshotError, dump_session, load_session
-from server.pipelines.tracking import TrackingSession
-from server.tracking import SamuraiConfig
+from server.sam2.samurai import SamuraiConfig
+from server.sam2.session import SnapshotError, TrackingSession, dump_session, load_session
 
 log = logging.getLogger(__name__)
 

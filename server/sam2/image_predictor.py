@@ -1,6 +1,8 @@
-"""Single-image segmentation: image + box/points -> every SAM 2 candidate mask with its score.
+"""Single-image segmentation (the Segment call; SAM 2's ``sam2_image_predictor``): image +
+box/points -> every SAM 2 candidate mask with its score.
 
-The same encoder and decoder as tracking, without memory: one encoder call, one decoder call.
+The same encoder and decoder as the video predictor, without memory: one encoder call, one
+decoder call.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import cv2
 import numpy as np
 
 from framewise.v1 import common_pb2
-from server.pipelines import sam2_contract as sam2
-from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_tensors
-from server.pipelines.sam2_contract import Sam2Contract
+from server.sam2 import contract as sam2
+from server.sam2.contract import Sam2Contract
+from server.sam2.masks import mask_at_resolution
+from server.sam2.prompts import ObjectPrompt, check_inside, prompt_tensors
 from server.triton.monitor import TritonMonitor
 from server.triton.runner import InferenceRunner
 from server.vision.image_decode import decode_image
-from server.vision.masks import mask_at_resolution
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,9 @@ class SegmentationResult:
     timings_ms: dict[str, float]
 
 
-class SegmentationPipeline:
+class ImagePredictor:
+    """Segments one image from one prompt (``segment``); keeps nothing between calls."""
+
     def __init__(self, runner: InferenceRunner, monitor: TritonMonitor, *, max_pixels: int) -> None:
         self.runner = runner
         self.monitor = monitor

@@ -1,4 +1,4 @@
-"""A tracking session as bytes and back (server/pipelines/session_state.py): what a draining replica
+"""A tracking session as bytes and back (server/sam2/session.py): what a draining replica
 hands to the shared store. No Triton here: the session is built from the SAMURAI core directly,
 and the restored one must read exactly what the original would for the next frames."""
 
@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.pipelines.session_state import SnapshotError, dump_session, load_session
-from server.pipelines.tracking import TrackedObject, TrackingSession, memory_rows
-from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
-from server.tracking.snapshot import ArrayTable, pack
-from tests.unit.test_tracking_snapshot import fed_bank_and_selector
+from server.sam2.frame_calls import memory_rows
+from server.sam2.samurai import CandidateSelector, MemoryBank, SamuraiConfig
+from server.sam2.samurai.snapshot import ArrayTable, pack
+from server.sam2.session import SnapshotError, TrackedObject, TrackingSession, dump_session, load_session
+from tests.unit.sam2.test_samurai_snapshot import fed_bank_and_selector
 
 
 def live_session() -> TrackingSession:
@@ -21,7 +21,7 @@ def live_session() -> TrackingSession:
         bank, selector = fed_bank_and_selector(config, 30, seed=seed)
         selector.box_space = (256, 256)
         obj = TrackedObject(object_id, selector, bank, slots={"sam2_track_step": 3})
-        # As the engine leaves it: the ids of the memories last sent, in their rows.
+        # As the video predictor leaves it: the ids of the memories last sent, in their rows.
         memories = bank.select_for(31).memories
         obj.sent_memories = [id(memories[i]) for i in memory_rows([], memories)][::-1]
         session.objects[object_id] = obj

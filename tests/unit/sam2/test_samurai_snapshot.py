@@ -1,4 +1,4 @@
-"""The versioned snapshot format of SAMURAI state (server/tracking/snapshot.py), pure numpy: exact
+"""The versioned snapshot format of SAMURAI state (server/sam2/samurai/snapshot.py), pure numpy: exact
 round trips, and refusal of what this code did not write (another version, pickled objects,
 truncation)."""
 
@@ -10,8 +10,8 @@ import struct
 import numpy as np
 import pytest
 
-from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
-from server.tracking.snapshot import (
+from server.sam2.samurai import CandidateSelector, MemoryBank, SamuraiConfig
+from server.sam2.samurai.snapshot import (
     FORMAT_VERSION,
     MAGIC,
     ArrayTable,

@@ -1,25 +1,32 @@
-"""A tracking session as bytes and back: what a draining replica hands to the shared store, and
-what a resume on another replica restores (server/pipelines/sessions.py moves the bytes).
+"""A tracking session: everything one video's tracking keeps between frames (SAM 2's
+``inference_state``), and that state as bytes and back.
 
-The state carried is everything the next frame reads: the session options (SamuraiConfig), the
-frame size and frame counter, and per object its Kalman mean/covariance and warm-up counter,
-its memory bank (prompt-frame memories and pointers, recent memories as stored with their frame
-indices and usable verdicts, the pointer ring) and the order its memories were last sent to
-memory attention in. That order does not change what attention computes mathematically, but a
-float sum in another order can differ in its last bits; keeping it makes the restored session's
-masks byte-identical to an uninterrupted run's. Replica-local things are left out: the Triton
-shared-memory slot hints (another replica has its own slots).
+The bytes are what a draining replica hands to the shared store and what a resume on another
+replica restores (server/sam2/session_registry.py moves them). The state carried is everything
+the next frame reads: the session options (SamuraiConfig), the frame size and frame counter, and
+per object its Kalman mean/covariance and warm-up counter, its memory bank (prompt-frame memories
+and pointers, recent memories as stored with their frame indices and usable verdicts, the pointer
+ring) and the order its memories were last sent to memory attention in. That order does not
+change what attention computes mathematically, but a float sum in another order can differ in its
+last bits; keeping it makes the restored session's masks byte-identical to an uninterrupted run's.
+Replica-local things are left out: the Triton shared-memory slot hints (another replica has its
+own slots) and the tenant (the handoff store keys the state by tenant instead).
 
-The encoding is server.tracking.snapshot's versioned format (JSON header + raw numpy arrays, no
-pickle).
+The encoding is server.sam2.samurai.snapshot's versioned format (JSON header + raw numpy arrays,
+no pickle). The state and its encoding live in one module so a field added to one is seen beside
+the other.
 """
 
 from __future__ import annotations
 
+import time
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
-from server.pipelines.tracking import TrackedObject, TrackingSession
-from server.tracking.snapshot import (
+from server.auth.principal import DEFAULT_TENANT
+from server.sam2.samurai import CandidateSelector, MemoryBank, SamuraiConfig
+from server.sam2.samurai.snapshot import (
     ArrayTable,
     SnapshotError,
     bank_from_json,
@@ -32,7 +39,41 @@ from server.tracking.snapshot import (
     unpack,
 )
 
-__all__ = ["SnapshotError", "dump_session", "load_session"]
+__all__ = ["SnapshotError", "TrackedObject", "TrackingSession", "dump_session", "load_session"]
+
+
+@dataclass
+class TrackedObject:
+    object_id: int
+    selector: CandidateSelector
+    bank: MemoryBank
+    # ids of the memories as last sent to memory attention, row by row (see
+    # server.sam2.frame_calls.memory_rows), and the shared-memory slot per model they went to: the
+    # object asks for the same slot again.
+    sent_memories: list[int] = field(default_factory=list)
+    slots: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class TrackingSession:
+    """Everything one video's tracking needs between frames."""
+
+    config: SamuraiConfig
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    width: int = 0
+    height: int = 0
+    next_frame_index: int = 0
+    objects: dict[int, TrackedObject] = field(default_factory=dict)
+    last_active: float = field(default_factory=time.monotonic)
+    # One stream at a time drives a session.
+    attached: bool = False
+    # The tenant that opened it (server.auth.principal.Principal.tenant): only it can resume it.
+    # Not part of the handed-off snapshot: the handoff store keys the state by tenant instead.
+    tenant: str = DEFAULT_TENANT
+
+    def memory_bytes(self) -> int:
+        return sum(o.bank.nbytes() for o in self.objects.values())
+
 
 _KIND = "framewise.tracking_session"
 

@@ -1,5 +1,5 @@
 """A versioned binary format for SAMURAI tracking state, pure numpy: what a draining replica writes
-to the shared store and another replica reads back (see server/pipelines/session_state.py).
+to the shared store and another replica reads back (see server/sam2/session.py).
 
 Layout of one snapshot (all integers little-endian):
 
@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from server.tracking.memory_bank import BankState, MemoryBank
-from server.tracking.selection import CandidateSelector, SamuraiConfig
+from server.sam2.samurai.memory_bank import BankState, MemoryBank
+from server.sam2.samurai.selection import CandidateSelector, SamuraiConfig
 
 __all__ = [
     "FORMAT_VERSION",

@@ -9,7 +9,7 @@ import numpy as np
 
 from framewise.v1 import common_pb2
 from server.errors import InvalidInput
-from server.pipelines import sam2_contract as sam2
+from server.sam2 import contract as sam2
 
 
 # Points per object prompt. SAM 2 is trained with up to about a dozen clicks; a cap keeps one

@@ -27,20 +27,21 @@ from server.jobs.engine.context import JobContext
 from server.jobs.engine.failures import JobFailure
 from server.jobs.files.durable import private_temp_name
 from server.media.video_reader import UnreadableVideo, VideoInfo, read_frames
-from server.pipelines.prompts import ObjectPrompt
-from server.pipelines.tracking import FrameOutcome, TrackingEngine, TrackingSession
-from server.tracking import SamuraiConfig
+from server.sam2.prompts import ObjectPrompt
+from server.sam2.samurai import SamuraiConfig
+from server.sam2.session import TrackingSession
+from server.sam2.video_predictor import FrameOutcome, VideoPredictor
 
-__all__ = ["TRACKS_FILE", "Tracker", "TrackerSettings", "decode_frames"]
+__all__ = ["TRACKS_FILE", "Propagation", "PropagationSettings", "decode_frames"]
 
 TRACKS_FILE = "tracks.jsonl"
 
 
-class TrackerSettings(Protocol):
+class PropagationSettings(Protocol):
     """What the tracking stage reads from its job kind's settings (SegmentVideoJob has them)."""
 
     @property
-    def tracking(self) -> TrackingEngine: ...
+    def video_predictor(self) -> VideoPredictor: ...
 
     @property
     def frame_timeout_s(self) -> float: ...
@@ -52,12 +53,12 @@ class TrackerSettings(Protocol):
     def reverse_buffer_bytes(self) -> int: ...
 
 
-class Tracker:
+class Propagation:
     """One run of the TRACKING stage: two sessions, progress accounting, tracks lines."""
 
     def __init__(
         self,
-        settings: TrackerSettings,
+        settings: PropagationSettings,
         ctx: JobContext,
         video: VideoInfo,
         plan: list[int],
@@ -134,7 +135,7 @@ class Tracker:
             )
         )
         prompts = [self.prompt] if prompted else []
-        return await self.settings.tracking.step(
+        return await self.settings.video_predictor.step(
             session, None, image, prompts, [], timeout_s=self.settings.frame_timeout_s
         )
 
@@ -196,7 +197,7 @@ def _merge_tracks(backward: Path, forward: Path, dest: Path) -> int:
 
 @contextlib.asynccontextmanager
 async def _tracking_failures() -> AsyncIterator[None]:
-    """Tracking errors as job failures: a prompt or frame the engine rejects is permanent;
+    """Tracking errors as job failures: a prompt or frame the video predictor rejects is permanent;
     Triton unavailable, a deadline or an interrupted call are recoverable (the stage runs
     again, from its start, in fresh sessions)."""
     try:

@@ -1,15 +1,15 @@
-"""SAMURAI over the SAM 2 parts: the stateful driver that strings the model calls together.
+"""SAMURAI over the SAM 2 parts: the stateful driver that strings the model calls together
+(SAM 2's ``sam2_video_predictor``, one frame at a time, several objects).
 
-Per frame (like sam2_video_predictor, one frame at a time, several objects):
-  encode the frame once -> per object: memory attention (not on its prompt frame) -> mask
-  decoder (all candidates) -> SAMURAI candidate selection (server.tracking) -> memory encoder on
-  the chosen mask -> memory bank update -> mask at the frame's resolution as COCO RLE.
+Per frame: encode the frame once -> per object: memory attention (not on its prompt frame) ->
+mask decoder (all candidates) -> SAMURAI candidate selection (server.sam2.samurai) -> memory
+encoder on the chosen mask -> memory bank update -> mask at the frame's resolution as COCO RLE.
 The chains encoder -> attention -> decoder run inside Triton as ensembles
 (engines/sam2_steps.py): a frame with one tracked object takes two round trips (sam2_frame_step,
 memory encoder); with several objects, the frame is encoded once and each object takes
 sam2_track_step (or the decoder alone on its prompt frame) and the memory encoder, the objects
-concurrently. The tracking maths lives in server.tracking (pure numpy); this module only moves
-tensors.
+concurrently. The tracking maths lives in server.sam2.samurai (pure numpy), the calls themselves
+in frame_calls.py, the state between frames in session.py; this module decides what goes where.
 """
 
 from __future__ import annotations
@@ -17,62 +17,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-import cv2
 import grpc
 import numpy as np
 
 from framewise.v1 import common_pb2
-from server.auth.principal import DEFAULT_TENANT
 from server.errors import InvalidInput, ServiceError, TooLarge
-from server.pipelines import sam2_contract as sam2
-from server.pipelines.prompts import ObjectPrompt, check_inside, prompt_tensors
-from server.pipelines.sam2_contract import Sam2Contract
-from server.tracking import CandidateSelector, MemoryBank, SamuraiConfig
+from server.sam2 import contract as sam2
+from server.sam2.contract import Sam2Contract
+from server.sam2.frame_calls import INLINE_FRAME_PIXELS, FrameCalls, ResizedFrame, memory_rows, numpy_dtype
+from server.sam2.masks import mask_at_resolution
+from server.sam2.prompts import ObjectPrompt, check_inside, prompt_tensors
+from server.sam2.samurai import CandidateSelector, MemoryBank
+from server.sam2.session import TrackedObject, TrackingSession
 from server.triton.monitor import TritonMonitor
 from server.triton.runner import Held, InferenceRunner, Input, Tensor
 from server.vision.image_decode import DecodedImage, decode_image
 from server.vision.image_header import read_header
-from server.vision.masks import mask_at_resolution
 
 # Scale of a prompt frame's mask logits on their way to the memory encoder (see _track): a
 # pixel stays non-binary only where |upsampled logit| < ~17.5 / gain.
 PROMPT_MEMORY_LOGIT_GAIN = np.float32(1e6)
-
-
-@dataclass
-class TrackedObject:
-    object_id: int
-    selector: CandidateSelector
-    bank: MemoryBank
-    # ids of the memories as last sent to memory attention, row by row (see memory_rows), and
-    # the shared-memory slot per model they went to: the object asks for the same slot again.
-    sent_memories: list[int] = field(default_factory=list)
-    slots: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class TrackingSession:
-    """Everything one video's tracking needs between frames."""
-
-    config: SamuraiConfig
-    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    width: int = 0
-    height: int = 0
-    next_frame_index: int = 0
-    objects: dict[int, TrackedObject] = field(default_factory=dict)
-    last_active: float = field(default_factory=time.monotonic)
-    # One stream at a time drives a session.
-    attached: bool = False
-    # The tenant that opened it (server.auth.principal.Principal.tenant): only it can resume it.
-    # Not part of the handed-off snapshot: the handoff store keys the state by tenant instead.
-    tenant: str = DEFAULT_TENANT
-
-    def memory_bytes(self) -> int:
-        return sum(o.bank.nbytes() for o in self.objects.values())
 
 
 @dataclass(frozen=True)
@@ -89,13 +56,17 @@ class ObjectOutcome:
 
 @dataclass(frozen=True)
 class FrameOutcome:
+    """What ``VideoPredictor.step`` returns for one frame (the session keeps none of it)."""
+
     frame_index: int
     objects: list[ObjectOutcome]
     timings_ms: dict[str, float]
     triton_bytes: int
 
 
-class TrackingEngine:
+class VideoPredictor:
+    """Tracks the objects of a TrackingSession frame by frame (``step``)."""
+
     def __init__(self, runner: InferenceRunner, monitor: TritonMonitor, *, max_pixels: int, max_objects: int = 16) -> None:
         self.runner = runner
         self.monitor = monitor
@@ -160,7 +131,7 @@ class TrackingEngine:
         contract: Sam2Contract,
         started: float,
         timeout_s: float | None,
-    ) -> tuple[list[ObjectOutcome], _Calls]:
+    ) -> tuple[list[ObjectOutcome], FrameCalls]:
         for object_id in removals:
             del session.objects[object_id]
         prompted = {p.object_id: p for p in prompts}
@@ -173,7 +144,7 @@ class TrackingEngine:
                 )
         session.width, session.height = decoded.width, decoded.height
 
-        calls = _Calls(self.runner, contract, started, timeout_s)
+        calls = FrameCalls(self.runner, contract, started, timeout_s)
         return await self._track(session, index, decoded, frame, prompted, contract, calls), calls
 
     def _validate(
@@ -234,7 +205,7 @@ class TrackingEngine:
         frame: ResizedFrame,  # the encoder's image input
         prompted: dict[int, ObjectPrompt],
         contract: Sam2Contract,
-        calls: _Calls,
+        calls: FrameCalls,
     ) -> list[ObjectOutcome]:
         size = contract.image_size
         ids = sorted(session.objects)
@@ -291,7 +262,7 @@ class TrackingEngine:
             outcomes = []
             for object_id in ids:
                 choice = chosen[object_id]
-                if decoded.width * decoded.height <= _INLINE_MASK_PIXELS:
+                if decoded.width * decoded.height <= INLINE_FRAME_PIXELS:
                     mask, box = mask_at_resolution(choice.mask_logits, decoded.width, decoded.height)
                 else:
                     mask, box = await asyncio.to_thread(mask_at_resolution, choice.mask_logits, decoded.width, decoded.height)
@@ -340,10 +311,10 @@ class TrackingEngine:
         return _Choice(index, float(ious[index]), score, selection.present, selection.kalman_selected,
                        selection.kf_score, mask_logits, mask_input, pointer)
 
-    def _memory_inputs(self, obj: TrackedObject, index: int, calls: _Calls, pointers_input: str) -> dict[str, Input]:
+    def _memory_inputs(self, obj: TrackedObject, index: int, calls: FrameCalls, pointers_input: str) -> dict[str, Input]:
         selection = obj.bank.select_for(index)
         attention = calls.contract.specs[sam2.MEMORY_ATTENTION]
-        memory_dtype = _numpy_dtype(attention.input("memory_feats").datatype)
+        memory_dtype = numpy_dtype(attention.input("memory_feats").datatype)
         memories = [m.astype(memory_dtype, copy=False) for m in selection.memories]
         rows = memory_rows(obj.sent_memories, memories)
         obj.sent_memories = [id(memories[i]) for i in rows]
@@ -357,7 +328,7 @@ class TrackingEngine:
             "obj_ptr_tdiff": np.asarray(selection.obj_ptr_tdiff, dtype=np.int32),
         }
 
-    async def _encode_memory(self, vision_feat: Tensor, mask_logits: Tensor, score: float, calls: _Calls) -> np.ndarray:
+    async def _encode_memory(self, vision_feat: Tensor, mask_logits: Tensor, score: float, calls: FrameCalls) -> np.ndarray:
         inputs = {
             "vision_feat": vision_feat,
             "mask_logits": mask_logits,
@@ -390,28 +361,11 @@ def _checkpoint(session: TrackingSession) -> Callable[[], None]:
     return restore
 
 
-def memory_rows(sent: list[int], memories: list[np.ndarray]) -> list[int]:
-    """The order (indices into ``memories``) to send this frame's memories in: a memory sent on the
-    previous frame at a row that still exists keeps that row; the others fill the free rows in
-    the bank's order.
-
-    Memory attention attends over all memories at once, each marked by its own temporal
-    encoding row (memory_tpos), so the order of the memories does not change its result. A
-    stable order lets the runner skip writing the memories the request slot already holds: from
-    one frame to the next, one memory changes, and 0.5 MiB is written instead of 3.5 MiB."""
-    where = {id(m): i for i, m in enumerate(memories)}
-    rows: list[int | None] = [where.get(key) for key in sent[: len(memories)]]
-    rows += [None] * (len(memories) - len(rows))
-    placed = {i for i in rows if i is not None}
-    free = iter(i for i in range(len(memories)) if i not in placed)
-    return [next(free) if i is None else i for i in rows]
-
-
 _CANDIDATE_OUTPUTS = ("masks", "iou_scores", "obj_ptrs", "object_score_logits")
 
 
 def _small_frame(image: common_pb2.Image) -> bool:
-    """Whether the frame is small enough (by its header, <= _INLINE_MASK_PIXELS) to decode on the
+    """Whether the frame is small enough (by its header, <= INLINE_FRAME_PIXELS) to decode on the
     event loop: a 360x240 JPEG takes about 0.2 ms, about what the thread hop costs under load."""
     if image.WhichOneof("source") == "raw":
         width, height = image.raw.width, image.raw.height
@@ -420,10 +374,7 @@ def _small_frame(image: common_pb2.Image) -> bool:
         if header is None or header.width is None or header.height is None:
             return False  # decode_image in a thread reports what is wrong with it
         width, height = header.width, header.height
-    return 0 < width * height <= _INLINE_MASK_PIXELS
-# Frames up to this size get their mask upsampled and RLE-encoded on the event loop (about
-# 0.2 ms at 360x240): a thread hop would cost about as much. Larger frames go to a thread.
-_INLINE_MASK_PIXELS = 640 * 480
+    return 0 < width * height <= INLINE_FRAME_PIXELS
 
 
 async def _each(ids: list[int], call: Callable[[int], Awaitable[None]]) -> None:
@@ -453,82 +404,3 @@ class _Choice:
     mask_logits: np.ndarray  # low-res logits of the chosen candidate (NO_OBJ_SCORE when absent)
     mask_input: Tensor  # what the memory encoder gets for it
     pointer: np.ndarray
-
-
-class _Calls:
-    """Model calls of one frame: the deadline they share, their time and the bytes they move."""
-
-    def __init__(self, runner: InferenceRunner, contract: Sam2Contract, started: float, timeout_s: float | None) -> None:
-        self.runner = runner
-        self.contract = contract
-        self.deadline = None if timeout_s is None else started + timeout_s
-        self._held: list[Held] = []
-        # (start, end) of every Triton call; objects' calls overlap, so their time is the union.
-        self._intervals: list[tuple[float, float]] = []
-
-    @property
-    def triton_s(self) -> float:
-        total, reach = 0.0, float("-inf")
-        for start, end in sorted(self._intervals):
-            if end > reach:
-                total += end - max(start, reach)
-                reach = end
-        return total
-
-    @property
-    def bytes_moved(self) -> int:
-        """Bytes the orchestrator wrote to or read from Triton's side this frame; tensors passed
-        by reference between models do not count, they never left shared memory."""
-        return sum(h.bytes_moved for h in self._held)
-
-    @contextlib.asynccontextmanager
-    async def hold(
-        self, model: str, inputs: dict[str, Input], outputs: list[str], obj: TrackedObject | None = None
-    ) -> AsyncIterator[Held]:
-        """One call; ``obj``: the object whose memories it carries, sent to the slot it used last."""
-        remaining = None if self.deadline is None else self.deadline - time.perf_counter()
-        async with self.runner.hold(
-            self.contract.specs[model], inputs, outputs, timeout_s=remaining, max_shapes=self.contract.shm_max_shapes(model),
-            prefer_slot=None if obj is None else obj.slots.get(model),
-        ) as held:
-            if obj is not None and held.slot is not None:
-                obj.slots[model] = held.slot
-            now = time.perf_counter()
-            self._intervals.append((now - held.triton_s, now))
-            self._held.append(held)
-            yield held
-
-
-@dataclass(frozen=True)
-class ResizedFrame:
-    """The encoder's ``image`` input [1, S, S, 3] uint8: the RGB frame bilinearly resized to S x S
-    (SAM 2 resizes without keeping the aspect ratio), computed straight into the request (a
-    runner ``Fill``)."""
-
-    rgb: np.ndarray  # H x W x 3 uint8
-    size: int
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (1, self.size, self.size, 3)
-
-    @property
-    def dtype(self) -> np.dtype:
-        return np.dtype(np.uint8)
-
-    @property
-    def offload(self) -> bool:
-        # A 360x240 frame resizes in ~0.4 ms: less than a thread hop costs under load. A 1080p
-        # or 4K frame takes milliseconds, which the event loop should not spend.
-        return self.rgb.shape[0] * self.rgb.shape[1] > _INLINE_MASK_PIXELS
-
-    def write_into(self, out: np.ndarray) -> None:
-        resized = cv2.resize(self.rgb, (self.size, self.size), dst=out[0], interpolation=cv2.INTER_LINEAR)
-        if not np.shares_memory(resized, out):  # cv2 allocates when dst does not suit it
-            out[0] = resized
-
-
-def _numpy_dtype(datatype: str) -> type:
-    return {"FP16": np.float16, "FP32": np.float32}[datatype]
-
-

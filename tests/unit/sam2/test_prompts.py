@@ -1,4 +1,4 @@
-"""Box and point prompts (server/pipelines/prompts.py): what is refused, and how it is said."""
+"""Box and point prompts (server/sam2/prompts.py): what is refused, and how it is said."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from framewise.v1 import common_pb2
 from server.errors import InvalidInput
-from server.pipelines.prompts import MAX_POINTS, ObjectPrompt, check_inside, prompt_from_proto
+from server.sam2.prompts import MAX_POINTS, ObjectPrompt, check_inside, prompt_from_proto
 
 
 def point(x: float, y: float, positive: bool = True) -> common_pb2.PointPrompt:
