@@ -154,7 +154,8 @@ parity: export-env system-deps
 # frames/s, p50, Triton per-part time, peak PSS, mask parity (bench/results/real_sam2.{json,md}; method in
 # bench/README.md). The bench, Triton and the orchestrator run in .venv; the reference and the export in
 # .venv-export. Short by default (8 frames per side per round, 2 rounds, ~25 minutes on 2 cores); the full
-# run: make bench-real BENCH_REAL_ARGS="--frames 40 --rounds 3".
+# run: make bench-real BENCH_REAL_ARGS="--frames 40 --rounds 3"; at S = 512 (both sides):
+# make bench-real BENCH_REAL_ARGS="--image-size 512".
 BENCH_REAL_ARGS ?=
 bench-real: install export-env
 	$(PY) bench/real_sam2_bench.py --reference-python $(PY_EXPORT) --output bench/results $(BENCH_REAL_ARGS)
