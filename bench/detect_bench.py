@@ -8,6 +8,10 @@ ways to get the person boxes of one JPEG, at each concurrency (bench/README.md e
   triton_client_side  what a user writes without us: decode + letterbox + infer + decode/NMS in the
                       client process, with the server's own functions
   orchestrator        framewise.v1.VisionService/Detect with the JPEG bytes
+  in_process          no server at all: decode + letterbox + an ONNX Runtime session with its default
+                      options (every core) on the same model file + decode/NMS, in the bench process; at the
+                      lowest concurrency only (the issue's "fast alone" regime: Framewise's p50 there within
+                      1.1x of it)
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from server.vision.yolo import decode_yolov8
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "yolov8"
-PATHS = ("triton_raw", "triton_client_side", "orchestrator")
+PATHS = ("triton_raw", "triton_client_side", "orchestrator", "in_process")
+IN_PROCESS = "in_process"  # measured at the lowest concurrency only
+TARGET_IN_PROCESS_RATIO = 1.1  # orchestrator p50 / in-process p50 at the lowest concurrency
 EXPECTED_PERSONS = 4  # in bus.jpg; checked on every response
 TARGET_ADDED_P50_MS, TARGET_THROUGHPUT_RATIO = 2.0, 0.9
 AGGREGATION = ("per concurrency the three paths run back to back, in reverse order every other round; latency "
@@ -64,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated closed-loop worker counts")
     p.add_argument("--warmup", type=int, default=8, help="unmeasured requests per path before the sweep")
     p.add_argument("--quick", action="store_true", help="smoke run: 6 requests per cell, 1 round")
+    p.add_argument("--name", default="detect", help="results file name in --output (default detect)")
     p.add_argument("--triton-shm", choices=("on", "off"), default="on",
                    help="orchestrator -> Triton tensors through shared memory (on, as the managed default) or gRPC")
     p.add_argument("--orchestrator-env", action="append", default=[], metavar="KEY=VALUE",
@@ -194,8 +201,9 @@ def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
 class Paths:
     """One coroutine per path; each returns (persons found or None, stage timings in ms)."""
 
-    def __init__(self, triton: triton_aio.InferenceServerClient, channel: grpc.aio.Channel, jpeg: bytes, config):
-        self.triton, self.jpeg = triton, jpeg
+    def __init__(self, triton: triton_aio.InferenceServerClient, channel: grpc.aio.Channel, jpeg: bytes, config,
+                 session) -> None:  # noqa: ANN001 - an onnxruntime.InferenceSession
+        self.triton, self.jpeg, self.session = triton, jpeg, session
         self.detect = vision_service_pb2_grpc.VisionServiceStub(channel).Detect
         self.request = vision_service_pb2.DetectRequest(image=common_pb2.Image(encoded=jpeg))
         self.input_name, self.output_name = config.input[0].name, config.output[0].name
@@ -239,6 +247,19 @@ class Paths:
         output = await self.infer(canvas)
         t2 = time.perf_counter()
         persons = await asyncio.to_thread(self.count_persons, output, rgb, mapping)
+        t3 = time.perf_counter()
+        return persons, {**timings, "triton": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
+
+    async def in_process(self) -> tuple[int | None, dict[str, float]]:
+        return await asyncio.to_thread(self._in_process)
+
+    def _in_process(self) -> tuple[int | None, dict[str, float]]:
+        t0 = time.perf_counter()
+        rgb, canvas, mapping, timings = self._prepare()
+        t1 = time.perf_counter()
+        (output,) = self.session.run([self.output_name], {self.input_name: canvas[None]})
+        t2 = time.perf_counter()
+        persons = self.count_persons(output[0], rgb, mapping)
         t3 = time.perf_counter()
         return persons, {**timings, "triton": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
 
@@ -334,6 +355,15 @@ def derive(summary: dict, low: int, high: int) -> dict:
             "added_p50_target_met": lat is not None and lat <= TARGET_ADDED_P50_MS,
             "throughput_target_met": tput is not None and tput >= TARGET_THROUGHPUT_RATIO,
         }
+    alone, ours = summary[IN_PROCESS].get(low), summary["orchestrator"][low]
+    if alone is not None and alone["p50_ms"] and ours["p50_ms"]:
+        ratio_alone = round(ours["p50_ms"] / alone["p50_ms"], 3)
+        result[IN_PROCESS] = {
+            "p50_ratio": ratio_alone,
+            "p50_ratio_per_round": [round(o["p50_ms"] / b["p50_ms"], 3) if o["p50_ms"] and b["p50_ms"] else None
+                                    for o, b in zip(ours["per_round"], alone["per_round"])],
+            "p50_ratio_target_met": ratio_alone <= TARGET_IN_PROCESS_RATIO,
+        }
     return result
 
 
@@ -362,17 +392,22 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict:
     channel = grpc.aio.insecure_channel(stack.address, options=GRPC_LIMITS)
     try:
         config = (await triton.get_model_config(MODEL)).config
-        paths = Paths(triton, channel, jpeg, config)
+        import onnxruntime as ort  # the in-process baseline: ONNX Runtime's defaults, as a user would write it
+
+        session = ort.InferenceSession(str(args.repository / MODEL / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+        paths = Paths(triton, channel, jpeg, config, session)
         persons = paths.count_persons(await paths.infer(paths.canvas))  # triton_raw's answer, checked once
         if persons != EXPECTED_PERSONS:
             raise RuntimeError(f"Triton found {persons} persons in {args.image}, expected {EXPECTED_PERSONS}")
         for name in PATHS:
-            await closed_loop(getattr(paths, name), args.warmup, min(4, max(args.concurrency)))
+            await closed_loop(getattr(paths, name), args.warmup, 1 if name == IN_PROCESS else min(4, max(args.concurrency)))
         cells: dict[tuple[str, int], list[dict]] = {}
         for rnd in range(args.rounds):
             # Paths back to back, reversed every other round: drift on a noisy machine hits all alike.
             for conc in args.concurrency:
                 for name in PATHS if rnd % 2 == 0 else PATHS[::-1]:
+                    if name == IN_PROCESS and conc != args.concurrency[0]:
+                        continue
                     before, cpu_before = await triton_counters(triton), cpu_seconds(pids)
                     cell = await closed_loop(getattr(paths, name), args.requests, conc)
                     after, cpu_after = await triton_counters(triton), cpu_seconds(pids)
@@ -387,7 +422,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict:
         await channel.close()
         await triton.close()
 
-    summary = {name: {c: summarize(cells[(name, c)]) for c in args.concurrency} for name in PATHS}
+    summary = {name: {c: summarize(cells[(name, c)]) for c in args.concurrency if (name, c) in cells} for name in PATHS}
     low, high = args.concurrency[0], args.concurrency[-1]
     return {
         "environment": {
@@ -401,6 +436,7 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict:
         "method": {"requests_per_cell_per_round": args.requests, "rounds": args.rounds, "warmup": args.warmup,
                    "concurrency": args.concurrency, "aggregation": AGGREGATION},
         "targets": {"added_p50_ms_max": TARGET_ADDED_P50_MS, "throughput_ratio_min": TARGET_THROUGHPUT_RATIO,
+                    "in_process_p50_ratio_max": TARGET_IN_PROCESS_RATIO,
                     "low_concurrency": low, "high_concurrency": high},
         "derived": derive(summary, low, high),
         "summary": {name: {str(c): s for c, s in per.items()} for name, per in summary.items()},
@@ -420,7 +456,7 @@ def _verdict(met: bool) -> str:
 def markdown(report: dict) -> str:
     env, t, m, summary = report["environment"], report["targets"], report["method"], report["summary"]
     low, high, conc = t["low_concurrency"], t["high_concurrency"], m["concurrency"]
-    cells = [(name, c, summary[name][str(c)]) for c in conc for name in PATHS]
+    cells = [(name, c, summary[name][str(c)]) for c in conc for name in PATHS if str(c) in summary[name]]
     lines = [
         "# Detection benchmark", "",
         f"{env['date']}; commit {env['git_commit']}{' + changes' * env['git_uncommitted_server_changes']}; "
@@ -447,8 +483,14 @@ def markdown(report: dict) -> str:
                  "per round", "target"],
                 [[base, d["added_p50_ms"], d["added_p50_ms_per_round"], _verdict(d["added_p50_target_met"]),
                   d["throughput_ratio"], d["throughput_ratio_per_round"], _verdict(d["throughput_target_met"])]
-                 for base, d in report["derived"].items()]),
+                 for base, d in report["derived"].items() if base != IN_PROCESS]),
     ]
+    alone = report["derived"].get(IN_PROCESS)
+    if alone is not None:
+        lines += [f"Against in-process ONNX Runtime (default options, every core; decode, letterbox and NMS included) "
+                  f"at c={low}: orchestrator p50 / in-process p50 = {alone['p50_ratio']} (per round "
+                  f"{alone['p50_ratio_per_round']}; target <= {t['in_process_p50_ratio_max']}: "
+                  f"{_verdict(alone['p50_ratio_target_met'])}).", ""]
     bad = [f"{n}@c{c}: {s['first_error']}" for n, c, s in cells if s["errors"]]
     lines.append(f"Sanity FAILED (errors, including wrong person counts): {'; '.join(bad)}" if bad
                  else f"Sanity: no errors; every checked response found {EXPECTED_PERSONS} persons.")
@@ -468,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             report = asyncio.run(run(args, stack))
     except KeyboardInterrupt:
         return 130
-    write_report(args.output, "detect", report, markdown(report))
+    write_report(args.output, args.name, report, markdown(report))
     return 0
 
 

@@ -64,7 +64,7 @@ def test_export_report_has_every_check_passing(exported):
 def test_cpu_repository_serves_the_export(exported, tmp_path):
     repository = tmp_path / "repo"
     run = _build_engines("--target", "cpu", "--sam2-onnx-dir", str(exported), "--sam2-image-size", str(SIZE),
-                         "--output", str(repository), timeout=120)
+                         "--sam2-precision", "f32", "--output", str(repository), timeout=120)
     assert run.returncode == 0, run.stderr
     for name in PARTS:
         served = repository / name / "1" / "model.onnx"
@@ -78,6 +78,22 @@ def test_cpu_repository_serves_the_export(exported, tmp_path):
             assert served.read_bytes() == (exported / f"{name}.onnx").read_bytes()
         assert f'key: "image_size" value {{ string_value: "{SIZE}" }}' in config
         assert "SAM 2.1 hiera-tiny (random weights)" in config
+
+
+def test_cpu_repository_in_bf16_serves_the_heavy_parts_on_openvino(exported, tmp_path):
+    repository = tmp_path / "repo"
+    run = _build_engines("--target", "cpu", "--sam2-onnx-dir", str(exported), "--sam2-image-size", str(SIZE),
+                         "--sam2-precision", "bf16", "--output", str(repository), timeout=120)
+    assert run.returncode == 0, run.stderr
+    for name in PARTS:
+        config = (repository / name / "config.pbtxt").read_text()
+        heavy = name in ("sam2_image_encoder", "sam2_memory_attention")
+        runtime, precision = ("openvino", "bf16") if heavy else ("onnxruntime", "f32")
+        assert f'key: "runtime" value {{ string_value: "{runtime}" }}' in config, name
+        assert f'key: "inference_precision" value {{ string_value: "{precision}" }}' in config, name
+        # Every part is the export as it is: OpenVINO gets the memory attention unfused (the fused op
+        # is ONNX Runtime's own), and only that part is ever rewritten.
+        assert (repository / name / "1" / "model.onnx").read_bytes() == (exported / f"{name}.onnx").read_bytes()
 
 
 def test_cpu_repository_refuses_the_export_at_another_size(exported, tmp_path):
