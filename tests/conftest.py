@@ -18,8 +18,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-import httpx
+from server.processes import no_grpc_fork_handlers  # no gRPC in it
+
+# Before gRPC loads, as `python -m server` does: tests start Triton in this process with
+# ManagedTriton (a preexec_fn, so fork), and with gRPC's fork handlers on, a child forked while
+# this process has gRPC calls in flight can die before exec (server/processes.py).
+no_grpc_fork_handlers()
+
+import grpc  # noqa: E402
+import httpx  # noqa: E402
 import pytest
 from google.longrunning import operations_pb2_grpc
 from google.rpc import error_details_pb2

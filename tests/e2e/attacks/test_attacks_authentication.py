@@ -17,6 +17,7 @@ import grpc
 import pytest
 from google.longrunning import operations_pb2
 
+from server.auth.keys import KEY_LENGTH, KEY_PREFIX, parse_key
 from tests.e2e.attacks.conftest import ALL_BUT
 from tests.e2e.attacks.secure_server import (
     KEY_CACHE_TTL_S,
@@ -239,5 +240,17 @@ def test_refusals_are_audited_and_no_secret_reaches_the_log(secure: SecureServer
     assert all(r.get("method") and r.get("peer") for r in failures)
     for secret in [forged, token, *(k["key"] for k in secure.keys.values())]:
         assert secret not in text
-        assert secret.rsplit("_", 1)[-1] not in text  # not even the secret part of a key
+        assert _secret_part(secret) not in text  # not even the secret part of a key, or a token's signature
     assert_serves(secure, tls)
+
+
+# fwk_ + 12 hex characters of key id + "_": the rest of a key is its secret.
+KEY_SECRET_CHARS = KEY_LENGTH - len(KEY_PREFIX) - 12 - 1
+
+
+def _secret_part(credential: str) -> str:
+    """What must never be logged: a key's random part (``fwk_<id>_<43 characters>``, which may
+    themselves contain "_"), or a JWT's signature."""
+    if parse_key(credential) is not None:
+        return credential[-KEY_SECRET_CHARS:]
+    return credential.rsplit(".", 1)[-1]
