@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     kept = " (kept across restarts)" if args.state_dir is not None else ""
     print(f"D-ID emulator listening on {handle.url} (storage {handle.storage}{kept})", flush=True)
     try:
-        stop.wait()
+        # With a timeout, not a bare wait(): the kernel may deliver SIGTERM to any thread (the
+        # server's, a render's), and Python runs the handler only when the main thread next runs
+        # bytecode; a main thread blocked in an untimed lock wait never does, and the process never
+        # stops (seen: one left running for hours after a test's SIGTERM).
+        while not stop.wait(timeout=0.5):
+            pass
     finally:
         handle.stop()
     return 0

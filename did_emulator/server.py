@@ -45,8 +45,7 @@ class EmulatorHandle:
 
     def stop(self, render_timeout_s: float = 30.0) -> None:
         """Stop serving, then let the talks being rendered finish (up to ``render_timeout_s``): a
-        render cut short by the process exiting leaves a truncated mp4 and, inside ffmpeg at
-        interpreter shutdown, can keep the process from exiting at all."""
+        render cut short by the process exiting leaves a truncated mp4 behind."""
         self.server.stopping.set()
         self.server.shutdown()
         self.server.server_close()

@@ -121,7 +121,7 @@ class EmulatorState:
         # Serialises the writes of state.json, so the last snapshot taken is the last written.
         self._save_lock = threading.Lock()
         # Renders still running (daemon threads encoding an mp4 with PyAV): stop() waits for them,
-        # so the process never finalises the interpreter while one is inside ffmpeg.
+        # so a stop does not leave a half-written result behind.
         self._renders: set[threading.Thread] = set()
         self._reset_locked()
         if persist:

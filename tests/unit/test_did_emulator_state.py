@@ -6,8 +6,10 @@ killed and run again)."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -23,6 +25,8 @@ from server.did import DIDClient, DIDError
 from tests.unit.test_did import API_KEY, IMAGE, tone_wav, upload_both
 
 ROOT = Path(__file__).resolve().parents[2]
+# tgkill(2), a signal to one thread of a process: its syscall number per Linux architecture.
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}[platform.machine()]
 
 
 def client(url: str) -> DIDClient:
@@ -196,3 +200,22 @@ async def test_the_command_keeps_state_across_a_kill_9_by_flag_or_environment(tm
         assert post_talk(url, image_url, audio_url).status_code == 201
     finally:
         _stop(process, signal.SIGTERM)
+
+
+def test_the_command_stops_on_a_sigterm_delivered_to_another_thread(tmp_path: Path) -> None:
+    """The kernel may hand a process's SIGTERM to any of its threads; the emulator must stop
+    whichever gets it. Sent here with tgkill to a thread that is not the main one (the HTTP
+    server's), which is what left an emulator running for hours when its main thread waited on an
+    untimed lock."""
+    process, url = _run_emulator([], {k: v for k, v in os.environ.items() if k != STATE_DIR_ENV})
+    try:
+        assert httpx.get(f"{url}/talks", headers={"Authorization": f"Basic {API_KEY}"}, timeout=5).status_code == 200
+        others = [int(tid) for tid in os.listdir(f"/proc/{process.pid}/task") if int(tid) != process.pid]
+        assert others, "the emulator runs its HTTP server in a thread of its own"
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(SYS_TGKILL, process.pid, others[0], signal.SIGTERM) == 0, ctypes.get_errno()
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
