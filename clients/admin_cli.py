@@ -29,6 +29,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from clients import admin_quotas
+from clients.admin_store import add_store_options
 
 __all__ = ["add_parser", "parse_duration"]
 
@@ -58,32 +59,20 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     create.add_argument("--scope", action="append", choices=SCOPES, metavar="SCOPE",
                         help=f"a scope the key grants, repeatable: {', '.join(SCOPES)} (default: all but admin)")
     create.add_argument("--expires-in", metavar="DURATION", help="e.g. 90d, 12h, 30m (default: never)")
-    _common(create)
+    add_store_options(create)
     create.set_defaults(run=_create)
 
     list_ = key_commands.add_parser("list", help="every key (of one tenant): id, tenant, scopes, times; never the key")
     list_.add_argument("--tenant", help="only this tenant's keys")
-    _common(list_)
+    add_store_options(list_)
     list_.set_defaults(run=_list)
 
     revoke = key_commands.add_parser("revoke", help="revoke a key for good, on every replica")
     revoke.add_argument("key_id", help="the id `keys list` shows (the 12 hex characters after fwk_)")
-    _common(revoke)
+    add_store_options(revoke)
     revoke.set_defaults(run=_revoke)
 
     admin_quotas.add_parser(groups)
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--job-store", default=_default_store(),
-                   help="the job store the servers use (FRAMEWISE_JOB_STORE; default: the one `make serve` uses)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-
-def _default_store() -> str:
-    from server.config import JobsConfig
-
-    return os.environ.get("FRAMEWISE_JOB_STORE") or JobsConfig().store
 
 
 def _audit_to_stderr() -> None:

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+
+from clients.admin_store import add_store_options
 
 if TYPE_CHECKING:
     from server.quotas.limits import QuotaConfig
@@ -46,21 +47,13 @@ def add_parser(admin_commands: argparse._SubParsersAction) -> None:  # type: ign
                       help="calls at once after a quiet spell, of one family; repeatable")
     set_.add_argument("--clear", action="append", default=[], metavar="QUOTA",
                       help=f"back to the default: one of {', '.join(QUOTA_NAMES)}, or all; repeatable")
-    _store_option(set_)
+    add_store_options(set_)
     set_.set_defaults(run=_set)
 
     show = commands.add_parser("show", help="a tenant's effective quotas and usage, or every override")
     show.add_argument("--tenant", help="the tenant (omitted: list every tenant's overrides)")
-    _store_option(show)
+    add_store_options(show)
     show.set_defaults(run=_show)
-
-
-def _store_option(p: argparse.ArgumentParser) -> None:
-    from server.config import JobsConfig
-
-    p.add_argument("--job-store", default=os.environ.get("FRAMEWISE_JOB_STORE") or JobsConfig().store,
-                   help="the job store the servers use (FRAMEWISE_JOB_STORE; default: the one `make serve` uses)")
-    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def _family_values(items: list[str], kind: str) -> dict[str, float]:

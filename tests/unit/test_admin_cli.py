@@ -118,12 +118,12 @@ def test_without_a_store_flag_it_uses_the_environment_then_the_serve_default(tmp
 
 
 def test_the_default_store_is_the_one_make_serve_uses(monkeypatch: pytest.MonkeyPatch) -> None:
-    from clients import admin_cli
+    from clients.admin_store import default_store  # what `admin keys` and `admin quotas` both use
 
     monkeypatch.delenv("FRAMEWISE_JOB_STORE", raising=False)
-    assert admin_cli._default_store() == JobsConfig().store
+    assert default_store() == JobsConfig().store
     monkeypatch.setenv("FRAMEWISE_JOB_STORE", "postgresql://db/jobs")
-    assert admin_cli._default_store() == "postgresql://db/jobs"
+    assert default_store() == "postgresql://db/jobs"
 
 
 def test_parse_duration() -> None:
