@@ -11,9 +11,14 @@ that matrix (its CPU kernel), for the same result to float rounding.
 
 ``fuse_attention`` finds the pattern and replaces it with: the query BNSH -> BSNH -> [B, S, N*H],
 MultiHeadAttention(query, key BNSH, value BNSH, num_heads, scale), and the output back to BNSH
-for whatever consumed the second MatMul. ``num_heads`` must be given (the export leaves the head
-count dynamic); the CPU repository builder checks the fused graph against the original on real
-inputs before serving it (engines/cpu_repository.py), so a wrong count cannot pass silently.
+for whatever consumed the second MatMul. Both Reshapes copy B and S from their input (shape
+entries 0), so the batch stays dynamic: the batching memory attention (one row per tracked object)
+is fused at any B, each row attending only to its own keys, as in the unfused graph. The key and
+value must have the query's B (MultiHeadAttention does not broadcast a batch of 1 as MatMul does);
+the memory attention export gives every row its own keys, so they do. ``num_heads`` must be
+given (the export leaves the head count dynamic); the CPU repository builder checks the fused
+graph against the original on real inputs before serving it (engines/cpu_repository.py), so a
+wrong count cannot pass silently.
 """
 
 from __future__ import annotations
@@ -105,6 +110,7 @@ def _fused_nodes(prefix: str, query: str, key: str, value: str, output: str, hea
 
     return [
         helper.make_node("Transpose", [query], [f"{prefix}/query_bsnh"], perm=[0, 2, 1, 3]),
+        # 0 = "this dim as it is": B and S stay whatever the call brings; only N*H is merged
         const("bsd", [0, 0, -1]),
         helper.make_node("Reshape", [f"{prefix}/query_bsnh", f"{prefix}/bsd"], [f"{prefix}/query"]),
         helper.make_node("MultiHeadAttention", [f"{prefix}/query", key, value], [f"{prefix}/attended"],

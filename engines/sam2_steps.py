@@ -7,14 +7,16 @@ itself. So the orchestrator calls:
 
 * ``sam2_frame_step`` (image + memories + prompt -> vision_feat + all candidates): a frame with
   one tracked object, in one round trip instead of three;
-* ``sam2_track_step`` (vision_feat + high-res features + memories + prompt -> candidates): one
-  more object on an already encoded frame, in one round trip instead of two, with the frame's
-  features passed by reference.
+* ``sam2_track_step`` (vision_feat + high-res features + memories + prompt -> candidates): the
+  objects of an already encoded frame, one per row of a batch (when the attention and the decoder
+  batch: rows of one call share the memory and pointer counts), in one round trip instead of two
+  per object.
 
 The selection (SAMURAI) and the memory encoder stay separate: the orchestrator decides which
 candidate becomes memory. The ensembles are pure configuration, generated from the parts'
 own configs (tensor names, dtypes, dims), so the CPU and the GPU repositories get the same
-contract. Batching parts get their batch dimension pinned to 1 (an ensemble step per object).
+contract. In ``sam2_frame_step`` the batching parts get their batch dimension pinned to 1 (one
+frame, one object).
 """
 
 from __future__ import annotations
@@ -67,9 +69,6 @@ def step_configs(parts: dict[str, mc.ModelConfig], parameters: dict[str, str] | 
     dec_in = _full_shape(parts[MASK_DECODER], parts[MASK_DECODER].input)
     dec_out = _full_shape(parts[MASK_DECODER], parts[MASK_DECODER].output)
 
-    memory_inputs = [_Tensor(name, att_in[part].data_type, att_in[part].dims) for name, part in _MEMORY_INPUTS.items()]
-    prompt_inputs = [dec_in["point_coords"], dec_in["point_labels"]]
-    decoder_outputs = [dec_out[name] for name in _DECODER_OUTPUTS]
     attention_step = _step(
         MEMORY_ATTENTION,
         {"vision_feat": "vision_feat", **{part: name for name, part in _MEMORY_INPUTS.items()}},
@@ -88,21 +87,40 @@ def step_configs(parts: dict[str, mc.ModelConfig], parameters: dict[str, str] | 
     )
     encoder_step = _step(IMAGE_ENCODER, {"image": "image"}, {name: name for name in enc_out})
 
+    def memory_inputs(attention: dict[str, _Tensor]) -> list[_Tensor]:
+        return [_Tensor(name, attention[part].data_type, attention[part].dims) for name, part in _MEMORY_INPUTS.items()]
+
     frame = _ensemble(
         FRAME_STEP,
-        inputs=[enc_in["image"], *memory_inputs, *prompt_inputs],
-        outputs=[enc_out["vision_feat"], *decoder_outputs],
+        max_batch_size=0,
+        inputs=[enc_in["image"], *memory_inputs(att_in), dec_in["point_coords"], dec_in["point_labels"]],
+        outputs=[enc_out["vision_feat"], *(dec_out[name] for name in _DECODER_OUTPUTS)],
         steps=[encoder_step, attention_step, decoder_step],
         parameters=parameters,
     )
+    # The objects of a frame (and, through the parts' dynamic batchers, of other sessions) go through
+    # attention and decoder as one batch, one object per row, when both parts batch.
+    rows = min(parts[MEMORY_ATTENTION].max_batch_size, parts[MASK_DECODER].max_batch_size)
+    if rows > 0:
+        enc_out, att_in, dec_in, dec_out = (
+            _row_shape(parts[IMAGE_ENCODER].output), _row_shape(parts[MEMORY_ATTENTION].input),
+            _row_shape(parts[MASK_DECODER].input), _row_shape(parts[MASK_DECODER].output),
+        )
     track = _ensemble(
         TRACK_STEP,
-        inputs=[enc_out["vision_feat"], enc_out["high_res_feat0"], enc_out["high_res_feat1"], *memory_inputs, *prompt_inputs],
-        outputs=decoder_outputs,
+        max_batch_size=max(rows, 0),
+        inputs=[enc_out["vision_feat"], enc_out["high_res_feat0"], enc_out["high_res_feat1"], *memory_inputs(att_in),
+                dec_in["point_coords"], dec_in["point_labels"]],
+        outputs=[dec_out[name] for name in _DECODER_OUTPUTS],
         steps=[attention_step, decoder_step],
         parameters=parameters,
     )
     return {FRAME_STEP: frame, TRACK_STEP: track}
+
+
+def _row_shape(tensors: object) -> dict[str, _Tensor]:
+    """The part's tensors as a batching ensemble declares them: one row, the batch left out."""
+    return {t.name: _Tensor(t.name, t.data_type, tuple(t.dims)) for t in tensors}  # type: ignore[attr-defined]
 
 
 def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> mc.ModelEnsembling.Step:
@@ -112,12 +130,13 @@ def _step(model: str, inputs: dict[str, str], outputs: dict[str, str]) -> mc.Mod
 def _ensemble(
     name: str,
     *,
+    max_batch_size: int,
     inputs: list[_Tensor],
     outputs: list[_Tensor],
     steps: list[mc.ModelEnsembling.Step],
     parameters: dict[str, str] | None,
 ) -> str:
-    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=0)
+    config = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
     config.input.extend(mc.ModelInput(name=t.name, data_type=t.data_type, dims=t.dims) for t in inputs)  # type: ignore[arg-type]
     config.output.extend(mc.ModelOutput(name=t.name, data_type=t.data_type, dims=t.dims) for t in outputs)  # type: ignore[arg-type]
     config.ensemble_scheduling.step.extend(steps)

@@ -50,19 +50,22 @@ DYNAMIC_RANGES: dict[str, dict[str, dict[int, tuple[int, int, int]]]] = {
     # prompt points per object: a box is 2 points, a box with a few clicks 3..6
     "sam2_mask_decoder": {"point_coords": {1: (1, 2, 64)}, "point_labels": {1: (1, 2, 64)}},
     # SAMURAI: prompt memory + 6 recent frames; prompt pointer + 15 recent ones
-    "sam2_memory_attention": {"memory_feats": {0: (1, 7, 7)}, "memory_tpos": {0: (1, 7, 7)},
-                              "obj_ptrs": {0: (1, 16, 16)}, "obj_ptr_tdiff": {0: (1, 16, 16)}},
+    # (axis 0 is the batch: one tracked object per row)
+    "sam2_memory_attention": {"memory_feats": {1: (1, 7, 7)}, "memory_tpos": {1: (1, 7, 7)},
+                              "obj_ptrs": {1: (1, 16, 16)}, "obj_ptr_tdiff": {1: (1, 16, 16)}},
 }
 RANGE_PARAMETERS = {
     ("sam2_mask_decoder", "point_coords", 1): "max_prompt_points",
     ("sam2_mask_decoder", "point_labels", 1): "max_prompt_points",
-    ("sam2_memory_attention", "memory_feats", 0): "max_memories",
-    ("sam2_memory_attention", "memory_tpos", 0): "max_memories",
-    ("sam2_memory_attention", "obj_ptrs", 0): "max_object_pointers",
-    ("sam2_memory_attention", "obj_ptr_tdiff", 0): "max_object_pointers",
+    ("sam2_memory_attention", "memory_feats", 1): "max_memories",
+    ("sam2_memory_attention", "memory_tpos", 1): "max_memories",
+    ("sam2_memory_attention", "obj_ptrs", 1): "max_object_pointers",
+    ("sam2_memory_attention", "obj_ptr_tdiff", 1): "max_object_pointers",
 }
 # Batch size the kernels are tuned for (the common case under load), per batching model.
-OPT_BATCH = {"yolov8": 4, "matting": 1, "sam2_image_encoder": 1, "sam2_mask_decoder": 2}
+# The SAM 2 per-object parts: a frame's objects, two in the common multi-object case.
+OPT_BATCH = {"yolov8": 4, "matting": 1, "sam2_image_encoder": 1, "sam2_mask_decoder": 2, "sam2_memory_attention": 2,
+             "sam2_memory_encoder": 2}
 WORKSPACE_BYTES = 2 << 30  # builder scratch; the T4 has 16 GB and the build runs alone
 
 _TRT_DTYPES = {"TYPE_FP32": "FLOAT", "TYPE_FP16": "HALF", "TYPE_UINT8": "UINT8", "TYPE_INT32": "INT32",

@@ -8,7 +8,8 @@
    installed ``sam2`` package (absolutely-not-samurai), samurai_mode on, default post-processing
    overrides, seeded random weights (torch.manual_seed(seed); no checkpoint exists here);
 2. the four SAM 2 parts exported from THAT model instance, each checked against its PyTorch code
-   path on random inputs (max abs / rel error per output);
+   path on random inputs (max abs / rel error per output; the batching memory attention and memory
+   encoder on 2 rows, each row against the single-object reference);
 3. the clip: the first ``--frames`` frames of ../shared/assets/sequences/Crossing, the first
    ground-truth box as the prompt on frame 0; the reference reads the JPEG folder itself
    (``init_state``: PIL resize to S x S, /255, ImageNet normalisation); our predictor gets the very
@@ -379,7 +380,8 @@ async def run_ours(repo: Path, work: Path, frames: list[np.ndarray], box: list[f
     def select(self, mask_logits, predicted_ious, object_score_logit):
         result = original_select(self, mask_logits, predicted_ious, object_score_logit)
         records.setdefault(current["frame"], {}).update(
-            candidates=int(np.asarray(mask_logits).shape[0]), index=result.index,
+            # the candidates are the last 3 dims [N,h,w]: however the caller slices its batch
+            candidates=int(np.asarray(mask_logits).shape[-3]), index=result.index,
             ious=[float(v) for v in np.asarray(predicted_ious).reshape(-1)], object_score=float(object_score_logit),
             predicted_iou=result.predicted_iou, kf_score=result.kf_score, phase=result.phase,
             restarted=result.restarted,
@@ -389,7 +391,9 @@ async def run_ours(repo: Path, work: Path, frames: list[np.ndarray], box: list[f
         return result
 
     def mask_at_resolution(mask_logits, width, height):
-        records.setdefault(current["frame"], {})["low_res_mask"] = np.array(mask_logits, dtype=np.float32)
+        # the object's [h,w] logits; a caller holding a [1,h,w] row of a batch gives the same mask
+        logits = np.array(mask_logits, dtype=np.float32)
+        records.setdefault(current["frame"], {})["low_res_mask"] = logits.reshape(logits.shape[-2:])
         return original_mask(mask_logits, width, height)
 
     ports = TritonPorts(grpc=_free_port(), http=_free_port(), metrics=_free_port())

@@ -78,6 +78,9 @@ def test_cpu_repository_serves_the_export(exported, tmp_path):
             assert served.read_bytes() == (exported / f"{name}.onnx").read_bytes()
         assert f'key: "image_size" value {{ string_value: "{SIZE}" }}' in config
         assert "SAM 2.1 hiera-tiny (random weights)" in config
+        # Every part batches (one object per row); on a CPU the attention runs its rows one by one.
+        per_item = "true" if name == "sam2_memory_attention" else "false"
+        assert f'key: "per_item_execution" value {{ string_value: "{per_item}" }}' in config, name
 
 
 def test_cpu_repository_in_bf16_serves_the_heavy_parts_on_openvino(exported, tmp_path):

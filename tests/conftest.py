@@ -36,7 +36,7 @@ from grpc_status import rpc_status
 from did_emulator import EmulatorHandle, start_emulator
 from engines.cpu_repository import build_cpu_repository
 from framewise.v1 import info_service_pb2, info_service_pb2_grpc, jobs_service_pb2_grpc
-from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment
+from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment, reclaim_backend_regions
 
 
 # Test ids that failed, printed once more after pytest's last line (pytest_unconfigure runs after
@@ -161,6 +161,7 @@ class TritonProcess:
         """Like ManagedTriton.start: a start that crashes (a signal before ready) is tried again."""
         launcher = ManagedTriton(self.repository, self.work_dir, self.ports, restart_on_exit=False, extra_args=self.extra_args)
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        reclaim_backend_regions()  # as ManagedTriton does: what Tritons killed by earlier tests left
         for attempt in range(1, attempts + 1):
             log = open(self.work_dir / "tritonserver.log", "ab")  # noqa: SIM115 - lives with the process
             self.process = subprocess.Popen(

@@ -16,7 +16,7 @@ interpolated), so a checkpoint exports at any such S.
 
 The contract is the model contract (README.md, "The model contract"), identical to the CPU stand-ins
 (engines/sam2_standin): same tensor names, ranks and dtypes, so the orchestrator cannot tell them
-apart. What each graph holds, following sam2/modeling/sam2_base.py of the reference:
+apart. What each graph holds, following sam2/modeling/sam2_base.py of the reference (H = W = S/16):
 
 - ``sam2_image_encoder``: ``image`` UINT8 [B,S,S,3] RGB -> /255, ImageNet mean/std (inside the
   graph, as sam2.utils.misc.load_video_frames does it) -> Hiera + FPN neck (``forward_image``,
@@ -34,18 +34,24 @@ apart. What each graph holds, following sam2/modeling/sam2_base.py of the refere
   ``_forward_sam_heads`` (object present iff score logit > ``min_obj_score_logits``). Masks are NOT
   blanked for an absent object: the orchestrator does that (server/sam2/samurai/selection.py), as it
   does the SAMURAI choice among the candidates.
-- ``sam2_memory_attention``: ``_prepare_memory_conditioned_features`` after the frame selection:
-  memories [N,64,H,W] (N 1..7, FP16) with the memory encoder's sine position encoding plus
+- ``sam2_memory_attention`` (batching: dim 0 is the batch B, one row per tracked object; the rows
+  of one call share N and M; row b of the output is the single-object computation on row b):
+  ``vision_feat`` [B,256,H,W], ``memory_feats`` [B,N,64,H,W], ``memory_tpos`` INT32 [B,N],
+  ``obj_ptrs`` [B,M,256], ``obj_ptr_tdiff`` INT32 [B,M] -> ``conditioned_feat`` [B,256,H,W].
+  ``_prepare_memory_conditioned_features`` after the frame selection:
+  memories (N 1..7, FP16) with the memory encoder's sine position encoding plus
   ``maskmem_tpos_enc[memory_tpos]`` (memory_tpos = the table row, num_maskmem - 1 - t_pos, from the
-  orchestrator); object pointers [M,256] (M 1..16) split into 4 tokens of 64, with the sine encoding
+  orchestrator); object pointers (M 1..16) split into 4 tokens of 64, with the sine encoding
   of ``obj_ptr_tdiff / (max_obj_ptrs_in_encoder - 1)`` through ``obj_ptr_tpos_proj``; the current
   frame's sine position encoding; then the MemoryAttention layers. RoPE is re-implemented with real
   arithmetic (ONNX has no complex numbers): the same rotation as ``apply_rotary_enc``, keys of each
   memory rotated like the query grid, pointer tokens not rotated.
-- ``sam2_memory_encoder``: ``_encode_new_memory``: the S/4 logits are upsampled to S x S inside
+- ``sam2_memory_encoder`` (batching, row-wise like the memory attention): ``vision_feat``
+  [B,256,H,W], ``mask_logits`` [B,1,S/4,S/4], ``object_score_logits`` [B,1] -> ``maskmem_feat``
+  FP16 [B,64,H,W]. ``_encode_new_memory``: the S/4 logits are upsampled to S x S inside
   (bilinear, align_corners=False, like ``_forward_sam_heads``), sigmoid, * sigmoid_scale_for_mem_enc
   + sigmoid_bias_for_mem_enc, MemoryEncoder, then ``no_obj_embed_spatial`` where the object score
-  logit is <= 0. Output FP16. (The reference video predictor binarises the mask of a prompt frame,
+  logit is <= 0 (per row). Output FP16. (The reference video predictor binarises the mask of a prompt frame,
   ``binarize_mask_from_pts_for_mem_enc``: the orchestrator sends a prompt frame's logits scaled by
   a large factor, which saturates this sigmoid into exactly that binary mask.)
 
@@ -247,30 +253,16 @@ def _torch_modules():
             return attn.out_proj(out)
 
         def forward(self, vision_feat, memory_feats, memory_tpos, obj_ptrs, obj_ptr_tdiff):
+            """One row per tracked object: vision_feat [B,C,H,W], memory_feats [B,N,64,H,W],
+            memory_tpos [B,N], obj_ptrs [B,M,C], obj_ptr_tdiff [B,M] -> [B,C,H,W]. Every shape is
+            taken from the inputs (never a literal 1), so the traced graph keeps B, N and M dynamic."""
             model = self.model
             attention = model.memory_attention
-            c = model.hidden_dim
-            _, _, h, w = vision_feat.shape
-            curr = (vision_feat - model.no_mem_embed.view(1, -1, 1, 1)).flatten(2).permute(0, 2, 1)  # [1,HW,C]
-            # memories: [N,64,H,W] -> [N*HW,64]; position: sine + temporal row
-            mem = memory_feats.to(torch.float32).flatten(2).permute(0, 2, 1)  # [N,HW,64]
-            tpos = model.maskmem_tpos_enc[memory_tpos.to(torch.int64)].reshape(-1, 1, model.mem_dim)  # [N,1,64]
-            mem_pos = (self.mem_pos.unsqueeze(0) + tpos).reshape(-1, model.mem_dim)
-            mem = mem.reshape(-1, model.mem_dim)
-            num_k_rope = mem.shape[0]
-            # object pointers: [M,256] -> [M*4,64]; temporal sine encoding of the signed distance
-            pos = get_1d_sine_pe(obj_ptr_tdiff.to(torch.float32) / self.t_diff_max, dim=c)
-            pos = model.obj_ptr_tpos_proj(pos)  # [M,64]
-            if self.split > 1:
-                ptr_tokens = obj_ptrs.reshape(-1, self.split, model.mem_dim).reshape(-1, model.mem_dim)
-                pos = pos.repeat_interleave(self.split, dim=0)
-            else:
-                ptr_tokens = obj_ptrs
-            memory = torch.cat([mem, ptr_tokens], dim=0).unsqueeze(0)  # [1,Lk,64]
-            memory_pos = torch.cat([mem_pos, pos], dim=0).unsqueeze(0)
+            curr = (vision_feat - model.no_mem_embed.view(1, -1, 1, 1)).flatten(2).transpose(1, 2)  # [B,HW,C]
+            memory, memory_pos, num_k_rope = self.memory_tokens(memory_feats, memory_tpos, obj_ptrs, obj_ptr_tdiff)
 
             output = curr
-            query_pos = self.curr_pos
+            query_pos = self.curr_pos  # [1,HW,C]: the same grid for every row, broadcast
             if attention.pos_enc_at_input:
                 output = output + 0.1 * query_pos
             for i, layer in enumerate(attention.layers):
@@ -286,7 +278,33 @@ def _torch_modules():
                 tgt2 = layer.norm3(output)
                 output = output + layer.linear2(layer.activation(layer.linear1(tgt2)))
             output = attention.norm(output)
-            return output.permute(0, 2, 1).reshape(1, c, h, w)
+            return output.transpose(1, 2).reshape(vision_feat.shape)
+
+        def memory_tokens(self, memory_feats, memory_tpos, obj_ptrs, obj_ptr_tdiff):
+            """The cross-attention keys of each row, memories first (N*HW tokens, rotated by RoPE)
+            then pointer tokens (M*split, not rotated): [B,Lk,64] tokens, [B,Lk,64] positions, and
+            N*HW, the count of rotated keys."""
+            model = self.model
+            mem_dim = model.mem_dim
+            # memories: [B,N,64,H,W] -> [B,N*HW,64], memory-major as the reference concatenates them
+            mem = memory_feats.to(torch.float32).flatten(3).transpose(2, 3).flatten(1, 2)
+            # position: the grid's sine encoding + the memory's temporal row; maskmem_tpos_enc is
+            # [num_maskmem,1,1,64], so indexing with [B,N] gives [B,N,1,1,64]
+            tpos = model.maskmem_tpos_enc[memory_tpos.to(torch.int64)].flatten(2, 3)  # [B,N,1,64]
+            mem_pos = (self.mem_pos.view(1, 1, self.hw, mem_dim) + tpos).flatten(1, 2)  # [B,N*HW,64]
+            num_k_rope = mem.shape[1]
+            # object pointers: temporal sine encoding of the signed distance, through obj_ptr_tpos_proj
+            pos = get_1d_sine_pe(obj_ptr_tdiff.to(torch.float32) / self.t_diff_max, dim=model.hidden_dim)
+            pos = model.obj_ptr_tpos_proj(pos)  # [B,M,64]
+            if self.split > 1:
+                # a 256-wide pointer is `split` consecutive 64-wide tokens sharing its position
+                ptr_tokens = obj_ptrs.reshape(obj_ptrs.shape[0], -1, mem_dim)  # [B,M*split,64]
+                pos = pos.unsqueeze(2).expand(-1, -1, self.split, -1).flatten(1, 2)
+            else:
+                ptr_tokens = obj_ptrs
+            memory = torch.cat([mem, ptr_tokens], dim=1)
+            memory_pos = torch.cat([mem_pos, pos], dim=1)
+            return memory, memory_pos, num_k_rope
 
         def _rope(self, kind, i):
             cos = getattr(self, f"cos_{kind}_{i}", None)
@@ -298,6 +316,8 @@ def _torch_modules():
             self.model = model
 
         def forward(self, vision_feat, mask_logits, object_score_logits):
+            """One row per tracked object: vision_feat [B,C,H,W], mask_logits [B,1,S/4,S/4],
+            object_score_logits [B,1] -> FP16 [B,64,H,W] (each op works on rows independently)."""
             model = self.model
             size = model.image_size
             pix = vision_feat - model.no_mem_embed.view(1, -1, 1, 1)
@@ -309,7 +329,7 @@ def _torch_modules():
                 mask = mask + model.sigmoid_bias_for_mem_enc
             feats = model.memory_encoder(pix, mask, skip_mask_sigmoid=True)["vision_features"]
             if model.no_obj_embed_spatial is not None:
-                absent = 1.0 - (object_score_logits > 0).to(feats.dtype)  # [1,1]
+                absent = 1.0 - (object_score_logits > 0).to(feats.dtype)  # [B,1]: per row
                 feats = feats + absent[..., None, None] * model.no_obj_embed_spatial[..., None, None]
             return feats.to(torch.float16)
 
@@ -550,55 +570,91 @@ def _export_memory_attention(model, MemoryAttention, export, results, f, c, mem_
     import torch
 
     att = MemoryAttention(model, f)
-    vision = torch.randn(1, c, f, f, generator=gen)
-    mems = torch.randn(2, mem_dim, f, f, generator=gen).to(torch.float16)
-    tpos = torch.tensor([max_memories - 1, 0], dtype=torch.int32)
-    ptrs = torch.randn(3, c, generator=gen)
-    tdiff = torch.tensor([5, 1, 2], dtype=torch.int32)
+    # Traced with 2 rows, 2 memories and 3 pointers: no traced dim is 1, so the tracer cannot take
+    # a broadcast or a squeeze for the shape of every call.
+    vision = torch.randn(2, c, f, f, generator=gen)
+    mems = torch.randn(2, 2, mem_dim, f, f, generator=gen).to(torch.float16)
+    tpos = torch.tensor([[max_memories - 1, 0], [max_memories - 1, 1]], dtype=torch.int32)
+    ptrs = torch.randn(2, 3, c, generator=gen)
+    tdiff = torch.tensor([[5, 1, 2], [3, 1, 2]], dtype=torch.int32)
     path = export("sam2_memory_attention", att, (vision, mems, tpos, ptrs, tdiff),
                   ["vision_feat", "memory_feats", "memory_tpos", "obj_ptrs", "obj_ptr_tdiff"], ["conditioned_feat"],
-                  {"memory_feats": {0: "memories"}, "memory_tpos": {0: "memories"}, "obj_ptrs": {0: "pointers"},
-                   "obj_ptr_tdiff": {0: "pointers"}})
+                  {"vision_feat": {0: "batch"}, "memory_feats": {0: "batch", 1: "memories"},
+                   "memory_tpos": {0: "batch", 1: "memories"}, "obj_ptrs": {0: "batch", 1: "pointers"},
+                   "obj_ptr_tdiff": {0: "batch", 1: "pointers"}, "conditioned_feat": {0: "batch"}},
+                  {"conditioned_feat": ["batch", c, f, f]})
     report = None
     if check:
-        rng = np.random.default_rng(seed + 2)
-        n, m = max_memories, max_pointers
-        inputs = {
-            "vision_feat": rng.standard_normal((1, c, f, f)).astype(np.float32),
-            "memory_feats": rng.standard_normal((n, mem_dim, f, f)).astype(np.float16),
-            # prompt frame (row num_maskmem - 1), then the others newest last
-            "memory_tpos": np.array([max_memories - 1, *range(n - 2, -1, -1)], np.int32),
-            "obj_ptrs": rng.standard_normal((m, c)).astype(np.float32),
-            "obj_ptr_tdiff": np.array([20, *range(1, m)], np.int32),
-        }
-        report = _check("sam2_memory_attention", lambda *a: reference_memory_attention(model, *a), path, inputs)
+        report = _check("sam2_memory_attention", lambda *a: reference_memory_attention_rows(model, *a), path,
+                        memory_attention_check_inputs(np.random.default_rng(seed + 2), c, f, mem_dim, max_memories,
+                                                      max_pointers))
         log(str(report))
     results["sam2_memory_attention"] = PartExport("sam2_memory_attention", path, report)
+
+
+def memory_attention_check_inputs(rng: np.random.Generator, c: int, f: int, mem_dim: int, n: int,
+                                  m: int) -> dict[str, np.ndarray]:
+    """Two rows (objects) at a full bank, n memories and m pointers, with different contents and
+    different temporal rows / distances: a row that read another row's memories, positions or
+    pointers would come out wrong."""
+    rows = 2
+    tpos = np.array([[n - 1, *range(n - 2, -1, -1)],  # prompt frame (row num_maskmem - 1), then newest last
+                     [n - 1, n - 1, *range(n - 3, -1, -1)]], np.int32)  # two prompt frames
+    tdiff = np.array([[20, *range(1, m)], [*range(-1, -m, -1), 7]], np.int32)  # reversed: signed distances
+    return {
+        "vision_feat": rng.standard_normal((rows, c, f, f)).astype(np.float32),
+        "memory_feats": rng.standard_normal((rows, n, mem_dim, f, f)).astype(np.float16),
+        "memory_tpos": tpos,
+        "obj_ptrs": rng.standard_normal((rows, m, c)).astype(np.float32),
+        "obj_ptr_tdiff": tdiff,
+    }
+
+
+def reference_memory_attention_rows(model, vision_feat, memory_feats, memory_tpos, obj_ptrs, obj_ptr_tdiff):
+    """``reference_memory_attention`` (one object) on each row of a batch, stacked: what row b of
+    the batched part must equal."""
+    import torch
+
+    return torch.cat([reference_memory_attention(model, vision_feat[b:b + 1], memory_feats[b], memory_tpos[b],
+                                                 obj_ptrs[b], obj_ptr_tdiff[b])
+                      for b in range(len(vision_feat))])
 
 
 def _export_memory_encoder(model, MemoryEncoder, export, results, s, f, c, gen, check, seed, log):
     import torch
 
     menc = MemoryEncoder(model)
-    vision = torch.randn(1, c, f, f, generator=gen)
-    logits = torch.randn(1, 1, s // 4, s // 4, generator=gen) * 8
-    score = torch.tensor([[3.0]])
+    # Traced with 2 rows (one present, one absent) so that no traced dim is 1.
+    vision = torch.randn(2, c, f, f, generator=gen)
+    logits = torch.randn(2, 1, s // 4, s // 4, generator=gen) * 8
+    score = torch.tensor([[3.0], [-2.0]])
+    mem_dim = int(model.mem_dim)
     path = export("sam2_memory_encoder", menc, (vision, logits, score),
-                  ["vision_feat", "mask_logits", "object_score_logits"], ["maskmem_feat"], {})
+                  ["vision_feat", "mask_logits", "object_score_logits"], ["maskmem_feat"],
+                  {"vision_feat": {0: "batch"}, "mask_logits": {0: "batch"}, "object_score_logits": {0: "batch"},
+                   "maskmem_feat": {0: "batch"}},
+                  {"maskmem_feat": ["batch", mem_dim, f, f]})
     report = None
     if check:
         rng = np.random.default_rng(seed + 3)
-        reports = []
-        for logit in (2.5, -0.5):  # object present / absent (no_obj_embed_spatial)
-            inputs = {
-                "vision_feat": rng.standard_normal((1, c, f, f)).astype(np.float32),
-                "mask_logits": (rng.standard_normal((1, 1, s // 4, s // 4)) * 8).astype(np.float32),
-                "object_score_logits": np.array([[logit]], np.float32),
-            }
-            reports.append(_check("sam2_memory_encoder", lambda *a: reference_memory_encoder(model, *a), path, inputs))
-            log(str(reports[-1]))
-        report = max(reports, key=lambda r: (not r.ok, r.max_abs))
+        # row 0 object present, row 1 absent (no_obj_embed_spatial): each row its own branch
+        inputs = {
+            "vision_feat": rng.standard_normal((2, c, f, f)).astype(np.float32),
+            "mask_logits": (rng.standard_normal((2, 1, s // 4, s // 4)) * 8).astype(np.float32),
+            "object_score_logits": np.array([[2.5], [-0.5]], np.float32),
+        }
+        report = _check("sam2_memory_encoder", lambda *a: reference_memory_encoder_rows(model, *a), path, inputs)
+        log(str(report))
     results["sam2_memory_encoder"] = PartExport("sam2_memory_encoder", path, report)
+
+
+def reference_memory_encoder_rows(model, vision_feat, mask_logits, object_score_logits):
+    """``reference_memory_encoder`` (one object) on each row of a batch, stacked."""
+    import torch
+
+    return torch.cat([reference_memory_encoder(model, vision_feat[b:b + 1], mask_logits[b:b + 1],
+                                               object_score_logits[b:b + 1])
+                      for b in range(len(vision_feat))])
 
 
 def _write_metadata(output: Path, results: dict[str, PartExport], *, source: str, image_size: int, opset: int,
@@ -708,9 +764,11 @@ _NOTES = {
     "sam2_image_encoder": "vision_feat includes no_mem_embed (the decoder input of a frame without memory)",
     "sam2_mask_decoder": "all 4 candidates: 0 = single-mask output after dynamic multimask via stability, 1..3 "
                          "multimask; obj_ptrs with the no-object mixing; masks not blanked",
-    "sam2_memory_attention": "memory_tpos = maskmem_tpos_enc row (num_maskmem - 1 - t_pos); obj_ptr_tdiff / "
+    "sam2_memory_attention": "batch = tracked objects (rows independent, sharing N and M); memory_tpos = "
+                             "maskmem_tpos_enc row (num_maskmem - 1 - t_pos); obj_ptr_tdiff / "
                              "(max_obj_ptrs_in_encoder - 1) sine-encoded; RoPE in real arithmetic",
-    "sam2_memory_encoder": "S/4 logits upsampled inside, sigmoid*20-10, no_obj_embed_spatial when score <= 0; FP16 out",
+    "sam2_memory_encoder": "batch = tracked objects (rows independent); S/4 logits upsampled inside, "
+                           "sigmoid*20-10, no_obj_embed_spatial when score <= 0; FP16 out",
 }
 
 

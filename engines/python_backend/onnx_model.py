@@ -7,7 +7,8 @@ model's config.pbtxt (parameters ``onnx_file``, ``runtime`` ("onnxruntime", the 
 four ONNX Runtime's) and ``per_item_execution``; input and output lists). OpenVINO is there for
 one reason: bf16 on CPUs that compute it natively (AMX), which ONNX Runtime's CPU provider lacks
 (engines/cpu_tuning.py). ``per_item_execution`` "true" (the default) runs a batched request one item
-at a time, "false" runs the whole batch in one ORT call. Models whose ``stand_in`` parameter is
+at a time, "false" runs the whole batch in one call, and joins the requests Triton's dynamic
+batcher hands over together into one call when their shapes allow. Models whose ``stand_in`` parameter is
 "true" say so loudly in the startup log.
 The CPU model repository builder (engines/cpu_repository.py) copies this file to
 ``<model>/<version>/model.py``.
@@ -77,53 +78,90 @@ class TritonPythonModel:
             )
 
     def execute(self, requests):
-        responses = []
-        for request in requests:
+        # Triton's dynamic batcher hands over the requests that queued while this instance was
+        # busy. A model that runs a batch in one call (per_item_execution "false": the SAM 2 parts,
+        # one tracked object per row, maybe of different sessions) runs requests whose non-batch
+        # shapes agree as ONE call and splits the result: one pass over the weights for all of
+        # them. Anything else, or a joined call that fails, goes request by request, so one bad
+        # request fails only itself.
+        responses = [None] * len(requests)
+        groups = {}
+        for position, request in enumerate(requests):
             try:
-                responses.append(self._infer(request))
-            except Exception as exc:  # one bad request must not fail the rest of the batch
-                responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[],
-                    error=pb_utils.TritonError(f"{self.model_name}: {type(exc).__name__}: {exc}"),
-                ))
+                feeds = self._feeds(request)
+            except Exception as exc:  # noqa: BLE001 - reported on that request only
+                responses[position] = self._error(exc)
+                continue
+            key = _join_key(feeds) if self.batched and not self.per_item else ("alone", position)
+            groups.setdefault(key, []).append((position, feeds))
+        for members in groups.values():
+            if len(members) > 1:
+                try:
+                    joined = {name: np.concatenate([feeds[name] for _, feeds in members]) for name in self.input_names}
+                    results = self._run(joined)
+                except Exception:  # noqa: BLE001 - retried one by one below, each reporting its own error
+                    pass
+                else:
+                    start = 0
+                    for position, feeds in members:
+                        rows = next(iter(feeds.values())).shape[0]
+                        responses[position] = self._response([r[start:start + rows] for r in results])
+                        start += rows
+                    continue
+            for position, feeds in members:
+                try:
+                    responses[position] = self._response(self._run(feeds))
+                except Exception as exc:  # one bad request must not fail the rest of the batch
+                    responses[position] = self._error(exc)
         return responses
 
-    def _infer(self, request):
+    def _feeds(self, request):
         feeds = {}
         for name in self.input_names:
             tensor = pb_utils.get_input_tensor_by_name(request, name)
             if tensor is None:
                 raise ValueError(f"missing input {name!r}")
             feeds[name] = tensor.as_numpy()
-        output_names = [name for name, _ in self.outputs]
-
         if self.batched:
             sizes = {a.shape[0] for a in feeds.values()}
             if len(sizes) != 1:
                 raise ValueError(f"inputs disagree on the batch size: {sorted(sizes)}")
-            (batch,) = sizes
-            if batch < 1:
+            if sizes == {0}:
                 raise ValueError("empty batch")
-        if not self.batched or not self.per_item or batch == 1:
-            results = self.session.run(output_names, feeds)
-        else:
-            # per_item_execution (yolov8), one image at a time, on purpose: the int8 weights are
-            # dynamically quantised per tensor (DynamicQuantizeLinear picks the activation scale
-            # and zero point from the min/max of the whole tensor), so running several images as
-            # one batch would make each image's result depend on the other images in the batch.
-            per_image = [
-                self.session.run(output_names, {n: a[i:i + 1] for n, a in feeds.items()})
-                for i in range(batch)
-            ]
-            results = [np.concatenate([r[k] for r in per_image], axis=0) for k in range(len(output_names))]
+        return feeds
 
+    def _run(self, feeds):
+        output_names = [name for name, _ in self.outputs]
+        batch = next(iter(feeds.values())).shape[0] if self.batched else 1
+        if not self.batched or not self.per_item or batch == 1:
+            return self.session.run(output_names, feeds)
+        # per_item_execution (yolov8), one image at a time, on purpose: the int8 weights are
+        # dynamically quantised per tensor (DynamicQuantizeLinear picks the activation scale
+        # and zero point from the min/max of the whole tensor), so running several images as
+        # one batch would make each image's result depend on the other images in the batch.
+        per_image = [
+            self.session.run(output_names, {n: a[i:i + 1] for n, a in feeds.items()})
+            for i in range(batch)
+        ]
+        return [np.concatenate([r[k] for r in per_image], axis=0) for k in range(len(output_names))]
+
+    def _response(self, results):
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(name, np.ascontiguousarray(value, dtype=dtype))
             for (name, dtype), value in zip(self.outputs, results)
         ])
 
+    def _error(self, exc):
+        return pb_utils.InferenceResponse(
+            output_tensors=[], error=pb_utils.TritonError(f"{self.model_name}: {type(exc).__name__}: {exc}"))
+
     def finalize(self):
         self.session = None
+
+
+def _join_key(feeds):
+    """Requests with equal keys can run as one batch: every input's dtype and non-batch shape."""
+    return tuple((name, a.dtype.str, a.shape[1:]) for name, a in sorted(feeds.items()))
 
 
 class _OrtSession:

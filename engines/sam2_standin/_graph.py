@@ -118,13 +118,60 @@ class GraphBuilder:
 
     def model(self, inputs, outputs, *, doc: str, image_size: int) -> onnx.ModelProto:
         """Finish the graph; ``inputs``/``outputs`` are (name, TensorProto type, dims) triples."""
-
-        def infos(items):
-            return [helper.make_tensor_value_info(n, t, d) for n, t, d in items]
-
         graph = helper.make_graph(
-            self.nodes, self.name, infos(inputs), infos(outputs), initializer=self.initializers, doc_string=doc
+            self.nodes, self.name, _infos(inputs), _infos(outputs), initializer=self.initializers, doc_string=doc
         )
+        return self._finish(graph, doc, image_size)
+
+    def rows_model(self, inputs, outputs, *, one_row: set[str], doc: str, image_size: int) -> onnx.ModelProto:
+        """Finish a graph written for ONE object as a batching model: its nodes run once per row of
+        the batch (an ONNX Scan over axis 0), so row b of every output is exactly what the
+        one-object graph gives for row b of the inputs.
+
+        ``inputs``/``outputs``: (name, type, dims of one row) triples; the model's tensors get a
+        leading "batch" dimension. ``one_row``: the tensors the one-object graph holds with a
+        leading 1 (e.g. vision_feat [1,256,F,F]), unsqueezed / squeezed around the nodes; the
+        others (memory_feats [N,...]) are one row as they are.
+        """
+        # Inside the Scan body the contract's names would shadow the outer graph's (ONNX graphs
+        # are single-assignment across subgraphs), so the body calls them "<name>__in_row".
+        inner = {name: f"{name}__in_row" for name, _, _ in (*inputs, *outputs)}
+        nodes = []
+        for node in self.nodes:
+            node = onnx.NodeProto.FromString(node.SerializeToString())
+            node.input[:] = [inner.get(n, n) for n in node.input]
+            node.output[:] = [inner.get(n, n) for n in node.output]
+            nodes.append(node)
+        axes = self.ints(0)
+        prologue, epilogue = [], []
+        row_inputs, row_outputs = [], []
+        for name, kind, dims in inputs:
+            row = f"{name}__row" if name in one_row else inner[name]
+            if name in one_row:
+                prologue.append(helper.make_node("Unsqueeze", [row, axes], [inner[name]], name=f"{name}__unsqueeze"))
+            row_inputs.append((row, kind, dims))
+        for name, kind, dims in outputs:
+            row = f"{name}__row" if name in one_row else inner[name]
+            if name in one_row:
+                epilogue.append(helper.make_node("Squeeze", [inner[name], axes], [row], name=f"{name}__squeeze"))
+            row_outputs.append((row, kind, dims))
+        body = helper.make_graph(
+            prologue + nodes + epilogue, f"{self.name}_row", _infos(row_inputs), _infos(row_outputs),
+            initializer=self.initializers,
+        )
+        scan = helper.make_node(
+            "Scan", [name for name, _, _ in inputs], [name for name, _, _ in outputs], name=f"{self.name}_rows",
+            body=body, num_scan_inputs=len(inputs),
+        )
+        graph = helper.make_graph(
+            [scan], self.name,
+            _infos([(name, kind, ["batch", *dims]) for name, kind, dims in inputs]),
+            _infos([(name, kind, ["batch", *dims]) for name, kind, dims in outputs]),
+            doc_string=doc,
+        )
+        return self._finish(graph, doc, image_size)
+
+    def _finish(self, graph: onnx.GraphProto, doc: str, image_size: int) -> onnx.ModelProto:
         model = helper.make_model(
             graph,
             opset_imports=[helper.make_opsetid("", OPSET)],
@@ -144,6 +191,10 @@ class GraphBuilder:
         model = onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True)
         onnx.checker.check_model(model, full_check=True)
         return model
+
+
+def _infos(items) -> list[onnx.ValueInfoProto]:
+    return [helper.make_tensor_value_info(n, t, d) for n, t, d in items]
 
 
 def pixel_centres(size: int, stride: int) -> np.ndarray:

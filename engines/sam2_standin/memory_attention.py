@@ -1,6 +1,8 @@
 """``sam2_memory_attention`` STAND-IN contract model: no learned meaning, no SAM 2 weights.
 
-Same tensors as the real memory attention (the model contract (README.md, "The model contract")). ``conditioned_feat`` is
+Same tensors as the real memory attention (the model contract (README.md, "The model contract")):
+a batching model, one tracked object per row; the per-object graph below runs once per row (ONNX
+Scan). For one object, ``conditioned_feat`` is
 ``vision_feat`` with channels 240..255 replaced by a mask prior, a logit map on the S/4 mask
 grid (4x4 space-to-depth blocks), which the mask-decoder stand-in uses when it has no prompt.
 The "attention" is template matching over small displacements:
@@ -44,7 +46,7 @@ from engines.sam2_standin._graph import (
 )
 
 NAME = "sam2_memory_attention"
-MAX_BATCH_SIZE = 0
+MAX_BATCH_SIZE = 16  # objects per call: a session tracks at most 16
 MAX_MEMORIES = 7
 MAX_POINTERS = 16
 
@@ -122,15 +124,18 @@ def build(image_size: int) -> onnx.ModelProto:
     prior = g.Add(g.Mul(g.Sub(location, half), g.const(PRIOR_GAIN)), pointer_term)
     g.Concat(g.channels("vision_feat", 0, PRIOR_CHANNELS[0]), g.from_mask_grid(prior), axis=1, name="conditioned_feat")
 
-    return g.model(
+    # One object per row of the batch (the contract: row b is object b, with its own memories
+    # and pointers; the rows of one request share N and M).
+    return g.rows_model(
         inputs=[
-            ("vision_feat", TensorProto.FLOAT, [1, FEATURE_CHANNELS, f, f]),
+            ("vision_feat", TensorProto.FLOAT, [FEATURE_CHANNELS, f, f]),
             ("memory_feats", TensorProto.FLOAT16, ["memories", MEMORY_CHANNELS, f, f]),
             ("memory_tpos", TensorProto.INT32, ["memories"]),
             ("obj_ptrs", TensorProto.FLOAT, ["pointers", FEATURE_CHANNELS]),
             ("obj_ptr_tdiff", TensorProto.INT32, ["pointers"]),
         ],
-        outputs=[("conditioned_feat", TensorProto.FLOAT, [1, FEATURE_CHANNELS, f, f])],
+        outputs=[("conditioned_feat", TensorProto.FLOAT, [FEATURE_CHANNELS, f, f])],
+        one_row={"vision_feat", "conditioned_feat"},
         doc=__doc__,
         image_size=s,
     )

@@ -1,7 +1,8 @@
 """``sam2_memory_encoder`` STAND-IN contract model: no learned meaning, no SAM 2 weights.
 
-Same tensors as the real memory encoder (the model contract (README.md, "The model contract")); ``maskmem_feat`` is FLOAT16, as
-on the T4. What the 64 channels of the stand-in memory hold (4x4 space-to-depth blocks of
+Same tensors as the real memory encoder (the model contract (README.md, "The model contract")): a
+batching model, one object per row (the per-object graph runs once per row, ONNX Scan);
+``maskmem_feat`` is FLOAT16, as on the T4. What the 64 channels of the stand-in memory hold (4x4 space-to-depth blocks of
 S/4 maps on the S/16 grid; channel map in engines/sam2_standin/_graph.py):
 
 - channels 0..15: the mask, 20 * sigmoid(``mask_logits``) - 10 (SAM 2's scale and bias for
@@ -26,7 +27,7 @@ from engines.sam2_standin._graph import (
 )
 
 NAME = "sam2_memory_encoder"
-MAX_BATCH_SIZE = 0
+MAX_BATCH_SIZE = 16  # objects per call: a session tracks at most 16
 
 
 def build(image_size: int) -> onnx.ModelProto:
@@ -43,13 +44,15 @@ def build(image_size: int) -> onnx.ModelProto:
     memory = g.Concat(g.from_mask_grid(mask), appearance, axis=1)
     g.Cast(memory, to=TensorProto.FLOAT16, name="maskmem_feat")
 
-    return g.model(
+    # One object per row of the batch.
+    return g.rows_model(
         inputs=[
-            ("vision_feat", TensorProto.FLOAT, [1, FEATURE_CHANNELS, f, f]),
-            ("mask_logits", TensorProto.FLOAT, [1, 1, grid, grid]),
-            ("object_score_logits", TensorProto.FLOAT, [1, 1]),
+            ("vision_feat", TensorProto.FLOAT, [FEATURE_CHANNELS, f, f]),
+            ("mask_logits", TensorProto.FLOAT, [1, grid, grid]),
+            ("object_score_logits", TensorProto.FLOAT, [1]),
         ],
-        outputs=[("maskmem_feat", TensorProto.FLOAT16, [1, MEMORY_CHANNELS, f, f])],
+        outputs=[("maskmem_feat", TensorProto.FLOAT16, [MEMORY_CHANNELS, f, f])],
+        one_row={"vision_feat", "mask_logits", "object_score_logits", "maskmem_feat"},
         doc=__doc__,
         image_size=s,
     )

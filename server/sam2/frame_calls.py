@@ -19,12 +19,15 @@ import numpy as np
 
 from server.sam2.contract import Sam2Contract
 from server.sam2.session import TrackedObject
-from server.triton.runner import Held, InferenceRunner, Input
+from server.triton.runner import Held, InferenceRunner, Input, Tensor
+from server.triton.shm import ShmRef
 
 # Frames up to this size are handled on the event loop (decoded, resized into the encoder's
 # request, their masks upsampled and RLE-encoded: about 0.2 to 0.4 ms each at 360x240): a
 # thread hop would cost about as much. Larger frames go to a thread.
 INLINE_FRAME_PIXELS = 640 * 480
+# Repeated features up to this size are written on the event loop (a 256-pixel model's rows).
+REPEAT_INLINE_BYTES = 1 << 20
 
 
 class FrameCalls:
@@ -100,6 +103,33 @@ class ResizedFrame:
             out[0] = resized
 
 
+@dataclass(frozen=True)
+class Repeated:
+    """``tensor`` ([1, ...]: the frame's features, an encoder output) once per row of a batched
+    call ([rows, ...]): every object of the frame attends over and decodes from the same frame.
+    A runner ``Fill``: broadcast straight into the request."""
+
+    tensor: Tensor
+    rows: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.rows, *self.tensor.shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        source = self.tensor
+        return np.dtype(numpy_dtype(source.datatype) if isinstance(source, ShmRef) else source.dtype)
+
+    @property
+    def offload(self) -> bool:
+        # S = 1024: 16 MiB of features per row, ~1.5 ms to write; the event loop has other streams.
+        return self.rows * self.tensor.nbytes > REPEAT_INLINE_BYTES
+
+    def write_into(self, out: np.ndarray) -> None:
+        out[...] = self.tensor.array() if isinstance(self.tensor, ShmRef) else self.tensor
+
+
 def memory_rows(sent: list[int], memories: list[np.ndarray]) -> list[int]:
     """The order (indices into ``memories``) to send this frame's memories in: a memory sent on the
     previous frame at a row that still exists keeps that row; the others fill the free rows in
@@ -119,4 +149,4 @@ def memory_rows(sent: list[int], memories: list[np.ndarray]) -> list[int]:
 
 def numpy_dtype(datatype: str) -> type:
     """The numpy type of a Triton tensor datatype the SAM 2 parts use for features."""
-    return {"FP16": np.float16, "FP32": np.float32}[datatype]
+    return {"FP16": np.float16, "FP32": np.float32, "UINT8": np.uint8}[datatype]

@@ -6,10 +6,14 @@ mask decoder (all candidates) -> SAMURAI candidate selection (server.sam2.samura
 encoder on the chosen mask -> memory bank update -> mask at the frame's resolution as COCO RLE.
 The chains encoder -> attention -> decoder run inside Triton as ensembles
 (engines/sam2_steps.py): a frame with one tracked object takes two round trips (sam2_frame_step,
-memory encoder); with several objects, the frame is encoded once and each object takes
-sam2_track_step (or the decoder alone on its prompt frame) and the memory encoder, the objects
-concurrently. The tracking maths lives in server.sam2.samurai (pure numpy), the calls themselves
-in frame_calls.py, the state between frames in session.py; this module decides what goes where.
+memory encoder). With several objects the frame is encoded once, and the per-object parts take
+the objects as the rows of batched calls (one object per row, up to
+contract.MAX_OBJECTS_PER_CALL a call): the followed objects go through sam2_track_step in calls
+whose rows share their memory and pointer counts, objects prompted on this frame through the
+decoder alone in calls whose rows share their point count, then every object's memory through
+one memory encoder call. So a frame of K objects costs a few calls, not 2K + 1. The tracking
+maths lives in server.sam2.samurai (pure numpy), the calls themselves in frame_calls.py, the
+state between frames in session.py; this module decides what goes where.
 """
 
 from __future__ import annotations
@@ -27,13 +31,14 @@ from framewise.v1 import common_pb2
 from server.errors import InvalidInput, ServiceError, TooLarge
 from server.sam2 import contract as sam2
 from server.sam2.contract import Sam2Contract
-from server.sam2.frame_calls import INLINE_FRAME_PIXELS, FrameCalls, ResizedFrame, memory_rows, numpy_dtype
+from server.sam2.frame_calls import INLINE_FRAME_PIXELS, FrameCalls, Repeated, ResizedFrame, memory_rows, numpy_dtype
 from server.sam2.masks import mask_at_resolution
 from server.sam2.prompts import ObjectPrompt, check_inside, prompt_tensors
-from server.sam2.samurai import CandidateSelector, MemoryBank
+from server.sam2.samurai import CandidateSelector, MemoryBank, MemorySelection
 from server.sam2.session import TrackedObject, TrackingSession
 from server.triton.monitor import TritonMonitor
-from server.triton.runner import Held, InferenceRunner, Input, Tensor
+from server.triton.runner import Held, InferenceRunner, Input, Stacked, Tensor
+from server.triton.shm import ShmRef
 from server.vision.image_decode import DecodedImage, decode_image
 from server.vision.image_header import read_header
 
@@ -209,10 +214,14 @@ class VideoPredictor:
     ) -> list[ObjectOutcome]:
         size = contract.image_size
         ids = sorted(session.objects)
+        prompt_inputs = {object_id: prompt_tensors([prompted.get(object_id)], decoded.width, decoded.height, size)
+                         for object_id in ids}
+        selections = {object_id: session.objects[object_id].bank.select_for(index)
+                      for object_id in ids if object_id not in prompted}
 
-        def prompt_inputs(object_id: int) -> dict[str, Input]:
-            coords, labels = prompt_tensors([prompted.get(object_id)], decoded.width, decoded.height, size)
-            return {"point_coords": coords, "point_labels": labels}
+        def prompts_of(group: list[int]) -> dict[str, Input]:
+            return {"point_coords": np.concatenate([prompt_inputs[i][0] for i in group]),
+                    "point_labels": np.concatenate([prompt_inputs[i][1] for i in group])}
 
         # Every model output stays where Triton wrote it (shared memory when co-located) until
         # the frame is done, and goes to the next model by reference: the feature maps never
@@ -221,43 +230,64 @@ class VideoPredictor:
             def hold(model: str, inputs: dict[str, Input], outputs: list[str], obj: TrackedObject | None = None) -> Awaitable[Held]:
                 return frame_scope.enter_async_context(calls.hold(model, inputs, outputs, obj))
 
-            candidates: dict[int, Held] = {}
+            # object -> (the call that decoded it, its row in that call)
+            candidates: dict[int, tuple[Held, int]] = {}
             if len(ids) == 1 and not prompted:
                 # The common case, one object followed: encoder, attention and decoder in one call.
                 (object_id,) = ids
+                obj = session.objects[object_id]
                 step = await hold(
                     sam2.FRAME_STEP,
-                    {"image": frame, **self._memory_inputs(session.objects[object_id], index, calls, "memory_obj_ptrs"),
-                     **prompt_inputs(object_id)},
+                    {"image": frame, **self._memory_inputs([obj], selections, calls, "memory_obj_ptrs"),
+                     **prompts_of(ids)},
                     ["vision_feat", *_CANDIDATE_OUTPUTS],
-                    session.objects[object_id],
+                    obj,
                 )
                 vision_feat = step.tensor("vision_feat")
-                candidates[object_id] = step
+                candidates[object_id] = (step, 0)
             else:
                 encoded = await hold(sam2.IMAGE_ENCODER, {"image": frame}, ["vision_feat", "high_res_feat0", "high_res_feat1"])
                 vision_feat = encoded.tensor("vision_feat")
-                features = {"high_res_feat0": encoded.tensor("high_res_feat0"), "high_res_feat1": encoded.tensor("high_res_feat1")}
+                features = {name: encoded.tensor(name) for name in ("vision_feat", "high_res_feat0", "high_res_feat1")}
 
-                async def decode(object_id: int) -> None:
-                    if object_id in prompted:  # a prompt frame is decoded without memory
-                        inputs = {"image_embed": vision_feat, **features, **prompt_inputs(object_id)}
-                        candidates[object_id] = await hold(sam2.MASK_DECODER, inputs, list(_CANDIDATE_OUTPUTS))
-                    else:
-                        memory = self._memory_inputs(session.objects[object_id], index, calls, "memory_obj_ptrs")
-                        inputs = {"vision_feat": vision_feat, **features, **memory, **prompt_inputs(object_id)}
-                        candidates[object_id] = await hold(sam2.TRACK_STEP, inputs, list(_CANDIDATE_OUTPUTS), session.objects[object_id])
+                def frame_features(rows: int, embed_name: str) -> dict[str, Input]:
+                    return {embed_name if name == "vision_feat" else name: _once_per_row(tensor, rows)
+                            for name, tensor in features.items()}
 
-                await _each(ids, decode)
+                # The frame's objects go to the parts as the rows of batched calls: a prompted
+                # object to the decoder alone (a prompt frame is decoded without memory), rows
+                # sharing their point count; the others through attention and decoder
+                # (sam2_track_step), rows sharing their memory and pointer counts.
+                fresh = _batches([i for i in ids if i in prompted], lambda i: prompt_inputs[i][0].shape[1],
+                                 contract.rows_per_call(sam2.MASK_DECODER))
+                followed = _batches([i for i in ids if i not in prompted],
+                                    lambda i: (len(selections[i].memories), len(selections[i].obj_ptrs)),
+                                    contract.rows_per_call(sam2.TRACK_STEP))
 
-            chosen = {object_id: self._choose(session.objects[object_id], candidates[object_id], prompted.get(object_id))
+                async def decode(group: list[int]) -> None:
+                    inputs = {**frame_features(len(group), "image_embed"), **prompts_of(group)}
+                    held = await hold(sam2.MASK_DECODER, inputs, list(_CANDIDATE_OUTPUTS))
+                    candidates.update({object_id: (held, row) for row, object_id in enumerate(group)})
+
+                async def track(group: list[int]) -> None:
+                    objects = [session.objects[i] for i in group]
+                    inputs = {**frame_features(len(group), "vision_feat"),
+                              **self._memory_inputs(objects, selections, calls, "memory_obj_ptrs"), **prompts_of(group)}
+                    held = await hold(sam2.TRACK_STEP, inputs, list(_CANDIDATE_OUTPUTS), objects[0])
+                    candidates.update({object_id: (held, row) for row, object_id in enumerate(group)})
+
+                await _each([*((decode, g) for g in fresh), *((track, g) for g in followed)])
+
+            chosen = {object_id: self._choose(session.objects[object_id], *candidates[object_id], prompted.get(object_id))
                       for object_id in ids}
             memories: dict[int, np.ndarray] = {}
 
-            async def encode_memory(object_id: int) -> None:
-                memories[object_id] = await self._encode_memory(vision_feat, chosen[object_id].mask_input, chosen[object_id].score, calls)
+            async def encode_memories(group: list[int]) -> None:
+                encoded = await self._encode_memories(vision_feat, [chosen[i] for i in group], calls)
+                memories.update(zip(group, encoded))
 
-            await _each(ids, encode_memory)
+            await _each([(encode_memories, group)
+                         for group in _batches(ids, lambda i: 0, contract.rows_per_call(sam2.MEMORY_ENCODER))])
 
             outcomes = []
             for object_id in ids:
@@ -282,60 +312,92 @@ class VideoPredictor:
         return outcomes
 
     @staticmethod
-    def _choose(obj: TrackedObject, held: Held, prompt: ObjectPrompt | None) -> _Choice:
-        """SAMURAI's pick among the candidates of one object (batch row 0 of its call)."""
+    def _choose(obj: TrackedObject, held: Held, row: int, prompt: ObjectPrompt | None) -> _Choice:
+        """SAMURAI's pick among the candidates of one object (batch row ``row`` of its call)."""
         masks = held.array("masks")
-        ious = np.array(held.array("iou_scores"))[0]
-        score = float(np.array(held.array("object_score_logits"))[0, 0])
+        ious = np.array(held.array("iou_scores"))[row]
+        score = float(np.array(held.array("object_score_logits"))[row, 0])
         # Box prompts (and several points) use the single-mask output; everything else the
         # three multimask candidates, among which SAMURAI chooses.
         first = 0 if prompt is not None and prompt.single_mask else 1
         last = 1 if first == 0 else 4
-        selection = obj.selector.select(masks[0, first:last], ious[first:last], score)
+        selection = obj.selector.select(masks[row, first:last], ious[first:last], score)
         index = first + selection.index
         mask_input: Tensor
         if selection.present and prompt is not None:
-            mask_logits = np.array(masks[0, index])
+            mask_logits = np.array(masks[row, index])
             # The reference encodes a prompt frame's memory from the BINARY mask
             # (binarize_mask_from_pts_for_mem_enc, set by build_sam2_video_predictor): logits
             # scaled by a large factor keep their sign through the graph's bilinear upsampling
             # (linear) and saturate its sigmoid to exactly 0 / 1.
             mask_input = (mask_logits * PROMPT_MEMORY_LOGIT_GAIN)[None, None]
         elif selection.present:
-            mask_logits = np.array(masks[0, index])
-            mask_input = held.block("masks", (0, index))
+            mask_logits = np.array(masks[row, index])
+            mask_input = held.block("masks", (row, index))
         else:
             mask_logits = np.full(masks.shape[2:], -1024.0, np.float32)  # SAM 2's NO_OBJ_SCORE
             mask_input = mask_logits[None, None]
-        pointer = np.array(held.array("obj_ptrs")[0, index])
+        pointer = np.array(held.array("obj_ptrs")[row, index])
         return _Choice(index, float(ious[index]), score, selection.present, selection.kalman_selected,
                        selection.kf_score, mask_logits, mask_input, pointer)
 
-    def _memory_inputs(self, obj: TrackedObject, index: int, calls: FrameCalls, pointers_input: str) -> dict[str, Input]:
-        selection = obj.bank.select_for(index)
+    def _memory_inputs(self, objects: list[TrackedObject], selections: dict[int, MemorySelection], calls: FrameCalls,
+                       pointers_input: str) -> dict[str, Input]:
+        """The attention's memory inputs for ``objects``, one per row (their selections share the
+        memory and pointer counts)."""
         attention = calls.contract.specs[sam2.MEMORY_ATTENTION]
         memory_dtype = numpy_dtype(attention.input("memory_feats").datatype)
-        memories = [m.astype(memory_dtype, copy=False) for m in selection.memories]
-        rows = memory_rows(obj.sent_memories, memories)
-        obj.sent_memories = [id(memories[i]) for i in rows]
-        tpos = selection.tpos_enc_index
-        return {
-            "memory_feats": [memories[i] for i in rows],
+        parts: list[np.ndarray] = []
+        tpos, pointers, tdiff = [], [], []
+        for obj in objects:
+            selection = selections[obj.object_id]
+            memories = [m.astype(memory_dtype, copy=False) for m in selection.memories]
+            rows = memory_rows(obj.sent_memories, memories)
+            obj.sent_memories = [id(memories[i]) for i in rows]
+            parts += [memories[i] for i in rows]
             # Row of the temporal encoding: 0 for the most recent memory (the reference's
             # num_maskmem - 1 - t_pos); prompt memories get num_maskmem - 1.
-            "memory_tpos": np.asarray([tpos[i] for i in rows], dtype=np.int32),
-            pointers_input: np.stack(selection.obj_ptrs).astype(np.float32, copy=False),
-            "obj_ptr_tdiff": np.asarray(selection.obj_ptr_tdiff, dtype=np.int32),
+            tpos.append([selection.tpos_enc_index[i] for i in rows])
+            pointers.append(np.stack(selection.obj_ptrs).astype(np.float32, copy=False))
+            tdiff.append(selection.obj_ptr_tdiff)
+        return {
+            "memory_feats": Stacked(parts, (len(objects), len(parts) // len(objects))),
+            "memory_tpos": np.asarray(tpos, dtype=np.int32),
+            pointers_input: np.stack(pointers),
+            "obj_ptr_tdiff": np.asarray(tdiff, dtype=np.int32),
         }
 
-    async def _encode_memory(self, vision_feat: Tensor, mask_logits: Tensor, score: float, calls: FrameCalls) -> np.ndarray:
-        inputs = {
-            "vision_feat": vision_feat,
-            "mask_logits": mask_logits,
-            "object_score_logits": np.array([[score]], dtype=np.float32),
+    async def _encode_memories(self, vision_feat: Tensor, chosen: list[_Choice], calls: FrameCalls) -> list[np.ndarray]:
+        """The memory encoder on each object's chosen mask, one object per row of one call."""
+        masks = [c.mask_input for c in chosen]
+        inputs: dict[str, Input] = {
+            "vision_feat": _once_per_row(vision_feat, len(chosen)),
+            # One object: its mask by reference (the decoder's output, where Triton wrote it).
+            "mask_logits": masks[0] if len(masks) == 1 else Stacked([_array(m) for m in masks], (len(masks),)),
+            "object_score_logits": np.array([[c.score] for c in chosen], dtype=np.float32),
         }
         async with calls.hold(sam2.MEMORY_ENCODER, inputs, ["maskmem_feat"]) as encoded:
-            return np.array(encoded.array("maskmem_feat"))  # the bank keeps its own copy
+            feats = encoded.array("maskmem_feat")
+            return [np.array(feats[row:row + 1]) for row in range(len(chosen))]  # the banks keep their own copies
+
+
+def _once_per_row(tensor: Tensor, rows: int) -> Input:
+    """The frame's ``tensor`` [1, ...] for a call of ``rows`` objects: by reference for one."""
+    return tensor if rows == 1 else Repeated(tensor, rows)
+
+
+def _array(tensor: Tensor) -> np.ndarray:
+    """A tensor as numpy (a view of shared memory: valid while its call is held)."""
+    return tensor.array() if isinstance(tensor, ShmRef) else tensor
+
+
+def _batches(ids: list[int], key: Callable[[int], object], rows: int) -> list[list[int]]:
+    """``ids`` in groups of equal ``key`` (the shapes the rows of one call must share), each cut
+    into calls of at most ``rows`` objects."""
+    groups: dict[object, list[int]] = {}
+    for object_id in ids:
+        groups.setdefault(key(object_id), []).append(object_id)
+    return [members[i:i + rows] for members in groups.values() for i in range(0, len(members), rows)]
 
 
 def _checkpoint(session: TrackingSession) -> Callable[[], None]:
@@ -377,16 +439,17 @@ def _small_frame(image: common_pb2.Image) -> bool:
     return 0 < width * height <= INLINE_FRAME_PIXELS
 
 
-async def _each(ids: list[int], call: Callable[[int], Awaitable[None]]) -> None:
-    """``call`` for every object, concurrently when there are several (a task group for one
-    object would only add task switches)."""
-    if len(ids) == 1:
-        await call(ids[0])
+async def _each(calls: list[tuple[Callable[[list[int]], Awaitable[None]], list[int]]]) -> None:
+    """Each (function, group) call, concurrently when there are several (a task group for one
+    call would only add task switches)."""
+    if len(calls) == 1:
+        call, group = calls[0]
+        await call(group)
         return
     try:
-        async with asyncio.TaskGroup() as group:
-            for object_id in ids:
-                group.create_task(call(object_id))
+        async with asyncio.TaskGroup() as tasks:
+            for call, group in calls:
+                tasks.create_task(call(group))
     except BaseExceptionGroup as failures:
         # The first failure as itself (an Unavailable or DeadlineExceeded the servicer maps to
         # its status), not wrapped in a group the error mapping would call INTERNAL.

@@ -37,6 +37,16 @@ class TritonStartError(RuntimeError):
         self.crashed = crashed
 
 
+# The python backend's shared-memory regions (one per model instance, for the requests it hands its
+# stub) carry this prefix in a Triton we start, so ours can be told from other Tritons' on the
+# host. Triton unlinks them when it stops; a Triton that dies (SIGKILL, the OOM killer) leaves them
+# in /dev/shm, 16 MiB or more each, holding memory until someone unlinks them: the next start does
+# (reclaim_backend_regions).
+BACKEND_REGION_PREFIX = "framewise_triton_pb_"
+SHM_DIR = Path("/dev/shm")
+# A region this young may belong to a Triton that created it and has not mapped it yet.
+BACKEND_REGION_MIN_AGE_S = 60.0
+
 # Triton's own endpoints have no authentication at all (anyone reaching its HTTP or gRPC port can
 # run models, list and unregister the orchestrator's shared-memory regions, or unload models), so
 # the managed Triton listens on loopback unless told otherwise (--triton-bind-address, for a
@@ -188,6 +198,7 @@ class ManagedTriton:
             # Room for a full batch of 640x640x3 frames without growing the shared memory.
             "--backend-config=python,shm-default-byte-size=16777216",
             "--backend-config=python,shm-growth-byte-size=16777216",
+            f"--backend-config=python,shm-region-prefix-name={BACKEND_REGION_PREFIX}",
             *self.extra_args,
         ]
 
@@ -216,6 +227,7 @@ class ManagedTriton:
 
     async def _spawn(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(reclaim_backend_regions)
         command = self.command()
         log.info("starting triton", extra={"command": " ".join(command), "log_file": str(self.log_path)})
         with open(self.log_path, "ab") as log_file:
@@ -294,3 +306,54 @@ class ManagedTriton:
         except OSError:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
+
+
+def reclaim_backend_regions(
+    shm_dir: Path = SHM_DIR, proc: Path = Path("/proc"), *, min_age_s: float = BACKEND_REGION_MIN_AGE_S
+) -> list[str]:
+    """Unlinks the python-backend regions (BACKEND_REGION_PREFIX) that no live process maps and that
+    are older than ``min_age_s``: what a Triton that died left behind. Returns their names. Without
+    a readable /proc nothing is touched (a region in use could not be told from a leftover)."""
+    try:
+        candidates = [entry for entry in shm_dir.iterdir() if entry.name.startswith(BACKEND_REGION_PREFIX)]
+    except OSError:
+        return []
+    if not candidates:
+        return []
+    mapped = _mapped_files(proc)
+    if mapped is None:
+        return []
+    now = time.time()
+    reclaimed = []
+    for entry in candidates:
+        try:
+            if str(entry) in mapped or now - entry.stat().st_mtime < min_age_s:
+                continue
+            entry.unlink()
+        except (FileNotFoundError, PermissionError):
+            continue  # gone meanwhile, or another user's (sticky /dev/shm): not ours to judge
+        log.warning("reclaimed a Triton python-backend region left by a Triton that died", extra={"region": entry.name})
+        reclaimed.append(entry.name)
+    return reclaimed
+
+
+def _mapped_files(proc: Path) -> set[str] | None:
+    """Every file some process visible in ``proc`` maps, or None when /proc cannot be read. A
+    process whose maps are unreadable (another user's) may map anything: None."""
+    mapped: set[str] = set()
+    try:
+        pids = [entry for entry in proc.iterdir() if entry.name.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            text = (pid / "maps").read_text()
+        except FileNotFoundError:
+            continue  # exited meanwhile
+        except OSError:
+            return None
+        for line in text.splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6:
+                mapped.add(fields[5].removesuffix(" (deleted)"))
+    return mapped

@@ -51,11 +51,34 @@ class Fill(Protocol):
     def write_into(self, out: np.ndarray) -> None: ...
 
 
+@dataclass(frozen=True)
+class Stacked:
+    """One-row arrays laid out over the leading dimensions ``leading`` (e.g. 3 objects x 7
+    memories: ``leading`` (3, 7), 21 parts of [1, 64, F, F] make [3, 7, 64, F, F]), in C order.
+    Written straight into the slot, skipping the rows it already holds (see _write_stacked)."""
+
+    parts: list[np.ndarray]
+    leading: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.parts or int(np.prod(self.leading)) != len(self.parts) or any(p.shape[0] != 1 for p in self.parts):
+            raise ValueError(f"{len(self.parts)} one-row parts cannot fill leading dimensions {self.leading}")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.leading, *self.parts[0].shape[1:])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.parts[0].dtype)
+
+
 # An input: an array, a reference to a tensor already in shared memory, a list of arrays
 # stacked along the first axis (written straight into the slot, without an intermediate copy;
-# parts already in the slot from its previous request are not written again), or a Fill.
+# parts already in the slot from its previous request are not written again), a Stacked (the
+# same over several leading dimensions), or a Fill.
 Tensor = np.ndarray | ShmRef
-Input = np.ndarray | ShmRef | list[np.ndarray] | Fill
+Input = np.ndarray | ShmRef | list[np.ndarray] | Stacked | Fill
 
 # A slot whose request was abandoned (deadline, cancellation) may still be written by Triton;
 # it goes back to the pool only after this long.
@@ -175,6 +198,9 @@ class InferenceRunner:
                 view = slot.inputs[name].view(shapes[name])
                 if isinstance(value, list):
                     written += _write_stacked(view, value, slot.written.setdefault(name, {}))
+                elif isinstance(value, Stacked):
+                    rows = view.reshape(len(value.parts), *view.shape[len(value.leading):])
+                    written += _write_stacked(rows, value.parts, slot.written.setdefault(name, {}))
                 else:
                     slot.written.pop(name, None)
                     if isinstance(value, np.ndarray):
@@ -185,7 +211,10 @@ class InferenceRunner:
                         value.write_into(view)
                     written += view.nbytes
                 refs[name] = slot.inputs[name].ref(shapes[name])
-            out_refs = {name: slot.outputs[name].ref() for name in outputs}
+            # A batching model writes as many output rows as the request has (the slot has room for more).
+            rows = next(iter(ref.shape[0] for ref in refs.values())) if spec.max_batch_size > 0 and refs else None
+            out_refs = {name: slot.outputs[name].ref(None if rows is None else (rows, *slot.outputs[name].shape[1:]))
+                        for name in outputs}
             started = time.perf_counter()
             try:
                 await self._infer_in_slot(spec, pool, refs, out_refs, timeout_s)
@@ -294,7 +323,7 @@ class InferenceRunner:
         self._pools.clear()
 
 
-def _shape(value: np.ndarray | list[np.ndarray] | Fill) -> tuple[int, ...]:
+def _shape(value: np.ndarray | list[np.ndarray] | Stacked | Fill) -> tuple[int, ...]:
     if isinstance(value, list):
         return (sum(part.shape[0] for part in value), *value[0].shape[1:])
     return tuple(value.shape)
@@ -313,6 +342,8 @@ def _materialise(value: Input) -> np.ndarray:
         return value.array()
     if isinstance(value, list):
         return np.concatenate(value)
+    if isinstance(value, Stacked):
+        return np.concatenate(value.parts).reshape(value.shape)
     if isinstance(value, np.ndarray):
         return value
     out = np.empty(value.shape, value.dtype)

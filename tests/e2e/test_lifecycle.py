@@ -30,7 +30,7 @@ from framewise.v1 import (
     vision_service_pb2,
     vision_service_pb2_grpc,
 )
-from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, TritonStartError
+from server.triton.launcher import BACKEND_REGION_PREFIX, ManagedTriton, TritonDistribution, TritonPorts, TritonStartError
 from tests.conftest import REPO, free_port, health_status, start_orchestrator, stop_process, wait_until
 
 
@@ -65,6 +65,11 @@ def test_managed_triton_serves_drains_and_stops(tmp_path: Path, cpu_repository: 
             assert match, "the launcher logs Triton's pid"
             triton_pid = int(match.group(1))
             assert _alive(triton_pid)
+            # The python backend's regions carry our prefix, so a start after a crash can reclaim
+            # what a dead Triton left (server/triton/launcher.py reclaim_backend_regions).
+            maps = Path(f"/proc/{triton_pid}/maps").read_text()
+            regions = set(re.findall(rf"/dev/shm/({BACKEND_REGION_PREFIX}\S+)", maps))
+            assert regions, "Triton maps python-backend regions with the launcher's prefix"
 
             vision = vision_service_pb2_grpc.VisionServiceStub(channel)
             request = vision_service_pb2.DetectRequest(image=common_pb2.Image(encoded=(assets / "images" / "bus.jpg").read_bytes()))
@@ -86,6 +91,7 @@ def test_managed_triton_serves_drains_and_stops(tmp_path: Path, cpu_repository: 
         wait_until(lambda: not _alive(triton_pid), 10, "the Triton child to exit")
         log = orch.log_text()
         assert '"msg": "triton stopped"' in log and '"msg": "stopped"' in log
+        assert not [name for name in regions if (Path("/dev/shm") / name).exists()], "a stopped Triton leaves no region"
     finally:
         stop_process(orch.process)
 

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 
 from server.metrics import Metrics
 from server.triton.client import TritonClient
-from server.triton.runner import InferenceRunner
+from server.triton.runner import InferenceRunner, Stacked
 from server.vision.letterbox import letterbox
 
 
@@ -57,41 +57,46 @@ async def test_shared_memory_matches_grpc_and_recovers(triton, assets: Path) -> 
 
 
 async def test_stacked_parts_already_in_the_slot_are_not_written_again(triton) -> None:  # noqa: ANN001
-    """Memory attention with a stacked memories input: a second request whose parts are partly
-    the same arrays at the same rows writes only the new ones, and still gives exactly what the
-    same request over gRPC gives; a part replaced by another array is written."""
+    """Memory attention for two objects with a Stacked memories input (2 objects x N memories): a
+    second request whose parts are partly the same arrays at the same rows writes only the new
+    ones, and still gives exactly what the same request over gRPC gives; a part replaced by another
+    array, or moved to another row, is written."""
     from server.sam2 import contract as sam2
 
     client = TritonClient(triton.url)
     metrics = Metrics(CollectorRegistry())
-    specs = {name: await client.model_spec(name) for name in sam2.MODELS}
+    specs = {name: await client.model_spec(name) for name in sam2.TRACKING_MODELS}
     contract = sam2.Sam2Contract.from_specs(specs)
     spec = specs[sam2.MEMORY_ATTENTION]
     limits = contract.shm_max_shapes(sam2.MEMORY_ATTENTION)
     rng = np.random.default_rng(0)
-    feat = rng.standard_normal(spec.input("vision_feat").shape[1:], dtype=np.float32)[None]
-    memory = lambda: rng.standard_normal((1, *spec.input("memory_feats").shape[1:])).astype(np.float16)  # noqa: E731
-    memories = [memory() for _ in range(4)]
-    pointers = rng.standard_normal((3, spec.input("obj_ptrs").shape[-1])).astype(np.float32)
+    feat = rng.standard_normal((2, *spec.input("vision_feat").shape[1:]), dtype=np.float32)
+    memory = lambda: rng.standard_normal((1, *spec.input("memory_feats").shape[2:])).astype(np.float16)  # noqa: E731
+    memories = [memory() for _ in range(8)]  # objects 0 and 1, 4 memories each
+    pointers = rng.standard_normal((2, 3, spec.input("obj_ptrs").shape[-1])).astype(np.float32)
 
     def inputs(parts: list[np.ndarray]) -> dict:
-        return {"vision_feat": feat, "memory_feats": parts, "memory_tpos": np.arange(len(parts), dtype=np.int32),
-                "obj_ptrs": pointers, "obj_ptr_tdiff": np.arange(1, 4, dtype=np.int32)}
+        per_object = len(parts) // 2
+        return {"vision_feat": feat, "memory_feats": Stacked(parts, (2, per_object)),
+                "memory_tpos": np.arange(len(parts), dtype=np.int32).reshape(2, per_object) % 7,
+                "obj_ptrs": pointers, "obj_ptr_tdiff": np.arange(1, 7, dtype=np.int32).reshape(2, 3)}
 
     plain = InferenceRunner(client, metrics)
     shared = InferenceRunner(client, metrics, shm_slots_per_model=1)
     try:
         changed = [memories[0], memory(), *memories[2:]]
+        three_each = changed[:3] + changed[4:7]  # object 1's memories move up a row
         # (parts, how many of them the slot does not hold yet): all new; one replaced; the same
-        # again; one fewer; the replaced row back to its old array.
-        for parts, new_parts in ((memories, 4), (changed, 1), (changed, 0), (changed[:3], 0), (memories, 1)):
+        # again; three each (rows 3..5 now hold other arrays); four each again (row 1 was
+        # replaced, rows 3..5 moved; rows 6 and 7 still hold theirs).
+        for parts, new_parts in ((memories, 8), (changed, 1), (changed, 0), (three_each, 3), (memories, 4)):
             async with plain.hold(spec, inputs(parts), ["conditioned_feat"]) as by_grpc:
                 expected = np.array(by_grpc.array("conditioned_feat"))
             async with shared.hold(spec, inputs(parts), ["conditioned_feat"], max_shapes=limits) as by_shm:
                 assert by_shm.shared_memory
                 np.testing.assert_array_equal(np.array(by_shm.array("conditioned_feat")), expected)
                 written = by_shm.bytes_moved - by_shm.outputs["conditioned_feat"].nbytes
-            small = feat.nbytes + pointers.nbytes + 4 * len(parts) + 4 * 3  # + memory_tpos, obj_ptr_tdiff
+            small = feat.nbytes + pointers.nbytes + 4 * len(parts) + 4 * 6  # + memory_tpos, obj_ptr_tdiff
             assert written == small + new_parts * memories[0].nbytes, (written, new_parts)
     finally:
         await shared.close()

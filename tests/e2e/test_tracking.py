@@ -14,6 +14,7 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 from pycocotools import mask as coco_mask
 
 from framewise.v1 import common_pb2, tracking_service_pb2 as pb, tracking_service_pb2_grpc
@@ -146,6 +147,67 @@ def test_two_objects_and_removal(stub, sequence) -> None:  # noqa: ANN001
     _, results = track(stub, requests)
     assert [[o.object_id for o in r.objects] for r in results] == [[1], [1, 7], [1, 7], [7]]
     assert results[1].objects[1].candidate_index == 0  # object 7's prompt frame
+
+
+# Boxes of five objects on Crossing's first frame (360 x 240): the walker and four other places.
+OTHER_BOXES = [(10, 10, 60, 80), (200, 40, 260, 120), (100, 150, 180, 230), (280, 20, 350, 100)]
+
+
+def test_a_frames_objects_share_batched_calls_and_each_tracks_as_if_alone(stub, sequence, triton) -> None:  # noqa: ANN001
+    """Five objects from frame 0 and a sixth from frame 3: each object's results are exactly those
+    of a session tracking it alone, while the per-object parts ran as batched calls (rows of one
+    call share the memory and pointer counts; at most MAX_OBJECTS_PER_CALL rows a call)."""
+    from server.sam2.contract import MAX_OBJECTS_PER_CALL
+
+    frames, boxes = sequence
+    frames = frames[:8]
+    starts = [boxes[0], *OTHER_BOXES]
+
+    def prompted(request: pb.TrackRequest, object_id: int, box) -> pb.TrackRequest:  # noqa: ANN001
+        x1, y1, x2, y2 = box
+        request.frame.prompts.add(object_id=object_id, box=common_pb2.BoundingBox(x1=x1, y1=y1, x2=x2, y2=y2))
+        return request
+
+    stats = triton_grpc.InferenceServerClient(triton.url)
+
+    def counts(model: str) -> tuple[int, int]:
+        model_stats = stats.get_inference_statistics(model).model_stats[0]
+        return model_stats.inference_count, model_stats.execution_count
+
+    models = ("sam2_track_step", "sam2_memory_encoder", "sam2_mask_decoder")
+    before = {m: counts(m) for m in models}
+    first = frame_request(frames[0])
+    for object_id, box in enumerate(starts, start=1):
+        prompted(first, object_id, box)
+    requests = [open_request(), first]
+    requests += [prompted(frame_request(f), 6, (150, 60, 210, 140)) if i == 3 else frame_request(f)
+                 for i, f in enumerate(frames[1:], start=1)]
+    _, together = track(stub, requests)
+    after = {m: counts(m) for m in models}
+    assert [[o.object_id for o in r.objects] for r in together] == [[1, 2, 3, 4, 5]] * 3 + [[1, 2, 3, 4, 5, 6]] * 5
+
+    for object_id, box in enumerate(starts, start=1):
+        alone = [open_request(), prompted(frame_request(frames[0]), object_id, box)] + [frame_request(f) for f in frames[1:]]
+        _, results = track(stub, alone)
+        mine = [pb.FrameResult(frame_index=r.frame_index, objects=[o for o in r.objects if o.object_id == object_id])
+                for r in together]
+        assert summary(mine) == summary(results), object_id
+    assert any(o.present for r in together for o in r.objects if o.object_id == 6)
+
+    # Followed object-frames: objects 1-5 on frames 1-7, object 6 on frames 4-7; one row each.
+    followed = 5 * 7 + 4
+    rows, calls = (after["sam2_track_step"][k] - before["sam2_track_step"][k] for k in (0, 1))
+    assert rows == followed
+    # Without batching, one call per row. With it, per frame at least ceil(5 / MAX_OBJECTS_PER_CALL)
+    # calls for objects 1-5, plus one for object 6 while its memory count differs from theirs.
+    per_frame = -(-5 // MAX_OBJECTS_PER_CALL)
+    assert 7 * per_frame <= calls <= 7 * per_frame + 4 < rows
+    # Every object's memory, each frame: 5 x 3 + 6 x 5 rows in a call or two per frame.
+    rows, calls = (after["sam2_memory_encoder"][k] - before["sam2_memory_encoder"][k] for k in (0, 1))
+    assert rows == 5 * 3 + 6 * 5 and calls <= 8 * -(-6 // MAX_OBJECTS_PER_CALL)
+    # Prompt frames go to the decoder alone, the five boxes of frame 0 in rows of one batch.
+    rows, calls = (after["sam2_mask_decoder"][k] - before["sam2_mask_decoder"][k] for k in (0, 1))
+    assert rows >= 6 and calls < rows
 
 
 def _error(stub, requests) -> grpc.RpcError:  # noqa: ANN001

@@ -228,8 +228,13 @@ def test_sam2_stand_ins_are_written_beside_yolov8(repo):
     assert vision == {"vision_feat": [256, 64, 64], "high_res_feat0": [32, 256, 256],
                       "high_res_feat1": [64, 128, 128]}
     assert parse_config(repo, "sam2_mask_decoder").max_batch_size == 16
-    assert parse_config(repo, "sam2_memory_attention").max_batch_size == 0
-    assert not parse_config(repo, "sam2_memory_attention").HasField("dynamic_batching")
+    # The per-object parts take one object per row, and Triton's dynamic batcher joins concurrent requests.
+    for name in ("sam2_memory_attention", "sam2_memory_encoder"):
+        assert parse_config(repo, name).max_batch_size == 16
+        assert parse_config(repo, name).HasField("dynamic_batching")
+    track = parse_config(repo, "sam2_track_step")
+    assert track.max_batch_size == 16 and [list(t.dims) for t in track.input][:1] == [[256, 64, 64]]
+    assert parse_config(repo, "sam2_frame_step").max_batch_size == 0
 
 
 @needs_assets

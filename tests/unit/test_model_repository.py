@@ -151,11 +151,14 @@ def test_matting_is_a_different_network_per_repository(cpu_repo):
 
 
 def test_batch_limits_fit_the_orchestrator():
-    # One frame per encoder/detector/matting call; all objects of a frame in one decoder call
-    # (--max-objects-per-session defaults to 8).
+    # One frame per encoder/detector/matting call; a frame's objects in calls of up to
+    # MAX_OBJECTS_PER_CALL rows (--max-objects-per-session defaults to 8).
     from server.config import ServerConfig
+    from server.sam2.contract import MAX_OBJECTS_PER_CALL, PER_OBJECT_MODELS
 
     assert gpu_config("sam2_mask_decoder").max_batch_size >= ServerConfig().max_objects_per_session
+    for name in PER_OBJECT_MODELS:  # calls of MAX_OBJECTS_PER_CALL objects fit every per-object part
+        assert gpu_config(name).max_batch_size >= MAX_OBJECTS_PER_CALL, name
     for name in ("yolov8", "matting", "sam2_image_encoder"):
         assert gpu_config(name).max_batch_size >= 1
 
@@ -189,11 +192,14 @@ def test_profiles_cover_the_dynamic_dims():
             assert all(1 <= a <= b <= c for a, b, c in zip(lo, opt, hi))
             assert all(d > 0 for d in hi)
     assert shapes["yolov8"]["images"] == ((1, 640, 640, 3), (4, 640, 640, 3), (8, 640, 640, 3))
+    # Memory attention: objects 1..4 a call (2 typical), memories 1..7, pointers 1..16 per object.
     attention = shapes["sam2_memory_attention"]
-    assert attention["memory_feats"][0][0] == 1 and attention["memory_feats"][2][0] == 7  # memories 1..7
-    assert attention["memory_tpos"][2] == (7,)
-    assert attention["obj_ptrs"][0][0] == 1 and attention["obj_ptrs"][2][0] == 16  # pointers 1..16
-    assert attention["obj_ptr_tdiff"][2] == (16,)
+    assert attention["memory_feats"] == ((1, 1, 64, 64, 64), (2, 7, 64, 64, 64), (4, 7, 64, 64, 64))
+    assert attention["memory_tpos"][2] == (4, 7)
+    assert attention["obj_ptrs"][0][:2] == (1, 1) and attention["obj_ptrs"][2][:2] == (4, 16)
+    assert attention["obj_ptr_tdiff"][2] == (4, 16)
+    assert attention["vision_feat"][2] == (4, 256, 64, 64)
+    assert shapes["sam2_memory_encoder"]["mask_logits"] == ((1, 1, 256, 256), (2, 1, 256, 256), (8, 1, 256, 256))
     decoder = shapes["sam2_mask_decoder"]
     assert decoder["point_coords"][0] == (1, 1, 2) and decoder["point_coords"][2] == (16, 64, 2)
     assert decoder["point_labels"][2] == (16, 64)

@@ -64,24 +64,24 @@ CONTRACT = {
         ],
     ),
     "sam2_memory_attention": (
-        0,
+        16,
         [
-            ("vision_feat", FP32, [1, 256, F, F]),
+            ("vision_feat", FP32, [256, F, F]),
             ("memory_feats", FP16, [-1, 64, F, F]),
             ("memory_tpos", INT32, [-1]),
             ("obj_ptrs", FP32, [-1, 256]),
             ("obj_ptr_tdiff", INT32, [-1]),
         ],
-        [("conditioned_feat", FP32, [1, 256, F, F])],
+        [("conditioned_feat", FP32, [256, F, F])],
     ),
     "sam2_memory_encoder": (
-        0,
+        16,
         [
-            ("vision_feat", FP32, [1, 256, F, F]),
-            ("mask_logits", FP32, [1, 1, G, G]),
-            ("object_score_logits", FP32, [1, 1]),
+            ("vision_feat", FP32, [256, F, F]),
+            ("mask_logits", FP32, [1, G, G]),
+            ("object_score_logits", FP32, [1]),
         ],
-        [("maskmem_feat", FP16, [1, 64, F, F])],
+        [("maskmem_feat", FP16, [64, F, F])],
     ),
 }
 NUMPY = {FP32: np.float32, FP16: np.float16, INT32: np.int32, UINT8: np.uint8}
@@ -324,10 +324,10 @@ def test_memory_encoder_then_attention_then_decoder_propagates_the_mask(parts):
         now, now0, now1 = encode(parts, index)
         conditioned = parts["sam2_memory_attention"](
             vision_feat=now,
-            memory_feats=memory.astype(np.float16),
-            memory_tpos=np.array([0], np.int32),
-            obj_ptrs=pointer,
-            obj_ptr_tdiff=np.array([index - 1], np.int32),
+            memory_feats=memory.astype(np.float16)[None],
+            memory_tpos=np.array([[0]], np.int32),
+            obj_ptrs=pointer[None],
+            obj_ptr_tdiff=np.array([[index - 1]], np.int32),
         )["conditioned_feat"]
         assert conditioned.shape == (1, 256, F, F) and np.isfinite(conditioned).all()
         np.testing.assert_array_equal(conditioned[:, : PRIOR_CHANNELS[0]], now[:, : PRIOR_CHANNELS[0]])
@@ -349,10 +349,10 @@ def test_memory_encoder_then_attention_then_decoder_propagates_the_mask(parts):
     )["maskmem_feat"]
     conditioned = parts["sam2_memory_attention"](
         vision_feat=embed,
-        memory_feats=empty.astype(np.float16),
-        memory_tpos=np.array([0], np.int32),
-        obj_ptrs=pointer,
-        obj_ptr_tdiff=np.array([1], np.int32),
+        memory_feats=empty.astype(np.float16)[None],
+        memory_tpos=np.array([[0]], np.int32),
+        obj_ptrs=pointer[None],
+        obj_ptr_tdiff=np.array([[1]], np.int32),
     )["conditioned_feat"]
     out = decode(parts, conditioned, high0, high1, *NO_PROMPT)
     assert not (out["masks"] > 0).any() and out["object_score_logits"][0, 0] < -1
@@ -368,11 +368,11 @@ def test_memory_attention_accepts_1_to_7_memories_and_1_to_16_pointers(parts, me
     rs = np.random.RandomState(memories * 100 + pointers)
     out = parts["sam2_memory_attention"](
         vision_feat=embed,
-        memory_feats=np.repeat(memory.astype(np.float16), memories, 0),
+        memory_feats=np.repeat(memory.astype(np.float16), memories, 0)[None],
         # Rows of the temporal encoding: prompt frame 6, then oldest -> newest (0).
-        memory_tpos=np.array([6, 5, 4, 3, 2, 1, 0][-memories:], np.int32),
-        obj_ptrs=rs.normal(size=(pointers, 256)).astype(np.float32),
-        obj_ptr_tdiff=np.arange(1, pointers + 1, dtype=np.int32),
+        memory_tpos=np.array([[6, 5, 4, 3, 2, 1, 0][-memories:]], np.int32),
+        obj_ptrs=rs.normal(size=(1, pointers, 256)).astype(np.float32),
+        obj_ptr_tdiff=np.arange(1, pointers + 1, dtype=np.int32)[None],
     )["conditioned_feat"]
     assert out.shape == (1, 256, F, F) and out.dtype == np.float32 and np.isfinite(out).all()
     decoded = decode(parts, out, high0, high1, *NO_PROMPT)
@@ -388,19 +388,50 @@ def test_every_memory_attention_input_counts(parts):
     elsewhere = np.roll(memory, 3, axis=3).astype(np.float32)  # the same object, 3 feature cells to the right
     feeds = {
         "vision_feat": embed,
-        "memory_feats": np.concatenate([memory.astype(np.float16), elsewhere.astype(np.float16)]),
-        "memory_tpos": np.array([1, 5], np.int32),
-        "obj_ptrs": np.random.RandomState(0).normal(size=(2, 256)).astype(np.float32),
-        "obj_ptr_tdiff": np.array([1, 4], np.int32),
+        "memory_feats": np.concatenate([memory.astype(np.float16), elsewhere.astype(np.float16)])[None],
+        "memory_tpos": np.array([[1, 5]], np.int32),
+        "obj_ptrs": np.random.RandomState(0).normal(size=(1, 2, 256)).astype(np.float32),
+        "obj_ptr_tdiff": np.array([[1, 4]], np.int32),
     }
     base = parts["sam2_memory_attention"](**feeds)["conditioned_feat"]
     changes = {
         "vision_feat": embed * 0.5,
-        "memory_feats": feeds["memory_feats"][::-1].copy(),
-        "memory_tpos": np.array([5, 1], np.int32),
+        "memory_feats": feeds["memory_feats"][:, ::-1].copy(),
+        "memory_tpos": np.array([[5, 1]], np.int32),
         "obj_ptrs": -feeds["obj_ptrs"],
-        "obj_ptr_tdiff": np.array([4, 1], np.int32),
+        "obj_ptr_tdiff": np.array([[4, 1]], np.int32),
     }
     for name, value in changes.items():
         changed = parts["sam2_memory_attention"](**{**feeds, name: value})["conditioned_feat"]
         assert not np.array_equal(changed, base), name
+
+
+def test_memory_parts_take_one_object_per_row(parts):
+    """Rows of a batched call are independent objects: each row gives what the object alone gives."""
+    embed, high0, high1 = encode(parts, 1)
+    prompted = decode(parts, embed, high0, high1, *box_prompt(crossing_box(1)))
+    masks = np.concatenate([prompted["masks"][:, 1:2], np.roll(prompted["masks"][:, 2:3], 5, axis=3),
+                            prompted["masks"][:, 3:4]])
+    scores = np.array([[2.0], [1.0], [-3.0]], np.float32)  # the third object absent
+    encoder_feeds = {"vision_feat": np.repeat(embed, 3, 0), "mask_logits": masks, "object_score_logits": scores}
+    memories = parts["sam2_memory_encoder"](**encoder_feeds)["maskmem_feat"]
+    assert memories.shape == (3, 64, F, F)
+    for row in range(3):
+        alone = parts["sam2_memory_encoder"](**{k: v[row:row + 1] for k, v in encoder_feeds.items()})["maskmem_feat"]
+        np.testing.assert_array_equal(memories[row:row + 1], alone)
+    assert len({memories[row].tobytes() for row in range(3)}) == 3
+
+    rs = np.random.RandomState(3)
+    feeds = {
+        "vision_feat": np.repeat(embed, 3, 0),
+        "memory_feats": np.stack([memories, memories[::-1], np.roll(memories, 1, 0)]).astype(np.float16),  # 3 x 3 memories
+        "memory_tpos": np.array([[2, 1, 0], [6, 1, 0], [0, 1, 2]], np.int32),
+        "obj_ptrs": rs.normal(size=(3, 2, 256)).astype(np.float32),
+        "obj_ptr_tdiff": np.array([[1, 2], [1, 3], [2, 4]], np.int32),
+    }
+    batch = parts["sam2_memory_attention"](**feeds)["conditioned_feat"]
+    assert batch.shape == (3, 256, F, F)
+    for row in range(3):
+        alone = parts["sam2_memory_attention"](**{k: v[row:row + 1] for k, v in feeds.items()})["conditioned_feat"]
+        np.testing.assert_array_equal(batch[row:row + 1], alone)
+    assert not np.array_equal(batch[0], batch[1])

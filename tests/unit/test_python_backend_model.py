@@ -1,0 +1,133 @@
+"""The Triton python-backend model (engines/python_backend/onnx_model.py) in process, with a small
+stand-in for Triton's ``triton_python_backend_utils`` (the real one exists only inside Triton's
+stub process): how ``execute`` treats the requests Triton's dynamic batcher hands over. Served by
+a real Triton: tests/e2e/test_tracking.py, tests/e2e/test_openvino_runtime.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+MODEL_FILE = Path(__file__).resolve().parents[2] / "engines" / "python_backend" / "onnx_model.py"
+
+
+@dataclass
+class _Tensor:
+    name: str
+    array: np.ndarray
+
+    def as_numpy(self) -> np.ndarray:
+        return self.array
+
+
+@dataclass
+class _Response:
+    output_tensors: list[_Tensor]
+    error: object = None
+
+
+@dataclass
+class _Request:
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def _fake_pb_utils() -> types.ModuleType:
+    module = types.ModuleType("triton_python_backend_utils")
+    module.Tensor = _Tensor
+    module.InferenceResponse = _Response
+    module.TritonError = lambda message: message
+    module.get_input_tensor_by_name = lambda request, name: (
+        _Tensor(name, request.inputs[name]) if name in request.inputs else None)
+    module.triton_string_to_numpy = lambda name: {"TYPE_FP32": np.float32}[name]
+    module.Logger = types.SimpleNamespace(log_info=lambda message: None, log_warn=lambda message: None)
+    return module
+
+
+@pytest.fixture
+def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A batching model (max_batch_size 8, per_item_execution "false") whose graph is
+    y[b] = x[b] @ W + z[b] (rows independent), with its session's runs counted."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
+    weight = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["xw"]), helper.make_node("Add", ["xw", "z"], ["y"])], "rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n", 3]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", "n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "n", 4])],
+        initializer=[onnx.numpy_helper.from_array(weight, "w")],
+    )
+    version = tmp_path / "1"
+    version.mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(version / "m.onnx"))
+    config = {
+        "name": "rows", "max_batch_size": 8,
+        "input": [{"name": "x", "data_type": "TYPE_FP32"}, {"name": "z", "data_type": "TYPE_FP32"}],
+        "output": [{"name": "y", "data_type": "TYPE_FP32"}],
+        "parameters": {k: {"string_value": v} for k, v in
+                       {"onnx_file": "m.onnx", "per_item_execution": "false", "stand_in": "true"}.items()},
+    }
+    spec = importlib.util.spec_from_file_location("framewise_test_onnx_model", MODEL_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    instance = module.TritonPythonModel()
+    instance.initialize({"model_config": json.dumps(config), "model_repository": str(tmp_path),
+                         "model_version": "1", "model_instance_name": "rows_0"})
+    runs = []
+    real_run = instance.session.run
+
+    def counted(names, feeds):
+        runs.append({name: a.shape for name, a in feeds.items()})
+        return real_run(names, feeds)
+
+    instance.session.run = counted
+    instance.runs = runs
+    instance.weight = weight
+    return instance
+
+
+def request(rows: int, n: int, seed: int) -> _Request:
+    rs = np.random.RandomState(seed)
+    return _Request({"x": rs.rand(rows, n, 3).astype(np.float32), "z": rs.rand(rows, n, 4).astype(np.float32)})
+
+
+def expected(model, req: _Request) -> np.ndarray:  # noqa: ANN001
+    return req.inputs["x"] @ model.weight + req.inputs["z"]
+
+
+def test_requests_of_equal_shapes_run_as_one_call_and_each_gets_its_rows(model) -> None:  # noqa: ANN001
+    requests = [request(2, 5, 0), request(1, 5, 1), request(3, 5, 2)]
+    responses = model.execute(requests)
+    assert model.runs == [{"x": (6, 5, 3), "z": (6, 5, 4)}]
+    for req, response in zip(requests, responses, strict=True):
+        assert response.error is None
+        (tensor,) = response.output_tensors
+        np.testing.assert_allclose(tensor.array, expected(model, req), rtol=1e-6)
+
+
+def test_requests_of_other_shapes_run_in_their_own_calls(model) -> None:  # noqa: ANN001
+    requests = [request(1, 5, 0), request(1, 7, 1), request(2, 5, 2)]  # n = 7 cannot join n = 5
+    responses = model.execute(requests)
+    assert sorted(run["x"] for run in model.runs) == [(1, 7, 3), (3, 5, 3)]
+    for req, response in zip(requests, responses, strict=True):
+        np.testing.assert_allclose(response.output_tensors[0].array, expected(model, req), rtol=1e-6)
+
+
+def test_a_bad_request_fails_alone(model) -> None:  # noqa: ANN001
+    bad = _Request({"x": np.zeros((2, 5, 3), np.float32), "z": np.zeros((1, 5, 4), np.float32)})  # batch sizes differ
+    missing = _Request({"x": np.zeros((1, 5, 3), np.float32)})
+    good = [request(1, 5, 0), request(2, 5, 1)]
+    responses = model.execute([good[0], bad, missing, good[1]])
+    assert "disagree on the batch size" in responses[1].error and "missing input 'z'" in responses[2].error
+    for req, response in zip(good, (responses[0], responses[3]), strict=True):
+        assert response.error is None
+        np.testing.assert_allclose(response.output_tensors[0].array, expected(model, req), rtol=1e-6)
+    assert model.runs == [{"x": (3, 5, 3), "z": (3, 5, 4)}]

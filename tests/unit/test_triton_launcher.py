@@ -1,0 +1,51 @@
+"""The Triton launcher's housekeeping (server/triton/launcher.py), without a Triton: which python-
+backend shared-memory regions a start reclaims. A real Triton's regions: tests/e2e/test_lifecycle.py."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from server.triton.launcher import BACKEND_REGION_PREFIX, reclaim_backend_regions
+
+
+def region(shm: Path, name: str, age_s: float) -> Path:
+    path = shm / name
+    path.write_bytes(b"\0" * 64)
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+    return path
+
+
+def fake_proc(root: Path, maps: dict[int, list[Path]]) -> Path:
+    for pid, files in maps.items():
+        (root / str(pid)).mkdir(parents=True)
+        (root / str(pid) / "maps").write_text("".join(
+            f"7f00000{i}000-7f00001{i}000 rw-s 00000000 00:1a 1234 {path}\n" for i, path in enumerate(files)))
+    (root / "self").mkdir(exist_ok=True)  # not a pid: ignored
+    return root
+
+
+def test_only_old_unmapped_regions_of_our_prefix_are_reclaimed(tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    live = region(shm, f"{BACKEND_REGION_PREFIX}live", 600)
+    dead = region(shm, f"{BACKEND_REGION_PREFIX}dead", 600)
+    young = region(shm, f"{BACKEND_REGION_PREFIX}young", 1)  # its Triton may not have mapped it yet
+    deleted = region(shm, f"{BACKEND_REGION_PREFIX}deleted-but-mapped", 600)
+    others = region(shm, "triton_python_backend_shm_region_x", 600)  # another Triton's: not ours
+    proc = fake_proc(tmp_path / "proc", {41: [live], 42: [Path(f"{deleted} (deleted)")]})
+
+    assert reclaim_backend_regions(shm, proc) == [dead.name]
+    assert not dead.exists()
+    assert live.exists() and young.exists() and deleted.exists() and others.exists()
+    assert reclaim_backend_regions(shm, proc) == []
+
+
+def test_nothing_is_touched_without_a_readable_proc(tmp_path: Path) -> None:
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    dead = region(shm, f"{BACKEND_REGION_PREFIX}dead", 600)
+    assert reclaim_backend_regions(shm, tmp_path / "no-proc") == []
+    assert dead.exists()
