@@ -311,9 +311,13 @@ class ManagedTriton:
 def reclaim_backend_regions(
     shm_dir: Path = SHM_DIR, proc: Path = Path("/proc"), *, min_age_s: float = BACKEND_REGION_MIN_AGE_S
 ) -> list[str]:
-    """Unlinks the python-backend regions (BACKEND_REGION_PREFIX) that no live process maps and that
-    are older than ``min_age_s``: what a Triton that died left behind. Returns their names. Without
-    a readable /proc nothing is touched (a region in use could not be told from a leftover)."""
+    """Unlinks the python-backend regions (BACKEND_REGION_PREFIX) of this user that no process maps
+    and that are older than ``min_age_s``: what a Triton that died left behind. Returns their names.
+
+    Only this user's regions: Triton creates them 0644, so only a process of this user (or root) can
+    map one read-write as the python backend does, and those processes' maps are readable; a process
+    whose maps are not (PID 1 of some sandboxes, another user's) is not a Triton of ours. Without a
+    readable /proc nothing is touched."""
     try:
         candidates = [entry for entry in shm_dir.iterdir() if entry.name.startswith(BACKEND_REGION_PREFIX)]
     except OSError:
@@ -323,23 +327,24 @@ def reclaim_backend_regions(
     mapped = _mapped_files(proc)
     if mapped is None:
         return []
-    now = time.time()
+    now, me = time.time(), os.geteuid()
     reclaimed = []
     for entry in candidates:
         try:
-            if str(entry) in mapped or now - entry.stat().st_mtime < min_age_s:
+            stat = entry.stat()
+            if stat.st_uid != me or str(entry) in mapped or now - stat.st_mtime < min_age_s:
                 continue
             entry.unlink()
         except (FileNotFoundError, PermissionError):
-            continue  # gone meanwhile, or another user's (sticky /dev/shm): not ours to judge
+            continue  # gone meanwhile, or not ours to unlink (sticky /dev/shm)
         log.warning("reclaimed a Triton python-backend region left by a Triton that died", extra={"region": entry.name})
         reclaimed.append(entry.name)
     return reclaimed
 
 
 def _mapped_files(proc: Path) -> set[str] | None:
-    """Every file some process visible in ``proc`` maps, or None when /proc cannot be read. A
-    process whose maps are unreadable (another user's) may map anything: None."""
+    """Every file some process whose maps are readable maps, or None when ``proc`` cannot be
+    listed."""
     mapped: set[str] = set()
     try:
         pids = [entry for entry in proc.iterdir() if entry.name.isdigit()]
@@ -348,10 +353,8 @@ def _mapped_files(proc: Path) -> set[str] | None:
     for pid in pids:
         try:
             text = (pid / "maps").read_text()
-        except FileNotFoundError:
-            continue  # exited meanwhile
         except OSError:
-            return None
+            continue  # exited meanwhile, or not readable by us (see reclaim_backend_regions)
         for line in text.splitlines():
             fields = line.split(maxsplit=5)
             if len(fields) == 6:

@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from server.triton.launcher import BACKEND_REGION_PREFIX, reclaim_backend_regions
 
 
@@ -36,6 +38,7 @@ def test_only_old_unmapped_regions_of_our_prefix_are_reclaimed(tmp_path: Path) -
     deleted = region(shm, f"{BACKEND_REGION_PREFIX}deleted-but-mapped", 600)
     others = region(shm, "triton_python_backend_shm_region_x", 600)  # another Triton's: not ours
     proc = fake_proc(tmp_path / "proc", {41: [live], 42: [Path(f"{deleted} (deleted)")]})
+    (proc / "43" / "maps").mkdir(parents=True)  # maps we cannot read (e.g. a sandbox's PID 1) block nothing
 
     assert reclaim_backend_regions(shm, proc) == [dead.name]
     assert not dead.exists()
@@ -49,3 +52,15 @@ def test_nothing_is_touched_without_a_readable_proc(tmp_path: Path) -> None:
     dead = region(shm, f"{BACKEND_REGION_PREFIX}dead", 600)
     assert reclaim_backend_regions(shm, tmp_path / "no-proc") == []
     assert dead.exists()
+
+
+def test_another_users_region_is_left_alone(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("making a file of another user needs root")
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    theirs = region(shm, f"{BACKEND_REGION_PREFIX}theirs", 600)
+    os.chown(theirs, 12345, 12345)
+    os.utime(theirs, (time.time() - 600, time.time() - 600))
+    assert reclaim_backend_regions(shm, fake_proc(tmp_path / "proc", {41: []})) == []
+    assert theirs.exists()
