@@ -61,11 +61,17 @@ def test_export_report_has_every_check_passing(exported):
         assert check is not None and check["ok"], f"{name}: {check}"
 
 
-def test_cpu_repository_serves_the_export(exported, tmp_path):
+def _serve(exported: Path, tmp_path: Path, precision: str) -> Path:
+    """The CPU repository build_engines.py writes for the export, in ``precision``."""
     repository = tmp_path / "repo"
     run = _build_engines("--target", "cpu", "--sam2-onnx-dir", str(exported), "--sam2-image-size", str(SIZE),
-                         "--sam2-precision", "f32", "--output", str(repository), timeout=120)
+                         "--sam2-precision", precision, "--output", str(repository), timeout=120)
     assert run.returncode == 0, run.stderr
+    return repository
+
+
+def test_cpu_repository_serves_the_export(exported, tmp_path):
+    repository = _serve(exported, tmp_path, "f32")
     for name in PARTS:
         served = repository / name / "1" / "model.onnx"
         config = (repository / name / "config.pbtxt").read_text()
@@ -84,10 +90,7 @@ def test_cpu_repository_serves_the_export(exported, tmp_path):
 
 
 def test_cpu_repository_in_bf16_serves_the_heavy_parts_on_openvino(exported, tmp_path):
-    repository = tmp_path / "repo"
-    run = _build_engines("--target", "cpu", "--sam2-onnx-dir", str(exported), "--sam2-image-size", str(SIZE),
-                         "--sam2-precision", "bf16", "--output", str(repository), timeout=120)
-    assert run.returncode == 0, run.stderr
+    repository = _serve(exported, tmp_path, "bf16")
     for name in PARTS:
         config = (repository / name / "config.pbtxt").read_text()
         heavy = name in ("sam2_image_encoder", "sam2_memory_attention")

@@ -119,7 +119,7 @@ class Repeated:
     @property
     def dtype(self) -> np.dtype:
         source = self.tensor
-        return np.dtype(numpy_dtype(source.datatype) if isinstance(source, ShmRef) else source.dtype)
+        return np.dtype(source.array().dtype if isinstance(source, ShmRef) else source.dtype)
 
     @property
     def offload(self) -> bool:
@@ -149,4 +149,4 @@ def memory_rows(sent: list[int], memories: list[np.ndarray]) -> list[int]:
 
 def numpy_dtype(datatype: str) -> type:
     """The numpy type of a Triton tensor datatype the SAM 2 parts use for features."""
-    return {"FP16": np.float16, "FP32": np.float32, "UINT8": np.uint8}[datatype]
+    return {"FP16": np.float16, "FP32": np.float32}[datatype]

@@ -212,7 +212,7 @@ class InferenceRunner:
                     written += view.nbytes
                 refs[name] = slot.inputs[name].ref(shapes[name])
             # A batching model writes as many output rows as the request has (the slot has room for more).
-            rows = next(iter(ref.shape[0] for ref in refs.values())) if spec.max_batch_size > 0 and refs else None
+            rows = next(ref.shape[0] for ref in refs.values()) if spec.max_batch_size > 0 and refs else None
             out_refs = {name: slot.outputs[name].ref(None if rows is None else (rows, *slot.outputs[name].shape[1:]))
                         for name in outputs}
             started = time.perf_counter()
