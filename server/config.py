@@ -97,6 +97,8 @@ class ServerConfig:
     # Tensors through POSIX shared memory: "auto" = when the orchestrator runs Triton itself.
     triton_shm: str = "auto"
     triton_shm_slots: int = 16
+    # A shared-memory slot free this long gives its pages back (0: never).
+    triton_shm_idle_release_s: float = 30.0
     max_message_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     shutdown_grace_s: float = 10.0
@@ -153,6 +155,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                    help="pass tensors to Triton through system shared memory (auto: only for the managed child)")
     p.add_argument("--triton-shm-slots", type=int, default=_env("TRITON_SHM_SLOTS", d.triton_shm_slots),
                    help="concurrent requests per model that use shared memory; more fall back to gRPC")
+    p.add_argument("--triton-shm-idle-release", type=float,
+                   default=_env("TRITON_SHM_IDLE_RELEASE", d.triton_shm_idle_release_s),
+                   help="seconds a shared-memory slot stays free before its pages go back to the system (0: never)")
     p.add_argument("--max-message-bytes", type=int, default=_env("MAX_MESSAGE_BYTES", d.max_message_bytes))
     p.add_argument("--max-image-pixels", type=int, default=_env("MAX_IMAGE_PIXELS", d.max_image_pixels))
     p.add_argument("--shutdown-grace", type=float, default=_env("SHUTDOWN_GRACE", d.shutdown_grace_s),
@@ -181,6 +186,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         p.error(f"--job-lease-renew must be > 0 and shorter than --job-lease ({a.job_lease} s), got {a.job_lease_renew}")
     if a.max_talk_persons < 1:
         p.error(f"--max-talk-persons must be >= 1, got {a.max_talk_persons}")
+    if a.triton_shm_idle_release < 0:
+        p.error(f"--triton-shm-idle-release must be >= 0 seconds (0 keeps the pages), got {a.triton_shm_idle_release}")
     if a.result_cache_bytes < 0:
         p.error(f"--result-cache-bytes must be >= 0 (0 disables the cache), got {a.result_cache_bytes}")
     if not 0 <= a.job_worker_nice <= 19:
@@ -208,6 +215,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         triton_timeout_s=a.triton_timeout,
         triton_shm=a.triton_shm,
         triton_shm_slots=a.triton_shm_slots,
+        triton_shm_idle_release_s=a.triton_shm_idle_release,
         max_message_bytes=a.max_message_bytes,
         max_image_pixels=a.max_image_pixels,
         shutdown_grace_s=a.shutdown_grace,

@@ -59,6 +59,12 @@ class Metrics:
             ["model", "path"],
             registry=registry,
         )
+        self.triton_shm_released_bytes = Counter(
+            "framewise_triton_shm_released_bytes_total",
+            "Bytes of idle shared-memory request slots given back to the system (--triton-shm-idle-release).",
+            ["model"],
+            registry=registry,
+        )
         self.triton_ready = Gauge(
             "framewise_triton_ready", "1 while Triton and every required model are ready.", registry=registry
         )

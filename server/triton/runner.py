@@ -25,7 +25,7 @@ from server.errors import ServiceError, Unavailable
 from server.metrics import Metrics
 from server.triton.client import TritonClient
 from server.triton.model_spec import ModelSpec
-from server.triton.shm import ShmRef, ShmSlotPool, reclaim_orphaned_regions
+from server.triton.shm import ShmRef, ShmSlot, ShmSlotPool, reclaim_orphaned_regions
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -126,10 +126,17 @@ class Held:
 
 
 class InferenceRunner:
-    def __init__(self, client: TritonClient, metrics: Metrics, *, shm_slots_per_model: int = 0) -> None:
+    def __init__(
+        self, client: TritonClient, metrics: Metrics, *, shm_slots_per_model: int = 0, shm_idle_release_s: float = 0.0
+    ) -> None:
+        """``shm_idle_release_s``: a shared-memory slot free for this long gives its pages back
+        (ShmSlotPool.release_idle_pages); 0 keeps them for good."""
         self.client = client
         self.metrics = metrics
         self.shm_slots_per_model = shm_slots_per_model
+        self.shm_idle_release_s = shm_idle_release_s
+        # Armed while some free slot still holds pages (see _release_idle_pages).
+        self._idle_release: asyncio.TimerHandle | None = None
         # Model -> (the spec the pool was made for, the pool; None when the model cannot use one).
         self._pools: dict[str, tuple[ModelSpec, ShmSlotPool | None]] = {}
         # Pools of a model's earlier spec (reloaded model): requests in flight may still hold
@@ -227,9 +234,34 @@ class InferenceRunner:
             yield Held(dict(out_refs), time.perf_counter() - started, True, written, slot.index)
         finally:
             if abandoned:
-                asyncio.get_running_loop().call_later(_ABANDONED_SLOT_QUARANTINE_S, pool.release, slot)
+                asyncio.get_running_loop().call_later(_ABANDONED_SLOT_QUARANTINE_S, self._release, pool, slot)
             else:
-                pool.release(slot)
+                self._release(pool, slot)
+
+    def _release(self, pool: ShmSlotPool, slot: ShmSlot) -> None:
+        pool.release(slot)
+        if self.shm_idle_release_s > 0 and self._idle_release is None:
+            self._idle_release = asyncio.get_running_loop().call_later(self.shm_idle_release_s, self._release_idle_pages)
+
+    def _release_idle_pages(self) -> None:
+        """Gives back the pages of slots idle for shm_idle_release_s, and comes back when the
+        next one will be. On the event loop, between requests, so no slot changes hands while
+        its pages go (a few ms for the largest slots)."""
+        self._idle_release = None
+        now = time.monotonic()
+        pools = self._all_pools()
+        for pool in pools:
+            released = pool.release_idle_pages(self.shm_idle_release_s, now)
+            if released:
+                self.metrics.triton_shm_released_bytes.labels(pool.model).inc(released)
+                log.debug("idle shared-memory slots gave their pages back", extra={"model": pool.model, "bytes": released})
+        waits = [w for pool in pools if (w := pool.next_idle_release_s(self.shm_idle_release_s, now)) is not None]
+        if waits:
+            # Not before 1 s: slots released a moment apart are given back together.
+            self._idle_release = asyncio.get_running_loop().call_later(max(min(waits), 1.0), self._release_idle_pages)
+
+    def _all_pools(self) -> list[ShmSlotPool]:
+        return [p for _, p in self._pools.values() if p is not None] + self._retired
 
     async def _infer_in_slot(
         self,
@@ -254,8 +286,7 @@ class InferenceRunner:
     def _pools_of(self, inputs: dict[str, ShmRef], outputs: dict[str, ShmRef], own: ShmSlotPool) -> list[ShmSlotPool]:
         """The pools whose regions this request uses (inputs may reference other models' slots)."""
         regions = {ref.region for ref in (*inputs.values(), *outputs.values())}
-        pools = [p for _, p in self._pools.values() if p is not None] + self._retired
-        return [own] + [p for p in pools if p.region in regions and p is not own]
+        return [own] + [p for p in self._all_pools() if p.region in regions and p is not own]
 
     async def _reregister(self, pool: ShmSlotPool, reason: str) -> None:
         # Requests failing together after a restart re-register once, not once each.
@@ -317,7 +348,10 @@ class InferenceRunner:
         pool.close()
 
     async def close(self) -> None:
-        for pool in [p for _, p in self._pools.values() if p is not None] + self._retired:
+        if self._idle_release is not None:
+            self._idle_release.cancel()
+            self._idle_release = None
+        for pool in self._all_pools():
             await self._drop(pool)
         self._retired.clear()
         self._pools.clear()

@@ -7,6 +7,11 @@ gets offsets instead of bytes. Only possible when Triton runs on the same host a
 /dev/shm (the managed child does), so it is optional and falls back to plain gRPC per request
 when every slot is busy.
 
+A slot's pages stay resident once written: a session that tracked four objects leaves its slots
+holding four objects' rows after it ends. ``release_idle_pages`` gives the pages of slots that have
+been free for a while back to the system (the runner calls it on a timer), so a burst does not set
+the process's memory for good.
+
 A region is named after its owner process (PID namespace, PID and the process's start time):
 close() unlinks it, and if the interpreter exits without it multiprocessing's resource tracker
 does, but a SIGKILL of the orchestrator together with its tracker (a container or process-group
@@ -17,8 +22,10 @@ first region, unlinks the regions whose owner is dead, and never one of a live p
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
+import time
 import uuid
 import weakref
 from collections.abc import Mapping
@@ -38,6 +45,13 @@ _NUMPY = {"UINT8": np.uint8, "FP32": np.float32, "FP16": np.float16, "INT32": np
 
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _whole_pages(start: int, end: int) -> tuple[int, int]:
+    """The pages that lie entirely inside [start, end): a neighbouring slot's bytes on a shared
+    page must never be dropped."""
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    return first, max(first, end // mmap.PAGESIZE * mmap.PAGESIZE)
 
 
 SHM_DIR = Path("/dev/shm")
@@ -213,10 +227,22 @@ class ShmSlotPool:
         self.model = model
         self.region = region_name(model, RegionOwner.current())
         layout, slot_bytes = self._layout(inputs + outputs, batched, max_shapes or {})
+        self.slot_bytes = slot_bytes
         self.byte_size = slot_bytes * slots
         # close() unlinks the region; if the interpreter exits without it, multiprocessing's
         # resource tracker unlinks it. Only a SIGKILL of the orchestrator leaves it behind.
         self._shm = shared_memory.SharedMemory(name=self.region, create=True, size=self.byte_size)
+        # A second mapping of the same file, for madvise (SharedMemory does not expose its own):
+        # address space only, no memory.
+        fd = os.open(SHM_DIR / self.region, os.O_RDWR)
+        try:
+            self._pages = mmap.mmap(fd, self.byte_size)
+        finally:
+            os.close(fd)
+        # Slot index -> when it was last released; and the slots written since their pages were
+        # last given back.
+        self._idle_since: dict[int, float] = {}
+        self._resident: set[int] = set()
         input_names = {t.name for t in inputs}
         self._slots = []
         for index in range(slots):
@@ -286,18 +312,65 @@ class ShmSlotPool:
     def acquire(self, prefer: int | None = None) -> ShmSlot | None:
         """A free slot (slot ``prefer`` when it is free), or None when all are in use (the caller
         then sends bytes over gRPC)."""
+        slot = None
         if prefer is not None:
             for k in range(len(self._free) - 1, -1, -1):
                 if self._free[k].index == prefer:
-                    return self._free.pop(k)
-        return self._free.pop() if self._free else None
+                    slot = self._free.pop(k)
+                    break
+        if slot is None and self._free:
+            slot = self._free.pop()
+        if slot is not None:
+            self._idle_since.pop(slot.index, None)
+            self._resident.add(slot.index)
+        return slot
 
-    def release(self, slot: ShmSlot) -> None:
+    def release(self, slot: ShmSlot, now: float | None = None) -> None:
+        self._idle_since[slot.index] = time.monotonic() if now is None else now
         self._free.append(slot)
+
+    def release_idle_pages(self, idle_s: float, now: float | None = None) -> int:
+        """Gives back the pages of every slot free for at least ``idle_s`` seconds and written
+        since its pages were last given back; returns the bytes the region held less. Safe only because a free slot
+        is in no request: Triton reads and writes a slot only while a request holds it (an
+        abandoned request's slot is released only after its quarantine). The slot reads as
+        zeros afterwards, so it forgets which rows it held (see ShmSlot.written)."""
+        now = time.monotonic() if now is None else now
+        idle = [
+            slot for slot in self._free
+            if slot.index in self._resident and now - self._idle_since.get(slot.index, now) >= idle_s
+        ]
+        if not idle:
+            return 0
+        # What the file held before and after: only the pages that were written count.
+        before = self.allocated_bytes()
+        for slot in idle:
+            start, end = _whole_pages(slot.index * self.slot_bytes, (slot.index + 1) * self.slot_bytes)
+            if end > start:
+                self._pages.madvise(mmap.MADV_REMOVE, start, end - start)
+            slot.written.clear()
+            self._resident.discard(slot.index)
+        return max(0, before - self.allocated_bytes())
+
+    def allocated_bytes(self) -> int:
+        """The bytes of the region that hold pages (tmpfs allocates a page when it is written)."""
+        return os.stat(SHM_DIR / self.region).st_blocks * 512
+
+    def next_idle_release_s(self, idle_s: float, now: float | None = None) -> float | None:
+        """Seconds until release_idle_pages would give back another slot's pages; None while
+        no free slot holds written pages."""
+        now = time.monotonic() if now is None else now
+        waits = [
+            idle_s - (now - self._idle_since[slot.index])
+            for slot in self._free
+            if slot.index in self._resident and slot.index in self._idle_since
+        ]
+        return max(0.0, min(waits)) if waits else None
 
     def close(self) -> None:
         self._slots.clear()
         self._free.clear()
+        self._pages.close()
         try:
             self._shm.close()
         except BufferError:

@@ -83,7 +83,9 @@ def build_inference_stack(
         degradable_models=degradable_models,
         reread_models=CACHED_MODELS,
     )
-    runner = InferenceRunner(client, metrics, shm_slots_per_model=shm_slots)
+    runner = InferenceRunner(
+        client, metrics, shm_slots_per_model=shm_slots, shm_idle_release_s=config.triton_shm_idle_release_s
+    )
     # One cache file per replica, shared by its two processes: what a job computes, an RPC
     # finds, and the other way round.
     cache = result_cache_for(config, metrics)

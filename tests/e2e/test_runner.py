@@ -213,3 +213,49 @@ def test_the_request_id_is_appended_to_cached_request_bytes() -> None:
     request.inputs.add(name="x", datatype="FP32", shape=[1, 2])
     parsed = service_pb2.ModelInferRequest.FromString(request.SerializeToString() + _id_field("1234"))
     assert parsed.id == "1234" and parsed.model_name == "m" and parsed.inputs[0].shape == [1, 2]
+
+
+async def test_idle_slots_give_their_pages_back_and_later_requests_stay_right(triton) -> None:  # noqa: ANN001
+    """A slot left free for shm_idle_release_s gives its pages back (the region's allocated bytes
+    fall, the metric counts them) and forgets the rows it held: the next request writes every
+    part again and gets what gRPC gets."""
+    from server.sam2 import contract as sam2
+
+    client = TritonClient(triton.url)
+    metrics = Metrics(CollectorRegistry())
+    specs = {name: await client.model_spec(name) for name in sam2.TRACKING_MODELS}
+    spec = specs[sam2.MEMORY_ATTENTION]
+    limits = sam2.Sam2Contract.from_specs(specs).shm_max_shapes(sam2.MEMORY_ATTENTION)
+    rng = np.random.default_rng(1)
+    parts = [rng.standard_normal((1, *spec.input("memory_feats").shape[2:])).astype(np.float16) for _ in range(4)]
+    inputs = {"vision_feat": rng.standard_normal((1, *spec.input("vision_feat").shape[1:]), dtype=np.float32),
+              "memory_feats": Stacked(parts, (1, 4)), "memory_tpos": np.arange(4, dtype=np.int32)[None],
+              "obj_ptrs": rng.standard_normal((1, 2, spec.input("obj_ptrs").shape[-1])).astype(np.float32),
+              "obj_ptr_tdiff": np.array([[1, 2]], dtype=np.int32)}
+    released = lambda: metrics.registry.get_sample_value(  # noqa: E731
+        "framewise_triton_shm_released_bytes_total", {"model": spec.name}) or 0.0
+
+    plain = InferenceRunner(client, metrics)
+    shared = InferenceRunner(client, metrics, shm_slots_per_model=1, shm_idle_release_s=0.2)
+    try:
+        async with plain.hold(spec, inputs, ["conditioned_feat"]) as by_grpc:
+            expected = np.array(by_grpc.array("conditioned_feat"))
+        async with shared.hold(spec, inputs, ["conditioned_feat"], max_shapes=limits) as first:
+            np.testing.assert_array_equal(np.array(first.array("conditioned_feat")), expected)
+        ((_, pool),) = shared._pools.values()
+        used = pool.allocated_bytes()
+        assert released() == 0
+        for _ in range(50):  # the timer fires after 0.2 s
+            await asyncio.sleep(0.1)
+            if released():
+                break
+        assert released() > 0
+        assert pool.allocated_bytes() == used - released() < used / 4, "the written pages went back"
+        async with shared.hold(spec, inputs, ["conditioned_feat"], max_shapes=limits) as again:
+            np.testing.assert_array_equal(np.array(again.array("conditioned_feat")), expected)
+            written = again.bytes_moved - again.outputs["conditioned_feat"].nbytes
+        assert written >= sum(p.nbytes for p in parts), "every memory row is written again"
+    finally:
+        await shared.close()
+        await plain.close()
+        await client.close()

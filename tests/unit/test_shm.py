@@ -3,6 +3,7 @@ the reclaiming of regions a killed process left behind."""
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
 import subprocess
@@ -117,3 +118,39 @@ def test_a_reused_pid_does_not_keep_a_dead_owners_region(tmp_path: Path) -> None
 
     assert reclaim_orphaned_regions(tmp_path) == [reused.name]
     assert ours.exists() and other_namespace.exists() and not_ours.exists() and not reused.exists()
+
+
+def test_idle_slots_give_their_pages_back_and_forget_their_rows() -> None:
+    # 1,000,000-byte slots: slot 1 starts inside a page of slot 0, so that page must stay.
+    tensor = TensorSpec("rows", "UINT8", (-1, 1000, 1000))
+    pool = ShmSlotPool("test_idle", (tensor,), (), 2, batched=True)
+    try:
+        first, second = pool.acquire(), pool.acquire()
+        assert first is not None and second is not None
+        first.inputs["rows"].view()[...] = 7
+        second.inputs["rows"].view()[...] = 9
+        first.written["rows"] = {0: lambda: None}  # as if it held a stacked row
+        before = pool.allocated_bytes()
+        assert before >= 2_000_000
+
+        pool.release(first, now=100.0)
+        assert pool.next_idle_release_s(30.0, now=120.0) == 10.0
+        assert pool.release_idle_pages(30.0, now=120.0) == 0  # not idle long enough
+        released = pool.release_idle_pages(30.0, now=130.0)
+        assert 0 < released <= 1_000_000 and released % mmap.PAGESIZE == 0
+        assert before - pool.allocated_bytes() == released
+        assert first.written == {}, "a slot whose pages went back holds no rows"
+        rows = first.inputs["rows"].view().reshape(-1)
+        assert not rows[: released].any() and (rows[released:] == 7).all()  # only whole pages went
+        assert (second.inputs["rows"].view() == 9).all(), "the slot in use next to it is untouched"
+        assert pool.release_idle_pages(30.0, now=200.0) == 0 and pool.next_idle_release_s(30.0, now=200.0) is None
+
+        # Used again, it is given back again once idle; the slot in use never is.
+        again = pool.acquire(prefer=first.index)
+        assert again is first and pool.next_idle_release_s(30.0, now=300.0) is None
+        again.inputs["rows"].view()[...] = 1
+        pool.release(again, now=300.0)
+        assert pool.release_idle_pages(30.0, now=330.0) == released
+        assert (second.inputs["rows"].view() == 9).all()
+    finally:
+        pool.close()

@@ -8,12 +8,14 @@ import socket
 from pathlib import Path
 
 import pytest
+from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CollectorRegistry
 
-from server.config import ServerConfig
+from server.config import ServerConfig, parse_args
 from server.interceptors import ObservabilityInterceptor
 from server.metrics import Metrics
 from server.wiring.grpc_server import build_grpc_server, server_interceptors
+from server.wiring.inference import build_inference_stack
 
 SERVER = Path(__file__).resolve().parents[2] / "server"
 # The packages the composition root builds from: their dependencies are passed in.
@@ -72,3 +74,15 @@ async def test_the_server_listens_without_tls_when_given_no_credentials_and_refu
             build_grpc_server(ServerConfig(listen=f"127.0.0.1:{port}"), interceptors=chain, credentials=None)
     finally:
         await server.stop(0)
+
+
+def test_the_runner_gets_the_idle_release_time_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_args([]).triton_shm_idle_release_s == 30.0
+    config = parse_args(["--triton-shm-idle-release", "2.5"])
+    stack = build_inference_stack(config, Metrics(CollectorRegistry()), triton_url="127.0.0.1:1", shm_slots=4,
+                                  service_models={}, health=health_aio.HealthServicer())
+    assert stack.runner.shm_idle_release_s == 2.5 and stack.runner.shm_slots_per_model == 4
+    monkeypatch.setenv("FRAMEWISE_TRITON_SHM_IDLE_RELEASE", "0")
+    assert parse_args([]).triton_shm_idle_release_s == 0.0
+    with pytest.raises(SystemExit):
+        parse_args(["--triton-shm-idle-release", "-1"])
