@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 # settings tuned for the build machine (engines/cpu_tuning.py); 7: the SAM 2 parts' runtime and
 # precision (OpenVINO bf16 where the CPU has it); 8: memory attention and memory encoder take one
 # object per batch row (max_batch_size 16), sam2_track_step batches them
-BUILDER_VERSION = 8
+BUILDER_VERSION = 9
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_YOLO_ONNX = REPO_ROOT.parent / "shared" / "assets" / "models" / "yolov8n_int8.onnx"
 YOLO_ONNX_ENV = "FRAMEWISE_YOLO_ONNX"
@@ -187,7 +187,8 @@ def build_cpu_repository(
     fingerprint = {
         "builder_version": BUILDER_VERSION,
         # The builder's own code too: a config rule changed without a version bump still rebuilds.
-        "builder_sha256": _sha256_files((Path(__file__), Path(cpu_tuning.__file__))),
+        # The python backend model is copied into every model: a change to it rebuilds too.
+        "builder_sha256": _sha256_files((Path(__file__), Path(cpu_tuning.__file__), PYTHON_MODEL_TEMPLATE)),
         "python_model_sha256": sha256_file(PYTHON_MODEL_TEMPLATE),
         "sam2_steps_sha256": sha256_file(Path(sam2_steps.__file__)),
         "onnx_wrap_sha256": sha256_file(Path(onnx_wrap.__file__)),

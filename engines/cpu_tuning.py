@@ -33,10 +33,12 @@ The rules (figures behind them: bench/README.md, "Tuning the CPU repository"):
   it (min IoU >= 0.99 per frame against the fp32 reference, ``make bench-real``). Elsewhere, and
   whenever fp32 is asked for, ONNX Runtime in fp32 as before.
 - Heavy parts give their arena back after every call (ORT's run option
-  ``memory.enable_memory_arena_shrinkage``): a frame runs the parts one after another, and without
-  it every part's process keeps its own peak activations for good (the encoder ~0.8 GB, the memory
-  attention ~1 GB at a full bank), so the stack's memory is the sum of all the peaks rather than
-  the largest one. Per-request models keep theirs: small, and reused at once under load.
+  ``memory.enable_memory_arena_shrinkage``; on OpenVINO ``CompiledModel.release_memory`` and
+  glibc's ``malloc_trim``): a frame runs the parts one after another, and without it every part's
+  process keeps its own peak activations for good (on ONNX Runtime the encoder ~0.8 GB, the memory
+  attention ~1 GB at a full bank; on OpenVINO bf16 ~340 and ~120 MB), so the stack's memory is the
+  sum of all the peaks rather than the largest one. Per-request models keep theirs: small, and
+  reused at once under load.
 """
 
 from __future__ import annotations
@@ -117,8 +119,8 @@ def sam2_runtime(tuning: CpuTuning, precision: str) -> CpuTuning:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "f32":
         return replace(tuning, runtime="onnxruntime", inference_precision="f32")
-    # The arena options are ONNX Runtime's; OpenVINO's CPU plugin manages its own buffers.
-    return replace(tuning, runtime="openvino", inference_precision="bf16", arena_shrinkage=False)
+    # arena_shrinkage stays as the part has it: on OpenVINO it means release_memory after each call.
+    return replace(tuning, runtime="openvino", inference_precision="bf16")
 
 
 def resolve_sam2_precision(asked: str, *, real_parts: bool, cpuinfo: Path = CPUINFO,

@@ -189,7 +189,8 @@ def test_python_model_runs_a_stand_in_batch_in_one_call_and_says_stand_in(repo, 
 
     calls = []
     run = model.session.run
-    model.session = types.SimpleNamespace(run=lambda names, feeds, *options: calls.append(feeds) or run(names, feeds, *options))
+    model.session = types.SimpleNamespace(run=lambda names, feeds, *options: calls.append(feeds) or run(names, feeds, *options),
+                                          after_execute=model.session.after_execute)
     rs = np.random.RandomState(0)
     size = int(parse_config(repo, "sam2_mask_decoder").parameters["image_size"].string_value)
     feeds = {
@@ -332,7 +333,8 @@ def test_matting_is_the_real_u2netp_labelled_and_batched(repo, monkeypatch):
     assert not [m for level, m in utils.logged if level == "warn"]  # a real model: no stand-in warning
     calls = []
     run = model.session.run
-    model.session = types.SimpleNamespace(run=lambda names, feeds, *options: calls.append(feeds) or run(names, feeds, *options))
+    model.session = types.SimpleNamespace(run=lambda names, feeds, *options: calls.append(feeds) or run(names, feeds, *options),
+                                          after_execute=model.session.after_execute)
     girl, bus = _at(GIRL, 320), _at(BUS, 320)
     (response,) = model.execute([{"image": Tensor("image", np.stack([girl, bus]))}])
     assert response.error is None and len(calls) == 1  # the whole batch in one ORT call

@@ -98,7 +98,7 @@ def test_sam2_runtime_bf16_is_openvino_and_f32_is_onnx_runtime():
     bf16 = cpu_tuning.sam2_runtime(heavy_part(2), "bf16")
     assert (bf16.runtime, bf16.inference_precision) == ("openvino", "bf16")
     assert (bf16.instances, bf16.intra_op_threads) == (1, 2)  # the cores, as before
-    assert not bf16.arena_shrinkage  # an ONNX Runtime option
+    assert bf16.arena_shrinkage  # on OpenVINO: release_memory after each call
     assert cpu_tuning.sam2_runtime(heavy_part(2), "f32") == heavy_part(2)
 
 

@@ -52,10 +52,9 @@ def _fake_pb_utils() -> types.ModuleType:
     return module
 
 
-@pytest.fixture
-def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """A batching model (max_batch_size 8, per_item_execution "false") whose graph is
-    y[b] = x[b] @ W + z[b] (rows independent), with its session's runs counted."""
+def _load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, parameters: dict[str, str]):
+    """The python-backend model over y[b] = x[b] @ W + z[b] (rows independent), max_batch_size 8,
+    with its session's runs counted."""
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _fake_pb_utils())
     weight = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
     graph = helper.make_graph(
@@ -72,8 +71,7 @@ def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         "name": "rows", "max_batch_size": 8,
         "input": [{"name": "x", "data_type": "TYPE_FP32"}, {"name": "z", "data_type": "TYPE_FP32"}],
         "output": [{"name": "y", "data_type": "TYPE_FP32"}],
-        "parameters": {k: {"string_value": v} for k, v in
-                       {"onnx_file": "m.onnx", "per_item_execution": "false", "stand_in": "true"}.items()},
+        "parameters": {k: {"string_value": v} for k, v in {"onnx_file": "m.onnx", "stand_in": "true", **parameters}.items()},
     }
     spec = importlib.util.spec_from_file_location("framewise_test_onnx_model", MODEL_FILE)
     module = importlib.util.module_from_spec(spec)
@@ -92,6 +90,12 @@ def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     instance.runs = runs
     instance.weight = weight
     return instance
+
+
+@pytest.fixture
+def model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A batching model (per_item_execution "false"): see _load."""
+    return _load(tmp_path, monkeypatch, {"per_item_execution": "false"})
 
 
 def request(rows: int, n: int, seed: int) -> _Request:
@@ -131,3 +135,30 @@ def test_a_bad_request_fails_alone(model) -> None:  # noqa: ANN001
         assert response.error is None
         np.testing.assert_allclose(response.output_tensors[0].array, expected(model, req), rtol=1e-6)
     assert model.runs == [{"x": (3, 5, 3), "z": (3, 5, 4)}]
+
+
+class _CountingRelease:
+    """Stands in front of an OpenVINO CompiledModel, counting release_memory calls."""
+
+    def __init__(self, compiled) -> None:  # noqa: ANN001
+        self.compiled, self.released = compiled, 0
+
+    def release_memory(self) -> None:
+        self.released += 1
+        self.compiled.release_memory()
+
+
+def test_openvino_gives_its_working_memory_back_once_per_execute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """arena_shrinkage "true" on OpenVINO: CompiledModel.release_memory after every execute (not
+    after every row of a per-item batch), and the next calls still compute the same."""
+    model = _load(tmp_path, monkeypatch, {"per_item_execution": "true", "runtime": "openvino",
+                                          "inference_precision": "f32", "arena_shrinkage": "true"})
+    assert model.session.release_memory
+    model.session.model = counting = _CountingRelease(model.session.model)
+    for seed in range(3):
+        requests = [request(2, 5, seed), request(1, 5, seed + 10)]
+        responses = model.execute(requests)
+        for req, response in zip(requests, responses, strict=True):
+            np.testing.assert_allclose(response.output_tensors[0].array, expected(model, req), rtol=1e-5)
+    assert len(model.runs) == 9  # every row alone (per item)
+    assert counting.released == 3
