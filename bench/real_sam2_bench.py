@@ -58,6 +58,9 @@ sys.path.insert(0, str(REPO))  # parity/ (the clip and box helpers the parity su
 ASSETS = REPO.parent / "shared" / "assets"
 DEFAULT_SEQUENCE = ASSETS / "sequences" / "Crossing"
 PARTS = ("sam2_image_encoder", "sam2_memory_attention", "sam2_mask_decoder", "sam2_memory_encoder")
+# The orchestrator's --triton-shm-idle-release (its default): after the last cell the stack idles
+# this long and a few seconds more, then its PSS is taken again (what it keeps once idle).
+SHM_IDLE_RELEASE_S = 30
 MASK_IOU_MIN = 0.99
 GRPC_LIMITS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
@@ -389,7 +392,11 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {cell['objects']} | {part} | {p['executions']} | {p['compute_ms_per_frame']:.0f} | "
                          f"{p['queue_ms_per_frame']:.0f} | {100 * p['compute_ms_per_frame'] / total:.0f} % |")
     lines += ["", (f"Framewise stack idle PSS after start: {report['framewise_idle_pss_mib']:.0f} MiB "
-                   f"(orchestrator + tritonserver + its python-backend stubs). Peak PSS is the maximum of the summed "
+                   f"(orchestrator + tritonserver + its python-backend stubs); "
+                   f"{report['framewise_after_last_cell_pss_mib']:.0f} MiB right after its last cell, "
+                   f"{report['framewise_after_idle_pss_mib']:.0f} MiB once idle {SHM_IDLE_RELEASE_S + 5} s after "
+                   f"it (the orchestrator's request slots give their pages back after "
+                   f"{SHM_IDLE_RELEASE_S} s; the python backend's regions and the runtimes' caches stay). Peak PSS is the maximum of the summed "
                    f"PSS of each side's process tree, sampled every 0.5 s during its cell; the reference's is the "
                    f"worker process (model(s), inference states, decoded frames)."), ""]
     sessions = [(cell["objects"], cell["framewise"].get("session_bank_mib")) for cell in report["cells"]]
@@ -444,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"repository {repository} ({tuning_text})")
     service = pb.DESCRIPTOR.services_by_name["TrackingService"].full_name
     stack = Stack(repository, args.work / "stack", {}, models=PARTS, service=service,
-                  orchestrator_args=("--max-tracking-sessions", "4"))
+                  orchestrator_args=("--max-tracking-sessions", "4",
+                                     "--triton-shm-idle-release", str(SHM_IDLE_RELEASE_S)))
     cells: dict[int, dict[str, Any]] = {k: {"reference": [], "framewise": [], "ref_pss": 0.0, "fw_pss": 0.0,
                                             "ious": [], "parts": [], "session_mib": []} for k in args.objects}
     with stack:
@@ -473,10 +481,16 @@ def main(argv: list[str] | None = None) -> int:
                         cells[k]["session_mib"].append(ours["session_mib"])
                         log(f"round {r} k={k} framewise: {[round(x, 2) for x in ours['times']]} s, "
                             f"peak PSS {peak.peak_mib:.0f} MiB")
+                        after_last, last_end = pss_kib(process_tree(roots())) / 1024, time.monotonic()
                 versions = ref["versions"]
                 ious = mask_ious(ref["masks"], ours["masks"], s)
                 cells[k]["ious"].extend(ious)
                 log(f"round {r} k={k} mask IoU min {min(ious):.5f}")
+        # The sessions are closed; what stays resident once idle slots have given their pages back.
+        time.sleep(max(0.0, last_end + SHM_IDLE_RELEASE_S + 5 - time.monotonic()))
+        after_idle = pss_kib(process_tree(roots())) / 1024
+        log(f"stack PSS right after the last Framewise cell {after_last:.0f} MiB, idle {SHM_IDLE_RELEASE_S + 5} s "
+            f"after it {after_idle:.0f} MiB")
     report_cells = []
     for k, c in cells.items():
         frames_total = sum(len(t) for t in c["framewise"])
@@ -509,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
             "repository_tuning": tuning_text, "tuning": tuning,
         },
         "framewise_idle_pss_mib": round(idle, 1),
+        "framewise_after_last_cell_pss_mib": round(after_last, 1),
+        "framewise_after_idle_pss_mib": round(after_idle, 1),
         "cells": report_cells,
         "targets": {"fps_ratio_1_object": 2.0, "fps_ratio_3_objects": 4.0, "mask_iou_min": MASK_IOU_MIN},
     }
