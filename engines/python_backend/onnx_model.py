@@ -99,8 +99,13 @@ class TritonPythonModel:
         try:
             self._execute_groups(groups, responses)
         finally:
-            # Once per execute, not per row: a heavy part gives its working memory back here.
-            self.session.after_execute()
+            # Once per execute, not per row: a heavy part gives its working memory back here. The
+            # responses are made already: a failure here is logged, never theirs.
+            try:
+                self.session.after_execute()
+            except Exception as exc:  # noqa: BLE001
+                log_warn = getattr(pb_utils.Logger, "log_warn", pb_utils.Logger.log_info)
+                log_warn(f"{self.model_name}: giving the working memory back failed: {type(exc).__name__}: {exc}")
         return responses
 
     def _execute_groups(self, groups, responses):

@@ -162,3 +162,21 @@ def test_openvino_gives_its_working_memory_back_once_per_execute(tmp_path: Path,
             np.testing.assert_allclose(response.output_tensors[0].array, expected(model, req), rtol=1e-5)
     assert len(model.runs) == 9  # every row alone (per item)
     assert counting.released == 3
+
+
+def test_a_failed_memory_release_is_logged_and_the_responses_still_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _load(tmp_path, monkeypatch, {"per_item_execution": "true", "runtime": "openvino",
+                                          "inference_precision": "f32", "arena_shrinkage": "true"})
+    warnings = []
+    sys.modules["triton_python_backend_utils"].Logger.log_warn = warnings.append
+
+    class _Failing:
+        def release_memory(self) -> None:
+            raise RuntimeError("no")
+
+    model.session.model = _Failing()
+    req = request(2, 5, 0)
+    (response,) = model.execute([req])
+    assert response.error is None
+    np.testing.assert_allclose(response.output_tensors[0].array, expected(model, req), rtol=1e-5)
+    assert len(warnings) == 1 and "giving the working memory back failed: RuntimeError: no" in warnings[0]
