@@ -76,12 +76,16 @@ async def test_the_server_listens_without_tls_when_given_no_credentials_and_refu
         await server.stop(0)
 
 
-def test_the_runner_gets_the_idle_release_time_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_runner_gets_the_idle_release_time_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
     assert parse_args([]).triton_shm_idle_release_s == 30.0
     config = parse_args(["--triton-shm-idle-release", "2.5"])
+    # Built inside a running loop, as the processes build it; nothing connects.
     stack = build_inference_stack(config, Metrics(CollectorRegistry()), triton_url="127.0.0.1:1", shm_slots=4,
                                   service_models={}, health=health_aio.HealthServicer())
-    assert stack.runner.shm_idle_release_s == 2.5 and stack.runner.shm_slots_per_model == 4
+    try:
+        assert stack.runner.shm_idle_release_s == 2.5 and stack.runner.shm_slots_per_model == 4
+    finally:
+        await stack.close()
     monkeypatch.setenv("FRAMEWISE_TRITON_SHM_IDLE_RELEASE", "0")
     assert parse_args([]).triton_shm_idle_release_s == 0.0
     with pytest.raises(SystemExit):
