@@ -73,8 +73,7 @@ class TritonPythonModel:
             f"per_item_execution={self.per_item}, stand_in={stand_in}"
         )
         if stand_in == "true":
-            log_warn = getattr(pb_utils.Logger, "log_warn", pb_utils.Logger.log_info)
-            log_warn(
+            _log_warn(
                 f"{self.model_name} is a STAND-IN, not the real network: right tensor names, shapes "
                 f"and dtypes, no learned meaning (source: {params.get('source', 'not given')})"
             )
@@ -104,8 +103,7 @@ class TritonPythonModel:
             try:
                 self.session.after_execute()
             except Exception as exc:  # noqa: BLE001
-                log_warn = getattr(pb_utils.Logger, "log_warn", pb_utils.Logger.log_info)
-                log_warn(f"{self.model_name}: giving the working memory back failed: {type(exc).__name__}: {exc}")
+                _log_warn(f"{self.model_name}: giving the working memory back failed: {type(exc).__name__}: {exc}")
         return responses
 
     def _execute_groups(self, groups, responses):
@@ -171,6 +169,11 @@ class TritonPythonModel:
 
     def finalize(self):
         self.session = None
+
+
+def _log_warn(message):
+    # Older python backends have no log_warn.
+    getattr(pb_utils.Logger, "log_warn", pb_utils.Logger.log_info)(message)
 
 
 def _join_key(feeds):
@@ -246,6 +249,8 @@ class _OpenVinoSession:
         self.output_names = {name for port in self.model.outputs for name in port.get_names()}
         self._outputs = {name: port for port in self.model.outputs for name in port.get_names()}
         self.release_memory = release_memory
+        # Looked up once, not on every call: glibc's malloc_trim, None elsewhere.
+        self._malloc_trim = _malloc_trim() if release_memory else None
         self._described = (f"openvino {ov.__version__} CPU, inference precision {granted}, threads={threads}, "
                            f"release_memory={release_memory}")
 
@@ -260,13 +265,12 @@ class _OpenVinoSession:
     def after_execute(self):
         if self.release_memory:
             self.model.release_memory()
-            _malloc_trim()
+            if self._malloc_trim is not None:
+                self._malloc_trim(0)  # hands the heap's free memory back to the system
 
 
 def _malloc_trim():
-    """Hands the heap's free memory back to the system (glibc only; elsewhere nothing)."""
+    """glibc's malloc_trim, or None where the C library has none."""
     import ctypes
 
-    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    return getattr(ctypes.CDLL(None), "malloc_trim", None)

@@ -23,6 +23,7 @@ import tritonclient.grpc.aio as triton_aio
 
 from server.aio import cancel_and_wait
 from server.processes import child_setup, terminate
+from server.triton.shm import SHM_DIR
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ class TritonStartError(RuntimeError):
 # in /dev/shm, 16 MiB or more each, holding memory until someone unlinks them: the next start does
 # (reclaim_backend_regions).
 BACKEND_REGION_PREFIX = "framewise_triton_pb_"
-SHM_DIR = Path("/dev/shm")
 # A region this young may belong to a Triton that created it and has not mapped it yet.
 BACKEND_REGION_MIN_AGE_S = 60.0
 

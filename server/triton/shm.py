@@ -329,17 +329,19 @@ class ShmSlotPool:
         self._idle_since[slot.index] = time.monotonic() if now is None else now
         self._free.append(slot)
 
+    def _free_with_pages(self) -> list[tuple[ShmSlot, float]]:
+        """The free slots written since their pages were last given back, with when each was released."""
+        return [(slot, self._idle_since[slot.index]) for slot in self._free
+                if slot.index in self._resident and slot.index in self._idle_since]
+
     def release_idle_pages(self, idle_s: float, now: float | None = None) -> int:
         """Gives back the pages of every slot free for at least ``idle_s`` seconds and written
-        since its pages were last given back; returns the bytes the region held less. Safe only because a free slot
-        is in no request: Triton reads and writes a slot only while a request holds it (an
-        abandoned request's slot is released only after its quarantine). The slot reads as
-        zeros afterwards, so it forgets which rows it held (see ShmSlot.written)."""
+        since its pages were last given back; returns the bytes the region held less. Safe only
+        because a free slot is in no request: Triton reads and writes a slot only while a request
+        holds it (an abandoned request's slot is released only after its quarantine). The slot
+        reads as zeros afterwards, so it forgets which rows it held (see ShmSlot.written)."""
         now = time.monotonic() if now is None else now
-        idle = [
-            slot for slot in self._free
-            if slot.index in self._resident and now - self._idle_since.get(slot.index, now) >= idle_s
-        ]
+        idle = [slot for slot, since in self._free_with_pages() if now - since >= idle_s]
         if not idle:
             return 0
         # What the file held before and after: only the pages that were written count.
@@ -360,11 +362,7 @@ class ShmSlotPool:
         """Seconds until release_idle_pages would give back another slot's pages; None while
         no free slot holds written pages."""
         now = time.monotonic() if now is None else now
-        waits = [
-            idle_s - (now - self._idle_since[slot.index])
-            for slot in self._free
-            if slot.index in self._resident and slot.index in self._idle_since
-        ]
+        waits = [idle_s - (now - since) for _, since in self._free_with_pages()]
         return max(0.0, min(waits)) if waits else None
 
     def close(self) -> None:
