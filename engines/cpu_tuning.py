@@ -23,15 +23,16 @@ The rules (figures behind them: bench/README.md, "Tuning the CPU repository"):
 - Graph optimisation level "all" (ORT's default, written down so a config says what runs) and
   the CPU arena on: turning it off raised the encoder's peak RSS and slowed it (bench/README.md).
 - Reduced precision where the CPU computes it natively: on a CPU with bfloat16 arithmetic (Intel
-  AMX or AVX512-BF16, ``cpu_has_bf16``) the two real SAM 2 parts that are a frame's cost, the image
-  encoder and the memory attention (``BF16_SAM2_PARTS``), run on OpenVINO with bf16 inference
-  precision (``sam2_runtime``): they are matrix products, and AMX runs them in bf16 2-2.5x faster
-  than ONNX Runtime's fp32 kernels (bench/README.md). ONNX Runtime's CPU provider has no bf16
-  kernels on x86, hence a second runtime for these parts only. The mask decoder and the memory
-  encoder stay fp32: together ~5 % of a frame, and they write the masks and the memories
-  themselves (with them in bf16 too, the masks fell below the parity bound). The masks stay within
-  it (min IoU >= 0.99 per frame against the fp32 reference, ``make bench-real``). Elsewhere, and
-  whenever fp32 is asked for, ONNX Runtime in fp32 as before.
+  AMX or AVX512-BF16, ``cpu_has_bf16``) the real SAM 2 parts that are a frame's cost, the image
+  encoder, the memory attention and the memory encoder (``BF16_SAM2_PARTS``), run on OpenVINO with
+  bf16 inference precision (``sam2_runtime``): they are matrix products and convolutions, and AMX
+  runs them in bf16 1.6-2.6x faster than ONNX Runtime's fp32 kernels (bench/README.md). ONNX
+  Runtime's CPU provider has no bf16 kernels on x86, hence a second runtime for these parts only.
+  The mask decoder stays fp32: it writes the masks themselves (with all four parts in bf16 the
+  masks fell below the parity bound; with the decoder alone in fp32 they did not move), and on
+  OpenVINO it is no faster. The masks stay within the bound (min IoU >= 0.99 per frame against the
+  fp32 reference, ``make bench-real``). Elsewhere, and whenever fp32 is asked for, ONNX Runtime in
+  fp32 as before.
 - Heavy parts give their arena back after every call (ORT's run option
   ``memory.enable_memory_arena_shrinkage``; on OpenVINO ``CompiledModel.release_memory`` and
   glibc's ``malloc_trim``): a frame runs the parts one after another, and without it every part's
@@ -59,7 +60,7 @@ PRECISIONS = ("f32", "bf16")
 # What build_engines.py --sam2-precision takes: "auto" is bf16 where the CPU has it (see above).
 SAM2_PRECISION_CHOICES = ("auto", *PRECISIONS)
 # The SAM 2 parts that run in bf16 when bf16 is chosen (see above).
-BF16_SAM2_PARTS = ("sam2_image_encoder", "sam2_memory_attention")
+BF16_SAM2_PARTS = ("sam2_image_encoder", "sam2_memory_attention", "sam2_memory_encoder")
 # /proc/cpuinfo flags of native bfloat16 matrix arithmetic (Sapphire Rapids and later: amx_bf16;
 # Cooper Lake, Zen 4: avx512_bf16).
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")

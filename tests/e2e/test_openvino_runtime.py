@@ -1,6 +1,6 @@
 """The python-backend model on OpenVINO in bf16 (engines/python_backend/onnx_model.py, runtime
 "openvino"), served by a real Triton: what `build_engines.py --sam2-precision bf16` writes for the
-SAM 2 image encoder and memory attention (the decoder and memory encoder stay on ONNX Runtime in
+SAM 2 image encoder, memory attention and memory encoder (the decoder stays on ONNX Runtime in
 fp32). Each part's outputs are compared with ONNX Runtime in fp32 on the same ONNX file and
 the same inputs: bf16 keeps 8 bits of mantissa, so they agree to about 1 % of the output's range.
 That OpenVINO (and not ONNX Runtime) ran them, in the precision the CPU allows, is read from what

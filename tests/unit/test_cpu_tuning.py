@@ -124,9 +124,10 @@ def test_repository_tuning_overrides():
     assert explicit["yolov8"].instances == 5 and explicit["sam2_image_encoder"].instances == 1
     assert {t.intra_op_threads for t in explicit.values()} == {1}
     bf16 = repository_tuning(2, sam2_precision="bf16")
-    assert {part for part in SAM2_PARTS if bf16[part].runtime == "openvino"} == {"sam2_image_encoder",
-                                                                                "sam2_memory_attention"}
-    assert all(bf16[part] == heavy_part(2) for part in ("sam2_mask_decoder", "sam2_memory_encoder"))
+    assert {part for part in SAM2_PARTS if bf16[part].runtime == "openvino"} == {
+        "sam2_image_encoder", "sam2_memory_attention", "sam2_memory_encoder"}
+    # The decoder writes the masks: it stays in fp32 on ONNX Runtime.
+    assert bf16["sam2_mask_decoder"] == heavy_part(2)
     assert bf16["yolov8"].runtime == "onnxruntime" and bf16[MATTING].runtime == "onnxruntime"
 
 

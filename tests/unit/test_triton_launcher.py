@@ -1,5 +1,6 @@
 """The Triton launcher's housekeeping (server/triton/launcher.py), without a Triton: which python-
-backend shared-memory regions a start reclaims. A real Triton's regions: tests/e2e/test_lifecycle.py."""
+backend shared-memory regions a start reclaims, and the environment Triton gets. A real Triton's
+regions and stubs: tests/e2e/test_lifecycle.py."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.triton.launcher import BACKEND_REGION_PREFIX, reclaim_backend_regions
+from server.triton.launcher import BACKEND_REGION_PREFIX, reclaim_backend_regions, with_huge_pages
 
 
 def region(shm: Path, name: str, age_s: float) -> Path:
@@ -64,3 +65,17 @@ def test_another_users_region_is_left_alone(tmp_path: Path) -> None:
     os.utime(theirs, (time.time() - 600, time.time() - 600))
     assert reclaim_backend_regions(shm, fake_proc(tmp_path / "proc", {41: []})) == []
     assert theirs.exists()
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("", "glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+        # The caller's own choice wins, either way.
+        ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),
+        ("glibc.malloc.hugetlb=2:glibc.malloc.arena_max=2", "glibc.malloc.hugetlb=2:glibc.malloc.arena_max=2"),
+    ],
+)
+def test_triton_gets_malloc_huge_pages_unless_the_caller_chose(given: str, expected: str) -> None:
+    assert with_huge_pages(given) == expected
