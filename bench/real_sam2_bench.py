@@ -52,6 +52,8 @@ no_grpc_fork_handlers()  # before gRPC loads: the Stack starts its servers with 
 
 import numpy as np
 
+from server.config import ServerConfig
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 sys.path.insert(0, str(REPO))  # parity/ (the clip and box helpers the parity suite uses)
@@ -60,7 +62,7 @@ DEFAULT_SEQUENCE = ASSETS / "sequences" / "Crossing"
 PARTS = ("sam2_image_encoder", "sam2_memory_attention", "sam2_mask_decoder", "sam2_memory_encoder")
 # The orchestrator's --triton-shm-idle-release (its default): after the last cell the stack idles
 # this long and a few seconds more, then its PSS is taken again (what it keeps once idle).
-SHM_IDLE_RELEASE_S = 30
+SHM_IDLE_RELEASE_S = ServerConfig.triton_shm_idle_release_s
 MASK_IOU_MIN = 0.99
 GRPC_LIMITS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
 
@@ -394,9 +396,9 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", (f"Framewise stack idle PSS after start: {report['framewise_idle_pss_mib']:.0f} MiB "
                    f"(orchestrator + tritonserver + its python-backend stubs); "
                    f"{report['framewise_after_last_cell_pss_mib']:.0f} MiB right after its last cell, "
-                   f"{report['framewise_after_idle_pss_mib']:.0f} MiB once idle {SHM_IDLE_RELEASE_S + 5} s after "
+                   f"{report['framewise_after_idle_pss_mib']:.0f} MiB once idle {SHM_IDLE_RELEASE_S + 5:g} s after "
                    f"it (the orchestrator's request slots give their pages back after "
-                   f"{SHM_IDLE_RELEASE_S} s; the python backend's regions and the runtimes' caches stay). Peak PSS is the maximum of the summed "
+                   f"{SHM_IDLE_RELEASE_S:g} s; the python backend's regions and the runtimes' caches stay). Peak PSS is the maximum of the summed "
                    f"PSS of each side's process tree, sampled every 0.5 s during its cell; the reference's is the "
                    f"worker process (model(s), inference states, decoded frames)."), ""]
     sessions = [(cell["objects"], cell["framewise"].get("session_bank_mib")) for cell in report["cells"]]
@@ -489,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         # The sessions are closed; what stays resident once idle slots have given their pages back.
         time.sleep(max(0.0, last_end + SHM_IDLE_RELEASE_S + 5 - time.monotonic()))
         after_idle = pss_kib(process_tree(roots())) / 1024
-        log(f"stack PSS right after the last Framewise cell {after_last:.0f} MiB, idle {SHM_IDLE_RELEASE_S + 5} s "
+        log(f"stack PSS right after the last Framewise cell {after_last:.0f} MiB, idle {SHM_IDLE_RELEASE_S + 5:g} s "
             f"after it {after_idle:.0f} MiB")
     report_cells = []
     for k, c in cells.items():

@@ -97,8 +97,11 @@ class ServerConfig:
     # Tensors through POSIX shared memory: "auto" = when the orchestrator runs Triton itself.
     triton_shm: str = "auto"
     triton_shm_slots: int = 16
-    # A shared-memory slot free this long gives its pages back (0: never).
-    triton_shm_idle_release_s: float = 30.0
+    # A shared-memory slot free this long gives its pages back (0: never). Far longer than the gap
+    # between a stream's frames or a load test's requests, so a busy slot never maps its pages
+    # again; short enough that a slot used once in a while (a tracking session's prompt-frame
+    # decoder call: ~50 MiB at 3 objects, S = 1024) does not hold them through the whole session.
+    triton_shm_idle_release_s: float = 10.0
     max_message_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 50_000_000
     shutdown_grace_s: float = 10.0

@@ -228,7 +228,8 @@ class _OpenVinoSession:
     returns the freed heap to the system (``malloc_trim``): OpenVINO's counterpart of ONNX
     Runtime's arena shrinkage. Without it the image encoder keeps ~340 MB and the memory attention
     ~120 MB of a call's activations for good (S = 1024, measured in-process); with it a call costs
-    ~10 % more (the buffers are allocated again)."""
+    ~10 % more (the buffers are mapped again: page faults, fewer with the huge pages the Triton
+    launcher asks glibc for)."""
 
     def __init__(self, onnx_path, threads, precision, *, release_memory=False):
         import openvino as ov  # only models that ask for it need it installed

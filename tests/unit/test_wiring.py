@@ -77,7 +77,7 @@ async def test_the_server_listens_without_tls_when_given_no_credentials_and_refu
 
 
 async def test_the_runner_gets_the_idle_release_time_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert parse_args([]).triton_shm_idle_release_s == 30.0
+    assert parse_args([]).triton_shm_idle_release_s == 10.0
     config = parse_args(["--triton-shm-idle-release", "2.5"])
     # Built inside a running loop, as the processes build it; nothing connects.
     stack = build_inference_stack(config, Metrics(CollectorRegistry()), triton_url="127.0.0.1:1", shm_slots=4,
