@@ -31,7 +31,7 @@ from framewise.v1 import (
     vision_service_pb2_grpc,
 )
 from server.triton.launcher import BACKEND_REGION_PREFIX, ManagedTriton, TritonDistribution, TritonPorts, TritonStartError
-from tests.conftest import REPO, free_port, health_status, start_orchestrator, stop_process, wait_until
+from tests.conftest import REPO, child_pids, free_port, health_status, start_orchestrator, stop_process, wait_until
 
 
 def _alive(pid: int) -> bool:
@@ -47,31 +47,15 @@ def _assert_stubs_use_huge_pages(triton_pid: int) -> None:
     """Triton's python-backend stubs run with malloc's huge pages (server/triton/launcher.py
     with_huge_pages): the tunable reaches them, and, where the kernel offers transparent huge
     pages, some of their memory is eligible for them."""
-    stubs = [pid for pid in _children(triton_pid) if "triton_python_backend_stub" in _cmdline(pid)]
+    stubs = child_pids(triton_pid, "triton_python_backend_stub")
     assert stubs, "Triton runs python-backend stubs"
     for pid in stubs:
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ or any(
-            e.startswith(b"GLIBC_TUNABLES=") and b"glibc.malloc.hugetlb=1" in e for e in environ)
+        assert any(e.startswith(b"GLIBC_TUNABLES=") and b"glibc.malloc.hugetlb=1" in e for e in environ)
     thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
     if thp.exists() and "[never]" not in thp.read_text():
         eligible = [pid for pid in stubs if re.search(r"^THPeligible:\s+1", Path(f"/proc/{pid}/smaps").read_text(), re.MULTILINE)]
         assert eligible, "no stub has memory eligible for huge pages"
-
-
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                found.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue  # exited meanwhile
-    return found
-
-
-def _cmdline(pid: int) -> str:
-    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
 
 
 def test_managed_triton_serves_drains_and_stops(tmp_path: Path, cpu_repository: Path, assets: Path) -> None:
