@@ -446,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     tuning_text = ", ".join(f"{m}: {t['instances']} x {t['intra_op_threads']} threads"
                             + f", {t.get('runtime', 'onnxruntime')} {t.get('inference_precision', 'f32')}"
                             + (", arena shrinkage" if t.get("arena_shrinkage") else "")
+                            + (", compiled for one row" if t.get("fixed_batch") else "")
+                            + (", snippets off" if t.get("snippets") is False else "")
                             for m, t in tuning.items() if m in PARTS) or "unknown"
     rewrite = re.search(r'key: "graph_rewrite" value \{ string_value: "([^"]*)"',
                         (repository / "sam2_memory_attention" / "config.pbtxt").read_text())

@@ -11,7 +11,9 @@ that matrix (its CPU kernel), for the same result to float rounding.
 
 ``fuse_attention`` finds the pattern and replaces it with: the query BNSH -> BSNH -> [B, S, N*H],
 MultiHeadAttention(query, key BNSH, value BNSH, num_heads, scale), and the output back to BNSH
-for whatever consumed the second MatMul. Both Reshapes copy B and S from their input (shape
+for whatever consumed the second MatMul. With one head, key and value go in as [B, keys, width]
+(the head axis squeezed): in that layout MultiHeadAttention takes a value narrower than the key,
+which a value projection folded behind the attention gives (engines/value_fold.py). Both Reshapes copy B and S from their input (shape
 entries 0), so the batch stays dynamic: the batching memory attention (one row per tracked object)
 is fused at any B, each row attending only to its own keys, as in the unfused graph. The key and
 value must have the query's B (MultiHeadAttention does not broadcast a batch of 1 as MatMul does);
@@ -27,6 +29,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from engines.onnx_graph import editable_copy, perm, wiring
+
 MS_DOMAIN = "com.microsoft"
 _KEY_TRANSPOSE = [0, 1, 3, 2]
 
@@ -35,14 +39,9 @@ def fuse_attention(model: onnx.ModelProto, num_heads: int) -> tuple[onnx.ModelPr
     """A copy of ``model`` with every matching attention fused, and how many were."""
     if num_heads < 1:
         raise ValueError(f"num_heads must be >= 1, got {num_heads}")
-    fused_model = onnx.ModelProto()
-    fused_model.CopyFrom(model)
+    fused_model = editable_copy(model)
     graph = fused_model.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    producers, consumers = wiring(graph)
     constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -89,7 +88,7 @@ def _match(softmax, producers, consumers, constants, graph_outputs):
     if scores is None or scores.op_type != "MatMul" or scale is None or scale.size != 1:
         return None
     key_t = producers.get(scores.input[1])
-    if key_t is None or key_t.op_type != "Transpose" or _perm(key_t) != _KEY_TRANSPOSE:
+    if key_t is None or key_t.op_type != "Transpose" or perm(key_t) != _KEY_TRANSPOSE:
         return None
     users = consumers.get(softmax.output[0], [])
     if len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[0] != softmax.output[0]:
@@ -108,11 +107,21 @@ def _fused_nodes(prefix: str, query: str, key: str, value: str, output: str, hea
         return helper.make_node("Constant", [], [f"{prefix}/{name}"],
                                 value=numpy_helper.from_array(np.array(values, np.int64), f"{prefix}/{name}"))
 
+    key_value: list[onnx.NodeProto] = []
+    if heads == 1:
+        # One head: key and value go in as [B, keys, width] (BSH), where MultiHeadAttention lets the
+        # value be narrower than the key (a value projection folded behind the attention,
+        # engines/value_fold.py); as BNSH it wants both the same width.
+        key_value = [const("head_axis", [1]),
+                     helper.make_node("Squeeze", [key, f"{prefix}/head_axis"], [f"{prefix}/key"]),
+                     helper.make_node("Squeeze", [value, f"{prefix}/head_axis"], [f"{prefix}/value"])]
+        key, value = f"{prefix}/key", f"{prefix}/value"
     return [
         helper.make_node("Transpose", [query], [f"{prefix}/query_bsnh"], perm=[0, 2, 1, 3]),
         # 0 = "this dim as it is": B and S stay whatever the call brings; only N*H is merged
         const("bsd", [0, 0, -1]),
         helper.make_node("Reshape", [f"{prefix}/query_bsnh", f"{prefix}/bsd"], [f"{prefix}/query"]),
+        *key_value,
         helper.make_node("MultiHeadAttention", [f"{prefix}/query", key, value], [f"{prefix}/attended"],
                          domain=MS_DOMAIN, num_heads=heads, scale=scale),
         const("bsnh", [0, 0, heads, -1]),
@@ -131,7 +140,3 @@ def _drop_unused_constants(graph: onnx.GraphProto) -> None:
 
 def _axis(node: onnx.NodeProto) -> int:
     return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), -1)
-
-
-def _perm(node: onnx.NodeProto) -> list[int]:
-    return next((list(helper.get_attribute_value(a)) for a in node.attribute if a.name == "perm"), [])

@@ -61,6 +61,10 @@ PRECISIONS = ("f32", "bf16")
 SAM2_PRECISION_CHOICES = ("auto", *PRECISIONS)
 # The SAM 2 parts that run in bf16 when bf16 is chosen (see above).
 BF16_SAM2_PARTS = ("sam2_image_encoder", "sam2_memory_attention", "sam2_memory_encoder")
+# On OpenVINO, compiled for one row (CpuTuning.fixed_batch): the image encoder gets one frame per
+# call (a session's frames come one at a time, and on a CPU a batch of other sessions' frames shares
+# no arithmetic). The batching parts keep their dynamic rows (objects), memory count and pointers.
+FIXED_BATCH_SAM2_PARTS = ("sam2_image_encoder",)
 # /proc/cpuinfo flags of native bfloat16 matrix arithmetic (Sapphire Rapids and later: amx_bf16;
 # Cooper Lake, Zen 4: avx512_bf16).
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -79,6 +83,15 @@ class CpuTuning:
     # Which library runs the ONNX file, and (OpenVINO only) in which precision.
     runtime: str = "onnxruntime"
     inference_precision: str = "f32"
+    # OpenVINO only. fixed_batch: compile for one row (batch dimension 1) and run a request's rows
+    # one at a time; with every dimension fixed OpenVINO plans a call's buffers once, ahead, instead
+    # of allocating them node by node as it must for a dynamic batch (the real image encoder at
+    # S = 1024: ~200 MiB less peak, ~10x fewer page faults, the same time: bench/README.md).
+    # snippets: OpenVINO's JIT fusion of element-wise chains and attentions ("SNIPPETS_MODE");
+    # with fixed shapes it fuses the encoder's element-wise chains into kernels that round its
+    # features 3.5x further from fp32's, so the encoder runs with it off.
+    fixed_batch: bool = False
+    snippets: bool = True
 
     def __post_init__(self) -> None:
         if self.instances < 1 or self.intra_op_threads < 1:
@@ -89,6 +102,8 @@ class CpuTuning:
             raise ValueError(f"runtime must be one of {RUNTIMES} and inference_precision one of {PRECISIONS}: {self}")
         if self.inference_precision != "f32" and self.runtime != "openvino":
             raise ValueError(f"ONNX Runtime's CPU provider runs fp32 only; bf16 needs runtime openvino: {self}")
+        if (self.fixed_batch or not self.snippets) and self.runtime != "openvino":
+            raise ValueError(f"fixed_batch and snippets are OpenVINO settings; this runtime is {self.runtime}: {self}")
 
     def parameters(self) -> dict[str, str]:
         """The config.pbtxt parameters engines/python_backend/onnx_model.py reads."""
@@ -100,6 +115,8 @@ class CpuTuning:
             "arena_shrinkage": "true" if self.arena_shrinkage else "false",
             "runtime": self.runtime,
             "inference_precision": self.inference_precision,
+            **({"openvino_fixed_batch": "true" if self.fixed_batch else "false",
+                "openvino_snippets": "true" if self.snippets else "false"} if self.runtime == "openvino" else {}),
         }
 
     def to_dict(self) -> dict:
@@ -113,15 +130,17 @@ def heavy_part(cores: int) -> CpuTuning:
     return CpuTuning(instances=max(1, cores // threads), intra_op_threads=threads, arena_shrinkage=True)
 
 
-def sam2_runtime(tuning: CpuTuning, precision: str) -> CpuTuning:
-    """``tuning`` (a SAM 2 part's) running in ``precision``: "f32" on ONNX Runtime, "bf16" on
-    OpenVINO. Resolve "auto" with ``resolve_sam2_precision`` first."""
+def sam2_runtime(tuning: CpuTuning, precision: str, part: str = "") -> CpuTuning:
+    """``tuning`` (the SAM 2 part ``part``'s) running in ``precision``: "f32" on ONNX Runtime,
+    "bf16" on OpenVINO, where the parts of ``FIXED_BATCH_SAM2_PARTS`` are compiled for one row with
+    snippets off (``CpuTuning.fixed_batch``). Resolve "auto" with ``resolve_sam2_precision`` first."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "f32":
         return replace(tuning, runtime="onnxruntime", inference_precision="f32")
     # arena_shrinkage stays as the part has it: on OpenVINO it means release_memory after each call.
-    return replace(tuning, runtime="openvino", inference_precision="bf16")
+    fixed = part in FIXED_BATCH_SAM2_PARTS
+    return replace(tuning, runtime="openvino", inference_precision="bf16", fixed_batch=fixed, snippets=not fixed)
 
 
 def resolve_sam2_precision(asked: str, *, real_parts: bool, cpuinfo: Path = CPUINFO,

@@ -8,7 +8,8 @@ must equal the B = 1 result of row b. Run on ONNX Runtime, on OpenVINO in f32
 (``INFERENCE_PRECISION_HINT``: f32, so that bf16 rounding cannot hide or fake a difference), and,
 for the memory attention, on the graph with its attention fused into com.microsoft
 MultiHeadAttention (engines/attention_fusion.py, what the CPU repository serves on ONNX Runtime),
-which must also equal the unfused graph at B = 2. Prints the max abs difference of each
+which must also equal the unfused graph at B = 2, and the same with its value projections folded
+first (engines/value_fold.py; on OpenVINO too: what the CPU repository serves). Prints the max abs difference of each
 comparison; exit status 1 when one is outside the part's tolerance (sam2_parts.TOLERANCES).
 
 Needs onnxruntime and openvino (the export environment); no torch.
@@ -85,10 +86,18 @@ def onnxruntime_runner(model: onnx.ModelProto) -> Runner:
     return lambda feeds: session.run(None, feeds)[0]
 
 
-def openvino_runner(path: Path) -> Runner:
+def openvino_runner(source: Path | onnx.ModelProto) -> Runner:
+    import tempfile
+
     import openvino
 
-    compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    if isinstance(source, onnx.ModelProto):  # a rewritten graph: OpenVINO reads ONNX from a file
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            onnx.save(source, str(path))
+            compiled = openvino.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    else:
+        compiled = openvino.Core().compile_model(str(source), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     return lambda feeds: np.asarray(compiled(feeds)[compiled.output(0)])
 
 
@@ -117,6 +126,7 @@ def check_folder(folder: Path, *, batch: int = 3, heads: int = 1, memories: int 
     """Every comparison of this module's docstring on the parts in ``folder``."""
     from engines.attention_fusion import fuse_attention
     from engines.export.sam2_parts import TOLERANCES
+    from engines.value_fold import fold_value_projection
 
     results: list[Comparison] = []
     path = folder / f"{ATTENTION}.onnx"
@@ -132,6 +142,18 @@ def check_folder(folder: Path, *, batch: int = 3, heads: int = 1, memories: int 
                                 f"fused ({count} MHA) vs unfused at B=2", atol, rtol))
     if openvino:
         results.append(rows_alone(openvino_runner(path), feeds, ATTENTION, "openvino f32", atol, rtol))
+    # What the CPU repository serves: the value projections folded (engines/value_fold.py), fused
+    # too on ONNX Runtime.
+    folded_model, folds = fold_value_projection(model, heads)
+    folded_fused_model, count = fuse_attention(folded_model, heads)
+    folded_fused = onnxruntime_runner(folded_fused_model)
+    what = f"{folds} values folded, {count} MHA"
+    results.append(rows_alone(folded_fused, feeds, ATTENTION, f"onnxruntime {what}", atol, rtol))
+    results.append(same_outputs(unfused, folded_fused, {k: v[:2] for k, v in feeds.items()}, ATTENTION,
+                                f"{what} vs unfused at B=2", atol, rtol))
+    if openvino:
+        results.append(rows_alone(openvino_runner(folded_model), feeds, ATTENTION, f"openvino f32, {folds} values folded",
+                                  atol, rtol))
 
     path = folder / f"{ENCODER}.onnx"
     model = onnx.load(str(path))

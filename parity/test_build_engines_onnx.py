@@ -19,6 +19,8 @@ from pathlib import Path
 import onnx
 import pytest
 
+from engines.cpu_tuning import BF16_SAM2_PARTS
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_ENGINES = REPO_ROOT / "build_engines.py"
 PARTS = ("sam2_image_encoder", "sam2_mask_decoder", "sam2_memory_attention", "sam2_memory_encoder")
@@ -76,10 +78,12 @@ def test_cpu_repository_serves_the_export(exported, tmp_path):
         served = repository / name / "1" / "model.onnx"
         config = (repository / name / "config.pbtxt").read_text()
         if name == "sam2_memory_attention":
-            # served with its attention fused (engines/attention_fusion.py), checked against the export
+            # served with its 4 cross-attentions' value projections folded (engines/value_fold.py) and
+            # its attentions fused (engines/attention_fusion.py), checked against the export
             ops = [n.op_type for n in onnx.load(str(served)).graph.node]
             assert ops.count("MultiHeadAttention") == 8 and "Softmax" not in ops
-            assert "8 attentions fused into com.microsoft MultiHeadAttention" in config
+            assert ("4 value projections folded behind their attention (engines/value_fold.py); "
+                    "8 attentions fused into com.microsoft MultiHeadAttention") in config
         else:
             assert served.read_bytes() == (exported / f"{name}.onnx").read_bytes()
         assert f'key: "image_size" value {{ string_value: "{SIZE}" }}' in config
@@ -93,13 +97,19 @@ def test_cpu_repository_in_bf16_serves_the_heavy_parts_on_openvino(exported, tmp
     repository = _serve(exported, tmp_path, "bf16")
     for name in PARTS:
         config = (repository / name / "config.pbtxt").read_text()
-        heavy = name in ("sam2_image_encoder", "sam2_memory_attention")
+        heavy = name in BF16_SAM2_PARTS
         runtime, precision = ("openvino", "bf16") if heavy else ("onnxruntime", "f32")
         assert f'key: "runtime" value {{ string_value: "{runtime}" }}' in config, name
         assert f'key: "inference_precision" value {{ string_value: "{precision}" }}' in config, name
-        # Every part is the export as it is: OpenVINO gets the memory attention unfused (the fused op
-        # is ONNX Runtime's own), and only that part is ever rewritten.
-        assert (repository / name / "1" / "model.onnx").read_bytes() == (exported / f"{name}.onnx").read_bytes()
+        # OpenVINO gets the memory attention unfused (the fused op is ONNX Runtime's own) but with
+        # its value projections folded; every other part is the export as it is.
+        served = (repository / name / "1" / "model.onnx").read_bytes()
+        if name == "sam2_memory_attention":
+            assert "4 value projections folded behind their attention (engines/value_fold.py)\"" in config
+            ops = [n.op_type for n in onnx.load(str(repository / name / "1" / "model.onnx")).graph.node]
+            assert "MultiHeadAttention" not in ops and ops.count("Softmax") == 8
+        else:
+            assert served == (exported / f"{name}.onnx").read_bytes(), name
 
 
 def test_cpu_repository_refuses_the_export_at_another_size(exported, tmp_path):

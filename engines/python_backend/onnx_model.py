@@ -5,7 +5,9 @@ model's config.pbtxt (parameters ``onnx_file``, ``runtime`` ("onnxruntime", the 
 "openvino"), ``inference_precision`` (OpenVINO: "f32" or "bf16"), ``intra_op_threads``,
 ``allow_spinning``, ``graph_optimization_level``, ``cpu_mem_arena`` (these three ONNX Runtime's),
 ``arena_shrinkage`` (give a call's working memory back after it: ONNX Runtime's arena shrinkage,
-or OpenVINO's release_memory) and ``per_item_execution``; input and output lists). OpenVINO is there for
+or OpenVINO's release_memory), ``openvino_fixed_batch`` (compile for one row; a batched request
+then runs row by row), ``openvino_snippets`` (OpenVINO's JIT fusion, "SNIPPETS_MODE") and
+``per_item_execution``; input and output lists). OpenVINO is there for
 one reason: bf16 on CPUs that compute it natively (AMX), which ONNX Runtime's CPU provider lacks
 (engines/cpu_tuning.py). ``per_item_execution`` "true" (the default) runs a batched request one item
 at a time, "false" runs the whole batch in one call, and joins the requests Triton's dynamic
@@ -46,7 +48,7 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         self.model_name = config["name"]
         self.batched = int(config.get("max_batch_size", 0)) > 0
-        self.per_item = params.get("per_item_execution", "true").strip().lower() == "true"
+        self.per_item = _flag(params, "per_item_execution", True)
         stand_in = params.get("stand_in", "unknown").strip().lower()
         self.input_names = [i["name"] for i in config["input"]]
         self.outputs = [
@@ -58,7 +60,11 @@ class TritonPythonModel:
         runtime = params.get("runtime", "onnxruntime").strip().lower()
         if runtime == "openvino":
             self.session = _OpenVinoSession(onnx_path, threads, params.get("inference_precision", "f32").strip().lower(),
-                                            release_memory=params.get("arena_shrinkage", "false").strip().lower() == "true")
+                                            release_memory=_flag(params, "arena_shrinkage", False),
+                                            fixed_batch=self.batched and _flag(params, "openvino_fixed_batch", False),
+                                            snippets=_flag(params, "openvino_snippets", True))
+            # compiled for one row: a batched request runs row by row whatever the config says
+            self.per_item = self.per_item or self.session.fixed_batch
         elif runtime == "onnxruntime":
             self.session = _OrtSession(onnx_path, threads, params)
         else:
@@ -171,6 +177,11 @@ class TritonPythonModel:
         self.session = None
 
 
+def _flag(params, key, default):
+    """A "true"/"false" config parameter; ``default`` where the config does not set it."""
+    return params.get(key, "true" if default else "false").strip().lower() == "true"
+
+
 def _log_warn(message):
     # Older python backends have no log_warn.
     getattr(pb_utils.Logger, "log_warn", pb_utils.Logger.log_info)(message)
@@ -192,15 +203,15 @@ class _OrtSession:
         # Set by engines/cpu_tuning.py for the machine the repository was built on; absent: ORT's
         # defaults. Spinning off: other instances and Triton share these cores, and a pool thread
         # busy-waiting between operators burns the core they need.
-        spinning = params.get("allow_spinning", "true").strip().lower() == "true"
+        spinning = _flag(params, "allow_spinning", True)
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         level = params.get("graph_optimization_level", "all").strip().lower()
         options.graph_optimization_level = _OPTIMIZATION_LEVELS[level]
-        options.enable_cpu_mem_arena = params.get("cpu_mem_arena", "true").strip().lower() == "true"
+        options.enable_cpu_mem_arena = _flag(params, "cpu_mem_arena", True)
         # Heavy parts hand their arena back after each call, so this process does not hold its peak
         # activations while the other parts of the frame run theirs.
         self.run_options = ort.RunOptions()
-        shrink = params.get("arena_shrinkage", "false").strip().lower() == "true"
+        shrink = _flag(params, "arena_shrinkage", False)
         if shrink:
             self.run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
@@ -231,18 +242,29 @@ class _OpenVinoSession:
     ~10 % more (the buffers are mapped again: page faults, fewer with the huge pages the Triton
     launcher asks glibc for)."""
 
-    def __init__(self, onnx_path, threads, precision, *, release_memory=False):
+    def __init__(self, onnx_path, threads, precision, *, release_memory=False, fixed_batch=False, snippets=True):
         import openvino as ov  # only models that ask for it need it installed
 
         if precision not in ("f32", "bf16"):
             raise ValueError(f"inference_precision must be f32 or bf16, got {precision!r}")
         core = ov.Core()
-        self.model = core.compile_model(core.read_model(onnx_path), "CPU", {
+        model = core.read_model(onnx_path)
+        if fixed_batch:
+            # Batch dimension 1, the others as the file has them: with every dimension fixed,
+            # OpenVINO plans the call's buffers once instead of allocating them node by node.
+            model.reshape({port.get_any_name(): ov.PartialShape([1, *list(port.get_partial_shape())[1:]])
+                           for port in model.inputs})
+        config = {
             "PERFORMANCE_HINT": "LATENCY",
             "NUM_STREAMS": "1",
             "INFERENCE_NUM_THREADS": str(threads),
             "INFERENCE_PRECISION_HINT": precision,
-        })
+        }
+        if not snippets:
+            config["SNIPPETS_MODE"] = "DISABLE"
+        self.model = core.compile_model(model, "CPU", config)
+        del model  # the compiled model keeps what it needs; the read graph's weights go
+        self.fixed_batch = fixed_batch
         # What the plugin settled on (bf16 asked for on a CPU without it falls back to f32): logged.
         granted = self.model.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.request = self.model.create_infer_request()
@@ -253,7 +275,7 @@ class _OpenVinoSession:
         # Looked up once, not on every call: glibc's malloc_trim, None elsewhere.
         self._malloc_trim = _malloc_trim() if release_memory else None
         self._described = (f"openvino {ov.__version__} CPU, inference precision {granted}, threads={threads}, "
-                           f"release_memory={release_memory}")
+                           f"release_memory={release_memory}, fixed_batch={fixed_batch}, snippets={snippets}")
 
     def describe(self):
         return self._described

@@ -49,7 +49,8 @@ def _config(repository: Path, part: str) -> model_config_pb2.ModelConfig:
 
 
 def _inputs(config: model_config_pb2.ModelConfig, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    batch = [1] if config.max_batch_size > 0 else []
+    # Two rows: the image encoder, compiled for one row (fixed_batch), must run them one by one.
+    batch = [2] if config.max_batch_size > 0 else []
     feeds = {}
     for spec in config.input:
         shape = batch + [DYNAMIC_ROWS if d < 0 else d for d in spec.dims]
@@ -74,6 +75,11 @@ def test_the_heavy_parts_run_on_openvino_bf16_and_the_others_on_onnx_runtime(bf1
     # OpenVINO settles on bf16 only where the CPU computes it; elsewhere it says f32 (and runs it).
     expected = "bf16" if cpu_tuning.cpu_has_bf16() else "f32"
     assert {precision for _, precision in granted} == {expected}
+    # The image encoder alone is compiled for one row, with OpenVINO's snippets off.
+    compiled = dict(re.findall(r"(sam2_\w+) instance \S+: \S+ on openvino .*?(fixed_batch=\w+, snippets=\w+)", log))
+    assert compiled == {part: ("fixed_batch=True, snippets=False" if part in cpu_tuning.FIXED_BATCH_SAM2_PARTS
+                               else "fixed_batch=False, snippets=True") for part in BF16_PARTS}, compiled
+    assert re.search(r"sam2_image_encoder instance \S+: .* per_item_execution=True", log)
 
 
 @pytest.mark.parametrize("part", SAM2_PARTS)

@@ -54,6 +54,10 @@ def test_tuning_validates_its_fields():
         CpuTuning(instances=1, intra_op_threads=1, runtime="tensorrt")
     with pytest.raises(ValueError, match="bf16 needs runtime openvino"):
         CpuTuning(instances=1, intra_op_threads=1, inference_precision="bf16")
+    with pytest.raises(ValueError, match="OpenVINO settings"):
+        CpuTuning(instances=1, intra_op_threads=1, fixed_batch=True)
+    with pytest.raises(ValueError, match="OpenVINO settings"):
+        CpuTuning(instances=1, intra_op_threads=1, snippets=False)
 
 
 AMX_CPU = "processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\nprocessor\t: 1\nflags\t\t: fpu avx512f amx_bf16\n"
@@ -100,6 +104,14 @@ def test_sam2_runtime_bf16_is_openvino_and_f32_is_onnx_runtime():
     assert (bf16.instances, bf16.intra_op_threads) == (1, 2)  # the cores, as before
     assert bf16.arena_shrinkage  # on OpenVINO: release_memory after each call
     assert cpu_tuning.sam2_runtime(heavy_part(2), "f32") == heavy_part(2)
+    # only the image encoder is compiled for one row, with OpenVINO's snippets off
+    assert (bf16.fixed_batch, bf16.snippets) == (False, True)
+    encoder = cpu_tuning.sam2_runtime(heavy_part(2), "bf16", "sam2_image_encoder")
+    assert (encoder.fixed_batch, encoder.snippets) == (True, False)
+    assert encoder.parameters()["openvino_fixed_batch"] == "true" and encoder.parameters()["openvino_snippets"] == "false"
+    for part in ("sam2_memory_attention", "sam2_memory_encoder"):
+        assert not cpu_tuning.sam2_runtime(heavy_part(2), "bf16", part).fixed_batch
+    assert cpu_tuning.sam2_runtime(heavy_part(2), "f32", "sam2_image_encoder") == heavy_part(2)
 
 
 @pytest.mark.parametrize(("text", "expected"), [("max 100000\n", 64), ("200000 100000\n", 2),

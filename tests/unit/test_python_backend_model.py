@@ -180,3 +180,32 @@ def test_a_failed_memory_release_is_logged_and_the_responses_still_go(tmp_path: 
     assert response.error is None
     np.testing.assert_allclose(response.output_tensors[0].array, expected(model, req), rtol=1e-5)
     assert len(warnings) == 1 and "giving the working memory back failed: RuntimeError: no" in warnings[0]
+
+
+def test_openvino_fixed_batch_compiles_one_row_and_runs_a_batch_row_by_row(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """openvino_fixed_batch "true": the batch dimension is compiled as 1 (the others stay as the
+    file has them), so every row of every request runs alone, even where the config asks for a
+    batch in one call; openvino_snippets "false" turns OpenVINO's snippets off."""
+    model = _load(tmp_path, monkeypatch, {"per_item_execution": "false", "runtime": "openvino",
+                                          "inference_precision": "f32", "openvino_fixed_batch": "true",
+                                          "openvino_snippets": "false"})
+    assert model.session.fixed_batch and model.per_item
+    shape = model.session.model.inputs[0].get_partial_shape()
+    assert shape[0].get_length() == 1 and shape[1].is_dynamic
+    assert "fixed_batch=True, snippets=False" in model.session.describe()  # the compiled model does not say
+    requests = [request(2, 5, 0), request(3, 5, 1), request(1, 7, 2)]
+    responses = model.execute(requests)
+    for req, response in zip(requests, responses, strict=True):
+        assert response.error is None
+        np.testing.assert_allclose(response.output_tensors[0].array, expected(model, req), rtol=1e-5)
+    assert len(model.runs) == 6 and all(shapes["x"][0] == 1 for shapes in model.runs)
+
+
+def test_openvino_keeps_a_dynamic_batch_unless_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = _load(tmp_path, monkeypatch, {"per_item_execution": "false", "runtime": "openvino",
+                                          "inference_precision": "f32"})
+    assert not model.session.fixed_batch and not model.per_item
+    assert model.session.model.inputs[0].get_partial_shape()[0].is_dynamic
+    (response,) = model.execute([request(3, 5, 0)])
+    assert response.error is None and len(model.runs) == 1
