@@ -61,7 +61,7 @@ from engines.cpu_repository import build_cpu_repository
 from framewise.v1 import common_pb2, info_service_pb2, info_service_pb2_grpc, tracking_service_pb2_grpc
 from framewise.v1 import tracking_service_pb2 as track_pb2
 from framewise.v1 import vision_service_pb2, vision_service_pb2_grpc
-from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment
+from server.triton.launcher import ManagedTriton, TritonPorts
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO.parent / "shared" / "assets"
@@ -142,7 +142,7 @@ class Servers:
         ports = TritonPorts(grpc=free_port(), http=free_port(), metrics=free_port())
         launcher = ManagedTriton(self.repository, self.work / "triton", ports, restart_on_exit=False)
         (self.work / "triton").mkdir(exist_ok=True)
-        self._popen("tritonserver", launcher.command(), child_environment(TritonDistribution.from_pytriton()))
+        self._popen("tritonserver", launcher.command(), launcher.environment())
         self._wait("tritonserver", lambda: httpx.get(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=1).status_code == 200, 180)
 
         jwks = self.work / "jwks.json"

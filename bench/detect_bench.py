@@ -39,10 +39,11 @@ import grpc
 import numpy as np
 import tritonclient.grpc as triton_sync
 import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import model_config_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from framewise.v1 import common_pb2, vision_service_pb2, vision_service_pb2_grpc
-from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment
+from server.triton.launcher import ManagedTriton, TritonPorts
 from server.vision.letterbox import letterbox
 from server.vision.yolo import decode_yolov8
 
@@ -152,7 +153,7 @@ class Stack:
             def ready() -> bool:
                 return client.is_server_ready() and all(client.is_model_ready(m) for m in self.models)
 
-            self._start("tritonserver", launcher.command(), child_environment(TritonDistribution.from_pytriton()),
+            self._start("tritonserver", launcher.command(), launcher.environment(),
                         ready, 180)
         self.address, metrics = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
         self.metrics_url = f"http://{metrics}/metrics"
@@ -432,7 +433,10 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict:
             "model": MODEL, "image": str(args.image), "image_bytes": len(jpeg), "orchestrator_env": stack.extra_env, "triton_shm": stack.transport,
             "instance_count": sum(g.count for g in config.instance_group), "max_batch_size": config.max_batch_size,
             "max_queue_delay_us": config.dynamic_batching.max_queue_delay_microseconds,
-            "intra_op_threads": config.parameters["intra_op_threads"].string_value},
+            "intra_op_threads": config.parameters["intra_op_threads"].string_value,
+            "allow_spinning": _parameter(config, "allow_spinning"),
+            "contended_intra_op_threads": _parameter(config, "contended_intra_op_threads"),
+            "graph_rewrite": _parameter(config, "graph_rewrite")},
         "method": {"requests_per_cell_per_round": args.requests, "rounds": args.rounds, "warmup": args.warmup,
                    "concurrency": args.concurrency, "aggregation": AGGREGATION},
         "targets": {"added_p50_ms_max": TARGET_ADDED_P50_MS, "throughput_ratio_min": TARGET_THROUGHPUT_RATIO,
@@ -442,6 +446,20 @@ async def run(args: argparse.Namespace, stack: Stack) -> dict:
         "summary": {name: {str(c): s for c, s in per.items()} for name, per in summary.items()},
         "raw_cells": {f"{name}@c{c}": [{k: v for k, v in cell.items() if k != "stages_ms"} for cell in cell_list]
                       for (name, c), cell_list in cells.items()}}
+
+
+def _parameter(config: model_config_pb2.ModelConfig, key: str) -> str | None:
+    return config.parameters[key].string_value if key in config.parameters else None
+
+
+def _threads(env: dict) -> str:
+    """How the instances' ONNX Runtime threads are set up, in words."""
+    text = f"{env['intra_op_threads']} thread{'s' * (env['intra_op_threads'] != '1')}"
+    if env.get("allow_spinning") == "true":
+        text += " (spinning)"
+    if env.get("contended_intra_op_threads") not in (None, "0"):
+        text += f", {env['contended_intra_op_threads']} while another instance executes"
+    return text
 
 
 def _table(header: list[str], rows: list[list[object]]) -> list[str]:
@@ -461,7 +479,8 @@ def markdown(report: dict) -> str:
         "# Detection benchmark", "",
         f"{env['date']}; commit {env['git_commit']}{' + changes' * env['git_uncommitted_server_changes']}; "
         f"{env['cpu_count']} CPUs; Python {env['python']}; Triton {env['triton_version']}; {MODEL} "
-        f"x{env['instance_count']} instances x {env['intra_op_threads']} thread, max batch {env['max_batch_size']}, "
+        f"x{env['instance_count']} instances x {_threads(env)}, max batch {env['max_batch_size']}, "
+        f"graph rewrite: {env.get('graph_rewrite') or '-'}, "
         f"queue delay {env['max_queue_delay_us']} us. {m['requests_per_cell_per_round']} requests per cell x "
         f"{m['rounds']} rounds; {m['aggregation']}. Orchestrator -> Triton tensors: {'shared memory' if env.get('triton_shm', 'on') == 'on' else 'gRPC'}; extra orchestrator environment: {env['orchestrator_env'] or '-'}.",
         "", "CPU ms/req: user+system CPU time per request of the bench client, the orchestrator, and tritonserver "

@@ -58,7 +58,7 @@ from framewise.v1 import jobs_service_pb2_grpc
 from server.jobs.engine.events import EventBus, Heartbeat
 from server.jobs.store import OperationUpdate
 from server.jobs.store.sqlite import SqliteJobStore
-from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment
+from server.triton.launcher import ManagedTriton, TritonPorts
 from tests.conftest import DID_API_KEY, job_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ class JobStack(Stack):
             models = [d.name for d in self.repository.iterdir() if (d / "config.pbtxt").exists()]
             with triton_sync.InferenceServerClient(self.triton_url) as client:
                 ready = lambda: client.is_server_ready() and all(client.is_model_ready(m) for m in models)
-                self._start("tritonserver", launcher.command(), child_environment(TritonDistribution.from_pytriton()),
+                self._start("tritonserver", launcher.command(), launcher.environment(),
                             ready, 180)
         # The emulator in its own process (the same code as did_emulator.start_emulator), so that its request
         # threads and video rendering do not share the bench client's GIL while receipts are timed.

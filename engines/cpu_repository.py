@@ -38,7 +38,16 @@ from pathlib import Path
 
 import onnx
 
-from engines import attention_fusion, cpu_tuning, onnx_graph, onnx_wrap, sam2_standin, sam2_steps, value_fold
+from engines import (
+    attention_fusion,
+    cpu_tuning,
+    onnx_graph,
+    onnx_wrap,
+    sam2_standin,
+    sam2_steps,
+    softmax_axis,
+    value_fold,
+)
 from engines.cpu_tuning import CpuTuning
 from engines.hashing import sha256_file
 from engines.onnx_wrap import prepend_uint8_nhwc_preprocessing, wrap_u2net_matting
@@ -195,6 +204,7 @@ def build_cpu_repository(
         "attention_fusion_sha256": sha256_file(Path(attention_fusion.__file__)),
         "value_fold_sha256": sha256_file(Path(value_fold.__file__)),
         "onnx_graph_sha256": sha256_file(Path(onnx_graph.__file__)),
+        "softmax_axis_sha256": sha256_file(Path(softmax_axis.__file__)),
         "models": {
             "yolov8": {"source": yolo_onnx.name, "source_sha256": sha256_file(yolo_onnx)},
             **{part.name: ({"source": sam2_real[part.name].path.name, "source_sha256": sam2_real[part.name].sha256}
@@ -262,9 +272,12 @@ def repository_tuning(cores: int, *, instances: int | None = None, intra_op_thre
                                                      else "f32", part.name)
                  for part in sam2_standin.PARTS}}
     if instances is not None:
-        tuning["yolov8"] = dataclasses.replace(tuning["yolov8"], instances=instances)
+        tuning["yolov8"] = cpu_tuning.per_request_model(cores, instances)
     if intra_op_threads is not None:
-        tuning = {name: dataclasses.replace(t, intra_op_threads=intra_op_threads) for name, t in tuning.items()}
+        # One thread count for every call: no narrow session, no spinning.
+        tuning = {name: dataclasses.replace(t, intra_op_threads=intra_op_threads, contended_threads=0,
+                                            allow_spinning=False)
+                  for name, t in tuning.items()}
     return tuning
 
 
@@ -278,6 +291,7 @@ def _write_yolov8(model_dir: Path, source: Path, fingerprint: dict) -> None:
     class_names = _class_names(model)
     wrapped = prepend_uint8_nhwc_preprocessing(model)
     onnx.checker.check_model(wrapped, full_check=True)
+    served, rewrite = _yolo_graph(wrapped, source)
 
     (in_name, in_type, in_dims), = _tensors(wrapped.graph.input, wrapped.graph.initializer)
     outputs = _tensors(wrapped.graph.output)
@@ -288,7 +302,7 @@ def _write_yolov8(model_dir: Path, source: Path, fingerprint: dict) -> None:
 
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True)
-    onnx.save(wrapped, str(version_dir / ONNX_FILE))
+    onnx.save(served, str(version_dir / ONNX_FILE))
     shutil.copyfile(PYTHON_MODEL_TEMPLATE, version_dir / "model.py")
 
     sha = fingerprint["models"]["yolov8"]["source_sha256"]
@@ -298,6 +312,7 @@ def _write_yolov8(model_dir: Path, source: Path, fingerprint: dict) -> None:
         "stand_in": "false",
         "source": f"{source.name} sha256:{sha}",
         "network": _yolo_network(model),
+        "graph_rewrite": rewrite,
         # One image per ORT call: see engines/python_backend/onnx_model.py.
         "per_item_execution": "true",
         "class_names": json.dumps(class_names),
@@ -405,10 +420,31 @@ def _write_real_sam2_graph(name: str, source: Path, target: Path, *, runtime: st
     return f"none ({problem})"
 
 
-def _same_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, seed: int = 0) -> str | None:
-    """None when both graphs give the same outputs (rtol 1e-3, atol 1e-4) on seeded inputs: a batch
-    of 2 rows (the dimension named "batch"; a rewrite must keep rows apart), other dynamic
-    dimensions 1, floats standard normal, integers 0 (a valid index for every SAM 2 integer input)."""
+def _yolo_graph(wrapped: onnx.ModelProto, source: Path) -> tuple[onnx.ModelProto, str]:
+    """The detector as served, and what was rewritten (the config's ``graph_rewrite``): its inner-
+    axis Softmax (the box head's) moved to the last axis (engines/softmax_axis.py), served only if
+    the outputs stay bit for bit the same on a seeded image; else the graph as it is."""
+    import numpy as np
+
+    rewritten, count = softmax_axis.softmax_on_last_axis(wrapped)
+    if not count:
+        return wrapped, "none"
+    (image,) = [i for i in wrapped.graph.input if i.name not in {init.name for init in wrapped.graph.initializer}]
+    height, width = (d.dim_value for d in image.type.tensor_type.shape.dim[1:3])
+    feeds = {image.name: np.random.default_rng(0).integers(0, 256, (1, height, width, 3), dtype=np.uint8)}
+    problem = _same_outputs(wrapped, rewritten, feeds=feeds, exact=True)
+    if problem is not None:
+        log.warning("%s: serving the detector without its Softmax rewrite (%s)", source, problem)
+        return wrapped, f"none ({problem})"
+    return rewritten, f"{count} inner-axis Softmax moved to the last axis (engines/softmax_axis.py)"
+
+
+def _same_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, seed: int = 0, *,
+                  feeds: dict | None = None, exact: bool = False) -> str | None:
+    """None when both graphs give the same outputs (bit for bit if ``exact``, else rtol 1e-3, atol
+    1e-4) on ``feeds``, by default seeded inputs: a batch of 2 rows (the dimension named "batch"; a
+    rewrite must keep rows apart), other dynamic dimensions 1, floats standard normal, integers 0 (a
+    valid index for every SAM 2 integer input)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -418,19 +454,21 @@ def _same_outputs(original: onnx.ModelProto, rewritten: onnx.ModelProto, seed: i
                     for m in (original, rewritten)]
     except Exception as exc:  # noqa: BLE001 - a rewrite ONNX Runtime cannot load is one not to serve
         return f"the rewritten graph does not load ({type(exc).__name__}: {str(exc)[:200]})"
-    feeds = {}
-    for value in sessions[0].get_inputs():
-        shape = [d if isinstance(d, int) else 2 if d == "batch" else 1 for d in value.shape]
-        dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(value.type)
-        feeds[value.name] = rng.standard_normal(shape).astype(dtype) if dtype else \
-            np.zeros(shape, np.int64 if "int64" in value.type else np.int32)
+    if feeds is None:
+        feeds = {}
+        for value in sessions[0].get_inputs():
+            shape = [d if isinstance(d, int) else 2 if d == "batch" else 1 for d in value.shape]
+            dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(value.type)
+            feeds[value.name] = rng.standard_normal(shape).astype(dtype) if dtype else \
+                np.zeros(shape, np.int64 if "int64" in value.type else np.int32)
     want = sessions[0].run(None, feeds)
     try:
         got = sessions[1].run(None, feeds)
     except Exception as exc:  # noqa: BLE001 - a rewrite ONNX Runtime refuses is one not to serve
         return f"the rewritten graph does not run ({type(exc).__name__}: {str(exc)[:200]})"
     for output, a, b in zip(sessions[0].get_outputs(), want, got):
-        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-3, atol=1e-4):
+        same = np.array_equal(a, b) if exact else a.shape == b.shape and np.allclose(a, b, rtol=1e-3, atol=1e-4)
+        if not same:
             return f"output {output.name} differs after the rewrite"
     return None
 

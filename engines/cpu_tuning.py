@@ -16,10 +16,17 @@ The rules (figures behind them: bench/README.md, "Tuning the CPU repository"):
   memory attentions took 6.1-7.2 s a call against ~3 s alone).
 - Per-request models (YOLOv8 detection, matting): up to ``LIGHT_MAX_THREADS`` threads (a small
   graph stops scaling sooner) and at least two instances, so that under load one instance
-  prepares or returns tensors while the other computes.
-- Spinning off everywhere: ONNX Runtime's pool threads busy-wait between operators by default;
-  with several sessions (and the orchestrator, and Triton) on the same cores, a spinning thread
-  burns the core another session needs.
+  prepares or returns tensors while the other computes. Where those instances together hold more
+  threads than there are cores, each instance also gets a narrow session (``contended_threads``:
+  the cores shared out between the instances, spinning off) for the calls that run while another
+  instance of the model executes, and its wide session spins (``allow_spinning``, stopped after
+  each call): a lone request then runs as fast as the in-process session a user would write
+  (a sleeping pool thread woken between every pair of YOLOv8's ~500 operators cost a lone call
+  ~15 %), and concurrent requests never put two spinning pools on the same cores (which cost a
+  third of the throughput at 16 concurrent requests: bench/README.md).
+- Spinning off everywhere else: ONNX Runtime's pool threads busy-wait between operators by
+  default; with several sessions (and the orchestrator, and Triton) on the same cores, a spinning
+  thread burns the core another session needs.
 - Graph optimisation level "all" (ORT's default, written down so a config says what runs) and
   the CPU arena on: turning it off raised the encoder's peak RSS and slowed it (bench/README.md).
 - Reduced precision where the CPU computes it natively: on a CPU with bfloat16 arithmetic (Intel
@@ -92,6 +99,10 @@ class CpuTuning:
     # features 3.5x further from fp32's, so the encoder runs with it off.
     fixed_batch: bool = False
     snippets: bool = True
+    # ONNX Runtime only. > 0: each instance also holds a session with this many threads, spinning
+    # off, for the calls that run while another instance of the model is executing; the configured
+    # session (intra_op_threads, allow_spinning) then serves the calls that run alone.
+    contended_threads: int = 0
 
     def __post_init__(self) -> None:
         if self.instances < 1 or self.intra_op_threads < 1:
@@ -104,6 +115,10 @@ class CpuTuning:
             raise ValueError(f"ONNX Runtime's CPU provider runs fp32 only; bf16 needs runtime openvino: {self}")
         if (self.fixed_batch or not self.snippets) and self.runtime != "openvino":
             raise ValueError(f"fixed_batch and snippets are OpenVINO settings; this runtime is {self.runtime}: {self}")
+        if not 0 <= self.contended_threads <= self.intra_op_threads:
+            raise ValueError(f"contended_threads must be between 0 and intra_op_threads: {self}")
+        if self.contended_threads and self.runtime != "onnxruntime":
+            raise ValueError(f"contended_threads is an ONNX Runtime setting; this runtime is {self.runtime}: {self}")
 
     def parameters(self) -> dict[str, str]:
         """The config.pbtxt parameters engines/python_backend/onnx_model.py reads."""
@@ -116,7 +131,8 @@ class CpuTuning:
             "runtime": self.runtime,
             "inference_precision": self.inference_precision,
             **({"openvino_fixed_batch": "true" if self.fixed_batch else "false",
-                "openvino_snippets": "true" if self.snippets else "false"} if self.runtime == "openvino" else {}),
+                "openvino_snippets": "true" if self.snippets else "false"} if self.runtime == "openvino" else
+               {"contended_intra_op_threads": str(self.contended_threads)}),
         }
 
     def to_dict(self) -> dict:
@@ -174,11 +190,19 @@ def openvino_available() -> bool:
     return importlib.util.find_spec("openvino") is not None
 
 
-def per_request_model(cores: int) -> CpuTuning:
-    """A model that serves independent requests (YOLOv8 detection, matting)."""
+def per_request_model(cores: int, instances: int | None = None) -> CpuTuning:
+    """A model that serves independent requests (YOLOv8 detection, matting); ``instances``
+    overrides the instance count (the narrow session follows it)."""
     _check_cores(cores)
     threads = min(cores, LIGHT_MAX_THREADS)
-    return CpuTuning(instances=max(LIGHT_MIN_INSTANCES, cores // threads), intra_op_threads=threads)
+    if instances is None:
+        instances = max(LIGHT_MIN_INSTANCES, cores // threads)
+    elif instances < 1:
+        raise ValueError(f"instances must be >= 1, got {instances}")
+    contended = cores // instances if instances > 1 and instances * threads > cores else 0
+    if contended == 0:
+        return CpuTuning(instances=instances, intra_op_threads=threads)
+    return CpuTuning(instances=instances, intra_op_threads=threads, allow_spinning=True, contended_threads=contended)
 
 
 def available_cores(cgroup_cpu_max: Path = CGROUP_CPU_MAX) -> int:

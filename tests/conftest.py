@@ -36,7 +36,7 @@ from grpc_status import rpc_status
 from did_emulator import EmulatorHandle, start_emulator
 from engines.cpu_repository import build_cpu_repository
 from framewise.v1 import info_service_pb2, info_service_pb2_grpc, jobs_service_pb2_grpc
-from server.triton.launcher import ManagedTriton, TritonDistribution, TritonPorts, child_environment, reclaim_backend_regions
+from server.triton.launcher import ManagedTriton, TritonPorts, reclaim_backend_regions
 
 
 # Test ids that failed, printed once more after pytest's last line (pytest_unconfigure runs after
@@ -165,7 +165,7 @@ class TritonProcess:
         for attempt in range(1, attempts + 1):
             log = open(self.work_dir / "tritonserver.log", "ab")  # noqa: SIM115 - lives with the process
             self.process = subprocess.Popen(
-                launcher.command(), stdout=log, stderr=subprocess.STDOUT, env=child_environment(TritonDistribution.from_pytriton())
+                launcher.command(), stdout=log, stderr=subprocess.STDOUT, env=launcher.environment()
             )
             try:
                 wait_until(self.ready, 120, "Triton to become ready")

@@ -5,7 +5,9 @@ model's config.pbtxt (parameters ``onnx_file``, ``runtime`` ("onnxruntime", the 
 "openvino"), ``inference_precision`` (OpenVINO: "f32" or "bf16"), ``intra_op_threads``,
 ``allow_spinning``, ``graph_optimization_level``, ``cpu_mem_arena`` (these three ONNX Runtime's),
 ``arena_shrinkage`` (give a call's working memory back after it: ONNX Runtime's arena shrinkage,
-or OpenVINO's release_memory), ``openvino_fixed_batch`` (compile for one row; a batched request
+or OpenVINO's release_memory), ``contended_intra_op_threads`` (ONNX Runtime: a second, narrower
+session for the calls that run while another instance of the model is executing; see
+``_ContentionAwareSession``), ``openvino_fixed_batch`` (compile for one row; a batched request
 then runs row by row), ``openvino_snippets`` (OpenVINO's JIT fusion, "SNIPPETS_MODE") and
 ``per_item_execution``; input and output lists). OpenVINO is there for
 one reason: bf16 on CPUs that compute it natively (AMX), which ONNX Runtime's CPU provider lacks
@@ -28,7 +30,11 @@ for _entry in reversed(os.environ.get("FRAMEWISE_TRITON_PYTHONPATH", "").split(o
     if _entry and _entry not in sys.path:
         sys.path.insert(0, _entry)
 
+import contextlib  # noqa: E402
+import fcntl  # noqa: E402
 import json  # noqa: E402
+import struct  # noqa: E402
+import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
@@ -66,7 +72,11 @@ class TritonPythonModel:
             # compiled for one row: a batched request runs row by row whatever the config says
             self.per_item = self.per_item or self.session.fixed_batch
         elif runtime == "onnxruntime":
-            self.session = _OrtSession(onnx_path, threads, params)
+            contended = int(params.get("contended_intra_op_threads", "0"))
+            if contended > 0:
+                self.session = _ContentionAwareSession(onnx_path, threads, contended, params, self.model_name)
+            else:
+                self.session = _OrtSession(onnx_path, threads, params)
         else:
             raise ValueError(f"{self.model_name}: unknown runtime {runtime!r} (onnxruntime or openvino)")
 
@@ -102,7 +112,8 @@ class TritonPythonModel:
             key = _join_key(feeds) if self.batched and not self.per_item else ("alone", position)
             groups.setdefault(key, []).append((position, feeds))
         try:
-            self._execute_groups(groups, responses)
+            with self.session.executing():
+                self._execute_groups(groups, responses)
         finally:
             # Once per execute, not per row: a heavy part gives its working memory back here. The
             # responses are made already: a failure here is logged, never theirs.
@@ -195,16 +206,24 @@ def _join_key(feeds):
 class _OrtSession:
     """An ONNX Runtime CPU session with the config's options."""
 
-    def __init__(self, onnx_path, threads, params):
+    def __init__(self, onnx_path, threads, params, *, spinning=None, env_arena=False):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         # Set by engines/cpu_tuning.py for the machine the repository was built on; absent: ORT's
-        # defaults. Spinning off: other instances and Triton share these cores, and a pool thread
+        # defaults. Spinning off where other instances and Triton share these cores: a pool thread
         # busy-waiting between operators burns the core they need.
-        spinning = _flag(params, "allow_spinning", True)
+        if spinning is None:
+            spinning = _flag(params, "allow_spinning", True)
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        if spinning:
+            # The pool spins between a call's operators (a sleeping thread woken ~500 times a call
+            # is what made a lone YOLOv8 call ~15 % slower than with spinning) and stops when the
+            # call ends, so an idle instance burns nothing.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
+        if env_arena:
+            options.add_session_config_entry("session.use_env_allocators", "1")
         level = params.get("graph_optimization_level", "all").strip().lower()
         options.graph_optimization_level = _OPTIMIZATION_LEVELS[level]
         options.enable_cpu_mem_arena = _flag(params, "cpu_mem_arena", True)
@@ -220,16 +239,117 @@ class _OrtSession:
         self._described = (
             f"onnxruntime {ort.__version__} CPU fp32, intra_op_threads={threads}, allow_spinning={spinning}, "
             f"graph_optimization_level={level}, cpu_mem_arena={options.enable_cpu_mem_arena}, arena_shrinkage={shrink}"
+            + (", arena shared with the instance's other session" if env_arena else "")
         )
 
     def describe(self):
         return self._described
+
+    def executing(self):
+        return contextlib.nullcontext()
 
     def run(self, output_names, feeds):
         return self.session.run(output_names, feeds, self.run_options)
 
     def after_execute(self):
         pass  # arena shrinkage, when asked for, is a run option (above)
+
+
+class _ContentionAwareSession:
+    """Two ONNX Runtime sessions of one model, chosen call by call by whether another instance of
+    the model is executing at that moment.
+
+    Alone, a call runs on the wide session: every thread and, as engines/cpu_tuning.py configures
+    it (``allow_spinning``), spinning between operators while the call runs (stopped after it), as
+    fast as the in-process session a user would write. While another instance executes, it runs on
+    the narrow one: fewer threads, no spinning, so that the instances together do not put more
+    busy threads than cores on the machine (two wide spinning sessions at once cost a third of the
+    throughput under load). Who is executing is known across
+    the instance processes through ``_InstancePresence``. The two sessions take turns (one call at
+    a time per instance), so they draw on one arena: ONNX Runtime's environment allocator."""
+
+    def __init__(self, onnx_path, threads, contended_threads, params, model_name):
+        shared = _register_env_arena(model_name)
+        self.alone = _OrtSession(onnx_path, threads, params, env_arena=shared)
+        self.contended = _OrtSession(onnx_path, contended_threads, params, spinning=False, env_arena=shared)
+        self.input_names = self.alone.input_names
+        self.output_names = self.alone.output_names
+        path = _presence_path(model_name)
+        try:
+            self.presence = _InstancePresence(path)
+        except OSError as exc:
+            # Without it every call takes the narrow session: slower alone, never oversubscribed.
+            _log_warn(f"{model_name}: cannot open {path} ({exc}); every call runs on the "
+                      f"{contended_threads}-thread session")
+            self.presence = None
+        self.calls = {"alone": 0, "contended": 0}
+        self._described = (f"alone: {self.alone.describe()}; while another instance executes: "
+                           f"{self.contended.describe()}; instances seen through {path}")
+
+    def describe(self):
+        return self._described
+
+    def executing(self):
+        return self.presence.executing() if self.presence is not None else contextlib.nullcontext()
+
+    def run(self, output_names, feeds):
+        alone = self.presence is not None and not self.presence.others_executing()
+        self.calls["alone" if alone else "contended"] += 1
+        return (self.alone if alone else self.contended).run(output_names, feeds)
+
+    def after_execute(self):
+        pass
+
+
+def _register_env_arena(model_name):
+    """Registers an arena allocator on ONNX Runtime's process-wide environment, which sessions
+    with ``session.use_env_allocators`` then share; False (each session its own arena) if
+    this ONNX Runtime refuses."""
+    try:
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(info, None)
+    except Exception as exc:  # noqa: BLE001 - only memory is at stake
+        _log_warn(f"{model_name}: no shared arena ({type(exc).__name__}: {exc}); each session keeps its own")
+        return False
+    return True
+
+
+def _presence_path(model_name):
+    """One file per model per Triton server: the Triton launcher's run directory
+    (``FRAMEWISE_TRITON_RUN_DIR``, emptied whenever it starts Triton) or the system's temporary
+    directory, named after the server's pid (the stub's parent) so two servers never share it."""
+    folder = os.environ.get("FRAMEWISE_TRITON_RUN_DIR") or tempfile.gettempdir()
+    return os.path.join(folder, f"framewise-{model_name}-{os.getppid()}.instances")
+
+
+class _InstancePresence:
+    """Whether another instance of this model, another stub process, is executing right now.
+
+    Every instance opens the same file. While it executes, an instance holds a POSIX record lock
+    on the byte at its own pid; ``F_GETLK`` over the whole file then reports a lock held by any
+    other process and never one of this process's own, so one system call answers. A lock dies
+    with its process: an instance that crashed mid-call never reads as busy."""
+
+    # struct flock on 64-bit Linux: l_type, l_whence (short), l_start, l_len (off_t), l_pid
+    # (pid_t), padded to 32 bytes.
+    _FLOCK = "@hhqqi4x"
+
+    def __init__(self, path):
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._pid = os.getpid()
+
+    @contextlib.contextmanager
+    def executing(self):
+        fcntl.lockf(self._fd, fcntl.LOCK_EX, 1, self._pid)
+        try:
+            yield
+        finally:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN, 1, self._pid)
+
+    def others_executing(self):
+        query = struct.pack(self._FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        answer = fcntl.fcntl(self._fd, fcntl.F_GETLK, query)
+        return struct.unpack(self._FLOCK, answer)[0] != fcntl.F_UNLCK
 
 
 class _OpenVinoSession:
@@ -279,6 +399,9 @@ class _OpenVinoSession:
 
     def describe(self):
         return self._described
+
+    def executing(self):
+        return contextlib.nullcontext()
 
     def run(self, output_names, feeds):
         # Copies: the request's output buffers are reused by the next call.

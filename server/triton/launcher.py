@@ -123,6 +123,10 @@ def prepare_backend_directory(dist: TritonDistribution, target: Path) -> Path:
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
 
 
+# Where the model instances of one server share files (engines/python_backend/onnx_model.py).
+RUN_DIR_ENV = "FRAMEWISE_TRITON_RUN_DIR"
+
+
 def child_environment(dist: TritonDistribution) -> dict[str, str]:
     env = dict(os.environ)
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(dist.libs), env.get("LD_LIBRARY_PATH", "")) if p)
@@ -245,6 +249,19 @@ class ManagedTriton:
         if self.restart_on_exit and self._supervisor is None:
             self._supervisor = asyncio.create_task(self._supervise(), name="triton-supervisor")
 
+    @property
+    def run_dir(self) -> Path:
+        """Files the model instances of the running server share (FRAMEWISE_TRITON_RUN_DIR): the
+        python backend's instances of one model see there which of them are executing."""
+        return self.work_dir / "run"
+
+    def environment(self) -> dict[str, str]:
+        """The environment to start tritonserver with (``child_environment`` and the run
+        directory), the run directory emptied: a previous server's files go with its instances."""
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.run_dir.mkdir(parents=True)
+        return {**child_environment(self._dist), RUN_DIR_ENV: str(self.run_dir)}
+
     async def _spawn(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(reclaim_backend_regions)
@@ -256,7 +273,7 @@ class ManagedTriton:
                 stdout=log_file,
                 stderr=asyncio.subprocess.STDOUT,
                 stdin=asyncio.subprocess.DEVNULL,
-                env=child_environment(self._dist),
+                env=self.environment(),
                 # If the orchestrator is killed (even with SIGKILL), Triton gets SIGTERM.
                 preexec_fn=child_setup(signal.SIGTERM),
             )

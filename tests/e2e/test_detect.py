@@ -13,6 +13,8 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as triton_grpc
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
 
 from framewise.v1 import common_pb2, vision_service_pb2, vision_service_pb2_grpc
 
@@ -151,6 +153,27 @@ def test_concurrent_requests_batch_inside_triton(vision, assets: Path, triton, o
     # Dynamic batching merged requests: fewer model executions than inferences.
     assert executions < inferences, f"no batching: {inferences} inferences in {executions} executions"
     print(f"average batch size {inferences / executions:.2f}")
+
+
+def test_detections_under_load_equal_a_lone_requests(  # noqa: ANN001
+        vision, assets: Path, triton, cpu_repository: Path) -> None:
+    """A request alone runs on an instance's wide session (every core, spinning), one beside
+    another instance's call on the narrow session (engines/python_backend/onnx_model.py): which
+    one ran must not change a single number."""
+    image = common_pb2.Image(encoded=(assets / "images" / "bus.jpg").read_bytes())
+
+    def found(response: vision_service_pb2.DetectResponse) -> list[tuple]:
+        return [(d.label, d.score, d.box.x1, d.box.y1, d.box.x2, d.box.y2) for d in response.detections]
+
+    lone = found(detect(vision, image, all_classes=True))
+    with ThreadPoolExecutor(8) as pool:
+        loaded = list(pool.map(lambda _: found(detect(vision, image, all_classes=True)), range(24)))
+    assert len(lone) >= 5 and all(result == lone for result in loaded)
+    config = text_format.Parse((cpu_repository / "yolov8" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    if config.parameters["contended_intra_op_threads"].string_value != "0":  # the repository of a 2-core machine
+        log = (triton.work_dir / "tritonserver.log").read_text(errors="replace")
+        described = [line for line in log.splitlines() if "yolov8 instance yolov8_" in line]
+        assert described and all("while another instance executes" in line for line in described)
 
 
 def test_deadline_is_honoured(vision, assets: Path) -> None:  # noqa: ANN001

@@ -24,19 +24,32 @@ def test_heavy_part_puts_every_core_in_one_session_without_oversubscribing(cores
     assert tuning.instances * tuning.intra_op_threads <= cores
 
 
-@pytest.mark.parametrize(("cores", "instances", "threads"), [(1, 2, 1), (2, 2, 2), (4, 2, 4), (8, 2, 4),
-                                                              (16, 4, 4)])
-def test_per_request_model_has_threads_for_one_request_and_instances_for_load(cores, instances, threads):
+@pytest.mark.parametrize(("cores", "instances", "threads", "contended"),
+                         [(1, 2, 1, 0), (2, 2, 2, 1), (4, 2, 4, 2), (8, 2, 4, 0), (16, 4, 4, 0)])
+def test_per_request_model_has_threads_for_one_request_and_instances_for_load(cores, instances, threads, contended):
     tuning = per_request_model(cores)
-    assert (tuning.instances, tuning.intra_op_threads) == (instances, threads)
+    assert (tuning.instances, tuning.intra_op_threads, tuning.contended_threads) == (instances, threads, contended)
+    # Concurrent calls on the narrow sessions never hold more threads than the cores; the wide
+    # session spins only where a narrow one takes over under contention.
+    assert tuning.instances * (tuning.contended_threads or tuning.intra_op_threads) <= max(cores, tuning.instances)
+    assert tuning.allow_spinning == (contended > 0)
+
+
+@pytest.mark.parametrize(("cores", "instances", "contended"), [(2, 1, 0), (2, 3, 0), (4, 3, 1), (8, 4, 2)])
+def test_per_request_model_narrow_session_follows_the_instance_count(cores, instances, contended):
+    tuning = per_request_model(cores, instances)
+    assert (tuning.instances, tuning.contended_threads) == (instances, contended)
 
 
 def test_spinning_off_arena_on_and_full_graph_optimisation_by_default():
-    for tuning, shrink in ((heavy_part(2), "true"), (per_request_model(2), "false")):
-        assert tuning.parameters() == {"intra_op_threads": "2", "allow_spinning": "false",
-                                       "graph_optimization_level": "all", "cpu_mem_arena": "true",
-                                       "arena_shrinkage": shrink, "runtime": "onnxruntime",
-                                       "inference_precision": "f32"}
+    common = {"intra_op_threads": "2", "graph_optimization_level": "all", "cpu_mem_arena": "true",
+              "runtime": "onnxruntime", "inference_precision": "f32"}
+    assert heavy_part(2).parameters() == {**common, "allow_spinning": "false", "arena_shrinkage": "true",
+                                          "contended_intra_op_threads": "0"}
+    # On 2 cores two 2-thread YOLOv8 instances would hold 4 threads: a 1-thread session for the
+    # calls that run beside another instance's, and the 2-thread one spins for the calls alone.
+    assert per_request_model(2).parameters() == {**common, "allow_spinning": "true", "arena_shrinkage": "false",
+                                                 "contended_intra_op_threads": "1"}
 
 
 @pytest.mark.parametrize("cores", [0, -1, 1.5, None])
@@ -58,6 +71,12 @@ def test_tuning_validates_its_fields():
         CpuTuning(instances=1, intra_op_threads=1, fixed_batch=True)
     with pytest.raises(ValueError, match="OpenVINO settings"):
         CpuTuning(instances=1, intra_op_threads=1, snippets=False)
+    with pytest.raises(ValueError, match="contended_threads must be between"):
+        CpuTuning(instances=2, intra_op_threads=1, contended_threads=2)
+    with pytest.raises(ValueError, match="contended_threads is an ONNX Runtime setting"):
+        CpuTuning(instances=2, intra_op_threads=2, contended_threads=1, runtime="openvino")
+    with pytest.raises(ValueError, match="instances must be >= 1"):
+        per_request_model(2, 0)
 
 
 AMX_CPU = "processor\t: 0\nflags\t\t: fpu avx512f amx_bf16 amx_tile\n\nprocessor\t: 1\nflags\t\t: fpu avx512f amx_bf16\n"
@@ -135,6 +154,9 @@ def test_repository_tuning_overrides():
     explicit = repository_tuning(2, instances=5, intra_op_threads=1)
     assert explicit["yolov8"].instances == 5 and explicit["sam2_image_encoder"].instances == 1
     assert {t.intra_op_threads for t in explicit.values()} == {1}
+    # An explicit thread count is one count for every call: no narrow session, no spinning.
+    assert {(t.contended_threads, t.allow_spinning) for t in explicit.values()} == {(0, False)}
+    assert repository_tuning(2, instances=1)["yolov8"] == per_request_model(2, 1)
     bf16 = repository_tuning(2, sam2_precision="bf16")
     assert {part for part in SAM2_PARTS if bf16[part].runtime == "openvino"} == {
         "sam2_image_encoder", "sam2_memory_attention", "sam2_memory_encoder"}

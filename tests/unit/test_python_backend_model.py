@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import subprocess
 import sys
 import types
 from dataclasses import dataclass, field
@@ -209,3 +210,89 @@ def test_openvino_keeps_a_dynamic_batch_unless_told(tmp_path: Path, monkeypatch:
     assert model.session.model.inputs[0].get_partial_shape()[0].is_dynamic
     (response,) = model.execute([request(3, 5, 0)])
     assert response.error is None and len(model.runs) == 1
+
+
+_HOLDER = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.lockf(fd, fcntl.LOCK_EX, 1, os.getpid())
+print("executing", flush=True)
+sys.stdin.readline()
+"""
+
+
+class _OtherInstance:
+    """Another instance's process, executing (holding its lock on the presence file) until it is
+    let go or killed."""
+
+    def __init__(self, path: str) -> None:
+        self.process = subprocess.Popen([sys.executable, "-c", _HOLDER, path], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout.readline().strip() == "executing"
+
+    def finish(self) -> None:
+        self.process.communicate("\n", timeout=10)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+
+def _contention_aware(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("FRAMEWISE_TRITON_RUN_DIR", str(tmp_path))
+    model = _load(tmp_path, monkeypatch, {"per_item_execution": "true", "intra_op_threads": "2",
+                                          "allow_spinning": "true", "contended_intra_op_threads": "1"})
+    (path,) = tmp_path.glob("framewise-rows-*.instances")
+    return model, str(path)
+
+
+def test_presence_sees_another_process_executing_and_never_itself(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, path = _contention_aware(tmp_path, monkeypatch)
+    presence = model.session.presence
+    assert not presence.others_executing()
+    with presence.executing():
+        assert not presence.others_executing()  # its own lock does not count
+        other = _OtherInstance(path)
+        assert presence.others_executing()
+        other.finish()
+        assert not presence.others_executing()
+    crashed = _OtherInstance(path)
+    assert presence.others_executing()
+    crashed.kill()  # a lock dies with its process: a crashed instance never reads as busy
+    assert not presence.others_executing()
+
+
+def test_a_call_runs_on_the_wide_session_alone_and_on_the_narrow_one_beside_another_instance(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, path = _contention_aware(tmp_path, monkeypatch)
+    session = model.session
+    described = session.describe()
+    assert "alone: onnxruntime" in described and "intra_op_threads=2, allow_spinning=True" in described
+    assert "while another instance executes: onnxruntime" in described
+    assert "intra_op_threads=1, allow_spinning=False" in described
+    req = request(2, 5, 0)
+    (alone,) = model.execute([req])
+    assert session.calls == {"alone": 2, "contended": 0}  # per item: two rows, two calls
+    other = _OtherInstance(path)
+    try:
+        (contended,) = model.execute([req])
+    finally:
+        other.finish()
+    assert session.calls == {"alone": 2, "contended": 2}
+    np.testing.assert_array_equal(alone.output_tensors[0].array, contended.output_tensors[0].array)
+    np.testing.assert_allclose(alone.output_tensors[0].array, expected(model, req), rtol=1e-6)
+    model.execute([req])
+    assert session.calls == {"alone": 4, "contended": 2}
+
+
+def test_without_a_presence_file_every_call_takes_the_narrow_session(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slower alone, never oversubscribed: the safe side when the instances cannot see each other."""
+    monkeypatch.setenv("FRAMEWISE_TRITON_RUN_DIR", str(tmp_path / "absent"))
+    model = _load(tmp_path, monkeypatch, {"per_item_execution": "false", "intra_op_threads": "2",
+                                          "contended_intra_op_threads": "1"})
+    assert model.session.presence is None
+    req = request(1, 5, 0)
+    (response,) = model.execute([req])
+    assert response.error is None and model.session.calls == {"alone": 0, "contended": 1}

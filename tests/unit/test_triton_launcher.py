@@ -1,5 +1,5 @@
 """The Triton launcher's housekeeping (server/triton/launcher.py), without a Triton: which python-
-backend shared-memory regions a start reclaims, and the environment Triton gets. A real Triton's
+backend shared-memory regions a start reclaims, and the environment and run directory Triton gets. A real Triton's
 regions and stubs: tests/e2e/test_lifecycle.py."""
 
 from __future__ import annotations
@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from server.triton.launcher import BACKEND_REGION_PREFIX, reclaim_backend_regions, with_huge_pages
+from server.triton.launcher import (
+    BACKEND_REGION_PREFIX,
+    RUN_DIR_ENV,
+    ManagedTriton,
+    TritonDistribution,
+    reclaim_backend_regions,
+    with_huge_pages,
+)
 
 
 def region(shm: Path, name: str, age_s: float) -> Path:
@@ -79,3 +86,15 @@ def test_another_users_region_is_left_alone(tmp_path: Path) -> None:
 )
 def test_triton_gets_malloc_huge_pages_unless_the_caller_chose(given: str, expected: str) -> None:
     assert with_huge_pages(given) == expected
+
+
+def test_each_start_gets_an_empty_run_directory_named_in_the_environment(tmp_path: Path) -> None:
+    """The model instances of one server share files there (which of them are executing); a
+    previous server's files must not outlive it."""
+    dist = TritonDistribution(tmp_path / "tritonserver", tmp_path / "python", tmp_path / "stub", tmp_path / "libs")
+    launcher = ManagedTriton(tmp_path / "repo", tmp_path / "work", distribution=dist)
+    env = launcher.environment()
+    run_dir = Path(env[RUN_DIR_ENV])
+    assert run_dir == launcher.run_dir and run_dir.is_dir() and not any(run_dir.iterdir())
+    (run_dir / "framewise-yolov8-1234.instances").write_bytes(b"")
+    assert Path(launcher.environment()[RUN_DIR_ENV]) == run_dir and not any(run_dir.iterdir())
