@@ -93,9 +93,13 @@ def test_managed_triton_serves_drains_and_stops(tmp_path: Path, cpu_repository: 
 
             # Graceful shutdown: calls in flight when SIGTERM arrives still complete.
             calls = 6
+            received_before = _detects_received(orch.metrics_url)
             with ThreadPoolExecutor(calls) as pool:
                 futures = [pool.submit(vision.Detect, request, timeout=60) for _ in range(calls)]
-                wait_until(lambda: _in_flight(orch.metrics_url) >= 3, 30, "calls to be in flight", interval_s=0.005)
+                # Every call inside the server (in flight or done), at least 3 of them in flight: a
+                # call still on its way when SIGTERM lands is refused, rightly (checked below).
+                wait_until(lambda: _detects_received(orch.metrics_url) - received_before >= calls
+                           and _in_flight(orch.metrics_url) >= 3, 30, "calls to be in flight", interval_s=0.005)
                 orch.process.send_signal(15)
                 results = [f.result() for f in futures]
             assert all(len(r.detections) == 4 for r in results)
@@ -172,6 +176,17 @@ def _in_flight(metrics_url: str) -> float:
         return 0
     match = re.search(r'framewise_rpc_in_flight\{method="/framewise.v1.VisionService/Detect"\} (\S+)', text)
     return float(match.group(1)) if match else 0
+
+
+def _detects_received(metrics_url: str) -> float:
+    """Detect calls the server has taken in: those in flight and those it has answered."""
+    try:
+        text = httpx.get(metrics_url, timeout=1).text
+    except httpx.HTTPError:
+        return 0
+    answered = re.findall(r'framewise_rpc_latency_seconds_count\{[^}]*method="/framewise.v1.VisionService/Detect"[^}]*\} (\S+)',
+                          text)
+    return _in_flight(metrics_url) + sum(float(count) for count in answered)
 
 
 def test_missing_repository_is_a_clear_startup_error(tmp_path: Path) -> None:
