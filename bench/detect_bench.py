@@ -46,6 +46,8 @@ from tritonclient.grpc import model_config_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from framewise.v1 import common_pb2, vision_service_pb2, vision_service_pb2_grpc
+from engines.cpu_repository import read_manifest
+from engines.hashing import sha256_file
 from server.triton.launcher import ManagedTriton, TritonPorts
 from server.vision.letterbox import letterbox
 from server.vision.yolo import decode_yolov8
@@ -210,6 +212,7 @@ class Paths:
                  source_session, served_session) -> None:  # noqa: ANN001 - onnxruntime.InferenceSession x2
         self.triton, self.jpeg = triton, jpeg
         self.source_session, self.served_session = source_session, served_session
+        self.source_input_name = source_session.get_inputs()[0].name
         self.detect = vision_service_pb2_grpc.VisionServiceStub(channel).Detect
         self.request = vision_service_pb2.DetectRequest(image=common_pb2.Image(encoded=jpeg))
         self.input_name, self.output_name = config.input[0].name, config.output[0].name
@@ -260,26 +263,24 @@ class Paths:
         return await asyncio.to_thread(self._in_process)
 
     def _in_process(self) -> tuple[int | None, dict[str, float]]:
-        t0 = time.perf_counter()
-        rgb, canvas, mapping, timings = self._prepare()
         # The published file takes float32 [1, 3, H, W] in 0..1: a user's numpy preprocessing.
-        tensor = np.ascontiguousarray((canvas.astype(np.float32) / np.float32(255)).transpose(2, 0, 1)[None])
-        t1 = time.perf_counter()
-        timings["preprocess"] = (t1 - t0) * 1e3 - timings["decode"]  # the letterbox and the numpy steps
-        (output,) = self.source_session.run([self.output_name], {self.source_session.get_inputs()[0].name: tensor})
-        t2 = time.perf_counter()
-        persons = self.count_persons(output[0], rgb, mapping)
-        t3 = time.perf_counter()
-        return persons, {**timings, "triton": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3, "total": (t3 - t0) * 1e3}
+        return self._run_in_process(self.source_session, lambda canvas: {self.source_input_name: np.ascontiguousarray(
+            (canvas.astype(np.float32) / np.float32(255)).transpose(2, 0, 1)[None])})
 
     async def in_process_served(self) -> tuple[int | None, dict[str, float]]:
         return await asyncio.to_thread(self._in_process_served)
 
     def _in_process_served(self) -> tuple[int | None, dict[str, float]]:
+        return self._run_in_process(self.served_session, lambda canvas: {self.input_name: canvas[None]})
+
+    def _run_in_process(self, session, feeds) -> tuple[int | None, dict[str, float]]:  # noqa: ANN001
+        """Decode, letterbox, ``feeds(canvas)`` (counted as preprocessing), ``session``, NMS."""
         t0 = time.perf_counter()
         rgb, canvas, mapping, timings = self._prepare()
+        inputs = feeds(canvas)
         t1 = time.perf_counter()
-        (output,) = self.served_session.run([self.output_name], {self.input_name: canvas[None]})
+        timings["preprocess"] = (t1 - t0) * 1e3 - timings["decode"]
+        (output,) = session.run([self.output_name], inputs)
         t2 = time.perf_counter()
         persons = self.count_persons(output[0], rgb, mapping)
         t3 = time.perf_counter()
@@ -395,12 +396,12 @@ def derive(summary: dict, low: int, high: int) -> dict:
 def source_model(repository: Path) -> Path:
     """The model file ``repository``'s yolov8 was built from, as its MANIFEST.json records it, after
     checking that the file still has the recorded sha256."""
-    import hashlib
-
-    manifest = json.loads((repository / "MANIFEST.json").read_text())
+    manifest = read_manifest(repository)
+    if manifest is None:
+        raise RuntimeError(f"{repository} has no readable MANIFEST.json: rebuild it with build_engines.py --target cpu")
     path = Path(manifest["source_paths"][MODEL])
     want = manifest["fingerprint"]["models"][MODEL]["source_sha256"]
-    if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != want:
+    if not path.is_file() or sha256_file(path) != want:
         raise RuntimeError(f"{path}, the file {repository} was built from, is missing or changed since")
     return path
 
